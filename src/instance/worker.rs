@@ -1,0 +1,354 @@
+//! The worker thread that owns one engine.
+//!
+//! `pglite_oxide::Pglite` is not `Send`, so it is opened on the worker thread
+//! and never leaves it. Handles talk to the worker over a channel; each call
+//! carries a oneshot for its reply (the sqlx-sqlite worker pattern). Opening is
+//! a handshake: `spawn` returns once the engine answers queries, or with the
+//! open error.
+//!
+//! A *lease* gives one caller the engine exclusively: while it is held the
+//! worker serves only the lease's channel, so nothing interleaves into an
+//! interactive transaction (or, later, a wire-protocol session). When the lease
+//! is dropped with a transaction still open, the worker rolls it back.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::BytesMut;
+use pglite_oxide::{ExecProtocolOptions, Pglite};
+use tokio::sync::{mpsc, oneshot};
+
+use super::options::{InstanceOptions, Storage};
+use crate::error::{Error, Result};
+use crate::protocol::{self, TxStatus};
+
+/// What a handle asks of the worker.
+pub(crate) enum Command {
+    /// Run one job on the shared engine.
+    Run(Request),
+    /// Take the engine exclusively until the returned sender is dropped.
+    Lease(oneshot::Sender<mpsc::UnboundedSender<Request>>),
+    /// Shut the engine down gracefully.
+    Stop(oneshot::Sender<Result<()>>),
+}
+
+/// One job and where to send its outcome.
+pub(crate) struct Request {
+    pub job: Job,
+    pub reply: oneshot::Sender<Result<Output>>,
+}
+
+/// The work itself.
+pub(crate) enum Job {
+    /// Frontend messages ending in `Sync` or a simple `Query`: one round trip.
+    Protocol(BytesMut),
+    /// Test hook: make the worker panic, as a bug or trap in the engine would.
+    Panic,
+}
+
+/// The engine's reply to a job.
+pub(crate) struct Output {
+    /// Backend messages, ending with `ReadyForQuery`.
+    pub bytes: Vec<u8>,
+    /// A standalone call left a transaction open, so the worker rolled it back.
+    pub rolled_back_open_transaction: bool,
+}
+
+/// The lifecycle of an instance as handles see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum State {
+    Running,
+    Restarting,
+    Stopped,
+    Crashed(String),
+}
+
+/// State shared between the worker and its handles.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub label: String,
+    pub state: Mutex<State>,
+}
+
+impl Shared {
+    pub fn state(&self) -> State {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_state(&self, state: State) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    /// The error for a call that found the worker gone.
+    pub fn closed_error(&self) -> Error {
+        match self.state() {
+            State::Stopped => Error::Stopped(self.label.clone()),
+            State::Crashed(reason) => Error::Crashed { name: self.label.clone(), reason },
+            State::Running | State::Restarting => Error::Crashed {
+                name: self.label.clone(),
+                reason: "the worker died while running this call".into(),
+            },
+        }
+    }
+}
+
+/// Starts a worker thread and waits until its engine answers queries.
+pub(crate) async fn spawn(
+    options: InstanceOptions,
+) -> Result<(mpsc::UnboundedSender<Command>, Arc<Shared>)> {
+    let label = options.label();
+    let shared = Arc::new(Shared { label: label.clone(), state: Mutex::new(State::Running) });
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let worker_shared = shared.clone();
+    std::thread::Builder::new()
+        .name(format!("pglite-{label}"))
+        .spawn(move || {
+            let engine = match open(&options) {
+                Ok(engine) => engine,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = ready_tx.send(Ok(()));
+            Worker { engine: Some(engine), options, shared: worker_shared, restarts: Vec::new() }
+                .run(rx);
+        })
+        .map_err(|e| Error::Startup(format!("cannot spawn worker thread: {e}")))?;
+    match ready_rx.await {
+        Ok(Ok(())) => Ok((tx, shared)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Error::Startup("worker thread panicked while opening the engine".into())),
+    }
+}
+
+fn open(options: &InstanceOptions) -> Result<Pglite> {
+    let started = Instant::now();
+    let mut builder = Pglite::builder();
+    builder = match &options.storage {
+        Storage::Memory => builder.temporary(),
+        Storage::Directory(dir) => builder.path(dir),
+    };
+    for (name, value) in &options.settings {
+        builder = builder.postgres_config(name, value);
+    }
+    let opened = catch_unwind(AssertUnwindSafe(|| builder.open()))
+        .map_err(|panic| Error::Startup(panic_message(&panic)))?;
+    let mut engine = opened.map_err(|e| {
+        let text = format!("{e:#}");
+        match &options.storage {
+            Storage::Directory(dir) if text.contains("already in use") => Error::DataDirInUse(dir.clone()),
+            _ => Error::Startup(text),
+        }
+    })?;
+    // The handshake promises an instance that answers queries.
+    let mut probe = BytesMut::new();
+    protocol::simple_query("SELECT 1", &mut probe)?;
+    let bytes = engine
+        .exec_protocol_raw(&probe, ExecProtocolOptions::no_sync())
+        .map_err(|e| Error::Startup(format!("{e:#}")))?;
+    protocol::decode(&bytes)?.into_results()?;
+    tracing::debug!(instance = %options.label(), elapsed = ?started.elapsed(), "engine opened");
+    Ok(engine)
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        format!("panic: {s}")
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        format!("panic: {s}")
+    } else {
+        "panic".into()
+    }
+}
+
+/// Why a job could not complete.
+enum Failure {
+    /// The engine is unusable (panic or trap): the worker must crash.
+    Crash(String),
+}
+
+struct Worker {
+    engine: Option<Pglite>,
+    options: InstanceOptions,
+    shared: Arc<Shared>,
+    /// When recent restarts happened, for the restart policy's window.
+    restarts: Vec<Instant>,
+}
+
+impl Worker {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        while let Some(command) = rx.blocking_recv() {
+            let outcome = match command {
+                Command::Run(request) => self.serve(request, false),
+                Command::Lease(reply) => self.serve_lease(reply),
+                Command::Stop(reply) => {
+                    let result = self.close();
+                    self.shared.set_state(State::Stopped);
+                    let _ = reply.send(result);
+                    return;
+                }
+            };
+            if let Err(Failure::Crash(reason)) = outcome
+                && !self.recover(&reason)
+            {
+                return;
+            }
+        }
+        // Every handle is gone: shut down as `stop()` would.
+        if let Err(e) = self.close() {
+            tracing::warn!(instance = %self.shared.label, error = %e, "closing engine failed");
+        }
+        self.shared.set_state(State::Stopped);
+    }
+
+    fn serve_lease(&mut self, reply: oneshot::Sender<mpsc::UnboundedSender<Request>>) -> Result<(), Failure> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        if reply.send(tx).is_err() {
+            return Ok(()); // the caller gave up waiting
+        }
+        while let Some(request) = rx.blocking_recv() {
+            self.serve(request, true)?;
+        }
+        // The holder is gone: never leave its transaction open for the next caller.
+        self.rollback_if_open()?;
+        Ok(())
+    }
+
+    /// Runs one job; the reply is sent here, also when the engine fails.
+    fn serve(&mut self, request: Request, leased: bool) -> Result<(), Failure> {
+        let Request { job, reply } = request;
+        let result = catch_unwind(AssertUnwindSafe(|| self.run_job(job, leased)))
+            .unwrap_or_else(|panic| Err(Failure::Crash(panic_message(&panic))));
+        match result {
+            Ok(output) => {
+                let _ = reply.send(Ok(output));
+                Ok(())
+            }
+            Err(Failure::Crash(reason)) => {
+                let _ = reply.send(Err(Error::Crashed { name: self.shared.label.clone(), reason: reason.clone() }));
+                Err(Failure::Crash(reason))
+            }
+        }
+    }
+
+    fn run_job(&mut self, job: Job, leased: bool) -> Result<Output, Failure> {
+        match job {
+            Job::Panic => panic!("crash injected by a test"),
+            Job::Protocol(bytes) => {
+                let mut out = self.round_trip(&bytes)?;
+                // `COPY ... FROM STDIN` waits for data the API has no way to
+                // send: refuse it so the engine returns to ReadyForQuery.
+                if tail_is(&out, b'G') {
+                    let mut fail = BytesMut::new();
+                    let _ = postgres_protocol::message::frontend::copy_fail(
+                        "COPY FROM STDIN is not supported by the Rust API; use the wire server or COPY FROM a file",
+                        &mut fail,
+                    );
+                    out.extend(self.round_trip(&fail)?);
+                }
+                let mut rolled_back_open_transaction = false;
+                if !leased && ready_status(&out) != Some(TxStatus::Idle) {
+                    self.rollback_if_open()?;
+                    rolled_back_open_transaction = true;
+                }
+                Ok(Output { bytes: out, rolled_back_open_transaction })
+            }
+        }
+    }
+
+    fn round_trip(&mut self, bytes: &[u8]) -> Result<Vec<u8>, Failure> {
+        let engine = self.engine.as_mut().ok_or_else(|| Failure::Crash("engine is not open".into()))?;
+        // Database errors come back as ErrorResponse bytes; an `Err` here means
+        // the engine itself failed (trap, I/O), and it cannot be trusted again.
+        engine
+            .exec_protocol_raw(bytes, ExecProtocolOptions::no_sync())
+            .map_err(|e| Failure::Crash(format!("{e:#}")))
+    }
+
+    fn rollback_if_open(&mut self) -> Result<(), Failure> {
+        let mut buf = BytesMut::new();
+        // Harmless when idle (a WARNING); cheaper than tracking status here.
+        let _ = protocol::simple_query("ROLLBACK", &mut buf);
+        self.round_trip(&buf).map(drop)
+    }
+
+    fn close(&mut self) -> Result<()> {
+        let Some(mut engine) = self.engine.take() else { return Ok(()) };
+        let closed = catch_unwind(AssertUnwindSafe(|| engine.close()));
+        drop(engine);
+        match closed {
+            Ok(result) => result.map_err(|e| Error::Protocol(format!("closing the engine: {e:#}"))),
+            Err(panic) => Err(Error::Protocol(panic_message(&panic))),
+        }
+    }
+
+    /// After a crash: reopen if the restart policy allows it, else record the
+    /// crash. Returns whether the worker keeps serving.
+    fn recover(&mut self, reason: &str) -> bool {
+        tracing::error!(instance = %self.shared.label, %reason, "instance crashed");
+        // Dropping a broken engine may itself panic; contain it.
+        if let Some(engine) = self.engine.take() {
+            let _ = catch_unwind(AssertUnwindSafe(move || drop(engine)));
+        }
+        let Some(policy) = self.options.restart else {
+            self.shared.set_state(State::Crashed(reason.into()));
+            return false;
+        };
+        if self.options.storage == Storage::Memory {
+            self.shared.set_state(State::Crashed(reason.into()));
+            return false;
+        }
+        let now = Instant::now();
+        self.restarts.retain(|t| now.duration_since(*t) < policy.within);
+        if self.restarts.len() >= policy.max_restarts as usize {
+            let reason = format!("{reason} (restart limit of {} within {:?} reached)", policy.max_restarts, policy.within);
+            self.shared.set_state(State::Crashed(reason));
+            return false;
+        }
+        self.restarts.push(now);
+        self.shared.set_state(State::Restarting);
+        match open(&self.options) {
+            Ok(engine) => {
+                tracing::warn!(instance = %self.shared.label, "instance restarted after a crash");
+                self.engine = Some(engine);
+                self.shared.set_state(State::Running);
+                true
+            }
+            Err(e) => {
+                self.shared.set_state(State::Crashed(format!("{reason}; restart failed: {e}")));
+                false
+            }
+        }
+    }
+}
+
+/// The status of the final `ReadyForQuery` (`Z`, length 5, status byte).
+pub(crate) fn ready_status(bytes: &[u8]) -> Option<TxStatus> {
+    if !tail_is(bytes, b'Z') {
+        return None;
+    }
+    match bytes[bytes.len() - 1] {
+        b'I' => Some(TxStatus::Idle),
+        b'T' => Some(TxStatus::InTransaction),
+        b'E' => Some(TxStatus::Failed),
+        _ => None,
+    }
+}
+
+/// Whether the last message in `bytes` has tag `tag` (walks the framing).
+fn tail_is(bytes: &[u8], tag: u8) -> bool {
+    let mut rest = bytes;
+    let mut last = None;
+    while rest.len() >= 5 {
+        let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        if len < 4 || rest.len() < 1 + len {
+            return false;
+        }
+        last = Some(rest[0]);
+        rest = &rest[1 + len..];
+    }
+    rest.is_empty() && last == Some(tag)
+}

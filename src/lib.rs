@@ -47,7 +47,7 @@ mod rows;
 pub use convert::FromValue;
 pub use error::{DbError, Error, Result, SqlState};
 pub use instance::{
-    DEFAULT_SETTINGS, HEALTH_CHECK_TIMEOUT, Health, Instance, InstanceOptions, Registry, RestartPolicy, Storage,
+    DEFAULT_SETTINGS, HEALTH_CHECK_TIMEOUT, Health, Instance, InstanceOptions, RawSession, Registry, RestartPolicy, Storage,
     Transaction,
 };
 pub use params::{Param, ToParam};

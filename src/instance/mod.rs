@@ -3,6 +3,7 @@
 
 mod options;
 mod registry;
+mod session;
 mod transaction;
 mod worker;
 
@@ -14,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use options::{DEFAULT_SETTINGS, InstanceOptions, RestartPolicy, Storage};
 pub use registry::Registry;
+pub use session::RawSession;
 pub use transaction::Transaction;
 
 use crate::error::{Error, Result};
@@ -144,6 +146,12 @@ impl Instance {
         }
         // A dropped reply means another `stop` (or a crash) won the race.
         done.await.unwrap_or(Ok(()))
+    }
+
+    /// A raw wire-protocol session on this instance (what the wire server
+    /// uses for each client connection).
+    pub fn raw_session(&self) -> RawSession {
+        RawSession::new(self.clone())
     }
 
     /// True once the instance is stopped or crashed for good.

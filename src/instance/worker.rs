@@ -43,6 +43,11 @@ pub(crate) struct Request {
 pub(crate) enum Job {
     /// Frontend messages ending in `Sync` or a simple `Query`: one round trip.
     Protocol(BytesMut),
+    /// Frontend messages from a wire-protocol client, passed through as they
+    /// are. If the engine is not idle afterwards (inside a transaction, a COPY,
+    /// or an extended-protocol batch not yet synced), the caller gets a lease
+    /// and keeps the engine until it is idle again.
+    Raw(BytesMut),
     /// Test hook: make the worker panic, as a bug or trap in the engine would.
     Panic,
 }
@@ -53,6 +58,9 @@ pub(crate) struct Output {
     pub bytes: Vec<u8>,
     /// A standalone call left a transaction open, so the worker rolled it back.
     pub rolled_back_open_transaction: bool,
+    /// For [`Job::Raw`] run outside a lease that left the engine busy: the
+    /// lease the caller now holds.
+    pub lease: Option<mpsc::UnboundedSender<Request>>,
 }
 
 /// The lifecycle of an instance as handles see it.
@@ -205,10 +213,15 @@ impl Worker {
     }
 
     fn serve_lease(&mut self, reply: oneshot::Sender<mpsc::UnboundedSender<Request>>) -> Result<(), Failure> {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded_channel();
         if reply.send(tx).is_err() {
             return Ok(()); // the caller gave up waiting
         }
+        self.lease_loop(rx)
+    }
+
+    /// Serves only the lease holder until it drops its sender.
+    fn lease_loop(&mut self, mut rx: mpsc::UnboundedReceiver<Request>) -> Result<(), Failure> {
         while let Some(request) = rx.blocking_recv() {
             self.serve(request, true)?;
         }
@@ -223,9 +236,12 @@ impl Worker {
         let result = catch_unwind(AssertUnwindSafe(|| self.run_job(job, leased)))
             .unwrap_or_else(|panic| Err(Failure::Crash(panic_message(&panic))));
         match result {
-            Ok(output) => {
+            Ok((output, hold)) => {
                 let _ = reply.send(Ok(output));
-                Ok(())
+                match hold {
+                    Some(rx) => self.lease_loop(rx),
+                    None => Ok(()),
+                }
             }
             Err(Failure::Crash(reason)) => {
                 let _ = reply.send(Err(Error::Crashed { name: self.shared.label.clone(), reason: reason.clone() }));
@@ -234,9 +250,20 @@ impl Worker {
         }
     }
 
-    fn run_job(&mut self, job: Job, leased: bool) -> Result<Output, Failure> {
+    /// Runs a job; also returns the receiving end of a lease the job opened.
+    fn run_job(&mut self, job: Job, leased: bool) -> Result<(Output, Option<mpsc::UnboundedReceiver<Request>>), Failure> {
         match job {
             Job::Panic => panic!("crash injected by a test"),
+            Job::Raw(bytes) => {
+                let out = self.round_trip(&bytes)?;
+                let mut output = Output { bytes: out, rolled_back_open_transaction: false, lease: None };
+                if !leased && ready_status(&output.bytes) != Some(TxStatus::Idle) {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    output.lease = Some(tx);
+                    return Ok((output, Some(rx)));
+                }
+                Ok((output, None))
+            }
             Job::Protocol(bytes) => {
                 let mut out = self.round_trip(&bytes)?;
                 // `COPY ... FROM STDIN` waits for data the API has no way to
@@ -254,7 +281,7 @@ impl Worker {
                     self.rollback_if_open()?;
                     rolled_back_open_transaction = true;
                 }
-                Ok(Output { bytes: out, rolled_back_open_transaction })
+                Ok((Output { bytes: out, rolled_back_open_transaction, lease: None }, None))
             }
         }
     }

@@ -42,6 +42,7 @@ mod instance;
 pub mod oid;
 mod params;
 pub mod protocol;
+pub mod replication;
 mod rows;
 
 pub use convert::FromValue;

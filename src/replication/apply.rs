@@ -35,6 +35,7 @@ use tokio::sync::{broadcast, watch};
 use crate::params::Param;
 use crate::{Instance, Transaction};
 
+use super::config::SourceConfig;
 use super::error::ReplicationError;
 use super::lsn::Lsn;
 use super::pgoutput::{self, LogicalMessage, OldTuple, Relation, Tuple, Value};
@@ -124,6 +125,9 @@ pub(crate) struct Applier {
     max_buffered: usize,
     status: Arc<watch::Sender<Status>>,
     changes: broadcast::Sender<Arc<AppliedTransaction>>,
+    /// For catalog lookups on the remote (added columns), opened when needed.
+    source: SourceConfig,
+    catalog: Option<tokio_postgres::Client>,
 }
 
 impl Applier {
@@ -134,6 +138,7 @@ impl Applier {
         max_buffered: usize,
         status: Arc<watch::Sender<Status>>,
         changes: broadcast::Sender<Arc<AppliedTransaction>>,
+        source: SourceConfig,
     ) -> Applier {
         Applier {
             instance,
@@ -145,7 +150,47 @@ impl Applier {
             max_buffered,
             status,
             changes,
+            source,
+            catalog: None,
         }
+    }
+
+    async fn catalog(&mut self) -> Result<&tokio_postgres::Client, ReplicationError> {
+        if self.catalog.as_ref().is_none_or(|c| c.is_closed()) {
+            self.catalog = Some(super::remote_client(&self.source).await?);
+        }
+        Ok(self.catalog.as_ref().expect("just connected"))
+    }
+
+    /// How existing rows see a column added upstream: `Some(value)` when the
+    /// remote stored a "missing value" for it (a non-volatile default: every
+    /// existing row reads it), `None` when they read NULL.
+    async fn added_column_fill(&mut self, relation: u32, table: &str, column: &str) -> Result<Option<String>, ReplicationError> {
+        let row = self
+            .catalog()
+            .await?
+            .query_opt(
+                "SELECT a.atthasmissing, (a.attmissingval::text::text[])[1], d.adbin IS NOT NULL \
+                 FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+                 WHERE a.attrelid = $1 AND a.attname = $2 AND NOT a.attisdropped",
+                &[&relation, &column],
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let (has_missing, missing, has_default): (bool, Option<String>, bool) = (row.get(0), row.get(1), row.get(2));
+        if has_missing {
+            return Ok(missing);
+        }
+        if has_default {
+            // A volatile default rewrote the table upstream (or a default was
+            // set after adding the column): existing rows may hold values that
+            // never went through replication.
+            return Err(ReplicationError::needs_operator(
+                format!("column {column} was added to {table} upstream with a default this cache cannot reproduce"),
+                "decommission and start again to copy the table as it is now",
+            ));
+        }
+        Ok(None)
     }
 
     /// The LSN to confirm: what is committed locally.
@@ -299,10 +344,23 @@ impl Applier {
                     vec![Param::typed(crate::oid::OID, col.type_oid.to_string()), Param::typed(crate::oid::INT4, col.type_modifier.to_string())],
                 )
                 .await?;
-            let ddl = format!("ALTER TABLE {qualified} ADD COLUMN {} {type_name}", quote_ident(&col.name));
-            tracing::info!(table = %qualified, column = %col.name, "column added upstream; adding it locally");
+            let fill = self.added_column_fill(rel.id, &qualified, &col.name).await?;
+            let column = quote_ident(&col.name);
+            tracing::info!(table = %qualified, column = %col.name, ?fill, "column added upstream; adding it locally");
             self.flush_group()?;
-            self.push_statement(ddl, vec![]).await?;
+            match fill {
+                // Existing rows get the remote's missing value, later rows
+                // carry their own.
+                Some(value) => {
+                    let ddl = format!(
+                        "ALTER TABLE {qualified} ADD COLUMN {column} {type_name} DEFAULT {}::{type_name}",
+                        super::source::quote_literal(&value)
+                    );
+                    self.push_statement(ddl, vec![]).await?;
+                    self.push_statement(format!("ALTER TABLE {qualified} ALTER COLUMN {column} DROP DEFAULT"), vec![]).await?;
+                }
+                None => self.push_statement(format!("ALTER TABLE {qualified} ADD COLUMN {column} {type_name}"), vec![]).await?,
+            }
             columns.push(LocalColumn { name: col.name.clone(), type_name });
         }
         // Keep the Relation message's column order.

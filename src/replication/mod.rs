@@ -430,6 +430,7 @@ impl Supervisor {
             self.config.max_buffered_bytes,
             self.status.clone(),
             self.changes.clone(),
+            self.config.source.clone(),
         );
         self.stream(conn, &mut applier).await
     }

@@ -6,25 +6,36 @@ mod support;
 
 use std::time::Duration;
 
-use pglite_cache::replication::{ChangeOp, Lsn, Phase, PublicationSpec, Replication, ReplicationConfig, ReplicationHandle};
+use pglite_cache::replication::{
+    ChangeOp, Lsn, Phase, PublicationSpec, Replication, ReplicationConfig, ReplicationHandle,
+};
 use pglite_cache::{Instance, InstanceOptions};
 use support::pg::PgCluster;
 
 const WAIT: Duration = Duration::from_secs(60);
 
 async fn instance() -> Instance {
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     Instance::start(InstanceOptions::in_memory()).await.unwrap()
 }
 
 fn config(pg: &PgCluster, db: &str, publication: &str) -> ReplicationConfig {
-    ReplicationConfig::new(pg.conninfo(db).parse().unwrap(), PublicationSpec::Existing(publication.into()))
-        .slot_name(format!("slot_{db}"))
-        .status_interval(Duration::from_secs(1))
+    ReplicationConfig::new(
+        pg.conninfo(db).parse().unwrap(),
+        PublicationSpec::Existing(publication.into()),
+    )
+    .slot_name(format!("slot_{db}"))
+    .status_interval(Duration::from_secs(1))
 }
 
 async fn remote_lsn(client: &tokio_postgres::Client) -> Lsn {
-    let row = client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap();
+    let row = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap();
     row.get::<_, String>(0).parse().unwrap()
 }
 
@@ -42,11 +53,16 @@ const HASH: &str = "SELECT count(*)::text, md5(coalesce(string_agg(t::text, E'\\
 /// Compares a table's full contents on both sides (row count and an ordered
 /// hash of every row's text form).
 async fn assert_same(client: &tokio_postgres::Client, local: &Instance, table: &str) {
-    client.batch_execute("SET TimeZone = 'UTC'; SET extra_float_digits = 1").await.unwrap();
+    client
+        .batch_execute("SET TimeZone = 'UTC'; SET extra_float_digits = 1")
+        .await
+        .unwrap();
     let remote = client.query_one(&format!("{HASH}{table} t"), &[]).await.unwrap();
     let remote: (String, String) = (remote.get(0), remote.get(1));
     let result = local
-        .exec(&format!("SET TimeZone = 'UTC'; SET extra_float_digits = 1; {HASH}{table} t"))
+        .exec(&format!(
+            "SET TimeZone = 'UTC'; SET extra_float_digits = 1; {HASH}{table} t"
+        ))
         .await
         .unwrap();
     let row = &result.last().unwrap().rows[0];
@@ -59,14 +75,22 @@ async fn assert_same(client: &tokio_postgres::Client, local: &Instance, table: &
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let l = local.query(&format!("SELECT t::text FROM {table} t ORDER BY 1 LIMIT 20"), &[]).await.unwrap();
+        let l = local
+            .query(&format!("SELECT t::text FROM {table} t ORDER BY 1 LIMIT 20"), &[])
+            .await
+            .unwrap();
         let l: Vec<String> = l.rows.iter().map(|r| r.get(0)).collect();
         panic!("{table} differs: remote {remote:?} local {local_pair:?}\nremote rows: {r:#?}\nlocal rows: {l:#?}");
     }
 }
 
 async fn local_count(local: &Instance, table: &str) -> i64 {
-    local.query(&format!("SELECT count(*) FROM {table}"), &[]).await.unwrap().rows[0].get(0)
+    local
+        .query(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .rows[0]
+        .get(0)
 }
 
 const SCHEMA: &str = r#"
@@ -109,13 +133,19 @@ async fn copies_then_streams_every_operation_and_type() {
 
     let local = instance().await;
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming())
+        .await
+        .unwrap()
+        .unwrap();
     for t in ["items", "pairs", "logs", "docs"] {
         assert_same(&remote, &local, t).await;
     }
     let status = handle.status();
     assert_eq!(status.phase, Phase::Streaming);
-    assert_eq!(status.tables.iter().find(|t| t.name == "pairs").unwrap().rows_copied, 100);
+    assert_eq!(
+        status.tables.iter().find(|t| t.name == "pairs").unwrap().rows_copied,
+        100
+    );
 
     let mut changes = handle.subscribe();
     remote
@@ -153,7 +183,9 @@ async fn copies_then_streams_every_operation_and_type() {
 
     // TRUNCATE of several tables at once, then new rows.
     remote
-        .batch_execute("TRUNCATE pairs, logs; INSERT INTO pairs VALUES (1, 'again', 'v'); INSERT INTO logs VALUES ('after', 1);")
+        .batch_execute(
+            "TRUNCATE pairs, logs; INSERT INTO pairs VALUES (1, 'again', 'v'); INSERT INTO logs VALUES ('after', 1);",
+        )
         .await
         .unwrap();
     catch_up(&handle, &remote).await;
@@ -163,10 +195,16 @@ async fn copies_then_streams_every_operation_and_type() {
     assert_eq!(local_count(&local, "pairs").await, 1);
 
     // Replicated tables are read-only locally.
-    let err = local.query("INSERT INTO pairs VALUES (2, 'x', 'y')", &[]).await.unwrap_err();
+    let err = local
+        .query("INSERT INTO pairs VALUES (2, 'x', 'y')", &[])
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("read-only"), "{err}");
     // Secondary indexes came along.
-    let idx = local.query("SELECT count(*) FROM pg_indexes WHERE indexname = 'items_t'", &[]).await.unwrap();
+    let idx = local
+        .query("SELECT count(*) FROM pg_indexes WHERE indexname = 'items_t'", &[])
+        .await
+        .unwrap();
     assert_eq!(idx.rows[0].get::<i64>(0), 1);
 
     handle.stop().await.unwrap();
@@ -209,11 +247,17 @@ async fn snapshot_copy_under_concurrent_writes_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let local = instance().await;
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming())
+        .await
+        .unwrap()
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let writes = writer.await.unwrap();
-    assert!(writes > 10, "the writer should have run during the copy ({writes} transactions)");
+    assert!(
+        writes > 10,
+        "the writer should have run during the copy ({writes} transactions)"
+    );
     catch_up(&handle, &remote).await;
     assert_same(&remote, &local, "events").await;
     handle.stop().await.unwrap();
@@ -235,7 +279,10 @@ async fn restart_resumes_exactly_and_transactions_are_atomic() {
     let local = instance().await;
     let cfg = config(&pg, &db, "pub");
     let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming())
+        .await
+        .unwrap()
+        .unwrap();
 
     // Transfers keep the total constant: a reader that saw half of one
     // would see another total.
@@ -245,7 +292,10 @@ async fn restart_resumes_exactly_and_transactions_are_atomic() {
     let reader = tokio::spawn(async move {
         let mut checks = 0;
         while reading2.load(std::sync::atomic::Ordering::Relaxed) {
-            let r = reader_local.query("SELECT sum(balance)::int8 FROM accounts", &[]).await.unwrap();
+            let r = reader_local
+                .query("SELECT sum(balance)::int8 FROM accounts", &[])
+                .await
+                .unwrap();
             assert_eq!(r.rows[0].get::<i64>(0), 10_000, "a reader saw half of a transaction");
             checks += 1;
         }
@@ -282,16 +332,26 @@ async fn restart_resumes_exactly_and_transactions_are_atomic() {
         .unwrap();
     let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
     catch_up(&handle, &remote).await;
-    assert!(handle.status().applied_lsn > stopped_at, "{:?} vs stopped at {stopped_at}", handle.status());
+    assert!(
+        handle.status().applied_lsn > stopped_at,
+        "{:?} vs stopped at {stopped_at}",
+        handle.status()
+    );
     assert_same(&remote, &local, "accounts").await;
-    let stored = local.query("SELECT applied_lsn::text FROM pglite_cache.replication", &[]).await.unwrap();
+    let stored = local
+        .query("SELECT applied_lsn::text FROM pglite_cache.replication", &[])
+        .await
+        .unwrap();
     let stored: Lsn = stored.rows[0].get::<String>(0).parse().unwrap();
     assert_eq!(stored, handle.status().applied_lsn);
 
     // The slot's confirmed position never runs ahead of what is stored.
     handle.stop().await.unwrap();
     let confirmed = remote
-        .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&cfg.slot_name])
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.slot_name],
+        )
         .await
         .unwrap();
     let confirmed: Lsn = confirmed.get::<_, String>(0).parse().unwrap();
@@ -301,7 +361,12 @@ async fn restart_resumes_exactly_and_transactions_are_atomic() {
     handle.decommission().await.unwrap();
     let slots = remote.query("SELECT 1 FROM pg_replication_slots", &[]).await.unwrap();
     assert!(slots.is_empty());
-    assert!(local.query("SELECT 1 FROM pglite_cache.replication", &[]).await.is_err());
+    assert!(
+        local
+            .query("SELECT 1 FROM pglite_cache.replication", &[])
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,7 +384,10 @@ async fn large_transactions_apply_in_pieces_and_atomically() {
     let local = instance().await;
     // A small buffer forces the piecewise path (an open local transaction).
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub").max_buffered_bytes(256 << 10)).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming())
+        .await
+        .unwrap()
+        .unwrap();
 
     let reader_local = local.clone();
     let reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -327,7 +395,10 @@ async fn large_transactions_apply_in_pieces_and_atomically() {
     let reader = tokio::spawn(async move {
         let mut seen = std::collections::BTreeSet::new();
         while reading2.load(std::sync::atomic::Ordering::Relaxed) {
-            let r = reader_local.query("SELECT count(*), coalesce(sum(n), 0)::int8 FROM big", &[]).await.unwrap();
+            let r = reader_local
+                .query("SELECT count(*), coalesce(sum(n), 0)::int8 FROM big", &[])
+                .await
+                .unwrap();
             seen.insert((r.rows[0].get::<i64>(0), r.rows[0].get::<i64>(1)));
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -335,7 +406,9 @@ async fn large_transactions_apply_in_pieces_and_atomically() {
     });
     const N: i64 = 100_000;
     remote
-        .batch_execute(&format!("INSERT INTO big SELECT i, md5(i::text), 1 FROM generate_series(1, {N}) i"))
+        .batch_execute(&format!(
+            "INSERT INTO big SELECT i, md5(i::text), 1 FROM generate_series(1, {N}) i"
+        ))
         .await
         .unwrap();
     catch_up(&handle, &remote).await;
@@ -350,7 +423,10 @@ async fn large_transactions_apply_in_pieces_and_atomically() {
     let seen = reader.await.unwrap();
     // Only states between whole transactions were visible.
     let allowed = [(0, 0), (N, N), (N, 2 * N), (N / 2, N)];
-    assert!(seen.iter().all(|s| allowed.contains(s)), "a reader saw a partial transaction: {seen:?}");
+    assert!(
+        seen.iter().all(|s| allowed.contains(s)),
+        "a reader saw a partial transaction: {seen:?}"
+    );
     let status = handle.status();
     let t = &status.tables[0];
     assert_eq!((t.inserted, t.updated, t.deleted), (N as u64, N as u64, N as u64 / 2));
@@ -372,15 +448,24 @@ async fn survives_walsender_termination_and_remote_restart() {
     let local = instance().await;
     let cfg = config(&pg, &db, "pub");
     let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming())
+        .await
+        .unwrap()
+        .unwrap();
 
     // The walsender is terminated: reconnect, resume.
     let killed = remote
-        .query("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1", &[&cfg.slot_name])
+        .query(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.slot_name],
+        )
         .await
         .unwrap();
     assert_eq!(killed.len(), 1);
-    remote.batch_execute("INSERT INTO t VALUES (11, 11); UPDATE t SET v = 0 WHERE id = 1;").await.unwrap();
+    remote
+        .batch_execute("INSERT INTO t VALUES (11, 11); UPDATE t SET v = 0 WHERE id = 1;")
+        .await
+        .unwrap();
     catch_up(&handle, &remote).await;
     assert_same(&remote, &local, "t").await;
 
@@ -388,7 +473,10 @@ async fn survives_walsender_termination_and_remote_restart() {
     let mut statuses = handle.watch_status();
     pg.restart();
     let remote = pg.client(&db).await;
-    remote.batch_execute("INSERT INTO t VALUES (12, 12); DELETE FROM t WHERE id = 2;").await.unwrap();
+    remote
+        .batch_execute("INSERT INTO t VALUES (12, 12); DELETE FROM t WHERE id = 2;")
+        .await
+        .unwrap();
     catch_up(&handle, &remote).await;
     assert_same(&remote, &local, "t").await;
     // It went through Reconnecting at least once.
@@ -413,15 +501,25 @@ async fn slot_dropped_behind_our_back_halts_with_a_hint() {
     let local = instance().await;
     let cfg = config(&pg, &db, "pub");
     let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming())
+        .await
+        .unwrap()
+        .unwrap();
     // Terminate the walsender and drop the slot before we reconnect.
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         remote
-            .execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&cfg.slot_name])
+            .execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&cfg.slot_name],
+            )
             .await
             .unwrap();
-        if remote.execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot_name]).await.is_ok() {
+        if remote
+            .execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot_name])
+            .await
+            .is_ok()
+        {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "could not drop the slot");
@@ -456,7 +554,10 @@ async fn columns_added_upstream_are_added_locally() {
         .unwrap();
     let local = instance().await;
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming())
+        .await
+        .unwrap()
+        .unwrap();
     remote
         .batch_execute(
             "ALTER TABLE t ADD COLUMN plain int; ALTER TABLE t ADD COLUMN with_default text NOT NULL DEFAULT 'd'; \
@@ -485,17 +586,32 @@ async fn owned_publication_over_a_unix_socket_and_decommission() {
     let local = instance().await;
     let cfg = ReplicationConfig::new(
         pg.unix_url(&db).parse().unwrap(),
-        PublicationSpec::Owned { name: "cache_pub".into(), tables: vec!["shop.orders".into()] },
+        PublicationSpec::Owned {
+            name: "cache_pub".into(),
+            tables: vec!["shop.orders".into()],
+        },
     )
     .slot_name("owned_slot");
     let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
-    remote.batch_execute("INSERT INTO shop.orders VALUES (2, 1.5); INSERT INTO other VALUES (2);").await.unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming())
+        .await
+        .unwrap()
+        .unwrap();
+    remote
+        .batch_execute("INSERT INTO shop.orders VALUES (2, 1.5); INSERT INTO other VALUES (2);")
+        .await
+        .unwrap();
     catch_up(&handle, &remote).await;
     assert_same(&remote, &local, "shop.orders").await;
-    assert!(local.query("SELECT 1 FROM other", &[]).await.is_err(), "unpublished tables are not copied");
+    assert!(
+        local.query("SELECT 1 FROM other", &[]).await.is_err(),
+        "unpublished tables are not copied"
+    );
     handle.decommission().await.unwrap();
-    let pubs = remote.query("SELECT 1 FROM pg_publication WHERE pubname = 'cache_pub'", &[]).await.unwrap();
+    let pubs = remote
+        .query("SELECT 1 FROM pg_publication WHERE pubname = 'cache_pub'", &[])
+        .await
+        .unwrap();
     assert!(pubs.is_empty());
     // The local copy stays, now writable.
     local.query("INSERT INTO shop.orders VALUES (3, 0)", &[]).await.unwrap();

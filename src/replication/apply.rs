@@ -53,7 +53,9 @@ const MAX_SUBSCRIBED_CHANGES: usize = 10_000;
 
 /// Types without an equality operator: matched on their text form (FULL
 /// identity only).
-const NO_EQUALITY: &[&str] = &["json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"];
+const NO_EQUALITY: &[&str] = &[
+    "json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle",
+];
 
 /// A local column.
 #[derive(Debug, Clone)]
@@ -165,7 +167,12 @@ impl Applier {
     /// How existing rows see a column added upstream: `Some(value)` when the
     /// remote stored a "missing value" for it (a non-volatile default: every
     /// existing row reads it), `None` when they read NULL.
-    async fn added_column_fill(&mut self, relation: u32, table: &str, column: &str) -> Result<Option<String>, ReplicationError> {
+    async fn added_column_fill(
+        &mut self,
+        relation: u32,
+        table: &str,
+        column: &str,
+    ) -> Result<Option<String>, ReplicationError> {
         let row = self
             .catalog()
             .await?
@@ -238,7 +245,9 @@ impl Applier {
         let message = pgoutput::decode(data, false).map_err(|e| ReplicationError::fatal(e.to_string()))?;
         tracing::trace!(?message, committed = %self.committed, "pgoutput");
         match message {
-            LogicalMessage::Begin { final_lsn, commit_time, .. } => {
+            LogicalMessage::Begin {
+                final_lsn, commit_time, ..
+            } => {
                 if self.pending.is_some() {
                     return Err(ReplicationError::fatal("Begin inside a transaction"));
                 }
@@ -255,39 +264,55 @@ impl Applier {
                     counts: HashMap::new(),
                 });
             }
-            LogicalMessage::Commit { end_lsn, commit_time, .. } => self.commit(end_lsn, commit_time).await?,
+            LogicalMessage::Commit {
+                end_lsn, commit_time, ..
+            } => self.commit(end_lsn, commit_time).await?,
             LogicalMessage::Relation(rel) => self.relation(rel).await?,
-            LogicalMessage::Insert { relation, new } => self.change(relation, ChangeOp::Insert, None, Some(new)).await?,
+            LogicalMessage::Insert { relation, new } => {
+                self.change(relation, ChangeOp::Insert, None, Some(new)).await?
+            }
             LogicalMessage::Update { relation, old, new } => {
                 self.change(relation, ChangeOp::Update, old, Some(new)).await?
             }
-            LogicalMessage::Delete { relation, old } => self.change(relation, ChangeOp::Delete, Some(old), None).await?,
+            LogicalMessage::Delete { relation, old } => {
+                self.change(relation, ChangeOp::Delete, Some(old), None).await?
+            }
             LogicalMessage::Truncate { options, relations } => self.truncate(options, &relations).await?,
             LogicalMessage::Origin { .. } | LogicalMessage::Type { .. } | LogicalMessage::Message { .. } => {}
             LogicalMessage::StreamStart { .. }
             | LogicalMessage::StreamStop
             | LogicalMessage::StreamCommit { .. }
             | LogicalMessage::StreamAbort { .. } => {
-                return Err(ReplicationError::fatal("streamed transaction message without streaming enabled"));
+                return Err(ReplicationError::fatal(
+                    "streamed transaction message without streaming enabled",
+                ));
             }
         }
         Ok(())
     }
 
     fn pending(&mut self) -> Result<&mut Pending, ReplicationError> {
-        self.pending.as_mut().ok_or_else(|| ReplicationError::fatal("change outside a transaction"))
+        self.pending
+            .as_mut()
+            .ok_or_else(|| ReplicationError::fatal("change outside a transaction"))
     }
 
     async fn relation(&mut self, rel: Relation) -> Result<(), ReplicationError> {
         let Some((schema, name)) = self.tables.get(&rel.id).cloned() else {
             return Err(ReplicationError::needs_operator(
-                format!("table {}.{} was added to the publication after the initial copy", rel.namespace, rel.name),
+                format!(
+                    "table {}.{} was added to the publication after the initial copy",
+                    rel.namespace, rel.name
+                ),
                 "decommission and start again to copy it (backfill of added tables is not implemented yet)",
             ));
         };
         if (schema.as_str(), name.as_str()) != (rel.namespace.as_str(), rel.name.as_str()) {
             return Err(ReplicationError::needs_operator(
-                format!("table {schema}.{name} was renamed upstream to {}.{}", rel.namespace, rel.name),
+                format!(
+                    "table {schema}.{name} was renamed upstream to {}.{}",
+                    rel.namespace, rel.name
+                ),
                 "decommission and start again to copy it under its new name",
             ));
         }
@@ -304,7 +329,14 @@ impl Applier {
         let local: Vec<(String, String, u32, i32)> = result
             .rows
             .iter()
-            .map(|r| (r.get::<String>(0), r.get::<String>(1), r.get::<i64>(2) as u32, r.get::<i32>(3)))
+            .map(|r| {
+                (
+                    r.get::<String>(0),
+                    r.get::<String>(1),
+                    r.get::<i64>(2) as u32,
+                    r.get::<i32>(3),
+                )
+            })
             .collect();
         let mut columns = Vec::with_capacity(rel.columns.len());
         let mut added = Vec::new();
@@ -318,12 +350,18 @@ impl Applier {
                             "decommission and start again to copy the table with its new type",
                         ));
                     }
-                    columns.push(LocalColumn { name: col.name.clone(), type_name: type_name.clone() });
+                    columns.push(LocalColumn {
+                        name: col.name.clone(),
+                        type_name: type_name.clone(),
+                    });
                 }
                 None => {
                     if col.type_oid >= 16384 {
                         return Err(ReplicationError::needs_operator(
-                            format!("column {} of user-defined type was added to {schema}.{name} upstream", col.name),
+                            format!(
+                                "column {} of user-defined type was added to {schema}.{name} upstream",
+                                col.name
+                            ),
                             "decommission and start again to copy the table (only built-in types are added in place)",
                         ));
                     }
@@ -333,7 +371,10 @@ impl Applier {
         }
         if let Some(gone) = local.iter().find(|l| !rel.columns.iter().any(|c| c.name == l.0)) {
             return Err(ReplicationError::needs_operator(
-                format!("column {} of {schema}.{name} was dropped or renamed upstream (or left the column list)", gone.0),
+                format!(
+                    "column {} of {schema}.{name} was dropped or renamed upstream (or left the column list)",
+                    gone.0
+                ),
                 "decommission and start again to copy the table as it is now",
             ));
         }
@@ -341,7 +382,10 @@ impl Applier {
             let type_name = self
                 .instance_query_one(
                     "SELECT format_type($1::oid, $2::int4)",
-                    vec![Param::typed(crate::oid::OID, col.type_oid.to_string()), Param::typed(crate::oid::INT4, col.type_modifier.to_string())],
+                    vec![
+                        Param::typed(crate::oid::OID, col.type_oid.to_string()),
+                        Param::typed(crate::oid::INT4, col.type_modifier.to_string()),
+                    ],
                 )
                 .await?;
             let fill = self.added_column_fill(rel.id, &qualified, &col.name).await?;
@@ -357,19 +401,44 @@ impl Applier {
                         super::source::quote_literal(&value)
                     );
                     self.push_statement(ddl, vec![]).await?;
-                    self.push_statement(format!("ALTER TABLE {qualified} ALTER COLUMN {column} DROP DEFAULT"), vec![]).await?;
+                    self.push_statement(
+                        format!("ALTER TABLE {qualified} ALTER COLUMN {column} DROP DEFAULT"),
+                        vec![],
+                    )
+                    .await?;
                 }
-                None => self.push_statement(format!("ALTER TABLE {qualified} ADD COLUMN {column} {type_name}"), vec![]).await?,
+                None => {
+                    self.push_statement(
+                        format!("ALTER TABLE {qualified} ADD COLUMN {column} {type_name}"),
+                        vec![],
+                    )
+                    .await?
+                }
             }
-            columns.push(LocalColumn { name: col.name.clone(), type_name });
+            columns.push(LocalColumn {
+                name: col.name.clone(),
+                type_name,
+            });
         }
         // Keep the Relation message's column order.
         let columns: Vec<LocalColumn> = rel
             .columns
             .iter()
-            .map(|c| columns.iter().find(|l| l.name == c.name).cloned().expect("every column was matched or added"))
+            .map(|c| {
+                columns
+                    .iter()
+                    .find(|l| l.name == c.name)
+                    .cloned()
+                    .expect("every column was matched or added")
+            })
             .collect();
-        let key: Vec<usize> = rel.columns.iter().enumerate().filter(|(_, c)| c.is_key).map(|(i, _)| i).collect();
+        let key: Vec<usize> = rel
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_key)
+            .map(|(i, _)| i)
+            .collect();
         let state = RelationState {
             column_names: columns.iter().map(|c| c.name.clone()).collect(),
             schema,
@@ -380,7 +449,12 @@ impl Applier {
             key,
         };
         // A Relation message between changes of the same table ends the group.
-        if self.pending.as_ref().and_then(|p| p.group.as_ref()).is_some_and(|g| g.relation == rel.id) {
+        if self
+            .pending
+            .as_ref()
+            .and_then(|p| p.group.as_ref())
+            .is_some_and(|g| g.relation == rel.id)
+        {
             self.flush_group()?;
         }
         self.relations.insert(rel.id, state);
@@ -409,23 +483,31 @@ impl Applier {
         let rel = self
             .relations
             .get(&relation)
-            .ok_or_else(|| ReplicationError::fatal(format!("change for relation {relation} before its Relation message")))?
+            .ok_or_else(|| {
+                ReplicationError::fatal(format!("change for relation {relation} before its Relation message"))
+            })?
             .clone();
         let subscribed = self.changes.receiver_count() > 0;
         let pending = self.pending()?;
         pending.change_count += 1;
-        let counter = pending.counts.entry((rel.schema.clone(), rel.name.clone())).or_default();
+        let counter = pending
+            .counts
+            .entry((rel.schema.clone(), rel.name.clone()))
+            .or_default();
         counter[match op {
             ChangeOp::Insert => 0,
             ChangeOp::Update => 1,
             _ => 2,
         }] += 1;
         if subscribed && pending.changes.len() < MAX_SUBSCRIBED_CHANGES {
-            pending.changes.push(describe_change(&rel, op, old.as_ref(), new.as_ref()));
+            pending
+                .changes
+                .push(describe_change(&rel, op, old.as_ref(), new.as_ref()));
         }
 
         if rel.full_identity && op != ChangeOp::Insert {
-            let old = old.ok_or_else(|| ReplicationError::fatal("UPDATE/DELETE of a FULL identity table without the old row"))?;
+            let old = old
+                .ok_or_else(|| ReplicationError::fatal("UPDATE/DELETE of a FULL identity table without the old row"))?;
             let (sql, params) = full_identity_statement(&rel, op, old.values(), new.as_ref());
             self.flush_group()?;
             return self.push_statement(sql, params).await;
@@ -468,16 +550,27 @@ impl Applier {
         }
         let size: usize = row.iter().map(value_size).sum::<usize>() + 8;
         let pending = self.pending()?;
-        let same_group = pending.group.as_ref().is_some_and(|g| g.relation == relation && g.kind == kind);
+        let same_group = pending
+            .group
+            .as_ref()
+            .is_some_and(|g| g.relation == relation && g.kind == kind);
         // The same key twice in one update group would be applied once:
         // start a new group instead.
         let repeated_key = same_group
             && matches!(kind, GroupKind::Update(_))
-            && pending.group.as_ref().is_some_and(|g| g.keys.contains(&row[..rel.key.len()]));
+            && pending
+                .group
+                .as_ref()
+                .is_some_and(|g| g.keys.contains(&row[..rel.key.len()]));
         if !same_group || repeated_key || isolate {
             self.flush_group()?;
             let pending = self.pending()?;
-            pending.group = Some(Group { relation, kind: kind.clone(), rows: Vec::new(), keys: HashSet::new() });
+            pending.group = Some(Group {
+                relation,
+                kind: kind.clone(),
+                rows: Vec::new(),
+                keys: HashSet::new(),
+            });
         }
         let pending = self.pending()?;
         let group = pending.group.as_mut().expect("group was just ensured");
@@ -503,32 +596,49 @@ impl Applier {
         }
         let mut names = Vec::new();
         for id in relations {
-            let rel = self
-                .relations
-                .get(id)
-                .ok_or_else(|| ReplicationError::fatal(format!("TRUNCATE of relation {id} before its Relation message")))?;
+            let rel = self.relations.get(id).ok_or_else(|| {
+                ReplicationError::fatal(format!("TRUNCATE of relation {id} before its Relation message"))
+            })?;
             names.push(rel.qualified.clone());
             let (schema, name) = (rel.schema.clone(), rel.name.clone());
             let subscribed = self.changes.receiver_count() > 0;
             let pending = self.pending()?;
             pending.change_count += 1;
             if subscribed && pending.changes.len() < MAX_SUBSCRIBED_CHANGES {
-                pending.changes.push(Change { schema, table: name, op: ChangeOp::Truncate, key: vec![], new: None });
+                pending.changes.push(Change {
+                    schema,
+                    table: name,
+                    op: ChangeOp::Truncate,
+                    key: vec![],
+                    new: None,
+                });
             }
         }
-        let restart = if options & pgoutput::TRUNCATE_RESTART_IDENTITY != 0 { " RESTART IDENTITY" } else { "" };
+        let restart = if options & pgoutput::TRUNCATE_RESTART_IDENTITY != 0 {
+            " RESTART IDENTITY"
+        } else {
+            ""
+        };
         self.flush_group()?;
-        self.push_statement(format!("TRUNCATE {}{restart}", names.join(", ")), vec![]).await
+        self.push_statement(format!("TRUNCATE {}{restart}", names.join(", ")), vec![])
+            .await
     }
 
     /// Turns the current group into a statement.
     fn flush_group(&mut self) -> Result<(), ReplicationError> {
-        let Some(pending) = self.pending.as_mut() else { return Ok(()) };
-        let Some(group) = pending.group.take() else { return Ok(()) };
+        let Some(pending) = self.pending.as_mut() else {
+            return Ok(());
+        };
+        let Some(group) = pending.group.take() else {
+            return Ok(());
+        };
         if group.rows.is_empty() {
             return Ok(());
         }
-        let rel = self.relations.get(&group.relation).ok_or_else(|| ReplicationError::fatal("group of unknown relation"))?;
+        let rel = self
+            .relations
+            .get(&group.relation)
+            .ok_or_else(|| ReplicationError::fatal("group of unknown relation"))?;
         pending.statements.push(group_statement(rel, &group));
         Ok(())
     }
@@ -564,7 +674,10 @@ impl Applier {
 
     async fn commit(&mut self, end_lsn: Lsn, commit_time: i64) -> Result<(), ReplicationError> {
         self.flush_group()?;
-        let mut pending = self.pending.take().ok_or_else(|| ReplicationError::fatal("Commit without Begin"))?;
+        let mut pending = self
+            .pending
+            .take()
+            .ok_or_else(|| ReplicationError::fatal("Commit without Begin"))?;
         if pending.skip {
             return Ok(());
         }
@@ -639,8 +752,16 @@ fn describe_change(rel: &RelationState, op: ChangeOp, old: Option<&OldTuple>, ne
         _ => None,
     };
     let key = match key_source {
-        Some(values) if !rel.key.is_empty() => rel.key.iter().map(|&i| (names[i].clone(), value_text(&values[i]))).collect(),
-        Some(values) => names.iter().zip(values).map(|(n, v)| (n.clone(), value_text(v))).collect(),
+        Some(values) if !rel.key.is_empty() => rel
+            .key
+            .iter()
+            .map(|&i| (names[i].clone(), value_text(&values[i])))
+            .collect(),
+        Some(values) => names
+            .iter()
+            .zip(values)
+            .map(|(n, v)| (n.clone(), value_text(v)))
+            .collect(),
         None => vec![],
     };
     let new = new.map(|t| {
@@ -651,7 +772,13 @@ fn describe_change(rel: &RelationState, op: ChangeOp, old: Option<&OldTuple>, ne
             .map(|(n, v)| (n.clone(), value_text(v)))
             .collect()
     });
-    Change { schema: rel.schema.clone(), table: rel.name.clone(), op, key, new }
+    Change {
+        schema: rel.schema.clone(),
+        table: rel.name.clone(),
+        op,
+        key,
+        new,
+    }
 }
 
 /// Appends a value as an element of a text-array literal.
@@ -701,7 +828,11 @@ fn group_statement(rel: &RelationState, group: &Group) -> (String, Vec<Param>) {
     match &group.kind {
         GroupKind::Insert => {
             let names: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
-            let casts: Vec<String> = cols.iter().enumerate().map(|(j, c)| format!("u.c{j}::{}", c.type_name)).collect();
+            let casts: Vec<String> = cols
+                .iter()
+                .enumerate()
+                .map(|(j, c)| format!("u.c{j}::{}", c.type_name))
+                .collect();
             let sql = format!(
                 "INSERT INTO {} ({}) SELECT {} FROM {}",
                 rel.qualified,
@@ -718,7 +849,14 @@ fn group_statement(rel: &RelationState, group: &Group) -> (String, Vec<Param>) {
             let sets: Vec<String> = set_cols
                 .iter()
                 .enumerate()
-                .map(|(k, &i)| format!("{} = u.c{}::{}", quote_ident(&cols[i].name), nkey + k, cols[i].type_name))
+                .map(|(k, &i)| {
+                    format!(
+                        "{} = u.c{}::{}",
+                        quote_ident(&cols[i].name),
+                        nkey + k,
+                        cols[i].type_name
+                    )
+                })
                 .collect();
             let conds: Vec<String> = rel
                 .key
@@ -743,7 +881,12 @@ fn group_statement(rel: &RelationState, group: &Group) -> (String, Vec<Param>) {
                 .enumerate()
                 .map(|(k, &i)| format!("t.{} = u.c{k}::{}", quote_ident(&cols[i].name), cols[i].type_name))
                 .collect();
-            let sql = format!("DELETE FROM {} AS t USING {} WHERE {}", rel.qualified, unnest(nkey, 1), conds.join(" AND "));
+            let sql = format!(
+                "DELETE FROM {} AS t USING {} WHERE {}",
+                rel.qualified,
+                unnest(nkey, 1),
+                conds.join(" AND ")
+            );
             (sql, column_arrays(&group.rows, nkey))
         }
     }
@@ -751,7 +894,12 @@ fn group_statement(rel: &RelationState, group: &Group) -> (String, Vec<Param>) {
 
 /// UPDATE or DELETE of exactly one row matching all of `old` (REPLICA
 /// IDENTITY FULL: there may be no key, and duplicates are possible).
-fn full_identity_statement(rel: &RelationState, op: ChangeOp, old: &Tuple, new: Option<&Tuple>) -> (String, Vec<Param>) {
+fn full_identity_statement(
+    rel: &RelationState,
+    op: ChangeOp,
+    old: &Tuple,
+    new: Option<&Tuple>,
+) -> (String, Vec<Param>) {
     let mut params = Vec::new();
     let mut conds = Vec::new();
     for (j, c) in rel.columns.iter().enumerate() {
@@ -773,7 +921,11 @@ fn full_identity_statement(rel: &RelationState, op: ChangeOp, old: &Tuple, new: 
     let locate = format!(
         "ctid = (SELECT ctid FROM {} WHERE {} LIMIT 1)",
         rel.qualified,
-        if conds.is_empty() { "true".into() } else { conds.join(" AND ") }
+        if conds.is_empty() {
+            "true".into()
+        } else {
+            conds.join(" AND ")
+        }
     );
     match (op, new) {
         (ChangeOp::Update, Some(new)) => {
@@ -787,7 +939,10 @@ fn full_identity_statement(rel: &RelationState, op: ChangeOp, old: &Tuple, new: 
                     }
                 }
             }
-            (format!("UPDATE {} SET {} WHERE {locate}", rel.qualified, sets.join(", ")), params)
+            (
+                format!("UPDATE {} SET {} WHERE {locate}", rel.qualified, sets.join(", ")),
+                params,
+            )
         }
         _ => (format!("DELETE FROM {} WHERE {locate}", rel.qualified), params),
     }
@@ -803,7 +958,12 @@ mod tests {
 
     #[test]
     fn array_literals_quote_everything() {
-        let rows = vec![vec![text(r#"a"b\c"#)], vec![Value::Null], vec![text("{x,y}")], vec![text("NULL")]];
+        let rows = vec![
+            vec![text(r#"a"b\c"#)],
+            vec![Value::Null],
+            vec![text("{x,y}")],
+            vec![text("NULL")],
+        ];
         let params = column_arrays(&rows, 1);
         assert_eq!(params[0], Param::Untyped(r#"{"a\"b\\c",NULL,"{x,y}","NULL"}"#.into()));
     }
@@ -814,8 +974,14 @@ mod tests {
             name: "t".into(),
             qualified: "\"public\".\"t\"".into(),
             columns: vec![
-                LocalColumn { name: "id".into(), type_name: "integer".into() },
-                LocalColumn { name: "v".into(), type_name: "text".into() },
+                LocalColumn {
+                    name: "id".into(),
+                    type_name: "integer".into(),
+                },
+                LocalColumn {
+                    name: "v".into(),
+                    type_name: "text".into(),
+                },
             ],
             key: vec![0],
             full_identity: false,
@@ -826,22 +992,40 @@ mod tests {
     #[test]
     fn group_statements() {
         let r = rel();
-        let g = Group { relation: 1, kind: GroupKind::Insert, rows: vec![vec![text("1"), text("x")]], keys: HashSet::new() };
+        let g = Group {
+            relation: 1,
+            kind: GroupKind::Insert,
+            rows: vec![vec![text("1"), text("x")]],
+            keys: HashSet::new(),
+        };
         let (sql, params) = group_statement(&r, &g);
         assert_eq!(
             sql,
             r#"INSERT INTO "public"."t" ("id", "v") SELECT u.c0::integer, u.c1::text FROM unnest($1::text[], $2::text[]) AS u(c0, c1)"#
         );
         assert_eq!(params.len(), 2);
-        let g = Group { relation: 1, kind: GroupKind::Update(vec![false, true]), rows: vec![vec![text("1"), text("y")]], keys: HashSet::new() };
+        let g = Group {
+            relation: 1,
+            kind: GroupKind::Update(vec![false, true]),
+            rows: vec![vec![text("1"), text("y")]],
+            keys: HashSet::new(),
+        };
         let (sql, _) = group_statement(&r, &g);
         assert_eq!(
             sql,
             r#"UPDATE "public"."t" AS t SET "v" = u.c1::text FROM unnest($1::text[], $2::text[]) AS u(c0, c1) WHERE t."id" = u.c0::integer"#
         );
-        let g = Group { relation: 1, kind: GroupKind::Delete, rows: vec![vec![text("1")]], keys: HashSet::new() };
+        let g = Group {
+            relation: 1,
+            kind: GroupKind::Delete,
+            rows: vec![vec![text("1")]],
+            keys: HashSet::new(),
+        };
         let (sql, _) = group_statement(&r, &g);
-        assert_eq!(sql, r#"DELETE FROM "public"."t" AS t USING unnest($1::text[]) AS u(c0) WHERE t."id" = u.c0::integer"#);
+        assert_eq!(
+            sql,
+            r#"DELETE FROM "public"."t" AS t USING unnest($1::text[]) AS u(c0) WHERE t."id" = u.c0::integer"#
+        );
     }
 
     #[test]

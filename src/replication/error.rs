@@ -51,7 +51,12 @@ pub struct ReplicationError {
 impl ReplicationError {
     /// A transient error (reconnect and resume).
     pub fn transient(message: impl Into<String>) -> Self {
-        ReplicationError { kind: ErrorKind::Transient, message: message.into(), hint: None, code: None }
+        ReplicationError {
+            kind: ErrorKind::Transient,
+            message: message.into(),
+            hint: None,
+            code: None,
+        }
     }
 
     /// An error that needs an operator.
@@ -66,7 +71,12 @@ impl ReplicationError {
 
     /// A fatal error.
     pub fn fatal(message: impl Into<String>) -> Self {
-        ReplicationError { kind: ErrorKind::Fatal, message: message.into(), hint: None, code: None }
+        ReplicationError {
+            kind: ErrorKind::Fatal,
+            message: message.into(),
+            hint: None,
+            code: None,
+        }
     }
 
     /// Adds (or replaces) the hint.
@@ -114,7 +124,12 @@ impl ReplicationError {
     pub(crate) fn from_remote(code: SqlState, message: String, hint: Option<String>) -> Self {
         let kind = classify_remote(&code);
         let hint = hint.or_else(|| default_hint(&code, &message));
-        ReplicationError { kind, message, hint, code: Some(code) }
+        ReplicationError {
+            kind,
+            message,
+            hint,
+            code: Some(code),
+        }
     }
 }
 
@@ -170,9 +185,9 @@ fn default_hint(code: &SqlState, message: &str) -> Option<String> {
     }
     match code.code() {
         c if c.starts_with("28") => Some("check the user and password in the source URL and pg_hba.conf".into()),
-        "42501" => Some(
-            "the user needs the REPLICATION attribute (or superuser) and SELECT on the published tables".into(),
-        ),
+        "42501" => {
+            Some("the user needs the REPLICATION attribute (or superuser) and SELECT on the published tables".into())
+        }
         "53400" => Some("raise max_replication_slots / max_wal_senders on the remote".into()),
         _ => None,
     }
@@ -218,8 +233,10 @@ impl From<crate::Error> for ReplicationError {
                 hint: db.hint.clone(),
                 code: Some(db.code.clone()),
             },
-            crate::Error::Stopped(_) | crate::Error::Crashed { .. } => ReplicationError::fatal(format!("local instance: {e}"))
-                .with_hint("the local instance is gone; start it again and restart replication (it resumes)"),
+            crate::Error::Stopped(_) | crate::Error::Crashed { .. } => {
+                ReplicationError::fatal(format!("local instance: {e}"))
+                    .with_hint("the local instance is gone; start it again and restart replication (it resumes)")
+            }
             _ => ReplicationError::fatal(format!("local instance: {e}")),
         }
     }

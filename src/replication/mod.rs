@@ -222,7 +222,14 @@ impl Replication {
             shutdown: shutdown_rx,
         };
         let task = tokio::spawn(supervisor.run());
-        Ok(ReplicationHandle { status, changes, shutdown, task: Mutex::new(Some(task)), instance, config })
+        Ok(ReplicationHandle {
+            status,
+            changes,
+            shutdown,
+            task: Mutex::new(Some(task)),
+            instance,
+            config,
+        })
     }
 
     /// Removes everything a replication left behind: the slot, the
@@ -241,7 +248,12 @@ impl Replication {
             _ => matches!(config.publication, PublicationSpec::Owned { .. }),
         };
         if owned {
-            client.batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(config.publication.name()))).await?;
+            client
+                .batch_execute(&format!(
+                    "DROP PUBLICATION IF EXISTS {}",
+                    quote_ident(config.publication.name())
+                ))
+                .await?;
         }
         store::drop_all(instance).await
     }
@@ -278,7 +290,9 @@ impl ReplicationHandle {
                     return Ok(());
                 }
                 match &s.phase {
-                    Phase::Halted { error } => return Err(ReplicationError::fatal(format!("replication halted: {error}"))),
+                    Phase::Halted { error } => {
+                        return Err(ReplicationError::fatal(format!("replication halted: {error}")));
+                    }
                     Phase::Stopped => return Err(ReplicationError::fatal("replication stopped")),
                     _ => {}
                 }
@@ -301,7 +315,9 @@ impl ReplicationHandle {
         let _ = self.shutdown.send(true);
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
         match task {
-            Some(task) => task.await.map_err(|e| ReplicationError::fatal(format!("replication task failed: {e}")))?,
+            Some(task) => task
+                .await
+                .map_err(|e| ReplicationError::fatal(format!("replication task failed: {e}")))?,
             None => Ok(()),
         }
     }
@@ -362,7 +378,12 @@ impl Supervisor {
                     RetryPolicy::RetryAfter(delay) => {
                         tracing::warn!(error = %e, ?delay, attempt, "replication interrupted; reconnecting");
                         attempt += 1;
-                        self.status.send_modify(|s| s.phase = Phase::Reconnecting { error: e.to_string(), attempt });
+                        self.status.send_modify(|s| {
+                            s.phase = Phase::Reconnecting {
+                                error: e.to_string(),
+                                attempt,
+                            }
+                        });
                         tokio::select! {
                             biased;
                             _ = self.shutdown.changed() => break Ok(()),
@@ -371,7 +392,8 @@ impl Supervisor {
                     }
                     RetryPolicy::ManualIntervention | RetryPolicy::NoRetry => {
                         tracing::error!(error = %e, "replication halted");
-                        self.status.send_modify(|s| s.phase = Phase::Halted { error: e.to_string() });
+                        self.status
+                            .send_modify(|s| s.phase = Phase::Halted { error: e.to_string() });
                         return Err(e);
                     }
                 },
@@ -404,7 +426,10 @@ impl Supervisor {
                 }
                 if state.slot_name != self.config.slot_name || state.publication != self.config.publication.name() {
                     return Err(ReplicationError::needs_operator(
-                        format!("this instance replicates with slot {} and publication {}", state.slot_name, state.publication),
+                        format!(
+                            "this instance replicates with slot {} and publication {}",
+                            state.slot_name, state.publication
+                        ),
                         "use the same slot and publication, or decommission this replication first",
                     ));
                 }
@@ -416,7 +441,13 @@ impl Supervisor {
         let tables = self.stored_tables().await?;
         conn.start_replication(&self.config.slot_name, start, self.config.publication.name())
             .await
-            .map_err(|e| if e.is_slot_lost() { e.with_hint(slot_lost_hint()) } else { e })?;
+            .map_err(|e| {
+                if e.is_slot_lost() {
+                    e.with_hint(slot_lost_hint())
+                } else {
+                    e
+                }
+            })?;
         self.status.send_modify(|s| {
             s.phase = Phase::Streaming;
             s.applied_lsn = start;
@@ -438,7 +469,11 @@ impl Supervisor {
     /// The apply loop. Arms in priority order: shutdown (finish the current
     /// transaction, then stop), the status timer (feedback is never starved
     /// by a busy stream), then the stream itself.
-    async fn stream(&mut self, mut conn: SourceConnection, applier: &mut apply::Applier) -> Result<Ended, ReplicationError> {
+    async fn stream(
+        &mut self,
+        mut conn: SourceConnection,
+        applier: &mut apply::Applier,
+    ) -> Result<Ended, ReplicationError> {
         let mut timer = tokio::time::interval(self.config.status_interval);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping = *self.shutdown.borrow();
@@ -480,7 +515,11 @@ impl Supervisor {
 
     /// First start (or a start after an interrupted copy): create the slot,
     /// copy every table under its snapshot. Returns the consistent point.
-    async fn initial_sync(&mut self, conn: &mut SourceConnection, system: &source::SystemId) -> Result<Lsn, ReplicationError> {
+    async fn initial_sync(
+        &mut self,
+        conn: &mut SourceConnection,
+        system: &source::SystemId,
+    ) -> Result<Lsn, ReplicationError> {
         self.status.send_modify(|s| s.phase = Phase::Copying);
         let client = remote_client(&self.config.source).await?;
         let owns_publication = self.ensure_publication(&client).await?;
@@ -492,7 +531,10 @@ impl Supervisor {
             )
             .await?;
         let slot = conn.create_slot(&self.config.slot_name).await?;
-        let snapshot = slot.snapshot.clone().ok_or_else(|| ReplicationError::fatal("the slot exported no snapshot"))?;
+        let snapshot = slot
+            .snapshot
+            .clone()
+            .ok_or_else(|| ReplicationError::fatal("the slot exported no snapshot"))?;
         tracing::info!(slot = %slot.name, consistent_point = %slot.consistent_point, "slot created");
         client
             .batch_execute(&format!(
@@ -535,15 +577,28 @@ impl Supervisor {
         for (i, table) in tables.iter().enumerate() {
             self.status.send_modify(|s| s.tables[i].state = TableState::Copying);
             let status = self.status.clone();
-            let rows = table_sync::copy_table(&client, &self.instance, table, self.config.copy_batch_bytes, |rows, bytes| {
-                status.send_modify(|s| {
-                    s.tables[i].rows_copied = rows;
-                    s.tables[i].bytes_copied = bytes;
-                })
-            })
+            let rows = table_sync::copy_table(
+                &client,
+                &self.instance,
+                table,
+                self.config.copy_batch_bytes,
+                |rows, bytes| {
+                    status.send_modify(|s| {
+                        s.tables[i].rows_copied = rows;
+                        s.tables[i].bytes_copied = bytes;
+                    })
+                },
+            )
             .await?;
             tracing::info!(table = %table.qualified(), rows, "table copied");
-            states.push(store::table_state_statement(&table.schema, &table.name, table.remote_oid, "ready", rows, slot.consistent_point));
+            states.push(store::table_state_statement(
+                &table.schema,
+                &table.name,
+                table.remote_oid,
+                "ready",
+                rows,
+                slot.consistent_point,
+            ));
         }
         client.batch_execute("COMMIT").await?;
         // Keys and indexes after the load (faster), then the read-only guard.
@@ -572,8 +627,13 @@ impl Supervisor {
 
     /// Creates the owned publication if missing. Returns whether it is owned.
     async fn ensure_publication(&self, client: &tokio_postgres::Client) -> Result<bool, ReplicationError> {
-        let PublicationSpec::Owned { name, tables } = &self.config.publication else { return Ok(false) };
-        let exists = !client.query("SELECT 1 FROM pg_publication WHERE pubname = $1", &[name]).await?.is_empty();
+        let PublicationSpec::Owned { name, tables } = &self.config.publication else {
+            return Ok(false);
+        };
+        let exists = !client
+            .query("SELECT 1 FROM pg_publication WHERE pubname = $1", &[name])
+            .await?
+            .is_empty();
         if !exists {
             let list: Vec<String> = tables
                 .iter()
@@ -582,7 +642,13 @@ impl Supervisor {
                     None => quote_ident(t),
                 })
                 .collect();
-            client.batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(name), list.join(", "))).await?;
+            client
+                .batch_execute(&format!(
+                    "CREATE PUBLICATION {} FOR TABLE {}",
+                    quote_ident(name),
+                    list.join(", ")
+                ))
+                .await?;
         }
         Ok(true)
     }
@@ -590,15 +656,25 @@ impl Supervisor {
     async fn stored_tables(&self) -> Result<HashMap<u32, (String, String)>, ReplicationError> {
         let result = self
             .instance
-            .query("SELECT remote_oid::int8, schema_name, table_name FROM pglite_cache.tables", &[])
+            .query(
+                "SELECT remote_oid::int8, schema_name, table_name FROM pglite_cache.tables",
+                &[],
+            )
             .await?;
-        Ok(result.rows.iter().map(|r| (r.get::<i64>(0) as u32, (r.get::<String>(1), r.get::<String>(2)))).collect())
+        Ok(result
+            .rows
+            .iter()
+            .map(|r| (r.get::<i64>(0) as u32, (r.get::<String>(1), r.get::<String>(2))))
+            .collect())
     }
 
     async fn load_table_status(&self) -> Result<(), ReplicationError> {
         let result = self
             .instance
-            .query("SELECT schema_name, table_name, rows_copied FROM pglite_cache.tables ORDER BY 1, 2", &[])
+            .query(
+                "SELECT schema_name, table_name, rows_copied FROM pglite_cache.tables ORDER BY 1, 2",
+                &[],
+            )
             .await?;
         let tables: Vec<TableStatus> = result
             .rows
@@ -629,6 +705,7 @@ impl ReplicationError {
     /// The slot was dropped or invalidated on the remote.
     pub fn is_slot_lost(&self) -> bool {
         let m = self.message();
-        (m.contains("replication slot") && m.contains("does not exist")) || m.contains("can no longer get changes from replication slot")
+        (m.contains("replication slot") && m.contains("does not exist"))
+            || m.contains("can no longer get changes from replication slot")
     }
 }

@@ -57,7 +57,11 @@ impl TableSchema {
 
     /// `"a", "b"`.
     pub fn column_list(&self) -> String {
-        self.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ")
+        self.columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// `CREATE TABLE` without constraints or indexes.
@@ -65,7 +69,14 @@ impl TableSchema {
         let cols: Vec<String> = self
             .columns
             .iter()
-            .map(|c| format!("{} {}{}", quote_ident(&c.name), c.type_name, if c.not_null { " NOT NULL" } else { "" }))
+            .map(|c| {
+                format!(
+                    "{} {}{}",
+                    quote_ident(&c.name),
+                    c.type_name,
+                    if c.not_null { " NOT NULL" } else { "" }
+                )
+            })
             .collect();
         format!("CREATE TABLE {} ({})", self.qualified(), cols.join(", "))
     }
@@ -73,8 +84,16 @@ impl TableSchema {
     /// The statement that reads the table's published rows on the remote.
     pub fn copy_out_sql(&self) -> String {
         let only = if self.relkind == b'p' as i8 { "" } else { "ONLY " };
-        let filter = self.row_filter.as_ref().map(|f| format!(" WHERE {f}")).unwrap_or_default();
-        format!("COPY (SELECT {} FROM {only}{}{filter}) TO STDOUT", self.column_list(), self.qualified())
+        let filter = self
+            .row_filter
+            .as_ref()
+            .map(|f| format!(" WHERE {f}"))
+            .unwrap_or_default();
+        format!(
+            "COPY (SELECT {} FROM {only}{}{filter}) TO STDOUT",
+            self.column_list(),
+            self.qualified()
+        )
     }
 
     /// The statement that bulk-loads a batch locally.
@@ -106,7 +125,9 @@ pub async fn describe_publication(
     client: &impl GenericClient,
     publication: &str,
 ) -> Result<(Vec<TypeSchema>, Vec<TableSchema>), ReplicationError> {
-    let exists = client.query("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication]).await?;
+    let exists = client
+        .query("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .await?;
     if exists.is_empty() {
         return Err(ReplicationError::needs_operator(
             format!("publication {publication:?} does not exist on the remote"),
@@ -157,7 +178,11 @@ async fn describe_table(
     let published = |n: &str| attnames.as_ref().is_none_or(|names| names.iter().any(|a| a == n));
     let columns: Vec<ColumnSchema> = cols
         .iter()
-        .map(|r| ColumnSchema { name: r.get(0), type_name: r.get(1), not_null: r.get(2) })
+        .map(|r| ColumnSchema {
+            name: r.get(0),
+            type_name: r.get(1),
+            not_null: r.get(2),
+        })
         .filter(|c| published(&c.name))
         .collect();
     let constraints = client
@@ -189,7 +214,16 @@ async fn describe_table(
         .filter(|r| !r.get::<_, bool>(2) || r.get::<_, Vec<String>>(1).iter().all(|c| published(c)))
         .map(|r| r.get::<_, String>(0))
         .collect();
-    Ok(TableSchema { remote_oid: oid, schema, name, relkind, columns, row_filter, constraints, indexes })
+    Ok(TableSchema {
+        remote_oid: oid,
+        schema,
+        name,
+        relkind,
+        columns,
+        row_filter,
+        constraints,
+        indexes,
+    })
 }
 
 async fn column_type_oids(client: &impl GenericClient, oid: u32) -> Result<Vec<u32>, ReplicationError> {
@@ -247,8 +281,11 @@ async fn collect_type(
             let base_name: String = row.get(5);
             let not_null: bool = row.get(6);
             let checks: Vec<String> = row.get(10);
-            format!("CREATE DOMAIN {full} AS {base_name}{}{}", if not_null { " NOT NULL" } else { "" },
-                checks.iter().map(|c| format!(" {c}")).collect::<String>())
+            format!(
+                "CREATE DOMAIN {full} AS {base_name}{}{}",
+                if not_null { " NOT NULL" } else { "" },
+                checks.iter().map(|c| format!(" {c}")).collect::<String>()
+            )
         }
         b'c' => {
             let relid: u32 = row.get(7);
@@ -269,7 +306,11 @@ async fn collect_type(
         // Base types from extensions, ranges, multiranges: not created here.
         _ => return Ok(()),
     };
-    out.push(TypeSchema { schema, name, create_sql });
+    out.push(TypeSchema {
+        schema,
+        name,
+        create_sql,
+    });
     Ok(())
 }
 
@@ -277,7 +318,11 @@ async fn collect_type(
 /// constraints or indexes yet), dropping old copies of the tables first.
 pub fn create_script(types: &[TypeSchema], tables: &[TableSchema]) -> String {
     let mut sql = String::new();
-    let mut schemas: Vec<&str> = types.iter().map(|t| t.schema.as_str()).chain(tables.iter().map(|t| t.schema.as_str())).collect();
+    let mut schemas: Vec<&str> = types
+        .iter()
+        .map(|t| t.schema.as_str())
+        .chain(tables.iter().map(|t| t.schema.as_str()))
+        .collect();
     schemas.sort_unstable();
     schemas.dedup();
     for s in schemas {
@@ -307,7 +352,13 @@ pub fn constraint_statements(table: &TableSchema) -> Vec<String> {
     table
         .constraints
         .iter()
-        .map(|(name, def)| format!("ALTER TABLE {} ADD CONSTRAINT {} {def}", table.qualified(), quote_ident(name)))
+        .map(|(name, def)| {
+            format!(
+                "ALTER TABLE {} ADD CONSTRAINT {} {def}",
+                table.qualified(),
+                quote_ident(name)
+            )
+        })
         .collect()
 }
 
@@ -334,15 +385,32 @@ mod tests {
             name: "Odd \"name\"".into(),
             relkind: b'r' as i8,
             columns: vec![
-                ColumnSchema { name: "id".into(), type_name: "integer".into(), not_null: true },
-                ColumnSchema { name: "v".into(), type_name: "numeric(10,2)".into(), not_null: false },
+                ColumnSchema {
+                    name: "id".into(),
+                    type_name: "integer".into(),
+                    not_null: true,
+                },
+                ColumnSchema {
+                    name: "v".into(),
+                    type_name: "numeric(10,2)".into(),
+                    not_null: false,
+                },
             ],
             row_filter: Some("(id > 10)".into()),
             constraints: vec![("t_pkey".into(), "PRIMARY KEY (id)".into())],
             indexes: vec![],
         };
-        assert_eq!(t.create_table_sql(), r#"CREATE TABLE "public"."Odd ""name""" ("id" integer NOT NULL, "v" numeric(10,2))"#);
-        assert_eq!(t.copy_out_sql(), r#"COPY (SELECT "id", "v" FROM ONLY "public"."Odd ""name""" WHERE (id > 10)) TO STDOUT"#);
-        assert_eq!(constraint_statements(&t)[0], r#"ALTER TABLE "public"."Odd ""name""" ADD CONSTRAINT "t_pkey" PRIMARY KEY (id)"#);
+        assert_eq!(
+            t.create_table_sql(),
+            r#"CREATE TABLE "public"."Odd ""name""" ("id" integer NOT NULL, "v" numeric(10,2))"#
+        );
+        assert_eq!(
+            t.copy_out_sql(),
+            r#"COPY (SELECT "id", "v" FROM ONLY "public"."Odd ""name""" WHERE (id > 10)) TO STDOUT"#
+        );
+        assert_eq!(
+            constraint_statements(&t)[0],
+            r#"ALTER TABLE "public"."Odd ""name""" ADD CONSTRAINT "t_pkey" PRIMARY KEY (id)"#
+        );
     }
 }

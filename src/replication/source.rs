@@ -44,7 +44,10 @@ const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 /// Now, in PostgreSQL's microseconds since 2000-01-01.
 pub fn pg_now_micros() -> i64 {
-    let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
     unix - PG_EPOCH_OFFSET_MICROS
 }
 
@@ -122,7 +125,12 @@ impl StreamMessage {
                 let wal_start = Lsn(buf.get_u64());
                 let wal_end = Lsn(buf.get_u64());
                 let send_time = buf.get_i64();
-                Ok(StreamMessage::XLogData { wal_start, wal_end, send_time, data: buf })
+                Ok(StreamMessage::XLogData {
+                    wal_start,
+                    wal_end,
+                    send_time,
+                    data: buf,
+                })
             }
             b'k' => {
                 if buf.len() < 17 {
@@ -131,7 +139,11 @@ impl StreamMessage {
                 let wal_end = Lsn(buf.get_u64());
                 let send_time = buf.get_i64();
                 let reply_requested = buf.get_u8() != 0;
-                Ok(StreamMessage::Keepalive { wal_end, send_time, reply_requested })
+                Ok(StreamMessage::Keepalive {
+                    wal_end,
+                    send_time,
+                    reply_requested,
+                })
             }
             other => Err(bad(&format!("unknown tag {:?}", other as char))),
         }
@@ -162,7 +174,9 @@ pub struct SourceConnection {
 
 impl std::fmt::Debug for SourceConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SourceConnection").field("streaming", &self.streaming).finish()
+        f.debug_struct("SourceConnection")
+            .field("streaming", &self.streaming)
+            .finish()
     }
 }
 
@@ -175,19 +189,30 @@ impl SourceConnection {
             let socket = match connected {
                 Ok(Ok(socket)) => socket,
                 Ok(Err(e)) => {
-                    last_err = Some(ReplicationError::transient(format!("cannot connect to {address:?}: {e}")));
+                    last_err = Some(ReplicationError::transient(format!(
+                        "cannot connect to {address:?}: {e}"
+                    )));
                     continue;
                 }
                 Err(_) => {
-                    last_err = Some(ReplicationError::transient(format!("timed out connecting to {address:?}")));
+                    last_err = Some(ReplicationError::transient(format!(
+                        "timed out connecting to {address:?}"
+                    )));
                     continue;
                 }
             };
-            let mut conn = SourceConnection { socket, read: BytesMut::with_capacity(64 << 10), write: BytesMut::new(), streaming: false };
+            let mut conn = SourceConnection {
+                socket,
+                read: BytesMut::with_capacity(64 << 10),
+                write: BytesMut::new(),
+                streaming: false,
+            };
             conn.startup(config, application_name).await?;
             return Ok(conn);
         }
-        Err(last_err.unwrap_or_else(|| ReplicationError::needs_operator("no address to connect to", "set host in the source URL")))
+        Err(last_err.unwrap_or_else(|| {
+            ReplicationError::needs_operator("no address to connect to", "set host in the source URL")
+        }))
     }
 
     async fn startup(&mut self, config: &SourceConfig, application_name: &str) -> Result<(), ReplicationError> {
@@ -244,13 +269,17 @@ impl SourceConnection {
                         scram = Some(s);
                     }
                     Message::AuthenticationSaslContinue(body) => {
-                        let s = scram.as_mut().ok_or_else(|| ReplicationError::fatal("SASL continue without SASL start"))?;
+                        let s = scram
+                            .as_mut()
+                            .ok_or_else(|| ReplicationError::fatal("SASL continue without SASL start"))?;
                         s.update(body.data()).map_err(|e| auth_failed(&e.to_string()))?;
                         frontend::sasl_response(s.message(), &mut self.write)?;
                         self.flush().await?;
                     }
                     Message::AuthenticationSaslFinal(body) => {
-                        let s = scram.as_mut().ok_or_else(|| ReplicationError::fatal("SASL final without SASL start"))?;
+                        let s = scram
+                            .as_mut()
+                            .ok_or_else(|| ReplicationError::fatal("SASL final without SASL start"))?;
                         s.finish(body.data()).map_err(|e| auth_failed(&e.to_string()))?;
                     }
                     _ => {
@@ -302,21 +331,30 @@ impl SourceConnection {
     /// `IDENTIFY_SYSTEM`.
     pub async fn identify_system(&mut self) -> Result<SystemId, ReplicationError> {
         let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
-        let row = rows.first().ok_or_else(|| ReplicationError::fatal("IDENTIFY_SYSTEM returned no row"))?;
+        let row = rows
+            .first()
+            .ok_or_else(|| ReplicationError::fatal("IDENTIFY_SYSTEM returned no row"))?;
         let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
         Ok(SystemId {
             system_id: col(0),
             timeline: col(1).parse().unwrap_or(0),
-            xlogpos: col(2).parse().map_err(|e| ReplicationError::fatal(format!("IDENTIFY_SYSTEM: {e}")))?,
+            xlogpos: col(2)
+                .parse()
+                .map_err(|e| ReplicationError::fatal(format!("IDENTIFY_SYSTEM: {e}")))?,
         })
     }
 
     /// Creates a permanent logical pgoutput slot and exports its snapshot.
     pub async fn create_slot(&mut self, slot: &str) -> Result<CreatedSlot, ReplicationError> {
         let rows = self
-            .simple_query(&format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')", quote_ident(slot)))
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
+                quote_ident(slot)
+            ))
             .await?;
-        let row = rows.first().ok_or_else(|| ReplicationError::fatal("CREATE_REPLICATION_SLOT returned no row"))?;
+        let row = rows
+            .first()
+            .ok_or_else(|| ReplicationError::fatal("CREATE_REPLICATION_SLOT returned no row"))?;
         let col = |i: usize| row.get(i).cloned().flatten();
         Ok(CreatedSlot {
             name: col(0).unwrap_or_default(),
@@ -330,7 +368,12 @@ impl SourceConnection {
 
     /// Starts streaming pgoutput from the slot at `start` (the server starts
     /// at the slot's confirmed position if that is later).
-    pub async fn start_replication(&mut self, slot: &str, start: Lsn, publication: &str) -> Result<(), ReplicationError> {
+    pub async fn start_replication(
+        &mut self,
+        slot: &str,
+        start: Lsn,
+        publication: &str,
+    ) -> Result<(), ReplicationError> {
         let sql = format!(
             "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {})",
             quote_ident(slot),
@@ -417,7 +460,9 @@ impl SourceConnection {
             }
             let n = self.socket.read_buf(&mut self.read).await?;
             if n == 0 {
-                return Err(ReplicationError::transient("the remote closed the replication connection"));
+                return Err(ReplicationError::transient(
+                    "the remote closed the replication connection",
+                ));
             }
         }
     }
@@ -463,7 +508,11 @@ fn remote_error(frame: Bytes) -> Result<ReplicationError, ReplicationError> {
     match parse(frame)? {
         Message::ErrorResponse(body) => {
             let db = crate::DbError::from_fields(body.fields())?;
-            Ok(ReplicationError::from_remote(db.code, format!("remote: {}", db.message), db.hint))
+            Ok(ReplicationError::from_remote(
+                db.code,
+                format!("remote: {}", db.message),
+                db.hint,
+            ))
         }
         _ => Err(ReplicationError::fatal("expected an ErrorResponse")),
     }
@@ -503,7 +552,12 @@ mod tests {
         w.extend(7i64.to_be_bytes());
         w.extend(b"B...");
         match StreamMessage::decode(Bytes::from(w)).unwrap() {
-            StreamMessage::XLogData { wal_start, wal_end, send_time, data } => {
+            StreamMessage::XLogData {
+                wal_start,
+                wal_end,
+                send_time,
+                data,
+            } => {
                 assert_eq!(wal_start.to_string(), "1/10");
                 assert_eq!(wal_end.to_string(), "1/20");
                 assert_eq!(send_time, 7);
@@ -517,7 +571,11 @@ mod tests {
         k.push(1);
         assert_eq!(
             StreamMessage::decode(Bytes::from(k)).unwrap(),
-            StreamMessage::Keepalive { wal_end: Lsn(0x20), send_time: 9, reply_requested: true }
+            StreamMessage::Keepalive {
+                wal_end: Lsn(0x20),
+                send_time: 9,
+                reply_requested: true
+            }
         );
         assert!(StreamMessage::decode(Bytes::from_static(b"k\0")).is_err());
     }

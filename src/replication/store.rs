@@ -83,7 +83,9 @@ pub async fn load(instance: &Instance) -> Result<Option<StoredState>, Replicatio
             &[],
         )
         .await?;
-    let Some(row) = result.rows.first() else { return Ok(None) };
+    let Some(row) = result.rows.first() else {
+        return Ok(None);
+    };
     Ok(Some(StoredState {
         system_identifier: row.get(0),
         database: row.get(1),
@@ -122,7 +124,14 @@ pub async fn begin_copy(instance: &Instance, state: &StoredState, consistent: Ls
 }
 
 /// Records a table's state.
-pub fn table_state_statement(schema: &str, table: &str, remote_oid: u32, state: &str, rows: u64, synced: Lsn) -> (String, Vec<Param>) {
+pub fn table_state_statement(
+    schema: &str,
+    table: &str,
+    remote_oid: u32,
+    state: &str,
+    rows: u64,
+    synced: Lsn,
+) -> (String, Vec<Param>) {
     (
         "INSERT INTO pglite_cache.tables (schema_name, table_name, remote_oid, state, rows_copied, synced_lsn) \
          VALUES ($1, $2, $3, $4, $5, $6::pg_lsn) ON CONFLICT (schema_name, table_name) DO UPDATE \
@@ -141,7 +150,10 @@ pub fn table_state_statement(schema: &str, table: &str, remote_oid: u32, state: 
 
 /// Marks the initial copy complete.
 pub fn streaming_statement() -> (String, Vec<Param>) {
-    ("UPDATE pglite_cache.replication SET phase = 'streaming', updated_at = now()".into(), vec![])
+    (
+        "UPDATE pglite_cache.replication SET phase = 'streaming', updated_at = now()".into(),
+        vec![],
+    )
 }
 
 /// Advances the applied position; part of every applied transaction.
@@ -162,7 +174,11 @@ pub fn applied_statement(lsn: Lsn, commit_time: Option<i64>) -> (String, Vec<Par
 }
 
 /// Runs statements atomically, either inside `tx` or as one batch.
-pub async fn run(instance: &Instance, tx: Option<&Transaction>, statements: &[(String, Vec<Param>)]) -> Result<(), ReplicationError> {
+pub async fn run(
+    instance: &Instance,
+    tx: Option<&Transaction>,
+    statements: &[(String, Vec<Param>)],
+) -> Result<(), ReplicationError> {
     match tx {
         Some(tx) => tx.batch(statements).await?,
         None => instance.transaction(statements).await?,

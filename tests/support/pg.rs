@@ -48,19 +48,33 @@ fn bindir() -> PathBuf {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
 
 fn ensure_user() {
     static USER: Once = Once::new();
     USER.call_once(|| {
-        let exists = Command::new("id").arg(RUN_AS).output().map(|o| o.status.success()).unwrap_or(false);
+        let exists = Command::new("id")
+            .arg(RUN_AS)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
         if !exists {
-            let out = Command::new("useradd").args(["--system", "--no-create-home", "--shell", "/bin/false", RUN_AS]).output();
+            let out = Command::new("useradd")
+                .args(["--system", "--no-create-home", "--shell", "/bin/false", RUN_AS])
+                .output();
             match out {
                 Ok(o) if o.status.success() => {}
                 // Another test process may have created it in the meantime.
-                _ if Command::new("id").arg(RUN_AS).output().map(|o| o.status.success()).unwrap_or(false) => {}
+                _ if Command::new("id")
+                    .arg(RUN_AS)
+                    .output()
+                    .map(|o| o.status.success())
+                    .unwrap_or(false) => {}
                 other => panic!("cannot create user {RUN_AS} to run PostgreSQL (it refuses to run as root): {other:?}"),
             }
         }
@@ -68,7 +82,11 @@ fn ensure_user() {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn check(what: &str, out: std::io::Result<Output>) -> Output {
@@ -100,16 +118,36 @@ impl PgCluster {
             None
         };
         let dir = tempfile::Builder::new().prefix("pglite-cache-pg-").tempdir().unwrap();
-        let cluster = PgCluster { dir, bindir, port: free_port(), run_as };
+        let cluster = PgCluster {
+            dir,
+            bindir,
+            port: free_port(),
+            run_as,
+        };
         std::fs::create_dir_all(cluster.socket_dir()).unwrap();
         if let Some(user) = run_as {
-            check("chown", Command::new("chown").args(["-R", user]).arg(cluster.dir.path()).output());
+            check(
+                "chown",
+                Command::new("chown")
+                    .args(["-R", user])
+                    .arg(cluster.dir.path())
+                    .output(),
+            );
         }
         check(
             "initdb",
             cluster
                 .command("initdb")
-                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync", "-D"])
+                .args([
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-locale",
+                    "--no-sync",
+                    "-D",
+                ])
                 .arg(cluster.data_dir())
                 .output(),
         );
@@ -174,12 +212,19 @@ impl PgCluster {
 
     /// A key=value connection string over TCP.
     pub fn conninfo(&self, db: &str) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={db} sslmode=disable", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db} sslmode=disable",
+            self.port
+        )
     }
 
     /// A `postgres://` URL over the Unix socket.
     pub fn unix_url(&self, db: &str) -> String {
-        format!("postgres://postgres@{}:{}/{db}", percent(self.socket_dir().to_str().unwrap()), self.port)
+        format!(
+            "postgres://postgres@{}:{}/{db}",
+            percent(self.socket_dir().to_str().unwrap()),
+            self.port
+        )
     }
 
     /// Connects with tokio-postgres.

@@ -573,50 +573,53 @@ impl Supervisor {
                 })
                 .collect();
         });
-        let mut states = Vec::new();
+        // One local transaction per table: create, bulk load (FREEZE: no
+        // later hint-bit writes), keys and indexes after the load (faster
+        // than maintaining them row by row), the read-only guard, and the
+        // table's state. A crash leaves no half-copied table behind.
         for (i, table) in tables.iter().enumerate() {
             self.status.send_modify(|s| s.tables[i].state = TableState::Copying);
+            let local = self.instance.begin().await?;
+            local.exec(&format!("{};", table.create_table_sql())).await?;
             let status = self.status.clone();
-            let rows = table_sync::copy_table(
-                &client,
-                &self.instance,
-                table,
-                self.config.copy_batch_bytes,
-                |rows, bytes| {
-                    status.send_modify(|s| {
-                        s.tables[i].rows_copied = rows;
-                        s.tables[i].bytes_copied = bytes;
-                    })
-                },
-            )
+            let rows = table_sync::copy_table(&client, &local, table, self.config.copy_batch_bytes, |rows, bytes| {
+                status.send_modify(|s| {
+                    s.tables[i].rows_copied = rows;
+                    s.tables[i].bytes_copied = bytes;
+                })
+            })
             .await?;
-            tracing::info!(table = %table.qualified(), rows, "table copied");
-            states.push(store::table_state_statement(
+            let indexing = std::time::Instant::now();
+            for sql in schema::constraint_statements(table) {
+                local.exec(&sql).await?;
+            }
+            for sql in &table.indexes {
+                // An index the cache cannot build (e.g. an operator class
+                // from an extension) is skipped, not fatal.
+                let guarded = format!("SAVEPOINT pglite_cache_index; {sql}; RELEASE SAVEPOINT pglite_cache_index");
+                if let Err(e) = local.exec(&guarded).await {
+                    tracing::warn!(table = %table.qualified(), index = %sql, error = %e, "could not create index locally; skipped");
+                    local.exec("ROLLBACK TO SAVEPOINT pglite_cache_index").await?;
+                }
+            }
+            if self.config.read_only {
+                local.exec(&schema::read_only_trigger_sql(table)).await?;
+            }
+            let (sql, params) = store::table_state_statement(
                 &table.schema,
                 &table.name,
                 table.remote_oid,
                 "ready",
                 rows,
                 slot.consistent_point,
-            ));
+            );
+            local.query_params(&sql, params).await?;
+            local.commit().await?;
+            tracing::info!(table = %table.qualified(), rows, indexing = ?indexing.elapsed(), "table copied");
         }
         client.batch_execute("COMMIT").await?;
-        // Keys and indexes after the load (faster), then the read-only guard.
-        for table in &tables {
-            for sql in schema::constraint_statements(table) {
-                self.instance.exec(&sql).await?;
-            }
-            for sql in &table.indexes {
-                if let Err(e) = self.instance.exec(sql).await {
-                    tracing::warn!(table = %table.qualified(), index = %sql, error = %e, "could not create index locally; skipped");
-                }
-            }
-            if self.config.read_only {
-                self.instance.exec(&schema::read_only_trigger_sql(table)).await?;
-            }
-        }
-        states.push(store::streaming_statement());
-        self.instance.transaction(&states).await?;
+        let (sql, params) = store::streaming_statement();
+        self.instance.query_params(&sql, params).await?;
         self.status.send_modify(|s| {
             for t in &mut s.tables {
                 t.state = TableState::Ready;

@@ -47,6 +47,10 @@ pub struct ColumnSchema {
     pub type_name: String,
     /// NOT NULL.
     pub not_null: bool,
+    /// The binary COPY format of the type carries no type OIDs that differ
+    /// between the remote and the cache (built-in types, enums, domains over
+    /// them; not arrays of user types nor composites).
+    pub binary_safe: bool,
 }
 
 impl TableSchema {
@@ -81,24 +85,25 @@ impl TableSchema {
         format!("CREATE TABLE {} ({})", self.qualified(), cols.join(", "))
     }
 
+    /// Whether the initial copy can use the binary COPY format (about twice
+    /// as fast to load as text).
+    pub fn binary_copy(&self) -> bool {
+        self.columns.iter().all(|c| c.binary_safe)
+    }
+
     /// The statement that reads the table's published rows on the remote.
     pub fn copy_out_sql(&self) -> String {
         let only = if self.relkind == b'p' as i8 { "" } else { "ONLY " };
-        let filter = self
-            .row_filter
-            .as_ref()
-            .map(|f| format!(" WHERE {f}"))
-            .unwrap_or_default();
-        format!(
-            "COPY (SELECT {} FROM {only}{}{filter}) TO STDOUT",
-            self.column_list(),
-            self.qualified()
-        )
+        let filter = self.row_filter.as_ref().map(|f| format!(" WHERE {f}")).unwrap_or_default();
+        let format = if self.binary_copy() { " (FORMAT binary)" } else { "" };
+        format!("COPY (SELECT {} FROM {only}{}{filter}) TO STDOUT{format}", self.column_list(), self.qualified())
     }
 
-    /// The statement that bulk-loads a batch locally.
+    /// The statement that bulk-loads a batch locally (into a table created
+    /// in the same transaction, hence `FREEZE`).
     pub fn copy_in_sql(&self) -> String {
-        format!("COPY {} ({}) FROM '/dev/blob'", self.qualified(), self.column_list())
+        let format = if self.binary_copy() { ", FORMAT binary" } else { "" };
+        format!("COPY {} ({}) FROM '/dev/blob' WITH (FREEZE{format})", self.qualified(), self.column_list())
     }
 }
 
@@ -170,7 +175,11 @@ async fn describe_table(
 ) -> Result<TableSchema, ReplicationError> {
     let cols = client
         .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull FROM pg_attribute a \
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
+                    (SELECT b.oid < 16384 OR b.typtype = 'e' FROM pg_type t \
+                     JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END \
+                     WHERE t.oid = a.atttypid) \
+             FROM pg_attribute a \
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum",
             &[&oid],
         )
@@ -182,6 +191,7 @@ async fn describe_table(
             name: r.get(0),
             type_name: r.get(1),
             not_null: r.get(2),
+            binary_safe: r.get::<_, Option<bool>>(3).unwrap_or(false),
         })
         .filter(|c| published(&c.name))
         .collect();
@@ -314,8 +324,8 @@ async fn collect_type(
     Ok(())
 }
 
-/// The local DDL that creates the schemas, types and tables (no
-/// constraints or indexes yet), dropping old copies of the tables first.
+/// The local DDL that creates the schemas and types (tables are created one
+/// by one, each in the transaction that loads it).
 pub fn create_script(types: &[TypeSchema], tables: &[TableSchema]) -> String {
     let mut sql = String::new();
     let mut schemas: Vec<&str> = types
@@ -338,10 +348,6 @@ pub fn create_script(types: &[TypeSchema], tables: &[TableSchema]) -> String {
             quote_literal(&qualified(&t.schema, &t.name)),
             quote_literal(&t.create_sql)
         ));
-    }
-    for t in tables {
-        sql.push_str(&t.create_table_sql());
-        sql.push_str(";\n");
     }
     sql
 }
@@ -389,11 +395,13 @@ mod tests {
                     name: "id".into(),
                     type_name: "integer".into(),
                     not_null: true,
+                    binary_safe: true,
                 },
                 ColumnSchema {
                     name: "v".into(),
-                    type_name: "numeric(10,2)".into(),
+                    type_name: "mood[]".into(),
                     not_null: false,
+                    binary_safe: false,
                 },
             ],
             row_filter: Some("(id > 10)".into()),
@@ -402,7 +410,7 @@ mod tests {
         };
         assert_eq!(
             t.create_table_sql(),
-            r#"CREATE TABLE "public"."Odd ""name""" ("id" integer NOT NULL, "v" numeric(10,2))"#
+            r#"CREATE TABLE "public"."Odd ""name""" ("id" integer NOT NULL, "v" mood[])"#
         );
         assert_eq!(
             t.copy_out_sql(),
@@ -412,5 +420,12 @@ mod tests {
             constraint_statements(&t)[0],
             r#"ALTER TABLE "public"."Odd ""name""" ADD CONSTRAINT "t_pkey" PRIMARY KEY (id)"#
         );
+        // Arrays of user types carry type OIDs in binary: text format then.
+        assert!(!t.binary_copy());
+        assert!(t.copy_in_sql().ends_with("WITH (FREEZE)"));
+        let mut b = t.clone();
+        b.columns.truncate(1);
+        assert!(b.copy_out_sql().ends_with("TO STDOUT (FORMAT binary)"));
+        assert!(b.copy_in_sql().ends_with("WITH (FREEZE, FORMAT binary)"));
     }
 }

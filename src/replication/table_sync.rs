@@ -1,68 +1,281 @@
 //! The initial copy of one table: `COPY ... TO STDOUT` on the remote inside
 //! the slot's exported snapshot, bulk-loaded locally with
-//! `COPY ... FROM '/dev/blob'` in batches of a few MiB.
+//! `COPY ... FROM '/dev/blob'` in batches of a few MiB, inside the local
+//! transaction that created the table.
 //!
 //! Reading the remote and loading locally overlap: a reader fills batches
 //! while the instance loads the previous one; at most two batches are in
-//! flight, so memory stays bounded whatever the table size. Text format on
-//! both sides: the remote's output functions and the local input functions
-//! agree for every type, across major versions.
+//! flight, so memory stays bounded whatever the table size.
+//!
+//! The binary COPY format is used when every column's binary form is the
+//! same on both sides (built-in types, enums, domains over them): it loads
+//! about twice as fast as text. Otherwise text (arrays of user types and
+//! composites embed type OIDs that differ between the remote and the cache).
+//! Batches are cut at row boundaries; in binary each batch gets the file
+//! header and trailer of its own.
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::Instance;
+use crate::Transaction;
 
 use super::error::ReplicationError;
 use super::schema::TableSchema;
 
-/// Copies one table. `client` must be inside the snapshot transaction.
-/// `progress(rows, bytes)` is called after each loaded batch with totals.
+/// The binary COPY signature and the rest of a header without extension.
+const BINARY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+const BINARY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+const BINARY_TRAILER: [u8; 2] = [0xff, 0xff];
+
+/// Cuts a stream of COPY data into batches that end at row boundaries.
+#[derive(Debug)]
+pub struct Batcher {
+    binary: bool,
+    batch_bytes: usize,
+    /// The batch being filled (binary: starts with the header).
+    buf: Vec<u8>,
+    /// Binary: how far `buf` is parsed into whole rows.
+    parsed: usize,
+    /// Binary: the remote's header was consumed.
+    header_seen: bool,
+    /// Binary: the trailer was seen.
+    done: bool,
+    /// Whole rows in `buf[..parsed]` (text: in `buf`).
+    rows: u64,
+}
+
+impl Batcher {
+    /// A batcher for the text or binary format.
+    pub fn new(binary: bool, batch_bytes: usize) -> Batcher {
+        let mut b = Batcher {
+            binary,
+            batch_bytes,
+            buf: Vec::with_capacity(batch_bytes + (64 << 10)),
+            parsed: 0,
+            header_seen: false,
+            done: false,
+            rows: 0,
+        };
+        b.start_batch(&[]);
+        b
+    }
+
+    fn start_batch(&mut self, tail: &[u8]) {
+        self.buf.clear();
+        if self.binary {
+            self.buf.extend_from_slice(BINARY_HEADER);
+        }
+        self.parsed = self.buf.len();
+        self.buf.extend_from_slice(tail);
+        self.rows = 0;
+    }
+
+    /// Adds a chunk of COPY data; returns a full batch (and its row count)
+    /// when one is ready.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Option<(Vec<u8>, u64)>, ReplicationError> {
+        if !self.binary {
+            self.rows += chunk.iter().filter(|&&b| b == b'\n').count() as u64;
+            self.buf.extend_from_slice(chunk);
+            self.parsed = self.buf.len();
+        } else {
+            self.buf.extend_from_slice(chunk);
+            if !self.header_seen {
+                // The remote's header: signature, flags, extension length + extension.
+                let h = BINARY_HEADER.len();
+                if self.buf.len() < h * 2 {
+                    return Ok(None);
+                }
+                let remote = &self.buf[h..];
+                if &remote[..BINARY_SIGNATURE.len()] != BINARY_SIGNATURE {
+                    return Err(ReplicationError::fatal("binary COPY data without its signature"));
+                }
+                let ext = u32::from_be_bytes(remote[15..19].try_into().expect("4 bytes")) as usize;
+                if self.buf.len() < h * 2 + ext {
+                    return Ok(None);
+                }
+                self.buf.drain(h..h * 2 + ext);
+                self.header_seen = true;
+            }
+            self.parse_rows()?;
+        }
+        if self.parsed - self.header_len() >= self.batch_bytes {
+            return Ok(Some(self.take()));
+        }
+        Ok(None)
+    }
+
+    fn header_len(&self) -> usize {
+        if self.binary { BINARY_HEADER.len() } else { 0 }
+    }
+
+    /// Binary: advances `parsed` over every whole row in the buffer.
+    fn parse_rows(&mut self) -> Result<(), ReplicationError> {
+        let buf = &self.buf;
+        let mut at = self.parsed;
+        while !self.done && at + 2 <= buf.len() {
+            let fields = i16::from_be_bytes([buf[at], buf[at + 1]]);
+            if fields == -1 {
+                self.done = true;
+                self.buf.truncate(at); // the trailer is added per batch
+                break;
+            }
+            let mut end = at + 2;
+            let mut whole = true;
+            for _ in 0..fields {
+                if end + 4 > buf.len() {
+                    whole = false;
+                    break;
+                }
+                let len = i32::from_be_bytes(buf[end..end + 4].try_into().expect("4 bytes"));
+                end += 4 + len.max(0) as usize;
+                if end > buf.len() {
+                    whole = false;
+                    break;
+                }
+            }
+            if !whole {
+                break;
+            }
+            at = end;
+            self.rows += 1;
+        }
+        self.parsed = at;
+        Ok(())
+    }
+
+    /// The whole rows buffered so far as a batch; keeps a partial row.
+    fn take(&mut self) -> (Vec<u8>, u64) {
+        let tail = self.buf.split_off(self.parsed);
+        let mut batch = std::mem::replace(&mut self.buf, Vec::with_capacity(self.batch_bytes + (64 << 10)));
+        if self.binary {
+            batch.extend_from_slice(&BINARY_TRAILER);
+        }
+        let rows = self.rows;
+        self.start_batch(&tail);
+        (batch, rows)
+    }
+
+    /// The last batch, if it has rows. Fails on a truncated stream.
+    pub fn finish(mut self) -> Result<Option<(Vec<u8>, u64)>, ReplicationError> {
+        if self.parsed != self.buf.len() {
+            return Err(ReplicationError::fatal("COPY data ended in the middle of a row"));
+        }
+        if self.rows == 0 {
+            return Ok(None);
+        }
+        Ok(Some(self.take()))
+    }
+}
+
+/// Copies one table. `client` must be inside the snapshot transaction;
+/// `local` is the local transaction that created the table (so the load can
+/// use `COPY ... FREEZE`). `progress(rows, bytes)` is called after each
+/// loaded batch with totals.
 pub async fn copy_table(
     client: &tokio_postgres::Client,
-    instance: &Instance,
+    local: &Transaction,
     table: &TableSchema,
     batch_bytes: usize,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<u64, ReplicationError> {
     let stream = client.copy_out(&table.copy_out_sql()).await?;
     let (tx, mut rx) = mpsc::channel::<(Vec<u8>, u64)>(1);
+    let binary = table.binary_copy();
     let reader = async move {
         let mut stream = std::pin::pin!(stream);
-        let mut buf = Vec::with_capacity(batch_bytes + (64 << 10));
-        let mut rows = 0u64;
+        let mut batcher = Batcher::new(binary, batch_bytes);
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
-            rows += chunk.iter().filter(|&&b| b == b'\n').count() as u64;
-            buf.extend_from_slice(&chunk);
-            if buf.len() >= batch_bytes {
-                let full = std::mem::replace(&mut buf, Vec::with_capacity(batch_bytes + (64 << 10)));
-                if tx.send((full, std::mem::take(&mut rows))).await.is_err() {
-                    return Ok(()); // the loader failed; its error is reported
-                }
+            if let Some(batch) = batcher.push(&chunk?)?
+                && tx.send(batch).await.is_err()
+            {
+                return Ok(()); // the loader failed; its error is reported
             }
         }
-        if !buf.is_empty() {
-            let _ = tx.send((buf, rows)).await;
+        if let Some(batch) = batcher.finish()? {
+            let _ = tx.send(batch).await;
         }
         Ok::<_, ReplicationError>(())
     };
     let sql = table.copy_in_sql();
     let loader = async {
         let (mut total_rows, mut total_bytes) = (0u64, 0u64);
+        let mut busy = std::time::Duration::ZERO;
         while let Some((data, rows)) = rx.recv().await {
             let bytes = data.len() as u64;
-            let loaded = instance
+            let started = std::time::Instant::now();
+            let loaded = local
                 .copy_in(&sql, data)
                 .await
                 .map_err(|e| ReplicationError::from(e).context(format!("loading {}", table.qualified())))?;
-            debug_assert_eq!(loaded, rows);
+            busy += started.elapsed();
+            if loaded != rows {
+                return Err(ReplicationError::fatal(format!(
+                    "loading {}: {loaded} rows loaded from a batch of {rows}",
+                    table.qualified()
+                )));
+            }
             total_rows += rows;
             total_bytes += bytes;
             progress(total_rows, total_bytes);
         }
+        tracing::debug!(table = %table.qualified(), binary, rows = total_rows, bytes = total_bytes, ?busy, "loaded locally");
         Ok::<_, ReplicationError>(total_rows)
     };
     let ((), rows) = tokio::try_join!(reader, loader)?;
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binary_row(values: &[&[u8]]) -> Vec<u8> {
+        let mut out = (values.len() as i16).to_be_bytes().to_vec();
+        for v in values {
+            out.extend((v.len() as i32).to_be_bytes());
+            out.extend(*v);
+        }
+        out
+    }
+
+    #[test]
+    fn binary_batches_end_at_row_boundaries() {
+        let mut stream = BINARY_HEADER.to_vec();
+        for i in 0..10u32 {
+            stream.extend(binary_row(&[&i.to_be_bytes(), b"abc"]));
+        }
+        stream.extend(BINARY_TRAILER);
+        // Feed it in awkward pieces.
+        let mut b = Batcher::new(true, 40);
+        let mut batches = Vec::new();
+        for piece in stream.chunks(7) {
+            if let Some(batch) = b.push(piece).unwrap() {
+                batches.push(batch);
+            }
+        }
+        batches.extend(b.finish().unwrap());
+        assert_eq!(batches.iter().map(|(_, rows)| rows).sum::<u64>(), 10);
+        for (data, rows) in &batches {
+            assert!(data.starts_with(BINARY_HEADER));
+            assert!(data.ends_with(&BINARY_TRAILER));
+            let body = data.len() - BINARY_HEADER.len() - 2;
+            assert_eq!(body as u64, rows * binary_row(&[&[0; 4], b"abc"]).len() as u64);
+        }
+        assert!(batches.len() > 1);
+    }
+
+    #[test]
+    fn text_batches_and_truncation() {
+        let mut b = Batcher::new(false, 8);
+        assert!(b.push(b"1\ta\n").unwrap().is_none());
+        let (data, rows) = b.push(b"2\tb\n").unwrap().unwrap();
+        assert_eq!((data.as_slice(), rows), (&b"1\ta\n2\tb\n"[..], 2));
+        assert!(b.finish().unwrap().is_none());
+
+        let mut b = Batcher::new(true, 1 << 20);
+        let mut stream = BINARY_HEADER.to_vec();
+        stream.extend(&binary_row(&[b"x"])[..5]);
+        b.push(&stream).unwrap();
+        assert!(b.finish().is_err());
+    }
 }

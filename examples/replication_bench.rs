@@ -88,7 +88,7 @@ async fn main() {
     let config = ReplicationConfig::new(publisher.conninfo(&db).parse().unwrap(), PublicationSpec::Existing("pub".into()))
         .slot_name("cache");
     let started = Instant::now();
-    let handle = Replication::start(local.clone(), config).unwrap();
+    let handle = Replication::start(local.clone(), config.clone()).unwrap();
     handle.wait_streaming().await.unwrap();
     let ours_copy = started.elapsed();
     let local_rows: i64 = local.query("SELECT count(*) FROM bench", &[]).await.unwrap().rows[0].get(0);
@@ -105,33 +105,54 @@ async fn main() {
         (format!("UPDATE of the {txn_rows} rows"), format!("UPDATE bench SET n = n + 1, label = 'updated' WHERE id > {rows}")),
         (format!("DELETE of the {txn_rows} rows"), format!("DELETE FROM bench WHERE id > {rows}")),
     ];
+    // Each workload is measured for one subscriber at a time (they would
+    // compete for the 2 cores otherwise): native first while ours is
+    // stopped, then ours while the native subscription is disabled. Native
+    // is timed from the publisher's commit; ours from its restart, which
+    // also counts reconnecting (conservative for us).
+    let mut handle = Some(handle);
     for (marker, (name, sql)) in workloads.iter().enumerate() {
+        if let Some(h) = handle.take() {
+            h.stop().await.unwrap();
+        }
         remote.batch_execute(sql).await.unwrap();
         let committed = Instant::now();
         remote.batch_execute(&format!("INSERT INTO marker VALUES ({marker})")).await.unwrap();
-        let (native_done, ours_done) = tokio::join!(
-            async {
-                loop {
-                    let seen = native.query("SELECT 1 FROM marker WHERE id = $1", &[&(marker as i32)]).await.unwrap();
-                    if !seen.is_empty() {
-                        return committed.elapsed();
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            },
-            async {
-                loop {
-                    let seen = local.query("SELECT 1 FROM marker WHERE id = $1", &[&(marker as i32)]).await.unwrap().rows;
-                    if !seen.is_empty() {
-                        return committed.elapsed();
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
+        let marker = marker as i32;
+        loop {
+            if !native.query("SELECT 1 FROM marker WHERE id = $1", &[&marker]).await.unwrap().is_empty() {
+                break;
             }
-        );
-        results.push((name.clone(), txn_rows, native_done, ours_done));
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let native_time = committed.elapsed();
+        native.batch_execute("ALTER SUBSCRIPTION sub DISABLE").await.unwrap();
+        let restarted = Instant::now();
+        let h = Replication::start(local.clone(), config.clone()).unwrap();
+        loop {
+            if !local.query("SELECT 1 FROM marker WHERE id = $1", &[&marker]).await.unwrap().rows.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let ours_time = restarted.elapsed();
+        handle = Some(h);
+        native.batch_execute("ALTER SUBSCRIPTION sub ENABLE").await.unwrap();
+        // Wait for the native apply worker to be back before the next workload.
+        loop {
+            let running: i64 = native
+                .query_one("SELECT count(*) FROM pg_stat_subscription WHERE pid IS NOT NULL", &[])
+                .await
+                .unwrap()
+                .get(0);
+            if running > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        results.push((name.clone(), txn_rows, native_time, ours_time));
     }
-    handle.stop().await.unwrap();
+    handle.take().unwrap().stop().await.unwrap();
 
     println!();
     println!("| workload | rows | native subscriber | pglite-cache | ratio |");

@@ -104,19 +104,49 @@ struct Pending {
     /// Already applied before a restart: receive and drop.
     skip: bool,
     group: Option<Group>,
-    statements: Vec<(String, Vec<Param>)>,
+    steps: Vec<Step>,
     buffered: usize,
     /// Open once the transaction outgrew the buffer.
-    local: Option<Transaction>,
+    local: Option<Arc<Transaction>>,
+    /// The piece being applied in the open local transaction while the
+    /// next one is received (a pipeline one piece deep).
+    in_flight: Option<tokio::task::JoinHandle<Result<Duration, crate::Error>>>,
     changes: Vec<Change>,
     change_count: u64,
-    counts: HashMap<(String, String), [u64; 3]>,
+    /// Inserted, updated, deleted rows per remote table OID.
+    counts: HashMap<u32, [u64; 3]>,
+    /// When Begin arrived, and time spent waiting for the instance.
+    started: std::time::Instant,
+    busy: Duration,
+}
+
+impl Pending {
+    /// Waits for the piece in flight; its error is the transaction's.
+    async fn settle(&mut self) -> Result<(), ReplicationError> {
+        if let Some(task) = self.in_flight.take() {
+            let took = task
+                .await
+                .map_err(|e| ReplicationError::fatal(format!("apply task failed: {e}")))??;
+            self.busy += took;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        // An abandoned transaction (error, disconnect) must not keep
+        // applying: the task holds the lease until it ends.
+        if let Some(task) = self.in_flight.take() {
+            task.abort();
+        }
+    }
 }
 
 /// Applies one session's stream.
 pub(crate) struct Applier {
     instance: Instance,
-    relations: HashMap<u32, RelationState>,
+    relations: HashMap<u32, Arc<RelationState>>,
     /// Local tables by remote OID, from the store.
     tables: HashMap<u32, (String, String)>,
     /// Everything up to here is committed locally.
@@ -256,12 +286,15 @@ impl Applier {
                     final_lsn,
                     skip: final_lsn < self.committed,
                     group: None,
-                    statements: Vec::new(),
+                    steps: Vec::new(),
                     buffered: 0,
                     local: None,
+                    in_flight: None,
                     changes: Vec::new(),
                     change_count: 0,
                     counts: HashMap::new(),
+                    started: std::time::Instant::now(),
+                    busy: Duration::ZERO,
                 });
             }
             LogicalMessage::Commit {
@@ -457,7 +490,7 @@ impl Applier {
         {
             self.flush_group()?;
         }
-        self.relations.insert(rel.id, state);
+        self.relations.insert(rel.id, Arc::new(state));
         Ok(())
     }
 
@@ -490,10 +523,7 @@ impl Applier {
         let subscribed = self.changes.receiver_count() > 0;
         let pending = self.pending()?;
         pending.change_count += 1;
-        let counter = pending
-            .counts
-            .entry((rel.schema.clone(), rel.name.clone()))
-            .or_default();
+        let counter = pending.counts.entry(relation).or_default();
         counter[match op {
             ChangeOp::Insert => 0,
             ChangeOp::Update => 1,
@@ -639,7 +669,7 @@ impl Applier {
             .relations
             .get(&group.relation)
             .ok_or_else(|| ReplicationError::fatal("group of unknown relation"))?;
-        pending.statements.push(group_statement(rel, &group));
+        pending.steps.extend(group_steps(rel, &group));
         Ok(())
     }
 
@@ -647,7 +677,7 @@ impl Applier {
         let max = self.max_buffered;
         let pending = self.pending()?;
         pending.buffered += sql.len() + params.iter().map(|p| p.text().map_or(0, str::len)).sum::<usize>();
-        pending.statements.push((sql, params));
+        pending.steps.push(Step::Sql(sql, params));
         if pending.buffered >= max {
             self.send_buffered().await?;
         }
@@ -662,13 +692,22 @@ impl Applier {
         if pending.local.is_none() {
             let tx = instance.begin().await?;
             tx.query(APPLY_SETTINGS, &[]).await?;
-            pending.local = Some(tx);
+            pending.local = Some(Arc::new(tx));
         }
-        let statements = std::mem::take(&mut pending.statements);
+        let steps = std::mem::take(&mut pending.steps);
         pending.buffered = 0;
-        if !statements.is_empty() {
-            pending.local.as_ref().expect("opened above").batch(&statements).await?;
+        if steps.is_empty() {
+            return Ok(());
         }
+        // Wait for the previous piece, then let this one run while the next
+        // is received and decoded.
+        pending.settle().await?;
+        let tx = pending.local.clone().expect("opened above");
+        pending.in_flight = Some(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            run_steps(&tx, steps).await?;
+            Ok(started.elapsed())
+        }));
         Ok(())
     }
 
@@ -681,18 +720,45 @@ impl Applier {
         if pending.skip {
             return Ok(());
         }
-        let mut statements = std::mem::take(&mut pending.statements);
-        statements.push(store::applied_statement(end_lsn, Some(commit_time)));
-        match pending.local.take() {
+        let mut steps = std::mem::take(&mut pending.steps);
+        let (sql, params) = store::applied_statement(end_lsn, Some(commit_time));
+        steps.push(Step::Sql(sql, params));
+        let started = std::time::Instant::now();
+        pending.settle().await?;
+        let needs_lease = steps.iter().any(|s| matches!(s, Step::Copy { .. }));
+        let local = match pending.local.take() {
+            Some(tx) => Some(tx),
+            None if needs_lease => {
+                let tx = self.instance.begin().await?;
+                tx.query(APPLY_SETTINGS, &[]).await?;
+                Some(Arc::new(tx))
+            }
+            None => None,
+        };
+        match local {
             Some(tx) => {
-                tx.batch(&statements).await?;
+                let tx = Arc::into_inner(tx).ok_or_else(|| ReplicationError::fatal("local transaction still shared"))?;
+                run_steps(&tx, steps).await?;
                 tx.commit().await?;
             }
             None => {
-                statements.insert(0, (APPLY_SETTINGS.to_owned(), vec![]));
+                // Small transaction: one round trip.
+                let mut statements = vec![(APPLY_SETTINGS.to_owned(), vec![])];
+                statements.extend(steps.into_iter().filter_map(|s| match s {
+                    Step::Sql(sql, params) => Some((sql, params)),
+                    Step::Copy { .. } => None,
+                }));
                 self.instance.transaction(&statements).await?;
             }
         }
+        pending.busy += started.elapsed();
+        tracing::debug!(
+            lsn = %end_lsn,
+            changes = pending.change_count,
+            elapsed = ?pending.started.elapsed(),
+            local = ?pending.busy,
+            "transaction applied"
+        );
         self.committed = end_lsn;
         if end_lsn > self.server_wal_end {
             self.server_wal_end = end_lsn;
@@ -701,13 +767,15 @@ impl Applier {
         let commit_at = pg_time(commit_time);
         let delay = applied_at.duration_since(commit_at).unwrap_or(Duration::ZERO);
         let wal_end = self.server_wal_end;
+        let tables = &self.tables;
         self.status.send_modify(|s| {
             s.applied_lsn = end_lsn;
             s.applied_commit_time = Some(commit_at);
             s.lag = delay;
             s.server_wal_end = wal_end;
             s.lag_bytes = end_lsn.distance_to(wal_end);
-            for ((schema, name), [i, u, d]) in &pending.counts {
+            for (relation, [i, u, d]) in &pending.counts {
+                let Some((schema, name)) = tables.get(relation) else { continue };
                 if let Some(t) = s.tables.iter_mut().find(|t| &t.schema == schema && &t.name == name) {
                     t.inserted += i;
                     t.updated += u;
@@ -822,6 +890,104 @@ fn unnest(width: usize, first_param: usize) -> String {
     format!("unnest({}) AS u({})", args.join(", "), names.join(", "))
 }
 
+/// Groups at least this large are bulk-loaded with `COPY` (inserts, and
+/// updates of whole rows as delete + insert).
+const COPY_MIN_ROWS: usize = 500;
+
+/// One step of applying a transaction locally.
+#[derive(Debug)]
+enum Step {
+    /// A statement.
+    Sql(String, Vec<Param>),
+    /// `COPY ... FROM '/dev/blob'` with this data (needs a lease).
+    Copy { sql: String, data: Vec<u8> },
+}
+
+/// Runs steps in order inside `tx`; consecutive statements share a round trip.
+async fn run_steps(tx: &Transaction, steps: Vec<Step>) -> Result<(), crate::Error> {
+    let mut batch = Vec::new();
+    for step in steps {
+        match step {
+            Step::Sql(sql, params) => batch.push((sql, params)),
+            Step::Copy { sql, data } => {
+                if !batch.is_empty() {
+                    tx.batch(&std::mem::take(&mut batch)).await?;
+                }
+                tx.copy_in(&sql, data).await?;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        tx.batch(&batch).await?;
+    }
+    Ok(())
+}
+
+/// Appends a value in COPY text format.
+fn push_copy_value(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::Text(b) | Value::Binary(b) => {
+            for &byte in b.iter() {
+                match byte {
+                    b'\\' => out.extend_from_slice(b"\\\\"),
+                    b'\n' => out.extend_from_slice(b"\\n"),
+                    b'\r' => out.extend_from_slice(b"\\r"),
+                    b'\t' => out.extend_from_slice(b"\\t"),
+                    other => out.push(other),
+                }
+            }
+        }
+        Value::Null | Value::Unchanged => out.extend_from_slice(b"\\N"),
+    }
+}
+
+/// Rows as COPY text data.
+fn copy_data(rows: &[&[Value]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rows.len() * 64);
+    for row in rows {
+        for (j, v) in row.iter().enumerate() {
+            if j > 0 {
+                out.push(b'\t');
+            }
+            push_copy_value(&mut out, v);
+        }
+        out.push(b'\n');
+    }
+    out
+}
+
+/// The steps for a group: big groups of inserts, and of updates of whole
+/// rows (no unchanged TOAST value), are bulk-loaded with COPY (an update
+/// becomes delete + insert: the same result for a cache table, which has no
+/// triggers or foreign keys firing during the apply, at COPY speed).
+fn group_steps(rel: &RelationState, group: &Group) -> Vec<Step> {
+    let nkey = rel.key.len();
+    let big = group.rows.len() >= COPY_MIN_ROWS;
+    let names: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let copy_sql = format!("COPY {} ({}) FROM '/dev/blob'", rel.qualified, names.join(", "));
+    match &group.kind {
+        GroupKind::Insert if big => {
+            let rows: Vec<&[Value]> = group.rows.iter().map(Vec::as_slice).collect();
+            vec![Step::Copy { sql: copy_sql, data: copy_data(&rows) }]
+        }
+        GroupKind::Update(mask) if big && nkey > 0 && mask.iter().all(|&m| m) => {
+            let keys = Group {
+                relation: group.relation,
+                kind: GroupKind::Delete,
+                rows: group.rows.iter().map(|r| r[..nkey].to_vec()).collect(),
+                keys: HashSet::new(),
+            };
+            let (sql, params) = group_statement(rel, &keys);
+            let rows: Vec<&[Value]> = group.rows.iter().map(|r| &r[nkey..]).collect();
+            vec![Step::Sql(sql, params), Step::Copy { sql: copy_sql, data: copy_data(&rows) }]
+        }
+        _ => {
+            let (sql, params) = group_statement(rel, group);
+            vec![Step::Sql(sql, params)]
+        }
+    }
+}
+
 /// The statement for a group of inserts, updates or deletes.
 fn group_statement(rel: &RelationState, group: &Group) -> (String, Vec<Param>) {
     let cols = &rel.columns;
@@ -872,6 +1038,17 @@ fn group_statement(rel: &RelationState, group: &Group) -> (String, Vec<Param>) {
                 conds.join(" AND ")
             );
             (sql, column_arrays(&group.rows, width))
+        }
+        GroupKind::Delete if rel.key.len() == 1 && !cols[rel.key[0]].type_name.ends_with("[]") => {
+            // One key column: an index scan over an array of keys.
+            let key = &cols[rel.key[0]];
+            let sql = format!(
+                "DELETE FROM {} WHERE {} = ANY($1::{}[])",
+                rel.qualified,
+                quote_ident(&key.name),
+                key.type_name
+            );
+            (sql, column_arrays(&group.rows, 1))
         }
         GroupKind::Delete => {
             let nkey = rel.key.len();
@@ -1024,8 +1201,34 @@ mod tests {
         let (sql, _) = group_statement(&r, &g);
         assert_eq!(
             sql,
-            r#"DELETE FROM "public"."t" AS t USING unnest($1::text[]) AS u(c0) WHERE t."id" = u.c0::integer"#
+            r#"DELETE FROM "public"."t" WHERE "id" = ANY($1::integer[])"#
         );
+        // Composite keys join on unnest.
+        let mut r2 = rel();
+        r2.key = vec![0, 1];
+        let g = Group { relation: 1, kind: GroupKind::Delete, rows: vec![vec![text("1"), text("a")]], keys: HashSet::new() };
+        let (sql, _) = group_statement(&r2, &g);
+        assert_eq!(
+            sql,
+            r#"DELETE FROM "public"."t" AS t USING unnest($1::text[], $2::text[]) AS u(c0, c1) WHERE t."id" = u.c0::integer AND t."v" = u.c1::text"#
+        );
+    }
+
+    #[test]
+    fn copy_text_escapes_and_big_groups_use_copy() {
+        let data = copy_data(&[&[text("a\tb\\c\nd\re"), Value::Null], &[text("x"), text("")]]);
+        assert_eq!(data, b"a\\tb\\\\c\\nd\\re\t\\N\nx\t\n".to_vec());
+        let r = rel();
+        let rows: Vec<Vec<Value>> = (0..COPY_MIN_ROWS).map(|i| vec![text(&i.to_string()), text("v")]).collect();
+        let g = Group { relation: 1, kind: GroupKind::Insert, rows: rows.clone(), keys: HashSet::new() };
+        assert!(matches!(group_steps(&r, &g)[..], [Step::Copy { .. }]));
+        // Whole-row updates: delete the keys, copy the rows.
+        let upd: Vec<Vec<Value>> = rows.iter().map(|row| [vec![row[0].clone()], row.clone()].concat()).collect();
+        let g = Group { relation: 1, kind: GroupKind::Update(vec![true, true]), rows: upd.clone(), keys: HashSet::new() };
+        assert!(matches!(group_steps(&r, &g)[..], [Step::Sql(..), Step::Copy { .. }]));
+        // An unchanged TOAST column keeps the UPDATE.
+        let g = Group { relation: 1, kind: GroupKind::Update(vec![true, false]), rows: upd, keys: HashSet::new() };
+        assert!(matches!(group_steps(&r, &g)[..], [Step::Sql(..)]));
     }
 
     #[test]

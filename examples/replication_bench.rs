@@ -26,7 +26,9 @@ const TABLE: &str = "CREATE TABLE bench (id int PRIMARY KEY, n int NOT NULL, lab
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .init();
     let args: Vec<String> = std::env::args().collect();
     let rows: i64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
     let txn_rows: i64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200_000);
@@ -51,7 +53,10 @@ async fn main() {
         .await
         .unwrap()
         .get(0);
-    println!("publisher: {rows} rows, {:.0} MiB with indexes", size as f64 / (1 << 20) as f64);
+    println!(
+        "publisher: {rows} rows, {:.0} MiB with indexes",
+        size as f64 / (1 << 20) as f64
+    );
 
     // Native subscriber.
     let native = subscriber.client(&db).await;
@@ -80,13 +85,20 @@ async fn main() {
     // pglite-cache.
     // Extra instance settings, e.g. BENCH_SETTINGS="wal_level=minimal,max_wal_senders=0".
     let mut options = InstanceOptions::in_memory();
-    for kv in std::env::var("BENCH_SETTINGS").unwrap_or_default().split(',').filter(|s| !s.is_empty()) {
+    for kv in std::env::var("BENCH_SETTINGS")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
         let (k, v) = kv.split_once('=').expect("BENCH_SETTINGS is name=value,name=value");
         options = options.setting(k, v);
     }
     let local = Instance::start(options).await.unwrap();
-    let config = ReplicationConfig::new(publisher.conninfo(&db).parse().unwrap(), PublicationSpec::Existing("pub".into()))
-        .slot_name("cache");
+    let config = ReplicationConfig::new(
+        publisher.conninfo(&db).parse().unwrap(),
+        PublicationSpec::Existing("pub".into()),
+    )
+    .slot_name("cache");
     let started = Instant::now();
     let handle = Replication::start(local.clone(), config.clone()).unwrap();
     handle.wait_streaming().await.unwrap();
@@ -97,13 +109,22 @@ async fn main() {
     let mut results = vec![("initial copy".to_string(), rows, native_copy, ours_copy)];
 
     let workloads = [
-        (format!("{txn_rows}-row INSERT txn"), format!(
-            "INSERT INTO bench SELECT i, i % 1000, 'new', now(), md5(i::text) FROM generate_series({}, {}) i",
-            rows + 1,
-            rows + txn_rows
-        )),
-        (format!("UPDATE of the {txn_rows} rows"), format!("UPDATE bench SET n = n + 1, label = 'updated' WHERE id > {rows}")),
-        (format!("DELETE of the {txn_rows} rows"), format!("DELETE FROM bench WHERE id > {rows}")),
+        (
+            format!("{txn_rows}-row INSERT txn"),
+            format!(
+                "INSERT INTO bench SELECT i, i % 1000, 'new', now(), md5(i::text) FROM generate_series({}, {}) i",
+                rows + 1,
+                rows + txn_rows
+            ),
+        ),
+        (
+            format!("UPDATE of the {txn_rows} rows"),
+            format!("UPDATE bench SET n = n + 1, label = 'updated' WHERE id > {rows}"),
+        ),
+        (
+            format!("DELETE of the {txn_rows} rows"),
+            format!("DELETE FROM bench WHERE id > {rows}"),
+        ),
     ];
     // Each workload is measured for one subscriber at a time (they would
     // compete for the 2 cores otherwise): native first while ours is
@@ -117,10 +138,18 @@ async fn main() {
         }
         remote.batch_execute(sql).await.unwrap();
         let committed = Instant::now();
-        remote.batch_execute(&format!("INSERT INTO marker VALUES ({marker})")).await.unwrap();
+        remote
+            .batch_execute(&format!("INSERT INTO marker VALUES ({marker})"))
+            .await
+            .unwrap();
         let marker = marker as i32;
         loop {
-            if !native.query("SELECT 1 FROM marker WHERE id = $1", &[&marker]).await.unwrap().is_empty() {
+            if !native
+                .query("SELECT 1 FROM marker WHERE id = $1", &[&marker])
+                .await
+                .unwrap()
+                .is_empty()
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -130,7 +159,13 @@ async fn main() {
         let restarted = Instant::now();
         let h = Replication::start(local.clone(), config.clone()).unwrap();
         loop {
-            if !local.query("SELECT 1 FROM marker WHERE id = $1", &[&marker]).await.unwrap().rows.is_empty() {
+            if !local
+                .query("SELECT 1 FROM marker WHERE id = $1", &[&marker])
+                .await
+                .unwrap()
+                .rows
+                .is_empty()
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(2)).await;

@@ -616,3 +616,101 @@ async fn owned_publication_over_a_unix_socket_and_decommission() {
     // The local copy stays, now writable.
     local.query("INSERT INTO shop.orders VALUES (3, 0)", &[]).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_added_to_the_publication_are_backfilled() {
+    let pg = PgCluster::start();
+    let db = pg.create_database("added").await;
+    let remote = pg.client(&db).await;
+    remote
+        .batch_execute(
+            "CREATE TABLE a (id int PRIMARY KEY); INSERT INTO a VALUES (1); \
+             CREATE TABLE b (id int PRIMARY KEY, v text); INSERT INTO b SELECT i, 'old' FROM generate_series(1, 1000) i; \
+             CREATE TABLE c (id int PRIMARY KEY); INSERT INTO c SELECT generate_series(1, 10); \
+             CREATE PUBLICATION pub FOR TABLE a;",
+        )
+        .await
+        .unwrap();
+    let local = instance().await;
+    let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming())
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Added, then changed right away: copied at a point consistent with the stream.
+    remote
+        .batch_execute(
+            "ALTER PUBLICATION pub ADD TABLE b; \
+             BEGIN; UPDATE b SET v = 'new' WHERE id <= 10; INSERT INTO a VALUES (2); COMMIT; \
+             DELETE FROM b WHERE id > 990; INSERT INTO b VALUES (5000, 'x');",
+        )
+        .await
+        .unwrap();
+    catch_up(&handle, &remote).await;
+    // The backfill happens right after the transaction that revealed it.
+    let deadline = std::time::Instant::now() + WAIT;
+    while local
+        .query("SELECT 1 FROM pglite_cache.tables WHERE table_name = 'b'", &[])
+        .await
+        .unwrap()
+        .rows
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b was not backfilled: {:?}",
+            handle.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    catch_up(&handle, &remote).await;
+    assert_same(&remote, &local, "a").await;
+    assert_same(&remote, &local, "b").await;
+
+    // Added without any change: found by the periodic publication check.
+    remote.batch_execute("ALTER PUBLICATION pub ADD TABLE c").await.unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while local
+        .query("SELECT 1 FROM pglite_cache.tables WHERE table_name = 'c'", &[])
+        .await
+        .unwrap()
+        .rows
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "c was not backfilled: {:?}",
+            handle.status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    remote
+        .batch_execute("INSERT INTO c VALUES (11); DELETE FROM c WHERE id = 1;")
+        .await
+        .unwrap();
+    catch_up(&handle, &remote).await;
+    assert_same(&remote, &local, "c").await;
+    assert_eq!(handle.status().tables.len(), 3);
+
+    // Survives a restart (the tables and their LSNs are stored).
+    handle.stop().await.unwrap();
+    remote
+        .batch_execute("INSERT INTO b VALUES (6000, 'y'); INSERT INTO c VALUES (12);")
+        .await
+        .unwrap();
+    let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
+    catch_up(&handle, &remote).await;
+    assert_same(&remote, &local, "b").await;
+    assert_same(&remote, &local, "c").await;
+
+    // A table removed from the publication stops receiving changes; its
+    // local rows stay as they were.
+    remote
+        .batch_execute("ALTER PUBLICATION pub DROP TABLE c; INSERT INTO c VALUES (13);")
+        .await
+        .unwrap();
+    catch_up(&handle, &remote).await;
+    assert_eq!(local_count(&local, "c").await, 11);
+    handle.stop().await.unwrap();
+}

@@ -57,6 +57,18 @@ const NO_EQUALITY: &[&str] = &[
     "json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle",
 ];
 
+/// A replicated table as the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KnownTable {
+    /// Schema.
+    pub schema: String,
+    /// Name.
+    pub name: String,
+    /// Its copy holds every transaction committed before this LSN; changes
+    /// of earlier transactions are skipped for it.
+    pub applies_from: Lsn,
+}
+
 /// A local column.
 #[derive(Debug, Clone)]
 struct LocalColumn {
@@ -76,6 +88,8 @@ struct RelationState {
     key: Vec<usize>,
     full_identity: bool,
     column_names: Arc<[String]>,
+    /// See [`KnownTable::applies_from`].
+    applies_from: Lsn,
 }
 
 /// Kinds of grouped changes.
@@ -148,7 +162,11 @@ pub(crate) struct Applier {
     instance: Instance,
     relations: HashMap<u32, Arc<RelationState>>,
     /// Local tables by remote OID, from the store.
-    tables: HashMap<u32, (String, String)>,
+    tables: HashMap<u32, KnownTable>,
+    /// Relation messages of tables not copied yet (added to the publication
+    /// later): their changes are skipped until the backfill, whose snapshot
+    /// contains them.
+    unknown: HashMap<u32, Relation>,
     /// Everything up to here is committed locally.
     committed: Lsn,
     /// The server's latest WAL end (keepalives, XLogData).
@@ -165,7 +183,7 @@ pub(crate) struct Applier {
 impl Applier {
     pub(crate) fn new(
         instance: Instance,
-        tables: HashMap<u32, (String, String)>,
+        tables: HashMap<u32, KnownTable>,
         committed: Lsn,
         max_buffered: usize,
         status: Arc<watch::Sender<Status>>,
@@ -176,6 +194,7 @@ impl Applier {
             instance,
             relations: HashMap::new(),
             tables,
+            unknown: HashMap::new(),
             committed,
             server_wal_end: committed,
             pending: None,
@@ -330,15 +349,41 @@ impl Applier {
             .ok_or_else(|| ReplicationError::fatal("change outside a transaction"))
     }
 
+    /// Tables whose changes arrive but that were never copied.
+    pub(crate) fn wants_backfill(&self) -> bool {
+        !self.unknown.is_empty()
+    }
+
+    /// Remote OIDs of the tables known (copied).
+    pub(crate) fn known_tables(&self) -> impl Iterator<Item = u32> + '_ {
+        self.tables.keys().copied()
+    }
+
+    /// Registers tables just backfilled; replays their Relation messages.
+    pub(crate) async fn add_tables(&mut self, added: Vec<(u32, KnownTable)>) -> Result<(), ReplicationError> {
+        for (oid, table) in added {
+            self.tables.insert(oid, table);
+            if let Some(rel) = self.unknown.remove(&oid) {
+                self.relation(rel).await?;
+            }
+        }
+        // Relation messages of tables the backfill did not copy (removed
+        // from the publication meanwhile) are dropped with them.
+        self.unknown.clear();
+        Ok(())
+    }
+
     async fn relation(&mut self, rel: Relation) -> Result<(), ReplicationError> {
-        let Some((schema, name)) = self.tables.get(&rel.id).cloned() else {
-            return Err(ReplicationError::needs_operator(
-                format!(
-                    "table {}.{} was added to the publication after the initial copy",
-                    rel.namespace, rel.name
-                ),
-                "decommission and start again to copy it (backfill of added tables is not implemented yet)",
-            ));
+        let Some(KnownTable {
+            schema,
+            name,
+            applies_from,
+        }) = self.tables.get(&rel.id).cloned()
+        else {
+            tracing::info!(table = %format!("{}.{}", rel.namespace, rel.name), "changes for a table added to the publication; it will be copied");
+            self.relations.remove(&rel.id);
+            self.unknown.insert(rel.id, rel);
+            return Ok(());
         };
         if (schema.as_str(), name.as_str()) != (rel.namespace.as_str(), rel.name.as_str()) {
             return Err(ReplicationError::needs_operator(
@@ -480,6 +525,7 @@ impl Applier {
             columns,
             full_identity: rel.replica_identity == b'f',
             key,
+            applies_from,
         };
         // A Relation message between changes of the same table ends the group.
         if self
@@ -510,7 +556,7 @@ impl Applier {
         old: Option<OldTuple>,
         new: Option<Tuple>,
     ) -> Result<(), ReplicationError> {
-        if self.pending()?.skip {
+        if self.pending()?.skip || self.unknown.contains_key(&relation) {
             return Ok(());
         }
         let rel = self
@@ -520,6 +566,9 @@ impl Applier {
                 ReplicationError::fatal(format!("change for relation {relation} before its Relation message"))
             })?
             .clone();
+        if self.pending()?.final_lsn < rel.applies_from {
+            return Ok(()); // already in the table's copy
+        }
         let subscribed = self.changes.receiver_count() > 0;
         let pending = self.pending()?;
         pending.change_count += 1;
@@ -625,10 +674,17 @@ impl Applier {
             return Ok(());
         }
         let mut names = Vec::new();
+        let final_lsn = self.pending()?.final_lsn;
         for id in relations {
+            if self.unknown.contains_key(id) {
+                continue; // not copied yet; its copy will be taken later
+            }
             let rel = self.relations.get(id).ok_or_else(|| {
                 ReplicationError::fatal(format!("TRUNCATE of relation {id} before its Relation message"))
             })?;
+            if final_lsn < rel.applies_from {
+                continue;
+            }
             names.push(rel.qualified.clone());
             let (schema, name) = (rel.schema.clone(), rel.name.clone());
             let subscribed = self.changes.receiver_count() > 0;
@@ -649,6 +705,9 @@ impl Applier {
         } else {
             ""
         };
+        if names.is_empty() {
+            return Ok(());
+        }
         self.flush_group()?;
         self.push_statement(format!("TRUNCATE {}{restart}", names.join(", ")), vec![])
             .await
@@ -737,7 +796,8 @@ impl Applier {
         };
         match local {
             Some(tx) => {
-                let tx = Arc::into_inner(tx).ok_or_else(|| ReplicationError::fatal("local transaction still shared"))?;
+                let tx =
+                    Arc::into_inner(tx).ok_or_else(|| ReplicationError::fatal("local transaction still shared"))?;
                 run_steps(&tx, steps).await?;
                 tx.commit().await?;
             }
@@ -775,7 +835,9 @@ impl Applier {
             s.server_wal_end = wal_end;
             s.lag_bytes = end_lsn.distance_to(wal_end);
             for (relation, [i, u, d]) in &pending.counts {
-                let Some((schema, name)) = tables.get(relation) else { continue };
+                let Some(KnownTable { schema, name, .. }) = tables.get(relation) else {
+                    continue;
+                };
                 if let Some(t) = s.tables.iter_mut().find(|t| &t.schema == schema && &t.name == name) {
                     t.inserted += i;
                     t.updated += u;
@@ -968,7 +1030,10 @@ fn group_steps(rel: &RelationState, group: &Group) -> Vec<Step> {
     match &group.kind {
         GroupKind::Insert if big => {
             let rows: Vec<&[Value]> = group.rows.iter().map(Vec::as_slice).collect();
-            vec![Step::Copy { sql: copy_sql, data: copy_data(&rows) }]
+            vec![Step::Copy {
+                sql: copy_sql,
+                data: copy_data(&rows),
+            }]
         }
         GroupKind::Update(mask) if big && nkey > 0 && mask.iter().all(|&m| m) => {
             let keys = Group {
@@ -979,7 +1044,13 @@ fn group_steps(rel: &RelationState, group: &Group) -> Vec<Step> {
             };
             let (sql, params) = group_statement(rel, &keys);
             let rows: Vec<&[Value]> = group.rows.iter().map(|r| &r[nkey..]).collect();
-            vec![Step::Sql(sql, params), Step::Copy { sql: copy_sql, data: copy_data(&rows) }]
+            vec![
+                Step::Sql(sql, params),
+                Step::Copy {
+                    sql: copy_sql,
+                    data: copy_data(&rows),
+                },
+            ]
         }
         _ => {
             let (sql, params) = group_statement(rel, group);
@@ -1163,6 +1234,7 @@ mod tests {
             key: vec![0],
             full_identity: false,
             column_names: Arc::from(vec!["id".to_string(), "v".to_string()]),
+            applies_from: Lsn::ZERO,
         }
     }
 
@@ -1199,14 +1271,16 @@ mod tests {
             keys: HashSet::new(),
         };
         let (sql, _) = group_statement(&r, &g);
-        assert_eq!(
-            sql,
-            r#"DELETE FROM "public"."t" WHERE "id" = ANY($1::integer[])"#
-        );
+        assert_eq!(sql, r#"DELETE FROM "public"."t" WHERE "id" = ANY($1::integer[])"#);
         // Composite keys join on unnest.
         let mut r2 = rel();
         r2.key = vec![0, 1];
-        let g = Group { relation: 1, kind: GroupKind::Delete, rows: vec![vec![text("1"), text("a")]], keys: HashSet::new() };
+        let g = Group {
+            relation: 1,
+            kind: GroupKind::Delete,
+            rows: vec![vec![text("1"), text("a")]],
+            keys: HashSet::new(),
+        };
         let (sql, _) = group_statement(&r2, &g);
         assert_eq!(
             sql,
@@ -1219,15 +1293,35 @@ mod tests {
         let data = copy_data(&[&[text("a\tb\\c\nd\re"), Value::Null], &[text("x"), text("")]]);
         assert_eq!(data, b"a\\tb\\\\c\\nd\\re\t\\N\nx\t\n".to_vec());
         let r = rel();
-        let rows: Vec<Vec<Value>> = (0..COPY_MIN_ROWS).map(|i| vec![text(&i.to_string()), text("v")]).collect();
-        let g = Group { relation: 1, kind: GroupKind::Insert, rows: rows.clone(), keys: HashSet::new() };
+        let rows: Vec<Vec<Value>> = (0..COPY_MIN_ROWS)
+            .map(|i| vec![text(&i.to_string()), text("v")])
+            .collect();
+        let g = Group {
+            relation: 1,
+            kind: GroupKind::Insert,
+            rows: rows.clone(),
+            keys: HashSet::new(),
+        };
         assert!(matches!(group_steps(&r, &g)[..], [Step::Copy { .. }]));
         // Whole-row updates: delete the keys, copy the rows.
-        let upd: Vec<Vec<Value>> = rows.iter().map(|row| [vec![row[0].clone()], row.clone()].concat()).collect();
-        let g = Group { relation: 1, kind: GroupKind::Update(vec![true, true]), rows: upd.clone(), keys: HashSet::new() };
+        let upd: Vec<Vec<Value>> = rows
+            .iter()
+            .map(|row| [vec![row[0].clone()], row.clone()].concat())
+            .collect();
+        let g = Group {
+            relation: 1,
+            kind: GroupKind::Update(vec![true, true]),
+            rows: upd.clone(),
+            keys: HashSet::new(),
+        };
         assert!(matches!(group_steps(&r, &g)[..], [Step::Sql(..), Step::Copy { .. }]));
         // An unchanged TOAST column keeps the UPDATE.
-        let g = Group { relation: 1, kind: GroupKind::Update(vec![true, false]), rows: upd, keys: HashSet::new() };
+        let g = Group {
+            relation: 1,
+            kind: GroupKind::Update(vec![true, false]),
+            rows: upd,
+            keys: HashSet::new(),
+        };
         assert!(matches!(group_steps(&r, &g)[..], [Step::Sql(..)]));
     }
 

@@ -477,6 +477,8 @@ impl Supervisor {
         let mut timer = tokio::time::interval(self.config.status_interval);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping = *self.shutdown.borrow();
+        // Check the publication for added tables at once, then now and then.
+        self.backfill(&mut conn, applier).await?;
         loop {
             if stopping && applier.idle() {
                 break;
@@ -489,12 +491,19 @@ impl Supervisor {
                 _ = timer.tick() => {
                     applier.advance_idle().await?;
                     conn.send_status(applier.committed(), false).await?;
+                    // Tables added to the publication (and without changes yet).
+                    if applier.idle() {
+                        self.backfill(&mut conn, applier).await?;
+                    }
                 }
                 message = conn.recv() => match message? {
                     None => return Err(ReplicationError::transient("the remote ended the replication stream")),
                     Some(StreamMessage::XLogData { data, wal_end, .. }) => {
                         applier.note_wal_end(wal_end);
                         applier.handle(&data).await?;
+                        if applier.idle() && applier.wants_backfill() {
+                            self.backfill(&mut conn, applier).await?;
+                        }
                     }
                     Some(StreamMessage::Keepalive { wal_end, reply_requested, .. }) => {
                         let before = applier.committed();
@@ -530,7 +539,7 @@ impl Supervisor {
                 &[&self.config.slot_name],
             )
             .await?;
-        let slot = conn.create_slot(&self.config.slot_name).await?;
+        let slot = conn.create_slot(&self.config.slot_name, false).await?;
         let snapshot = slot
             .snapshot
             .clone()
@@ -558,73 +567,19 @@ impl Supervisor {
             slot.consistent_point,
         )
         .await?;
-        self.status.send_modify(|s| {
-            s.tables = tables
-                .iter()
-                .map(|t| TableStatus {
-                    schema: t.schema.clone(),
-                    name: t.name.clone(),
-                    state: TableState::Pending,
-                    rows_copied: 0,
-                    bytes_copied: 0,
-                    inserted: 0,
-                    updated: 0,
-                    deleted: 0,
-                })
-                .collect();
-        });
-        // One local transaction per table: create, bulk load (FREEZE: no
-        // later hint-bit writes), keys and indexes after the load (faster
-        // than maintaining them row by row), the read-only guard, and the
-        // table's state. A crash leaves no half-copied table behind.
-        for (i, table) in tables.iter().enumerate() {
-            self.status.send_modify(|s| s.tables[i].state = TableState::Copying);
-            let local = self.instance.begin().await?;
-            local.exec(&format!("{};", table.create_table_sql())).await?;
-            let status = self.status.clone();
-            let rows = table_sync::copy_table(&client, &local, table, self.config.copy_batch_bytes, |rows, bytes| {
-                status.send_modify(|s| {
-                    s.tables[i].rows_copied = rows;
-                    s.tables[i].bytes_copied = bytes;
-                })
-            })
-            .await?;
-            let indexing = std::time::Instant::now();
-            for sql in schema::constraint_statements(table) {
-                local.exec(&sql).await?;
-            }
-            for sql in &table.indexes {
-                // An index the cache cannot build (e.g. an operator class
-                // from an extension) is skipped, not fatal.
-                let guarded = format!("SAVEPOINT pglite_cache_index; {sql}; RELEASE SAVEPOINT pglite_cache_index");
-                if let Err(e) = local.exec(&guarded).await {
-                    tracing::warn!(table = %table.qualified(), index = %sql, error = %e, "could not create index locally; skipped");
-                    local.exec("ROLLBACK TO SAVEPOINT pglite_cache_index").await?;
-                }
-            }
-            if self.config.read_only {
-                local.exec(&schema::read_only_trigger_sql(table)).await?;
-            }
-            let (sql, params) = store::table_state_statement(
-                &table.schema,
-                &table.name,
-                table.remote_oid,
-                "ready",
-                rows,
-                slot.consistent_point,
-            );
-            local.query_params(&sql, params).await?;
-            local.commit().await?;
-            tracing::info!(table = %table.qualified(), rows, indexing = ?indexing.elapsed(), "table copied");
-        }
+        self.status.send_modify(|s| s.tables.clear());
+        copy_tables(
+            &self.instance,
+            &self.config,
+            &self.status,
+            &client,
+            &tables,
+            slot.consistent_point,
+        )
+        .await?;
         client.batch_execute("COMMIT").await?;
         let (sql, params) = store::streaming_statement();
         self.instance.query_params(&sql, params).await?;
-        self.status.send_modify(|s| {
-            for t in &mut s.tables {
-                t.state = TableState::Ready;
-            }
-        });
         Ok(slot.consistent_point)
     }
 
@@ -656,19 +611,112 @@ impl Supervisor {
         Ok(true)
     }
 
-    async fn stored_tables(&self) -> Result<HashMap<u32, (String, String)>, ReplicationError> {
+    async fn stored_tables(&self) -> Result<HashMap<u32, apply::KnownTable>, ReplicationError> {
         let result = self
             .instance
             .query(
-                "SELECT remote_oid::int8, schema_name, table_name FROM pglite_cache.tables",
+                "SELECT remote_oid::int8, schema_name, table_name, coalesce(synced_lsn, '0/0')::text \
+                 FROM pglite_cache.tables WHERE state = 'ready'",
                 &[],
             )
             .await?;
-        Ok(result
+        result
             .rows
             .iter()
-            .map(|r| (r.get::<i64>(0) as u32, (r.get::<String>(1), r.get::<String>(2))))
-            .collect())
+            .map(|r| {
+                let applies_from = r
+                    .get::<String>(3)
+                    .parse()
+                    .map_err(|e| ReplicationError::fatal(format!("stored table LSN: {e}")))?;
+                Ok((
+                    r.get::<i64>(0) as u32,
+                    apply::KnownTable {
+                        schema: r.get(1),
+                        name: r.get(2),
+                        applies_from,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Copies tables added to the publication since they were last
+    /// checked: consistently with the stream, under the snapshot of a
+    /// temporary slot created now (its consistent point `X` is past
+    /// everything applied so far). Changes of transactions committed before
+    /// `X` are in the copy and are skipped for these tables; later ones
+    /// apply. The main stream waits meanwhile; status updates keep it alive.
+    async fn backfill(
+        &mut self,
+        conn: &mut SourceConnection,
+        applier: &mut apply::Applier,
+    ) -> Result<(), ReplicationError> {
+        let known: std::collections::HashSet<u32> = applier.known_tables().collect();
+        let publication = self.config.publication.name().to_owned();
+        let work = async {
+            let client = remote_client(&self.config.source).await?;
+            let published: Vec<u32> = client
+                .query(
+                    "SELECT c.oid FROM pg_publication_tables pt JOIN pg_namespace n ON n.nspname = pt.schemaname \
+                     JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename WHERE pt.pubname = $1",
+                    &[&publication],
+                )
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if published.iter().all(|oid| known.contains(oid)) {
+                return Ok::<_, ReplicationError>(Vec::new());
+            }
+            let mut temp = SourceConnection::connect(&self.config.source, "pglite-cache backfill").await?;
+            let name = format!("{}_backfill_{}", self.config.slot_name, std::process::id());
+            let slot = temp.create_slot(&name, true).await?;
+            let snapshot = slot
+                .snapshot
+                .clone()
+                .ok_or_else(|| ReplicationError::fatal("no exported snapshot"))?;
+            client
+                .batch_execute(&format!(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                    quote_literal(&snapshot)
+                ))
+                .await?;
+            let (types, tables) = schema::describe_publication(&client, &publication).await?;
+            let new: Vec<schema::TableSchema> = tables.into_iter().filter(|t| !known.contains(&t.remote_oid)).collect();
+            tracing::info!(tables = ?new.iter().map(|t| t.qualified()).collect::<Vec<_>>(), at = %slot.consistent_point, "backfilling tables added to the publication");
+            self.instance.exec(&schema::create_script(&types, &new)).await?;
+            copy_tables(
+                &self.instance,
+                &self.config,
+                &self.status,
+                &client,
+                &new,
+                slot.consistent_point,
+            )
+            .await?;
+            client.batch_execute("COMMIT").await?;
+            temp.finish().await?; // drops the temporary slot
+            Ok(new
+                .into_iter()
+                .map(|t| {
+                    let known = apply::KnownTable {
+                        schema: t.schema,
+                        name: t.name,
+                        applies_from: slot.consistent_point,
+                    };
+                    (t.remote_oid, known)
+                })
+                .collect())
+        };
+        let mut work = std::pin::pin!(work);
+        let mut timer = tokio::time::interval(self.config.status_interval);
+        let added = loop {
+            tokio::select! {
+                added = &mut work => break added?,
+                _ = timer.tick() => conn.send_status(applier.committed(), false).await?,
+            }
+        };
+        applier.add_tables(added).await
     }
 
     async fn load_table_status(&self) -> Result<(), ReplicationError> {
@@ -696,6 +744,70 @@ impl Supervisor {
         self.status.send_modify(|s| s.tables = tables);
         Ok(())
     }
+}
+
+/// Copies `tables` (already created as types/schemas, not as tables) under
+/// the snapshot `client` is in. One local transaction per table: create,
+/// bulk load (FREEZE: no later hint-bit writes), keys and indexes after the
+/// load (faster than maintaining them row by row), the read-only guard, and
+/// the table's state. A crash leaves no half-copied table behind.
+async fn copy_tables(
+    instance: &Instance,
+    config: &ReplicationConfig,
+    status: &Arc<watch::Sender<Status>>,
+    client: &tokio_postgres::Client,
+    tables: &[schema::TableSchema],
+    synced_at: Lsn,
+) -> Result<(), ReplicationError> {
+    let first = status.borrow().tables.len();
+    status.send_modify(|s| {
+        s.tables.extend(tables.iter().map(|t| TableStatus {
+            schema: t.schema.clone(),
+            name: t.name.clone(),
+            state: TableState::Pending,
+            rows_copied: 0,
+            bytes_copied: 0,
+            inserted: 0,
+            updated: 0,
+            deleted: 0,
+        }))
+    });
+    for (n, table) in tables.iter().enumerate() {
+        let i = first + n;
+        status.send_modify(|s| s.tables[i].state = TableState::Copying);
+        let local = instance.begin().await?;
+        local.exec(&format!("{};", table.create_table_sql())).await?;
+        let rows = table_sync::copy_table(client, &local, table, config.copy_batch_bytes, |rows, bytes| {
+            status.send_modify(|s| {
+                s.tables[i].rows_copied = rows;
+                s.tables[i].bytes_copied = bytes;
+            })
+        })
+        .await?;
+        let indexing = std::time::Instant::now();
+        for sql in schema::constraint_statements(table) {
+            local.exec(&sql).await?;
+        }
+        for sql in &table.indexes {
+            // An index the cache cannot build (e.g. an operator class from
+            // an extension) is skipped, not fatal.
+            let guarded = format!("SAVEPOINT pglite_cache_index; {sql}; RELEASE SAVEPOINT pglite_cache_index");
+            if let Err(e) = local.exec(&guarded).await {
+                tracing::warn!(table = %table.qualified(), index = %sql, error = %e, "could not create index locally; skipped");
+                local.exec("ROLLBACK TO SAVEPOINT pglite_cache_index").await?;
+            }
+        }
+        if config.read_only {
+            local.exec(&schema::read_only_trigger_sql(table)).await?;
+        }
+        let (sql, params) =
+            store::table_state_statement(&table.schema, &table.name, table.remote_oid, "ready", rows, synced_at);
+        local.query_params(&sql, params).await?;
+        local.commit().await?;
+        status.send_modify(|s| s.tables[i].state = TableState::Ready);
+        tracing::info!(table = %table.qualified(), rows, indexing = ?indexing.elapsed(), "table copied");
+    }
+    Ok(())
 }
 
 fn slot_lost_hint() -> String {

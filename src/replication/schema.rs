@@ -94,16 +94,28 @@ impl TableSchema {
     /// The statement that reads the table's published rows on the remote.
     pub fn copy_out_sql(&self) -> String {
         let only = if self.relkind == b'p' as i8 { "" } else { "ONLY " };
-        let filter = self.row_filter.as_ref().map(|f| format!(" WHERE {f}")).unwrap_or_default();
+        let filter = self
+            .row_filter
+            .as_ref()
+            .map(|f| format!(" WHERE {f}"))
+            .unwrap_or_default();
         let format = if self.binary_copy() { " (FORMAT binary)" } else { "" };
-        format!("COPY (SELECT {} FROM {only}{}{filter}) TO STDOUT{format}", self.column_list(), self.qualified())
+        format!(
+            "COPY (SELECT {} FROM {only}{}{filter}) TO STDOUT{format}",
+            self.column_list(),
+            self.qualified()
+        )
     }
 
     /// The statement that bulk-loads a batch locally (into a table created
     /// in the same transaction, hence `FREEZE`).
     pub fn copy_in_sql(&self) -> String {
         let format = if self.binary_copy() { ", FORMAT binary" } else { "" };
-        format!("COPY {} ({}) FROM '/dev/blob' WITH (FREEZE{format})", self.qualified(), self.column_list())
+        format!(
+            "COPY {} ({}) FROM '/dev/blob' WITH (FREEZE{format})",
+            self.qualified(),
+            self.column_list()
+        )
     }
 }
 

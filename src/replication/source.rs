@@ -344,12 +344,14 @@ impl SourceConnection {
         })
     }
 
-    /// Creates a permanent logical pgoutput slot and exports its snapshot.
-    pub async fn create_slot(&mut self, slot: &str) -> Result<CreatedSlot, ReplicationError> {
+    /// Creates a logical pgoutput slot and exports its snapshot.
+    /// A temporary slot is dropped when this connection closes.
+    pub async fn create_slot(&mut self, slot: &str, temporary: bool) -> Result<CreatedSlot, ReplicationError> {
         let rows = self
             .simple_query(&format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
-                quote_ident(slot)
+                "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput (SNAPSHOT 'export')",
+                quote_ident(slot),
+                if temporary { " TEMPORARY" } else { "" }
             ))
             .await?;
         let row = rows

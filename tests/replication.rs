@@ -714,3 +714,124 @@ async fn tables_added_to_the_publication_are_backfilled() {
     assert_eq!(local_count(&local, "c").await, 11);
     handle.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_during_the_initial_copy_then_start_again() {
+    let pg = PgCluster::start();
+    let db = pg.create_database("midcopy").await;
+    let remote = pg.client(&db).await;
+    remote
+        .batch_execute(
+            "CREATE TABLE small (id int PRIMARY KEY); INSERT INTO small VALUES (1), (2); \
+             CREATE TABLE big (id int PRIMARY KEY, v text); \
+             INSERT INTO big SELECT i, repeat(md5(i::text), 4) FROM generate_series(1, 300000) i; \
+             CREATE PUBLICATION pub FOR TABLE big, small;",
+        )
+        .await
+        .unwrap();
+    let local = instance().await;
+    let mut cfg = config(&pg, &db, "pub");
+    cfg.copy_batch_bytes = 256 << 10; // many batches, so there is a middle
+    let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
+    let mut status = handle.watch_status();
+    tokio::time::timeout(WAIT, status.wait_for(|s| s.tables.iter().any(|t| t.rows_copied > 0)))
+        .await
+        .unwrap()
+        .unwrap();
+    handle.stop().await.unwrap();
+    assert_ne!(
+        handle.status().tables[0].rows_copied,
+        300_000,
+        "stopped too late to test a stop mid-copy"
+    );
+    // Nothing half-copied is left behind.
+    assert!(local.query("SELECT 1 FROM big", &[]).await.is_err());
+
+    remote
+        .batch_execute("INSERT INTO big VALUES (300001, 'after'); DELETE FROM small WHERE id = 1;")
+        .await
+        .unwrap();
+    let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming())
+        .await
+        .unwrap()
+        .unwrap();
+    remote
+        .batch_execute("UPDATE big SET v = 'x' WHERE id < 100")
+        .await
+        .unwrap();
+    catch_up(&handle, &remote).await;
+    assert_same(&remote, &local, "big").await;
+    assert_same(&remote, &local, "small").await;
+    // One slot: the interrupted copy's slot was replaced.
+    let slots: i64 = remote
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 1);
+    handle.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_lost_with_resync_policy_copies_again() {
+    let pg = PgCluster::start();
+    let db = pg.create_database("resync").await;
+    let remote = pg.client(&db).await;
+    remote
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v int); INSERT INTO t SELECT i, i FROM generate_series(1, 100) i; \
+             CREATE PUBLICATION pub FOR TABLE t;",
+        )
+        .await
+        .unwrap();
+    let local = instance().await;
+    let cfg = config(&pg, &db, "pub").on_slot_lost(pglite_cache::replication::SlotLostPolicy::Resync);
+    let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming())
+        .await
+        .unwrap()
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        remote
+            .execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&cfg.slot_name],
+            )
+            .await
+            .unwrap();
+        if remote
+            .execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot_name])
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "could not drop the slot");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Changes made while no slot existed are only in a new copy.
+    remote
+        .batch_execute("UPDATE t SET v = -v WHERE id <= 50; DELETE FROM t WHERE id > 90;")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let slot = remote
+            .query(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&cfg.slot_name],
+            )
+            .await
+            .unwrap();
+        if !slot.is_empty() && handle.status().phase == Phase::Streaming {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no resync: {:?}", handle.status());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    catch_up(&handle, &remote).await;
+    assert_same(&remote, &local, "t").await;
+    handle.stop().await.unwrap();
+}

@@ -365,7 +365,27 @@ impl Supervisor {
             if *self.shutdown.borrow() {
                 break Ok(());
             }
-            let outcome = self.session(&mut attempt).await;
+            // Streaming stops gracefully by itself (finishing the current
+            // transaction); before that (connecting, copying) a stop cancels
+            // the session: the local copy rolls back, and the next start
+            // copies again from a new slot.
+            let mut shutdown = self.shutdown.clone();
+            let status = self.status.subscribe();
+            let cancel = async move {
+                loop {
+                    if shutdown.changed().await.is_err() || *shutdown.borrow() {
+                        if status.borrow().phase != Phase::Streaming {
+                            return;
+                        }
+                        std::future::pending::<()>().await;
+                    }
+                }
+            };
+            let outcome = tokio::select! {
+                biased;
+                () = cancel => Ok(Ended::Stopped),
+                outcome = self.session(&mut attempt) => outcome,
+            };
             match outcome {
                 Ok(Ended::Stopped) => break Ok(()),
                 Err(e) if e.is_slot_lost() && self.config.on_slot_lost == SlotLostPolicy::Resync => {

@@ -22,7 +22,14 @@ use pglite_cache::replication::{PublicationSpec, Replication, ReplicationConfig}
 use pglite_cache::{Instance, InstanceOptions};
 
 const TABLE: &str = "CREATE TABLE bench (id int PRIMARY KEY, n int NOT NULL, label text NOT NULL, at timestamptz NOT NULL, \
-                     payload text NOT NULL); CREATE TABLE marker (id int PRIMARY KEY);";
+                     payload text NOT NULL); CREATE TABLE marker (id int PRIMARY KEY); \
+                     CREATE TABLE accounts (aid int PRIMARY KEY, abalance int NOT NULL); \
+                     CREATE TABLE history (hid bigserial PRIMARY KEY, aid int NOT NULL, delta int NOT NULL);";
+
+/// pgbench-style load: clients and seconds.
+const LOAD_CLIENTS: usize = 4;
+const LOAD_SECONDS: u64 = 10;
+const ACCOUNTS: i32 = 10_000;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -33,7 +40,7 @@ async fn main() {
     let rows: i64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
     let txn_rows: i64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200_000);
 
-    let publisher = pg::PgCluster::start();
+    let publisher = pg::PgCluster::start_with(&[("track_commit_timestamp", "on")]);
     let subscriber = pg::PgCluster::start();
     let db = publisher.create_database("bench").await;
     subscriber.create_database("bench").await;
@@ -43,7 +50,8 @@ async fn main() {
         .batch_execute(&format!(
             "INSERT INTO bench SELECT i, i % 1000, 'label ' || (i % 97), now() - i * interval '1 second', \
              md5(i::text) || md5((i * 7)::text) FROM generate_series(1, {rows}) i; \
-             CREATE PUBLICATION pub FOR TABLE bench, marker;"
+             INSERT INTO accounts SELECT i, 0 FROM generate_series(1, {ACCOUNTS}) i; \
+             CREATE PUBLICATION pub FOR TABLE bench, marker, accounts, history;"
         ))
         .await
         .unwrap();
@@ -61,6 +69,17 @@ async fn main() {
     // Native subscriber.
     let native = subscriber.client(&db).await;
     native.batch_execute(TABLE).await.unwrap();
+    // When each history row was applied (the subscriber may have extra columns).
+    native
+        .batch_execute(
+            "ALTER TABLE history ADD COLUMN applied_at timestamptz; \
+             CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS \
+               $$ BEGIN NEW.applied_at := clock_timestamp(); RETURN NEW; END $$; \
+             CREATE TRIGGER stamp BEFORE INSERT ON history FOR EACH ROW EXECUTE FUNCTION stamp(); \
+             ALTER TABLE history ENABLE ALWAYS TRIGGER stamp;",
+        )
+        .await
+        .unwrap();
     let started = Instant::now();
     native
         .batch_execute(&format!(
@@ -187,7 +206,98 @@ async fn main() {
         }
         results.push((name.clone(), txn_rows, native_time, ours_time));
     }
-    handle.take().unwrap().stop().await.unwrap();
+    let handle = handle.take().unwrap();
+
+    // pgbench-style small transactions, native alone first, then ours alone.
+    let mut lag_rows = Vec::new();
+    {
+        handle.stop().await.unwrap();
+        let (tps, from, to) = run_load(&publisher, &db).await;
+        let done = committed_marker(&remote, 100).await;
+        loop {
+            if !native
+                .query("SELECT 1 FROM marker WHERE id = 100", &[])
+                .await
+                .unwrap()
+                .is_empty()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let catch_up = done.elapsed();
+        // Lag per transaction: applied on the subscriber minus committed on the publisher.
+        let committed: std::collections::HashMap<i64, f64> = remote
+            .query(
+                "SELECT hid, extract(epoch FROM pg_xact_commit_timestamp(xmin))::float8 FROM history WHERE hid BETWEEN $1 AND $2",
+                &[&from, &to],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let mut lags: Vec<f64> = native
+            .query(
+                "SELECT hid, extract(epoch FROM applied_at)::float8 FROM history WHERE hid BETWEEN $1 AND $2",
+                &[&from, &to],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .filter_map(|r| committed.get(&r.get::<_, i64>(0)).map(|c| r.get::<_, f64>(1) - c))
+            .collect();
+        lag_rows.push((
+            "native subscriber",
+            tps,
+            percentile(&mut lags, 0.5),
+            percentile(&mut lags, 0.99),
+            catch_up,
+        ));
+    }
+    {
+        native.batch_execute("ALTER SUBSCRIPTION sub DISABLE").await.unwrap();
+        let handle = Replication::start(local.clone(), config.clone()).unwrap();
+        let lsn: pglite_cache::replication::Lsn = remote
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+            .parse()
+            .unwrap();
+        handle.wait_for_lsn(lsn).await.unwrap();
+        let mut applied = handle.subscribe();
+        let collector = tokio::spawn(async move {
+            let mut lags = Vec::new();
+            loop {
+                match applied.recv().await {
+                    Ok(tx) => {
+                        let now = std::time::SystemTime::now();
+                        if tx.changes.iter().any(|c| c.table == "history") {
+                            lags.push(now.duration_since(tx.commit_time).unwrap_or_default().as_secs_f64());
+                        }
+                        if tx.changes.iter().any(|c| c.table == "marker") {
+                            return lags;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return lags,
+                }
+            }
+        });
+        let (tps, _, _) = run_load(&publisher, &db).await;
+        let done = committed_marker(&remote, 101).await;
+        let mut lags = collector.await.unwrap();
+        let catch_up = done.elapsed();
+        lag_rows.push((
+            "pglite-cache",
+            tps,
+            percentile(&mut lags, 0.5),
+            percentile(&mut lags, 0.99),
+            catch_up,
+        ));
+        handle.stop().await.unwrap();
+    }
 
     println!();
     println!("| workload | rows | native subscriber | pglite-cache | ratio |");
@@ -203,4 +313,78 @@ async fn main() {
             rate(ours) / rate(native)
         );
     }
+    println!();
+    println!(
+        "| pgbench-style load, {LOAD_CLIENTS} clients, {LOAD_SECONDS} s (UPDATE + INSERT per txn) | publisher TPS | lag p50 | lag p99 | catch-up after the load |"
+    );
+    println!("|---|---|---|---|---|");
+    for (who, tps, p50, p99, catch_up) in lag_rows {
+        println!(
+            "| {who} | {tps:.0} | {:.1} ms | {:.1} ms | {:.0} ms |",
+            p50 * 1000.0,
+            p99 * 1000.0,
+            catch_up.as_secs_f64() * 1000.0
+        );
+    }
+}
+
+/// Runs the load; returns the publisher's TPS and the history ids written.
+async fn run_load(publisher: &pg::PgCluster, db: &str) -> (f64, i64, i64) {
+    let first: i64 = publisher
+        .client(db)
+        .await
+        .query_one("SELECT coalesce(max(hid), 0) + 1 FROM history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(LOAD_SECONDS);
+    let mut clients = Vec::new();
+    for c in 0..LOAD_CLIENTS {
+        let client = publisher.client(db).await;
+        clients.push(tokio::spawn(async move {
+            let mut seed = 12345u64 + c as u64;
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let aid = (seed >> 33) as i32 % ACCOUNTS + 1;
+                client
+                    .batch_execute(&format!(
+                        "BEGIN; UPDATE accounts SET abalance = abalance + 1 WHERE aid = {aid}; \
+                         INSERT INTO history (aid, delta) VALUES ({aid}, 1); COMMIT;"
+                    ))
+                    .await
+                    .unwrap();
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for c in clients {
+        total += c.await.unwrap();
+    }
+    let tps = total as f64 / started.elapsed().as_secs_f64();
+    let last: i64 = publisher
+        .client(db)
+        .await
+        .query_one("SELECT max(hid) FROM history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    (tps, first, last)
+}
+
+/// Commits a marker row; returns when it was committed.
+async fn committed_marker(remote: &tokio_postgres::Client, id: i32) -> Instant {
+    remote.execute("INSERT INTO marker VALUES ($1)", &[&id]).await.unwrap();
+    Instant::now()
+}
+
+fn percentile(values: &mut [f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[((values.len() - 1) as f64 * p).round() as usize]
 }

@@ -48,6 +48,12 @@ use super::{AppliedTransaction, Change, ChangeOp, Status};
 const APPLY_SETTINGS: &str = "SELECT set_config('session_replication_role', 'replica', true), \
      set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)";
 
+/// At most this many remote transactions are committed together.
+const MAX_MERGED: usize = 10_000;
+
+/// Remote transactions wait at most this long for a merged commit.
+const MAX_MERGE_DELAY: Duration = Duration::from_millis(20);
+
 /// Most changes kept per transaction for subscribers (the rest is counted).
 const MAX_SUBSCRIBED_CHANGES: usize = 10_000;
 
@@ -114,10 +120,19 @@ struct Group {
 
 /// The remote transaction being received.
 struct Pending {
+    /// Between Begin and Commit of a remote transaction. When false, the
+    /// remote transactions in `done` wait to be committed together.
+    open: bool,
+    /// The remote transaction being received.
     final_lsn: Lsn,
     /// Already applied before a restart: receive and drop.
     skip: bool,
-    group: Option<Group>,
+    /// The open group of each table with changes not yet turned into steps.
+    /// Changes of different tables commute (cache tables have no foreign
+    /// keys, and no triggers fire during the apply), so each table keeps
+    /// its own group; a table's group ends when the kind of change changes,
+    /// a key repeats, or the table's description changes.
+    groups: Vec<Group>,
     steps: Vec<Step>,
     buffered: usize,
     /// Open once the transaction outgrew the buffer.
@@ -132,6 +147,10 @@ struct Pending {
     /// When Begin arrived, and time spent waiting for the instance.
     started: std::time::Instant,
     busy: Duration,
+    /// Remote transactions received whole, committed with the next flush.
+    done: Vec<AppliedTransaction>,
+    /// End LSN and commit time of the last of them.
+    last_end: Option<(Lsn, i64)>,
 }
 
 impl Pending {
@@ -297,14 +316,25 @@ impl Applier {
             LogicalMessage::Begin {
                 final_lsn, commit_time, ..
             } => {
-                if self.pending.is_some() {
-                    return Err(ReplicationError::fatal("Begin inside a transaction"));
-                }
                 let _ = commit_time; // the Commit message carries it too
+                let skip = final_lsn < self.committed;
+                if let Some(pending) = self.pending.as_mut() {
+                    // Transactions waiting for a merged commit: this one joins them.
+                    if pending.open {
+                        return Err(ReplicationError::fatal("Begin inside a transaction"));
+                    }
+                    pending.open = true;
+                    pending.final_lsn = final_lsn;
+                    pending.skip = skip;
+                    pending.change_count = 0;
+                    pending.changes.clear();
+                    return Ok(());
+                }
                 self.pending = Some(Pending {
+                    open: true,
                     final_lsn,
-                    skip: final_lsn < self.committed,
-                    group: None,
+                    skip,
+                    groups: Vec::new(),
                     steps: Vec::new(),
                     buffered: 0,
                     local: None,
@@ -314,6 +344,8 @@ impl Applier {
                     counts: HashMap::new(),
                     started: std::time::Instant::now(),
                     busy: Duration::ZERO,
+                    done: Vec::new(),
+                    last_end: None,
                 });
             }
             LogicalMessage::Commit {
@@ -527,15 +559,8 @@ impl Applier {
             key,
             applies_from,
         };
-        // A Relation message between changes of the same table ends the group.
-        if self
-            .pending
-            .as_ref()
-            .and_then(|p| p.group.as_ref())
-            .is_some_and(|g| g.relation == rel.id)
-        {
-            self.flush_group()?;
-        }
+        // The table's grouped changes were described by the old message.
+        self.flush_table(rel.id)?;
         self.relations.insert(rel.id, Arc::new(state));
         Ok(())
     }
@@ -588,7 +613,7 @@ impl Applier {
             let old = old
                 .ok_or_else(|| ReplicationError::fatal("UPDATE/DELETE of a FULL identity table without the old row"))?;
             let (sql, params) = full_identity_statement(&rel, op, old.values(), new.as_ref());
-            self.flush_group()?;
+            self.flush_table(relation)?;
             return self.push_statement(sql, params).await;
         }
 
@@ -629,22 +654,17 @@ impl Applier {
         }
         let size: usize = row.iter().map(value_size).sum::<usize>() + 8;
         let pending = self.pending()?;
-        let same_group = pending
-            .group
-            .as_ref()
-            .is_some_and(|g| g.relation == relation && g.kind == kind);
+        let current = pending.groups.iter().position(|g| g.relation == relation);
+        let same_group = current.is_some_and(|i| pending.groups[i].kind == kind);
         // The same key twice in one update group would be applied once:
         // start a new group instead.
         let repeated_key = same_group
             && matches!(kind, GroupKind::Update(_))
-            && pending
-                .group
-                .as_ref()
-                .is_some_and(|g| g.keys.contains(&row[..rel.key.len()]));
+            && current.is_some_and(|i| pending.groups[i].keys.contains(&row[..rel.key.len()]));
         if !same_group || repeated_key || isolate {
-            self.flush_group()?;
+            self.flush_table(relation)?;
             let pending = self.pending()?;
-            pending.group = Some(Group {
+            pending.groups.push(Group {
                 relation,
                 kind: kind.clone(),
                 rows: Vec::new(),
@@ -652,14 +672,18 @@ impl Applier {
             });
         }
         let pending = self.pending()?;
-        let group = pending.group.as_mut().expect("group was just ensured");
+        let group = pending
+            .groups
+            .iter_mut()
+            .find(|g| g.relation == relation)
+            .expect("group was just ensured");
         if matches!(kind, GroupKind::Update(_)) {
             group.keys.insert(row[..rel.key.len()].to_vec());
         }
         group.rows.push(row);
         pending.buffered += size;
         if isolate {
-            self.flush_group()?;
+            self.flush_table(relation)?;
         }
         let pending = self.pending()?;
         if pending.buffered >= self.max_buffered {
@@ -713,19 +737,38 @@ impl Applier {
             .await
     }
 
-    /// Turns the current group into a statement.
+    /// Turns every open group into steps.
     fn flush_group(&mut self) -> Result<(), ReplicationError> {
         let Some(pending) = self.pending.as_mut() else {
             return Ok(());
         };
-        let Some(group) = pending.group.take() else {
+        for group in std::mem::take(&mut pending.groups) {
+            Self::group_into_steps(&self.relations, pending, group)?;
+        }
+        Ok(())
+    }
+
+    /// Turns one table's open group into steps.
+    fn flush_table(&mut self, relation: u32) -> Result<(), ReplicationError> {
+        let Some(pending) = self.pending.as_mut() else {
             return Ok(());
         };
+        if let Some(i) = pending.groups.iter().position(|g| g.relation == relation) {
+            let group = pending.groups.swap_remove(i);
+            Self::group_into_steps(&self.relations, pending, group)?;
+        }
+        Ok(())
+    }
+
+    fn group_into_steps(
+        relations: &HashMap<u32, Arc<RelationState>>,
+        pending: &mut Pending,
+        group: Group,
+    ) -> Result<(), ReplicationError> {
         if group.rows.is_empty() {
             return Ok(());
         }
-        let rel = self
-            .relations
+        let rel = relations
             .get(&group.relation)
             .ok_or_else(|| ReplicationError::fatal("group of unknown relation"))?;
         pending.steps.extend(group_steps(rel, &group));
@@ -770,15 +813,60 @@ impl Applier {
         Ok(())
     }
 
+    /// A remote transaction was received whole. It is committed locally
+    /// right away, unless more of the stream is already waiting: then the
+    /// next transactions join the same local transaction (group commit,
+    /// each remote transaction still all-or-nothing for readers), up to
+    /// [`MAX_MERGED`] transactions, [`MAX_MERGE_DELAY`] or the buffer limit.
     async fn commit(&mut self, end_lsn: Lsn, commit_time: i64) -> Result<(), ReplicationError> {
-        self.flush_group()?;
-        let mut pending = self
-            .pending
-            .take()
-            .ok_or_else(|| ReplicationError::fatal("Commit without Begin"))?;
-        if pending.skip {
+        let max_buffered = self.max_buffered;
+        let pending = self.pending()?;
+        if !pending.open {
+            return Err(ReplicationError::fatal("Commit without Begin"));
+        }
+        pending.open = false;
+        if !pending.skip {
+            pending.last_end = Some((end_lsn, commit_time));
+            pending.done.push(AppliedTransaction {
+                commit_lsn: pending.final_lsn,
+                end_lsn,
+                commit_time: pg_time(commit_time),
+                change_count: pending.change_count,
+                truncated: pending.change_count > pending.changes.len() as u64,
+                changes: std::mem::take(&mut pending.changes),
+            });
+        }
+        let flush_now = pending.local.is_some()
+            || pending.done.len() >= MAX_MERGED
+            || pending.buffered >= max_buffered
+            || pending.started.elapsed() >= MAX_MERGE_DELAY;
+        if flush_now {
+            self.flush_deferred().await?;
+        }
+        Ok(())
+    }
+
+    /// Remote transactions are received whole and wait for a merged commit.
+    pub(crate) fn has_deferred(&self) -> bool {
+        self.pending.as_ref().is_some_and(|p| !p.open)
+    }
+
+    /// Not inside a remote transaction (merged commits may be waiting).
+    pub(crate) fn between_transactions(&self) -> bool {
+        self.pending.as_ref().is_none_or(|p| !p.open)
+    }
+
+    /// Commits the waiting remote transactions in one local transaction
+    /// that also stores the last one's end LSN.
+    pub(crate) async fn flush_deferred(&mut self) -> Result<(), ReplicationError> {
+        if !self.has_deferred() {
             return Ok(());
         }
+        self.flush_group()?;
+        let mut pending = self.pending.take().expect("checked above");
+        let Some((end_lsn, commit_time)) = pending.last_end else {
+            return Ok(()); // only transactions applied before a restart
+        };
         let mut steps = std::mem::take(&mut pending.steps);
         let (sql, params) = store::applied_statement(end_lsn, Some(commit_time));
         steps.push(Step::Sql(sql, params));
@@ -802,7 +890,7 @@ impl Applier {
                 tx.commit().await?;
             }
             None => {
-                // Small transaction: one round trip.
+                // Small transactions: one round trip.
                 let mut statements = vec![(APPLY_SETTINGS.to_owned(), vec![])];
                 statements.extend(steps.into_iter().filter_map(|s| match s {
                     Step::Sql(sql, params) => Some((sql, params)),
@@ -814,7 +902,8 @@ impl Applier {
         pending.busy += started.elapsed();
         tracing::debug!(
             lsn = %end_lsn,
-            changes = pending.change_count,
+            transactions = pending.done.len(),
+            changes = pending.done.iter().map(|t| t.change_count).sum::<u64>(),
             elapsed = ?pending.started.elapsed(),
             local = ?pending.busy,
             "transaction applied"
@@ -846,14 +935,9 @@ impl Applier {
             }
         });
         if self.changes.receiver_count() > 0 {
-            let _ = self.changes.send(Arc::new(AppliedTransaction {
-                commit_lsn: pending.final_lsn,
-                end_lsn,
-                commit_time: commit_at,
-                change_count: pending.change_count,
-                truncated: pending.change_count > pending.changes.len() as u64,
-                changes: std::mem::take(&mut pending.changes),
-            }));
+            for tx in std::mem::take(&mut pending.done) {
+                let _ = self.changes.send(Arc::new(tx));
+            }
         }
         Ok(())
     }

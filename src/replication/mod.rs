@@ -488,7 +488,8 @@ impl Supervisor {
 
     /// The apply loop. Arms in priority order: shutdown (finish the current
     /// transaction, then stop), the status timer (feedback is never starved
-    /// by a busy stream), then the stream itself.
+    /// by a busy stream), the stream itself, and last, when the stream has
+    /// nothing ready, committing the transactions received so far.
     async fn stream(
         &mut self,
         mut conn: SourceConnection,
@@ -500,7 +501,8 @@ impl Supervisor {
         // Check the publication for added tables at once, then now and then.
         self.backfill(&mut conn, applier).await?;
         loop {
-            if stopping && applier.idle() {
+            if stopping && applier.between_transactions() {
+                applier.flush_deferred().await?;
                 break;
             }
             tokio::select! {
@@ -521,7 +523,8 @@ impl Supervisor {
                     Some(StreamMessage::XLogData { data, wal_end, .. }) => {
                         applier.note_wal_end(wal_end);
                         applier.handle(&data).await?;
-                        if applier.idle() && applier.wants_backfill() {
+                        if applier.between_transactions() && applier.wants_backfill() {
+                            applier.flush_deferred().await?;
                             self.backfill(&mut conn, applier).await?;
                         }
                     }
@@ -534,6 +537,9 @@ impl Supervisor {
                         }
                     }
                 },
+                // Nothing more is waiting on the socket: commit the remote
+                // transactions received so far (merged while we were behind).
+                () = std::future::ready(()), if applier.has_deferred() => applier.flush_deferred().await?,
             }
         }
         applier.advance_idle().await?;

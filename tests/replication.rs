@@ -835,3 +835,37 @@ async fn slot_lost_with_resync_policy_copies_again() {
     assert_same(&remote, &local, "t").await;
     handle.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_remote_is_retried_until_stopped() {
+    // Nothing listens on this port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let source = format!("host=127.0.0.1 port={port} user=postgres dbname=x")
+        .parse()
+        .unwrap();
+    let local = instance().await;
+    let handle = Replication::start(
+        local,
+        ReplicationConfig::new(source, PublicationSpec::Existing("p".into())),
+    )
+    .unwrap();
+    let mut status = handle.watch_status();
+    let reconnecting = tokio::time::timeout(
+        WAIT,
+        status.wait_for(|s| matches!(s.phase, Phase::Reconnecting { attempt, .. } if attempt >= 2)),
+    )
+    .await
+    .expect("should keep retrying")
+    .unwrap()
+    .clone();
+    match reconnecting.phase {
+        Phase::Reconnecting { error, .. } => assert!(error.contains("transient"), "{error}"),
+        other => panic!("{other:?}"),
+    }
+    handle.stop().await.unwrap();
+    assert_eq!(handle.status().phase, Phase::Stopped);
+}

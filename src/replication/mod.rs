@@ -28,6 +28,48 @@
 //! Exactly once: each remote transaction is one local transaction that also
 //! stores its end LSN; after a restart, commits below it are skipped; the
 //! LSN confirmed to the remote is always one already committed locally.
+//! While the apply is behind, several remote transactions may share one
+//! local commit (each still all-or-nothing for readers).
+//!
+//! Big transactions: protocol v1 (the remote decodes a transaction whole
+//! before sending it). Up to `max_buffered_bytes` of a transaction is held
+//! in memory; past that it is applied piece by piece inside one open local
+//! transaction and committed at its end, so memory does not grow with the
+//! transaction. Readers of the instance wait while such a transaction is
+//! applied (PGlite has one session); they never see part of it.
+//!
+//! Schema changes: a column added upstream is added locally (existing rows
+//! get the remote's value for it); a dropped, renamed or retyped column or a
+//! renamed table halts with an operator error that says to decommission and
+//! start again (a full resync). Tables added to the publication are copied
+//! and then streamed; a table removed from it keeps its local rows, which
+//! stop changing.
+//!
+//! Not yet: TLS (`sslmode=require`), protocol v2 streaming of in-progress
+//! transactions, resuming an interrupted initial copy table by table.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use pglite_cache::replication::{PublicationSpec, Replication, ReplicationConfig};
+//! use pglite_cache::{Instance, InstanceOptions};
+//!
+//! let cache = Instance::start(InstanceOptions::persistent("./cache")).await?;
+//! let source = "postgres://replicator:secret@db.internal/shop".parse()?;
+//! let config = ReplicationConfig::new(
+//!     source,
+//!     PublicationSpec::Owned { name: "cache_pub".into(), tables: vec!["public.orders".into()] },
+//! );
+//! let replication = Replication::start(cache.clone(), config)?;
+//! replication.wait_streaming().await?;
+//!
+//! // Read your own write: wait for the remote's position after committing.
+//! # let lsn = pglite_cache::replication::Lsn::ZERO;
+//! replication.wait_for_lsn(lsn).await?;
+//! let rows = cache.query("SELECT count(*) FROM orders", &[]).await?;
+//! println!("{:?}, lag {} bytes", rows.rows[0].get::<i64>(0), replication.status().lag_bytes);
+//! replication.stop().await?;
+//! # Ok(()) }
+//! ```
 
 pub(crate) mod apply;
 pub mod config;

@@ -30,6 +30,8 @@ const TABLE: &str = "CREATE TABLE bench (id int PRIMARY KEY, n int NOT NULL, lab
 const LOAD_CLIENTS: usize = 4;
 const LOAD_SECONDS: u64 = 10;
 const ACCOUNTS: i32 = 10_000;
+/// Rows of the one huge transaction.
+const HUGE_TXN_ROWS: i32 = 1_000_000;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -37,8 +39,8 @@ async fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
     let args: Vec<String> = std::env::args().collect();
-    let rows: i64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
-    let txn_rows: i64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200_000);
+    let rows: i32 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    let txn_rows: i32 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200_000);
 
     let publisher = pg::PgCluster::start_with(&[("track_commit_timestamp", "on")]);
     let subscriber = pg::PgCluster::start();
@@ -123,7 +125,7 @@ async fn main() {
     handle.wait_streaming().await.unwrap();
     let ours_copy = started.elapsed();
     let local_rows: i64 = local.query("SELECT count(*) FROM bench", &[]).await.unwrap().rows[0].get(0);
-    assert_eq!(local_rows, rows);
+    assert_eq!(local_rows, i64::from(rows));
 
     let mut results = vec![("initial copy".to_string(), rows, native_copy, ours_copy)];
 
@@ -210,6 +212,7 @@ async fn main() {
 
     // pgbench-style small transactions, native alone first, then ours alone.
     let mut lag_rows = Vec::new();
+    let huge;
     {
         handle.stop().await.unwrap();
         let (tps, from, to) = run_load(&publisher, &db).await;
@@ -296,6 +299,28 @@ async fn main() {
             percentile(&mut lags, 0.99),
             catch_up,
         ));
+
+        // One huge transaction: memory must not grow with it.
+        let before = peak_rss_mib();
+        remote
+            .batch_execute(&format!(
+                "INSERT INTO bench SELECT i, i % 1000, 'huge', now(), md5(i::text) FROM generate_series({}, {}) i",
+                rows + 10_000_000,
+                rows + 10_000_000 + HUGE_TXN_ROWS - 1
+            ))
+            .await
+            .unwrap();
+        let committed = Instant::now();
+        let lsn: pglite_cache::replication::Lsn = remote
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+            .parse()
+            .unwrap();
+        handle.wait_for_lsn(lsn).await.unwrap();
+        let took = committed.elapsed();
+        huge = Some((took, before, peak_rss_mib()));
         handle.stop().await.unwrap();
     }
 
@@ -324,6 +349,15 @@ async fn main() {
             p50 * 1000.0,
             p99 * 1000.0,
             catch_up.as_secs_f64() * 1000.0
+        );
+    }
+    if let Some((took, before, after)) = huge {
+        println!();
+        println!(
+            "pglite-cache, one {HUGE_TXN_ROWS}-row INSERT transaction: applied {:.0} rows/s ({:.2} s from commit); \
+             peak RSS of the whole process {before:.0} MiB before it, {after:.0} MiB after",
+            f64::from(HUGE_TXN_ROWS) / took.as_secs_f64(),
+            took.as_secs_f64()
         );
     }
 }
@@ -379,6 +413,15 @@ async fn run_load(publisher: &pg::PgCluster, db: &str) -> (f64, i64, i64) {
 async fn committed_marker(remote: &tokio_postgres::Client, id: i32) -> Instant {
     remote.execute("INSERT INTO marker VALUES ($1)", &[&id]).await.unwrap();
     Instant::now()
+}
+
+/// Peak resident memory of this process so far (`VmHWM`), in MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 fn percentile(values: &mut [f64], p: f64) -> f64 {

@@ -869,3 +869,63 @@ async fn unreachable_remote_is_retried_until_stopped() {
     handle.stop().await.unwrap();
     assert_eq!(handle.status().phase, Phase::Stopped);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_row_filters_column_lists_and_writable_opt_out() {
+    let pg = PgCluster::start();
+    let db = pg.create_database("pg15").await;
+    let remote = pg.client(&db).await;
+    remote
+        .batch_execute(
+            "CREATE TABLE measures (id int, at date NOT NULL, v numeric, PRIMARY KEY (id, at)) PARTITION BY RANGE (at); \
+             CREATE TABLE measures_2023 PARTITION OF measures FOR VALUES FROM ('2023-01-01') TO ('2024-01-01'); \
+             CREATE TABLE measures_2024 PARTITION OF measures FOR VALUES FROM ('2024-01-01') TO ('2025-01-01'); \
+             CREATE INDEX measures_v ON measures (v); \
+             INSERT INTO measures VALUES (1, '2023-05-01', 1.5), (2, '2024-05-01', 2.5); \
+             CREATE TABLE users (id int PRIMARY KEY, email text, secret text, active boolean NOT NULL); \
+             INSERT INTO users VALUES (1, 'a@x', 's1', true), (2, 'b@x', 's2', false); \
+             CREATE PUBLICATION pub FOR TABLE measures, users (id, email, active) WHERE (id >= 2) \
+               WITH (publish_via_partition_root = true);",
+        )
+        .await
+        .unwrap();
+    let local = instance().await;
+    let handle = Replication::start(local.clone(), config(&pg, &db, "pub").read_only(false)).unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming())
+        .await
+        .unwrap()
+        .unwrap();
+    remote
+        .batch_execute(
+            "INSERT INTO measures VALUES (3, '2024-06-01', 3.5); UPDATE measures SET v = 0 WHERE id = 1; \
+             UPDATE measures SET at = '2024-01-02' WHERE id = 1; \
+             INSERT INTO users VALUES (3, 'c@x', 's3', true), (4, 'd@x', 's4', false); \
+             UPDATE users SET email = 'z@x' WHERE id = 1; UPDATE users SET email = 'y@x', active = true WHERE id = 2;",
+        )
+        .await
+        .unwrap();
+    catch_up(&handle, &remote).await;
+    // The partitioned table replicates as one local table.
+    assert_same(&remote, &local, "measures").await;
+    // Only published columns, only rows matching the filter.
+    let users = local
+        .query("SELECT id, email, active FROM users ORDER BY id", &[])
+        .await
+        .unwrap();
+    let rows: Vec<(i32, String, bool)> = users.rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(
+        rows,
+        vec![
+            (2, "y@x".into(), true),
+            (3, "c@x".into(), true),
+            (4, "d@x".into(), false)
+        ]
+    );
+    assert!(local.query("SELECT secret FROM users", &[]).await.is_err());
+    // read_only(false): local writes are allowed.
+    local
+        .query("INSERT INTO users VALUES (100, 'local', true)", &[])
+        .await
+        .unwrap();
+    handle.stop().await.unwrap();
+}

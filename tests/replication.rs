@@ -567,6 +567,33 @@ async fn columns_added_upstream_are_added_locally() {
         .unwrap();
     catch_up(&handle, &remote).await;
     assert_same(&remote, &local, "t").await;
+
+    // A dropped column halts with an operator error; resync() fixes it.
+    remote
+        .batch_execute("ALTER TABLE t DROP COLUMN plain; UPDATE t SET v = 'after drop' WHERE id = 2;")
+        .await
+        .unwrap();
+    let mut status = handle.watch_status();
+    let halted = tokio::time::timeout(WAIT, status.wait_for(|s| matches!(s.phase, Phase::Halted { .. })))
+        .await
+        .expect("a dropped column should halt")
+        .unwrap()
+        .clone();
+    match &halted.phase {
+        Phase::Halted { error } => assert!(error.contains("dropped") && error.contains("resync()"), "{error}"),
+        other => panic!("{other:?}"),
+    }
+    handle.resync().await.unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming())
+        .await
+        .unwrap()
+        .unwrap();
+    remote
+        .batch_execute("INSERT INTO t VALUES (4, 'd', 'y')")
+        .await
+        .unwrap();
+    catch_up(&handle, &remote).await;
+    assert_same(&remote, &local, "t").await;
     handle.stop().await.unwrap();
 }
 

@@ -262,7 +262,7 @@ impl Applier {
             // never went through replication.
             return Err(ReplicationError::needs_operator(
                 format!("column {column} was added to {table} upstream with a default this cache cannot reproduce"),
-                "decommission and start again to copy the table as it is now",
+                "call ReplicationHandle::resync() to copy the table as it is now",
             ));
         }
         Ok(None)
@@ -423,7 +423,7 @@ impl Applier {
                     "table {schema}.{name} was renamed upstream to {}.{}",
                     rel.namespace, rel.name
                 ),
-                "decommission and start again to copy it under its new name",
+                "call ReplicationHandle::resync() to copy it under its new name",
             ));
         }
         let qualified = super::schema::qualified(&schema, &name);
@@ -457,7 +457,7 @@ impl Applier {
                     if col.type_oid < 16384 && (*oid != col.type_oid || *typmod != col.type_modifier) {
                         return Err(ReplicationError::needs_operator(
                             format!("column {} of {schema}.{name} changed type upstream", col.name),
-                            "decommission and start again to copy the table with its new type",
+                            "call ReplicationHandle::resync() to copy the table with its new type",
                         ));
                     }
                     columns.push(LocalColumn {
@@ -472,7 +472,7 @@ impl Applier {
                                 "column {} of user-defined type was added to {schema}.{name} upstream",
                                 col.name
                             ),
-                            "decommission and start again to copy the table (only built-in types are added in place)",
+                            "call ReplicationHandle::resync() to copy the table (only built-in types are added in place)",
                         ));
                     }
                     added.push(col);
@@ -485,7 +485,7 @@ impl Applier {
                     "column {} of {schema}.{name} was dropped or renamed upstream (or left the column list)",
                     gone.0
                 ),
-                "decommission and start again to copy the table as it is now",
+                "call ReplicationHandle::resync() to copy the table as it is now",
             ));
         }
         for col in added {

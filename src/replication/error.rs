@@ -173,7 +173,8 @@ fn default_hint(code: &SqlState, message: &str) -> Option<String> {
     if message.contains("can no longer get changes from replication slot") || message.contains("invalidated") {
         return Some(
             "the slot was invalidated (WAL retention exceeded, e.g. max_slot_wal_keep_size): \
-             decommission and start again for a full resync, or set `on_slot_lost = Resync`"
+             call `ReplicationHandle::resync()` (or decommission and start again) for a full resync, \
+             or set `on_slot_lost = Resync`"
                 .into(),
         );
     }

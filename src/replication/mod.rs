@@ -240,6 +240,7 @@ pub struct Replication;
 #[derive(Debug)]
 pub struct ReplicationHandle {
     status: watch::Receiver<Status>,
+    status_tx: Arc<watch::Sender<Status>>,
     changes: broadcast::Sender<Arc<AppliedTransaction>>,
     shutdown: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<Result<(), ReplicationError>>>>,
@@ -254,18 +255,20 @@ impl Replication {
     pub fn start(instance: Instance, config: ReplicationConfig) -> Result<ReplicationHandle, ReplicationError> {
         config.validate()?;
         let (status_tx, status) = watch::channel(Status::default());
+        let status_tx = Arc::new(status_tx);
         let (changes, _) = broadcast::channel(1024);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let supervisor = Supervisor {
             instance: instance.clone(),
             config: config.clone(),
-            status: Arc::new(status_tx),
+            status: status_tx.clone(),
             changes: changes.clone(),
             shutdown: shutdown_rx,
         };
         let task = tokio::spawn(supervisor.run());
         Ok(ReplicationHandle {
             status,
+            status_tx,
             changes,
             shutdown,
             task: Mutex::new(Some(task)),
@@ -362,6 +365,27 @@ impl ReplicationHandle {
                 .map_err(|e| ReplicationError::fatal(format!("replication task failed: {e}")))?,
             None => Ok(()),
         }
+    }
+
+    /// Copies everything again from a new slot, e.g. after an operator
+    /// error about a table changed upstream: stops, forgets the position
+    /// (the old slot is replaced, the local tables are replaced as their
+    /// new copies are made), and starts again with the same handle.
+    pub async fn resync(&self) -> Result<(), ReplicationError> {
+        let _ = self.stop().await; // a halting error is what we are fixing
+        store::init(&self.instance).await?;
+        self.instance.exec("DELETE FROM pglite_cache.replication").await?;
+        let _ = self.shutdown.send(false);
+        let supervisor = Supervisor {
+            instance: self.instance.clone(),
+            config: self.config.clone(),
+            status: self.status_tx.clone(),
+            changes: self.changes.clone(),
+            shutdown: self.shutdown.subscribe(),
+        };
+        self.status_tx.send_modify(|s| *s = Status::default());
+        *self.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::spawn(supervisor.run()));
+        Ok(())
     }
 
     /// Stops, then decommissions (see [`Replication::decommission`]).
@@ -880,7 +904,8 @@ async fn copy_tables(
 
 fn slot_lost_hint() -> String {
     "the replication slot is gone (dropped, or invalidated after exceeding max_slot_wal_keep_size): \
-     decommission and start again for a full resync, or set on_slot_lost = Resync"
+     call ReplicationHandle::resync() (or decommission and start again) for a full resync, \
+     or set on_slot_lost = Resync"
         .into()
 }
 

@@ -357,7 +357,7 @@ impl ReplicationHandle {
     /// applied, final feedback is sent, the connection closed. Returns the
     /// error that halted replication, if one did.
     pub async fn stop(&self) -> Result<(), ReplicationError> {
-        let _ = self.shutdown.send(true);
+        self.shutdown.send_replace(true);
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
         match task {
             Some(task) => task
@@ -375,7 +375,7 @@ impl ReplicationHandle {
         let _ = self.stop().await; // a halting error is what we are fixing
         store::init(&self.instance).await?;
         self.instance.exec("DELETE FROM pglite_cache.replication").await?;
-        let _ = self.shutdown.send(false);
+        self.shutdown.send_replace(false);
         let supervisor = Supervisor {
             instance: self.instance.clone(),
             config: self.config.clone(),
@@ -397,7 +397,7 @@ impl ReplicationHandle {
 
 impl Drop for ReplicationHandle {
     fn drop(&mut self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.send_replace(true);
     }
 }
 

@@ -1,29 +1,31 @@
 //! The streaming apply: pgoutput messages in, local transactions out.
 //!
-//! Each remote transaction becomes one local transaction that also advances
-//! the stored LSN ([`super::store`]), so a crash leaves data and position in
-//! agreement; on restart, transactions whose commit is below the stored LSN
-//! are skipped. The LSN confirmed to the remote is the stored one: it only
-//! moves after the local commit.
+//! Each remote transaction is applied in a local transaction that also
+//! advances the stored LSN ([`super::store`]), so a crash leaves data and
+//! position in agreement; on restart, transactions whose commit is below the
+//! stored LSN are skipped. The LSN confirmed to the remote is the stored one:
+//! it only moves after the local commit.
 //!
-//! Changes are grouped: consecutive changes of the same table and kind
-//! become one statement over `unnest` of text arrays (one array per column,
-//! values in the remote's text format, cast with the local column type), so
-//! a 100,000-row transaction is a handful of statements rather than 100,000.
-//! Updates and deletes join on the replica identity with hash and merge
-//! joins disabled for the transaction, so each row is one index probe.
-//! Tables with REPLICA IDENTITY FULL (no key) are matched row by row on all
-//! columns, removing or changing exactly one matching row each.
+//! Changes are grouped per table: consecutive changes of a table of the same
+//! kind become one statement or one `COPY` ([`super::statements`]). Changes
+//! of different tables commute (cache tables have no foreign keys, and no
+//! triggers fire during the apply), so a stream of small transactions that
+//! alternate between tables still makes a handful of statements.
 //!
-//! A small transaction is buffered and sent at its commit in one round trip
-//! (`Instance::transaction`). One that outgrows `max_buffered_bytes` opens an
-//! interactive local transaction ([`crate::Transaction`], exclusive use of
-//! the instance) and is applied piece by piece as it arrives, then committed
-//! with its LSN: memory stays bounded whatever the size of the remote
-//! transaction, without spill files. (Protocol v1: the remote decodes the
-//! whole transaction before sending it, spilling on its side past
-//! `logical_decoding_work_mem`.) Readers of the instance wait while such a
-//! transaction is being applied; they never see half of it.
+//! A small transaction is buffered and committed in one round trip
+//! (`Instance::transaction`). While more of the stream is already waiting on
+//! the socket, the following transactions join the same local commit (group
+//! commit: each remote transaction is still all-or-nothing for readers, and
+//! the stored LSN is the last one's end). A transaction that outgrows
+//! `max_buffered_bytes` opens an interactive local transaction
+//! ([`crate::Transaction`], exclusive use of the instance) and is applied
+//! piece by piece as it arrives (the next piece is decoded while the previous
+//! one is applied), then committed with its LSN: memory stays bounded
+//! whatever the size of the remote transaction, without spill files.
+//! (Protocol v1: the remote decodes the whole transaction before sending it,
+//! spilling on its side past `logical_decoding_work_mem`.) Readers of the
+//! instance wait while such a transaction is being applied; they never see
+//! part of it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -40,6 +42,10 @@ use super::error::ReplicationError;
 use super::lsn::Lsn;
 use super::pgoutput::{self, LogicalMessage, OldTuple, Relation, Tuple, Value};
 use super::source::{pg_time, quote_ident};
+use super::statements::{
+    Group, GroupKind, LocalColumn, RelationState, Step, full_identity_statement, group_steps, run_steps, value_size,
+    value_text,
+};
 use super::store;
 use super::{AppliedTransaction, Change, ChangeOp, Status};
 
@@ -57,12 +63,6 @@ const MAX_MERGE_DELAY: Duration = Duration::from_millis(20);
 /// Most changes kept per transaction for subscribers (the rest is counted).
 const MAX_SUBSCRIBED_CHANGES: usize = 10_000;
 
-/// Types without an equality operator: matched on their text form (FULL
-/// identity only).
-const NO_EQUALITY: &[&str] = &[
-    "json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle",
-];
-
 /// A replicated table as the store knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct KnownTable {
@@ -73,49 +73,6 @@ pub(crate) struct KnownTable {
     /// Its copy holds every transaction committed before this LSN; changes
     /// of earlier transactions are skipped for it.
     pub applies_from: Lsn,
-}
-
-/// A local column.
-#[derive(Debug, Clone)]
-struct LocalColumn {
-    name: String,
-    type_name: String,
-}
-
-/// What the apply knows about a remote table.
-#[derive(Debug, Clone)]
-struct RelationState {
-    schema: String,
-    name: String,
-    qualified: String,
-    /// One per column of the Relation message, in its order.
-    columns: Vec<LocalColumn>,
-    /// Positions of the replica identity columns.
-    key: Vec<usize>,
-    full_identity: bool,
-    column_names: Arc<[String]>,
-    /// See [`KnownTable::applies_from`].
-    applies_from: Lsn,
-}
-
-/// Kinds of grouped changes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum GroupKind {
-    Insert,
-    /// Which columns are set (unchanged TOAST columns are not).
-    Update(Vec<bool>),
-    Delete,
-}
-
-/// Consecutive changes of one table and kind, not yet turned into SQL.
-#[derive(Debug)]
-struct Group {
-    relation: u32,
-    kind: GroupKind,
-    /// For updates and deletes: key values first (in key order), then for
-    /// updates the set columns. For inserts: all columns.
-    rows: Vec<Vec<Value>>,
-    keys: HashSet<Vec<Value>>,
 }
 
 /// The remote transaction being received.
@@ -943,21 +900,6 @@ impl Applier {
     }
 }
 
-fn value_size(v: &Value) -> usize {
-    match v {
-        Value::Text(b) | Value::Binary(b) => b.len() + 3,
-        _ => 4,
-    }
-}
-
-fn value_text(v: &Value) -> Option<String> {
-    match v {
-        Value::Text(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        Value::Binary(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        Value::Null | Value::Unchanged => None,
-    }
-}
-
 fn describe_change(rel: &RelationState, op: ChangeOp, old: Option<&OldTuple>, new: Option<&Tuple>) -> Change {
     let names = &rel.column_names;
     let key_source = match (old, new) {
@@ -992,433 +934,5 @@ fn describe_change(rel: &RelationState, op: ChangeOp, old: Option<&OldTuple>, ne
         op,
         key,
         new,
-    }
-}
-
-/// Appends a value as an element of a text-array literal.
-fn push_element(out: &mut String, v: &Value) {
-    match v {
-        Value::Text(b) | Value::Binary(b) => {
-            out.push('"');
-            for ch in String::from_utf8_lossy(b).chars() {
-                if ch == '"' || ch == '\\' {
-                    out.push('\\');
-                }
-                out.push(ch);
-            }
-            out.push('"');
-        }
-        Value::Null | Value::Unchanged => out.push_str("NULL"),
-    }
-}
-
-/// One `text[]` parameter per column of `rows` (column `j` of every row).
-fn column_arrays(rows: &[Vec<Value>], width: usize) -> Vec<Param> {
-    (0..width)
-        .map(|j| {
-            let mut s = String::with_capacity(rows.len() * 8 + 2);
-            s.push('{');
-            for (i, row) in rows.iter().enumerate() {
-                if i > 0 {
-                    s.push(',');
-                }
-                push_element(&mut s, &row[j]);
-            }
-            s.push('}');
-            Param::Untyped(s)
-        })
-        .collect()
-}
-
-fn unnest(width: usize, first_param: usize) -> String {
-    let args: Vec<String> = (0..width).map(|j| format!("${}::text[]", first_param + j)).collect();
-    let names: Vec<String> = (0..width).map(|j| format!("c{j}")).collect();
-    format!("unnest({}) AS u({})", args.join(", "), names.join(", "))
-}
-
-/// Groups at least this large are bulk-loaded with `COPY` (inserts, and
-/// updates of whole rows as delete + insert).
-const COPY_MIN_ROWS: usize = 500;
-
-/// One step of applying a transaction locally.
-#[derive(Debug)]
-enum Step {
-    /// A statement.
-    Sql(String, Vec<Param>),
-    /// `COPY ... FROM '/dev/blob'` with this data (needs a lease).
-    Copy { sql: String, data: Vec<u8> },
-}
-
-/// Runs steps in order inside `tx`; consecutive statements share a round trip.
-async fn run_steps(tx: &Transaction, steps: Vec<Step>) -> Result<(), crate::Error> {
-    let mut batch = Vec::new();
-    for step in steps {
-        match step {
-            Step::Sql(sql, params) => batch.push((sql, params)),
-            Step::Copy { sql, data } => {
-                if !batch.is_empty() {
-                    tx.batch(&std::mem::take(&mut batch)).await?;
-                }
-                tx.copy_in(&sql, data).await?;
-            }
-        }
-    }
-    if !batch.is_empty() {
-        tx.batch(&batch).await?;
-    }
-    Ok(())
-}
-
-/// Appends a value in COPY text format.
-fn push_copy_value(out: &mut Vec<u8>, v: &Value) {
-    match v {
-        Value::Text(b) | Value::Binary(b) => {
-            for &byte in b.iter() {
-                match byte {
-                    b'\\' => out.extend_from_slice(b"\\\\"),
-                    b'\n' => out.extend_from_slice(b"\\n"),
-                    b'\r' => out.extend_from_slice(b"\\r"),
-                    b'\t' => out.extend_from_slice(b"\\t"),
-                    other => out.push(other),
-                }
-            }
-        }
-        Value::Null | Value::Unchanged => out.extend_from_slice(b"\\N"),
-    }
-}
-
-/// Rows as COPY text data.
-fn copy_data(rows: &[&[Value]]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(rows.len() * 64);
-    for row in rows {
-        for (j, v) in row.iter().enumerate() {
-            if j > 0 {
-                out.push(b'\t');
-            }
-            push_copy_value(&mut out, v);
-        }
-        out.push(b'\n');
-    }
-    out
-}
-
-/// The steps for a group: big groups of inserts, and of updates of whole
-/// rows (no unchanged TOAST value), are bulk-loaded with COPY (an update
-/// becomes delete + insert: the same result for a cache table, which has no
-/// triggers or foreign keys firing during the apply, at COPY speed).
-fn group_steps(rel: &RelationState, group: &Group) -> Vec<Step> {
-    let nkey = rel.key.len();
-    let big = group.rows.len() >= COPY_MIN_ROWS;
-    let names: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
-    let copy_sql = format!("COPY {} ({}) FROM '/dev/blob'", rel.qualified, names.join(", "));
-    match &group.kind {
-        GroupKind::Insert if big => {
-            let rows: Vec<&[Value]> = group.rows.iter().map(Vec::as_slice).collect();
-            vec![Step::Copy {
-                sql: copy_sql,
-                data: copy_data(&rows),
-            }]
-        }
-        GroupKind::Update(mask) if big && nkey > 0 && mask.iter().all(|&m| m) => {
-            let keys = Group {
-                relation: group.relation,
-                kind: GroupKind::Delete,
-                rows: group.rows.iter().map(|r| r[..nkey].to_vec()).collect(),
-                keys: HashSet::new(),
-            };
-            let (sql, params) = group_statement(rel, &keys);
-            let rows: Vec<&[Value]> = group.rows.iter().map(|r| &r[nkey..]).collect();
-            vec![
-                Step::Sql(sql, params),
-                Step::Copy {
-                    sql: copy_sql,
-                    data: copy_data(&rows),
-                },
-            ]
-        }
-        _ => {
-            let (sql, params) = group_statement(rel, group);
-            vec![Step::Sql(sql, params)]
-        }
-    }
-}
-
-/// The statement for a group of inserts, updates or deletes.
-fn group_statement(rel: &RelationState, group: &Group) -> (String, Vec<Param>) {
-    let cols = &rel.columns;
-    match &group.kind {
-        GroupKind::Insert => {
-            let names: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
-            let casts: Vec<String> = cols
-                .iter()
-                .enumerate()
-                .map(|(j, c)| format!("u.c{j}::{}", c.type_name))
-                .collect();
-            let sql = format!(
-                "INSERT INTO {} ({}) SELECT {} FROM {}",
-                rel.qualified,
-                names.join(", "),
-                casts.join(", "),
-                unnest(cols.len(), 1)
-            );
-            (sql, column_arrays(&group.rows, cols.len()))
-        }
-        GroupKind::Update(mask) => {
-            let nkey = rel.key.len();
-            let set_cols: Vec<usize> = mask.iter().enumerate().filter(|(_, m)| **m).map(|(i, _)| i).collect();
-            let width = nkey + set_cols.len();
-            let sets: Vec<String> = set_cols
-                .iter()
-                .enumerate()
-                .map(|(k, &i)| {
-                    format!(
-                        "{} = u.c{}::{}",
-                        quote_ident(&cols[i].name),
-                        nkey + k,
-                        cols[i].type_name
-                    )
-                })
-                .collect();
-            let conds: Vec<String> = rel
-                .key
-                .iter()
-                .enumerate()
-                .map(|(k, &i)| format!("t.{} = u.c{k}::{}", quote_ident(&cols[i].name), cols[i].type_name))
-                .collect();
-            let sql = format!(
-                "UPDATE {} AS t SET {} FROM {} WHERE {}",
-                rel.qualified,
-                sets.join(", "),
-                unnest(width, 1),
-                conds.join(" AND ")
-            );
-            (sql, column_arrays(&group.rows, width))
-        }
-        GroupKind::Delete if rel.key.len() == 1 && !cols[rel.key[0]].type_name.ends_with("[]") => {
-            // One key column: an index scan over an array of keys.
-            let key = &cols[rel.key[0]];
-            let sql = format!(
-                "DELETE FROM {} WHERE {} = ANY($1::{}[])",
-                rel.qualified,
-                quote_ident(&key.name),
-                key.type_name
-            );
-            (sql, column_arrays(&group.rows, 1))
-        }
-        GroupKind::Delete => {
-            let nkey = rel.key.len();
-            let conds: Vec<String> = rel
-                .key
-                .iter()
-                .enumerate()
-                .map(|(k, &i)| format!("t.{} = u.c{k}::{}", quote_ident(&cols[i].name), cols[i].type_name))
-                .collect();
-            let sql = format!(
-                "DELETE FROM {} AS t USING {} WHERE {}",
-                rel.qualified,
-                unnest(nkey, 1),
-                conds.join(" AND ")
-            );
-            (sql, column_arrays(&group.rows, nkey))
-        }
-    }
-}
-
-/// UPDATE or DELETE of exactly one row matching all of `old` (REPLICA
-/// IDENTITY FULL: there may be no key, and duplicates are possible).
-fn full_identity_statement(
-    rel: &RelationState,
-    op: ChangeOp,
-    old: &Tuple,
-    new: Option<&Tuple>,
-) -> (String, Vec<Param>) {
-    let mut params = Vec::new();
-    let mut conds = Vec::new();
-    for (j, c) in rel.columns.iter().enumerate() {
-        let name = quote_ident(&c.name);
-        match &old[j] {
-            Value::Unchanged => continue,
-            Value::Null => conds.push(format!("{name} IS NULL")),
-            v => {
-                params.push(Param::Untyped(value_text(v).unwrap_or_default()));
-                let base = c.type_name.trim_end_matches("[]");
-                if NO_EQUALITY.contains(&base) {
-                    conds.push(format!("{name}::text = ${}::text", params.len()));
-                } else {
-                    conds.push(format!("{name} = ${}::{}", params.len(), c.type_name));
-                }
-            }
-        }
-    }
-    let locate = format!(
-        "ctid = (SELECT ctid FROM {} WHERE {} LIMIT 1)",
-        rel.qualified,
-        if conds.is_empty() {
-            "true".into()
-        } else {
-            conds.join(" AND ")
-        }
-    );
-    match (op, new) {
-        (ChangeOp::Update, Some(new)) => {
-            let mut sets = Vec::new();
-            for (j, c) in rel.columns.iter().enumerate() {
-                match &new[j] {
-                    Value::Unchanged => {}
-                    v => {
-                        params.push(value_text(v).map_or(Param::Null, Param::Untyped));
-                        sets.push(format!("{} = ${}::{}", quote_ident(&c.name), params.len(), c.type_name));
-                    }
-                }
-            }
-            (
-                format!("UPDATE {} SET {} WHERE {locate}", rel.qualified, sets.join(", ")),
-                params,
-            )
-        }
-        _ => (format!("DELETE FROM {} WHERE {locate}", rel.qualified), params),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn text(s: &str) -> Value {
-        Value::Text(Bytes::copy_from_slice(s.as_bytes()))
-    }
-
-    #[test]
-    fn array_literals_quote_everything() {
-        let rows = vec![
-            vec![text(r#"a"b\c"#)],
-            vec![Value::Null],
-            vec![text("{x,y}")],
-            vec![text("NULL")],
-        ];
-        let params = column_arrays(&rows, 1);
-        assert_eq!(params[0], Param::Untyped(r#"{"a\"b\\c",NULL,"{x,y}","NULL"}"#.into()));
-    }
-
-    fn rel() -> RelationState {
-        RelationState {
-            schema: "public".into(),
-            name: "t".into(),
-            qualified: "\"public\".\"t\"".into(),
-            columns: vec![
-                LocalColumn {
-                    name: "id".into(),
-                    type_name: "integer".into(),
-                },
-                LocalColumn {
-                    name: "v".into(),
-                    type_name: "text".into(),
-                },
-            ],
-            key: vec![0],
-            full_identity: false,
-            column_names: Arc::from(vec!["id".to_string(), "v".to_string()]),
-            applies_from: Lsn::ZERO,
-        }
-    }
-
-    #[test]
-    fn group_statements() {
-        let r = rel();
-        let g = Group {
-            relation: 1,
-            kind: GroupKind::Insert,
-            rows: vec![vec![text("1"), text("x")]],
-            keys: HashSet::new(),
-        };
-        let (sql, params) = group_statement(&r, &g);
-        assert_eq!(
-            sql,
-            r#"INSERT INTO "public"."t" ("id", "v") SELECT u.c0::integer, u.c1::text FROM unnest($1::text[], $2::text[]) AS u(c0, c1)"#
-        );
-        assert_eq!(params.len(), 2);
-        let g = Group {
-            relation: 1,
-            kind: GroupKind::Update(vec![false, true]),
-            rows: vec![vec![text("1"), text("y")]],
-            keys: HashSet::new(),
-        };
-        let (sql, _) = group_statement(&r, &g);
-        assert_eq!(
-            sql,
-            r#"UPDATE "public"."t" AS t SET "v" = u.c1::text FROM unnest($1::text[], $2::text[]) AS u(c0, c1) WHERE t."id" = u.c0::integer"#
-        );
-        let g = Group {
-            relation: 1,
-            kind: GroupKind::Delete,
-            rows: vec![vec![text("1")]],
-            keys: HashSet::new(),
-        };
-        let (sql, _) = group_statement(&r, &g);
-        assert_eq!(sql, r#"DELETE FROM "public"."t" WHERE "id" = ANY($1::integer[])"#);
-        // Composite keys join on unnest.
-        let mut r2 = rel();
-        r2.key = vec![0, 1];
-        let g = Group {
-            relation: 1,
-            kind: GroupKind::Delete,
-            rows: vec![vec![text("1"), text("a")]],
-            keys: HashSet::new(),
-        };
-        let (sql, _) = group_statement(&r2, &g);
-        assert_eq!(
-            sql,
-            r#"DELETE FROM "public"."t" AS t USING unnest($1::text[], $2::text[]) AS u(c0, c1) WHERE t."id" = u.c0::integer AND t."v" = u.c1::text"#
-        );
-    }
-
-    #[test]
-    fn copy_text_escapes_and_big_groups_use_copy() {
-        let data = copy_data(&[&[text("a\tb\\c\nd\re"), Value::Null], &[text("x"), text("")]]);
-        assert_eq!(data, b"a\\tb\\\\c\\nd\\re\t\\N\nx\t\n".to_vec());
-        let r = rel();
-        let rows: Vec<Vec<Value>> = (0..COPY_MIN_ROWS)
-            .map(|i| vec![text(&i.to_string()), text("v")])
-            .collect();
-        let g = Group {
-            relation: 1,
-            kind: GroupKind::Insert,
-            rows: rows.clone(),
-            keys: HashSet::new(),
-        };
-        assert!(matches!(group_steps(&r, &g)[..], [Step::Copy { .. }]));
-        // Whole-row updates: delete the keys, copy the rows.
-        let upd: Vec<Vec<Value>> = rows
-            .iter()
-            .map(|row| [vec![row[0].clone()], row.clone()].concat())
-            .collect();
-        let g = Group {
-            relation: 1,
-            kind: GroupKind::Update(vec![true, true]),
-            rows: upd.clone(),
-            keys: HashSet::new(),
-        };
-        assert!(matches!(group_steps(&r, &g)[..], [Step::Sql(..), Step::Copy { .. }]));
-        // An unchanged TOAST column keeps the UPDATE.
-        let g = Group {
-            relation: 1,
-            kind: GroupKind::Update(vec![true, false]),
-            rows: upd,
-            keys: HashSet::new(),
-        };
-        assert!(matches!(group_steps(&r, &g)[..], [Step::Sql(..)]));
-    }
-
-    #[test]
-    fn full_identity_matches_one_row() {
-        let mut r = rel();
-        r.key = vec![0, 1];
-        r.full_identity = true;
-        let (sql, params) = full_identity_statement(&r, ChangeOp::Delete, &vec![text("1"), Value::Null], None);
-        assert_eq!(
-            sql,
-            r#"DELETE FROM "public"."t" WHERE ctid = (SELECT ctid FROM "public"."t" WHERE "id" = $1::integer AND "v" IS NULL LIMIT 1)"#
-        );
-        assert_eq!(params.len(), 1);
     }
 }

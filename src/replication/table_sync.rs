@@ -17,10 +17,18 @@
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::Transaction;
+use std::sync::Arc;
 
+use tokio::sync::watch;
+
+use crate::{Instance, Transaction};
+
+use super::config::ReplicationConfig;
 use super::error::ReplicationError;
-use super::schema::TableSchema;
+use super::lsn::Lsn;
+use super::schema::{self, TableSchema};
+use super::store;
+use super::{Status, TableState, TableStatus};
 
 /// The binary COPY signature and the rest of a header without extension.
 const BINARY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
@@ -223,6 +231,70 @@ pub async fn copy_table(
     };
     let ((), rows) = tokio::try_join!(reader, loader)?;
     Ok(rows)
+}
+
+/// Copies `tables` (already created as types/schemas, not as tables) under
+/// the snapshot `client` is in. One local transaction per table: create,
+/// bulk load (FREEZE: no later hint-bit writes), keys and indexes after the
+/// load (faster than maintaining them row by row), the read-only guard, and
+/// the table's state. A crash leaves no half-copied table behind.
+pub(crate) async fn copy_tables(
+    instance: &Instance,
+    config: &ReplicationConfig,
+    status: &Arc<watch::Sender<Status>>,
+    client: &tokio_postgres::Client,
+    tables: &[TableSchema],
+    synced_at: Lsn,
+) -> Result<(), ReplicationError> {
+    let first = status.borrow().tables.len();
+    status.send_modify(|s| {
+        s.tables.extend(tables.iter().map(|t| TableStatus {
+            schema: t.schema.clone(),
+            name: t.name.clone(),
+            state: TableState::Pending,
+            rows_copied: 0,
+            bytes_copied: 0,
+            inserted: 0,
+            updated: 0,
+            deleted: 0,
+        }))
+    });
+    for (n, table) in tables.iter().enumerate() {
+        let i = first + n;
+        status.send_modify(|s| s.tables[i].state = TableState::Copying);
+        let local = instance.begin().await?;
+        local.exec(&format!("{};", table.create_table_sql())).await?;
+        let rows = copy_table(client, &local, table, config.copy_batch_bytes, |rows, bytes| {
+            status.send_modify(|s| {
+                s.tables[i].rows_copied = rows;
+                s.tables[i].bytes_copied = bytes;
+            })
+        })
+        .await?;
+        let indexing = std::time::Instant::now();
+        for sql in schema::constraint_statements(table) {
+            local.exec(&sql).await?;
+        }
+        for sql in &table.indexes {
+            // An index the cache cannot build (e.g. an operator class from
+            // an extension) is skipped, not fatal.
+            let guarded = format!("SAVEPOINT pglite_cache_index; {sql}; RELEASE SAVEPOINT pglite_cache_index");
+            if let Err(e) = local.exec(&guarded).await {
+                tracing::warn!(table = %table.qualified(), index = %sql, error = %e, "could not create index locally; skipped");
+                local.exec("ROLLBACK TO SAVEPOINT pglite_cache_index").await?;
+            }
+        }
+        if config.read_only {
+            local.exec(&schema::read_only_trigger_sql(table)).await?;
+        }
+        let (sql, params) =
+            store::table_state_statement(&table.schema, &table.name, table.remote_oid, "ready", rows, synced_at);
+        local.query_params(&sql, params).await?;
+        local.commit().await?;
+        status.send_modify(|s| s.tables[i].state = TableState::Ready);
+        tracing::info!(table = %table.qualified(), rows, indexing = ?indexing.elapsed(), "table copied");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -956,3 +956,81 @@ async fn partitions_row_filters_column_lists_and_writable_opt_out() {
         .unwrap();
     handle.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_require_and_verify_full() {
+    let pg = PgCluster::start_with_tls();
+    let db = pg.create_database("tls").await;
+    let remote = pg.client(&db).await;
+    remote
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a'); \
+             CREATE PUBLICATION pub FOR TABLE t;",
+        )
+        .await
+        .unwrap();
+    let ca = pg.path().join("ca.crt");
+    for (n, source) in [
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db} sslmode=require",
+            pg.port
+        ),
+        format!(
+            "postgres://postgres@localhost:{}/{db}?sslmode=verify-full&sslrootcert={}",
+            pg.port,
+            ca.display().to_string().replace('/', "%2F")
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let local = instance().await;
+        let cfg = ReplicationConfig::new(source.parse().unwrap(), PublicationSpec::Existing("pub".into()))
+            .slot_name(format!("tls_{n}"))
+            .status_interval(Duration::from_secs(1));
+        let handle = Replication::start(local.clone(), cfg).unwrap();
+        tokio::time::timeout(WAIT, handle.wait_streaming())
+            .await
+            .unwrap()
+            .unwrap();
+        remote
+            .batch_execute(&format!("INSERT INTO t VALUES ({}, 'tls')", n + 10))
+            .await
+            .unwrap();
+        catch_up(&handle, &remote).await;
+        assert_same(&remote, &local, "t").await;
+        let encrypted: i64 = remote
+            .query_one(
+                "SELECT count(*) FROM pg_stat_replication r JOIN pg_stat_ssl s ON s.pid = r.pid WHERE s.ssl",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(encrypted, 1, "the walsender connection should be encrypted ({source})");
+        handle.stop().await.unwrap();
+    }
+
+    // A certificate that does not chain to the given root: an operator error.
+    let wrong = format!(
+        "host=localhost port={} user=postgres dbname={db} sslmode=verify-full sslrootcert={}",
+        pg.port,
+        pg.path().join("server.crt").display()
+    );
+    let local = instance().await;
+    let cfg =
+        ReplicationConfig::new(wrong.parse().unwrap(), PublicationSpec::Existing("pub".into())).slot_name("tls_bad");
+    let handle = Replication::start(local, cfg).unwrap();
+    let mut status = handle.watch_status();
+    let halted = tokio::time::timeout(WAIT, status.wait_for(|s| matches!(s.phase, Phase::Halted { .. })))
+        .await
+        .expect("an untrusted certificate should halt")
+        .unwrap()
+        .clone();
+    match &halted.phase {
+        Phase::Halted { error } => assert!(error.contains("TLS handshake"), "{error}"),
+        other => panic!("{other:?}"),
+    }
+    let err = handle.stop().await.unwrap_err();
+    assert_eq!(err.kind(), pglite_cache::replication::ErrorKind::NeedsOperator);
+}

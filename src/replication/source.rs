@@ -35,6 +35,7 @@ use tokio_postgres::error::SqlState;
 use super::config::{SourceAddress, SourceConfig};
 use super::error::ReplicationError;
 use super::lsn::Lsn;
+use super::tls::TlsMode;
 
 trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
@@ -185,15 +186,15 @@ impl SourceConnection {
     pub async fn connect(config: &SourceConfig, application_name: &str) -> Result<SourceConnection, ReplicationError> {
         let mut last_err = None;
         for address in config.addresses() {
-            let connected = tokio::time::timeout(config.connect_timeout(), open_socket(&address)).await;
+            let connected = tokio::time::timeout(config.connect_timeout(), open_socket(&address, config.tls())).await;
             let socket = match connected {
                 Ok(Ok(socket)) => socket,
-                Ok(Err(e)) => {
-                    last_err = Some(ReplicationError::transient(format!(
-                        "cannot connect to {address:?}: {e}"
-                    )));
+                Ok(Err(e)) if e.kind() == super::error::ErrorKind::Transient => {
+                    last_err = Some(e.context(format!("cannot connect to {address:?}")));
                     continue;
                 }
+                // TLS refused or misconfigured: another address won't fix it.
+                Ok(Err(e)) => return Err(e),
                 Err(_) => {
                     last_err = Some(ReplicationError::transient(format!(
                         "timed out connecting to {address:?}"
@@ -487,13 +488,46 @@ pub fn split_frame(buf: &mut BytesMut) -> Result<Option<Bytes>, ReplicationError
     Ok(Some(buf.split_to(total).freeze()))
 }
 
-async fn open_socket(address: &SourceAddress) -> std::io::Result<Box<dyn Socket>> {
+async fn open_socket(address: &SourceAddress, tls: &TlsMode) -> Result<Box<dyn Socket>, ReplicationError> {
     match address {
         SourceAddress::Tcp(host, port) => {
-            let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+            let mut stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
             stream.set_nodelay(true)?;
-            Ok(Box::new(stream))
+            if !tls.wanted() {
+                return Ok(Box::new(stream));
+            }
+            // SSLRequest: length 8, code 80877103; the server answers S or N.
+            stream.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await?;
+            let mut answer = [0u8; 1];
+            stream.read_exact(&mut answer).await?;
+            match answer[0] {
+                b'S' => {
+                    let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| {
+                        ReplicationError::needs_operator(
+                            format!("invalid host name {host:?} for TLS: {e}"),
+                            "check host",
+                        )
+                    })?;
+                    let connector = tokio_rustls::TlsConnector::from(tls.client_config()?);
+                    let stream = connector.connect(name, stream).await.map_err(|e| {
+                        ReplicationError::needs_operator(
+                            format!("TLS handshake with {host}:{port} failed: {e}"),
+                            "check sslmode and sslrootcert against the server's certificate",
+                        )
+                    })?;
+                    Ok(Box::new(stream))
+                }
+                b'N' if !tls.required() => Ok(Box::new(stream)),
+                b'N' => Err(ReplicationError::needs_operator(
+                    format!("{host}:{port} does not accept TLS"),
+                    "enable ssl on the server, or use sslmode=prefer/disable",
+                )),
+                other => Err(ReplicationError::fatal(format!(
+                    "unexpected answer {other:#x} to SSLRequest"
+                ))),
+            }
         }
+        // No TLS over Unix sockets (as libpq).
         SourceAddress::Unix(dir, port) => {
             let path = dir.join(format!(".s.PGSQL.{port}"));
             Ok(Box::new(tokio::net::UnixStream::connect(path).await?))

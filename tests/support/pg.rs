@@ -110,6 +110,12 @@ impl PgCluster {
 
     /// Starts a fresh cluster with extra `postgresql.conf` settings.
     pub fn start_with(settings: &[(&str, &str)]) -> PgCluster {
+        Self::start_with_files(settings, Path::new(""))
+    }
+
+    /// `extra` (if not empty) is a directory the server must be able to
+    /// read (its key files), handed to the server's user before it starts.
+    fn start_with_files(settings: &[(&str, &str)], extra: &Path) -> PgCluster {
         let bindir = bindir();
         let run_as = if is_root() {
             ensure_user();
@@ -165,7 +171,94 @@ impl PgCluster {
         let mut existing = std::fs::read_to_string(&conf_path).unwrap();
         existing.push_str(&conf);
         std::fs::write(&conf_path, existing).unwrap();
+        if !extra.as_os_str().is_empty() {
+            if let Some(user) = run_as {
+                check("chown", Command::new("chown").args(["-R", user]).arg(extra).output());
+            }
+            check(
+                "chmod",
+                Command::new("chmod").args(["-R", "go-rwx"]).arg(extra).output(),
+            );
+            check("chmod", Command::new("chmod").args(["o+x"]).arg(extra).output());
+        }
         cluster.pg_ctl("start");
+        cluster
+    }
+
+    /// Starts a fresh cluster with TLS on: a test CA (`ca.crt` in
+    /// [`PgCluster::path`]) signs the server certificate for `localhost`
+    /// and `127.0.0.1`.
+    pub fn start_with_tls() -> PgCluster {
+        let certs = tempfile::Builder::new()
+            .prefix("pglite-cache-tls-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let run = |args: &[&str]| {
+            check(
+                &format!("openssl {args:?}"),
+                Command::new("openssl").args(args).current_dir(&certs).output(),
+            )
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=pglite-cache test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(
+            certs.join("ext.cnf"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.crt",
+        ]);
+        let cert = certs.join("server.crt");
+        let key = certs.join("server.key");
+        let (cert_s, key_s) = (format!("'{}'", cert.display()), format!("'{}'", key.display()));
+        let cluster = Self::start_with_files(
+            &[("ssl", "on"), ("ssl_cert_file", &cert_s), ("ssl_key_file", &key_s)],
+            &certs,
+        );
+        std::fs::copy(certs.join("ca.crt"), cluster.path().join("ca.crt")).unwrap();
+        std::fs::copy(&cert, cluster.path().join("server.crt")).unwrap();
+        let _ = std::fs::remove_dir_all(&certs);
         cluster
     }
 

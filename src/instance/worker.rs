@@ -265,17 +265,9 @@ impl Worker {
                 Ok((output, None))
             }
             Job::Protocol(bytes) => {
-                let mut out = self.round_trip(&bytes)?;
-                // `COPY ... FROM STDIN` waits for data the API has no way to
-                // send: refuse it so the engine returns to ReadyForQuery.
-                if tail_is(&out, b'G') {
-                    let mut fail = BytesMut::new();
-                    let _ = postgres_protocol::message::frontend::copy_fail(
-                        "COPY FROM STDIN is not supported by the Rust API; use the wire server or COPY FROM a file",
-                        &mut fail,
-                    );
-                    out.extend(self.round_trip(&fail)?);
-                }
+                // `protocol` ends every API batch with a CopyFail guard, so a
+                // `COPY ... FROM STDIN` fails instead of starving the engine.
+                let out = self.round_trip(&bytes)?;
                 let mut rolled_back_open_transaction = false;
                 if !leased && ready_status(&out) != Some(TxStatus::Idle) {
                     self.rollback_if_open()?;

@@ -1,12 +1,11 @@
 //! Raw wire-protocol sessions, the basis of the wire server.
 
-use std::sync::Arc;
-
 use bytes::BytesMut;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::Instance;
-use super::worker::{Command, Job, Output, Request, Shared};
+use super::handoff::Route;
+use super::worker::{Job, Request};
 use crate::error::Result;
 
 /// A client session that sends frontend protocol bytes to the engine as they
@@ -31,23 +30,15 @@ impl RawSession {
     /// Sends frontend messages and returns every backend message the engine
     /// produced for them.
     pub async fn round_trip(&mut self, bytes: BytesMut) -> Result<Vec<u8>> {
-        let shared: &Arc<Shared> = &self.instance.shared;
-        let output: Output = match &self.lease {
-            Some(lease) => {
-                let (reply, rx) = oneshot::channel();
-                if lease.send(Request { job: Job::Raw(bytes), reply }).is_err() {
-                    self.lease = None;
-                    return Err(shared.closed_error());
-                }
-                rx.await.map_err(|_| shared.closed_error())??
-            }
-            None => {
-                let (reply, rx) = oneshot::channel();
-                self.instance
-                    .tx
-                    .send(Command::Run(Request { job: Job::Raw(bytes), reply }))
-                    .map_err(|_| shared.closed_error())?;
-                rx.await.map_err(|_| shared.closed_error())??
+        let route = match &self.lease {
+            Some(lease) => Route::Lease(lease.clone()),
+            None => Route::Shared(self.instance.tx.clone()),
+        };
+        let output = match route.call(&self.instance.shared, Job::Raw(bytes)).await {
+            Ok(output) => output,
+            Err(e) => {
+                self.lease = None; // a failed engine ends the lease
+                return Err(e);
             }
         };
         if output.lease.is_some() {

@@ -19,6 +19,7 @@ use bytes::BytesMut;
 use pglite_oxide::{ExecProtocolOptions, Pglite};
 use tokio::sync::{mpsc, oneshot};
 
+use super::handoff;
 use super::options::{InstanceOptions, Storage};
 use crate::error::{Error, Result};
 use crate::protocol::{self, TxStatus};
@@ -188,7 +189,7 @@ struct Worker {
 
 impl Worker {
     fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
-        while let Some(command) = rx.blocking_recv() {
+        while let Some(command) = handoff::recv_blocking(&mut rx) {
             let outcome = match command {
                 Command::Run(request) => self.serve(request, false),
                 Command::Lease(reply) => self.serve_lease(reply),
@@ -222,7 +223,7 @@ impl Worker {
 
     /// Serves only the lease holder until it drops its sender.
     fn lease_loop(&mut self, mut rx: mpsc::UnboundedReceiver<Request>) -> Result<(), Failure> {
-        while let Some(request) = rx.blocking_recv() {
+        while let Some(request) = handoff::recv_blocking(&mut rx) {
             self.serve(request, true)?;
         }
         // The holder is gone: never leave its transaction open for the next caller.

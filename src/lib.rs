@@ -44,6 +44,11 @@ mod params;
 pub mod protocol;
 mod rows;
 
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub use convert::FromValue;
 pub use error::{DbError, Error, Result, SqlState};
 pub use instance::{

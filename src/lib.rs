@@ -39,6 +39,7 @@
 pub mod convert;
 mod error;
 mod instance;
+pub mod local_postgres;
 pub mod oid;
 mod params;
 pub mod protocol;

@@ -40,6 +40,7 @@ pub mod convert;
 mod error;
 mod instance;
 pub mod local_postgres;
+pub mod metrics;
 pub mod oid;
 mod params;
 pub mod protocol;

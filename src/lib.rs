@@ -43,6 +43,7 @@ pub mod oid;
 mod params;
 pub mod protocol;
 mod rows;
+pub mod server;
 
 pub use convert::FromValue;
 pub use error::{DbError, Error, Result, SqlState};

@@ -293,7 +293,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         // data it cannot wait for. Outside COPY, CopyFail is ignored.
         backend::copy_fail("COPY FROM STDIN was not recognised by the server", &mut bytes);
         self.begin_busy(may_change).await?;
+        tracing::trace!(bytes = bytes.len(), holds = self.session.holds_engine(), "batch to engine");
         let reply = self.session.round_trip(bytes).await?;
+        tracing::trace!(bytes = reply.len(), status = ?backend::last_ready_status(&reply).map(char::from), "reply from engine");
         self.forward(&reply).await?;
         self.after_busy().await
     }

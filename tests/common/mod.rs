@@ -25,6 +25,10 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: ServerConfig) -> TestServer {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+            .with_test_writer()
+            .try_init();
         let db = Instance::start(InstanceOptions::in_memory()).await.expect("instance starts");
         let dir = tempfile::tempdir().unwrap();
         let socket_dir = dir.path().join("sockets");

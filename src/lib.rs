@@ -45,6 +45,7 @@ pub mod oid;
 mod params;
 pub mod protocol;
 mod rows;
+pub mod server;
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

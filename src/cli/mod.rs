@@ -1,6 +1,7 @@
 //! Command-line parsing and dispatch.
 
 mod query;
+mod serve;
 mod table;
 
 use std::path::PathBuf;
@@ -30,6 +31,8 @@ enum Command {
         #[arg(required = true, value_name = "SQL")]
         sql: Vec<String>,
     },
+    /// Serve an instance over the PostgreSQL wire protocol until SIGINT/SIGTERM.
+    Serve(serve::ServeArgs),
 }
 
 /// Exit status for a database error (bad usage exits with 2, as clap does).
@@ -39,5 +42,6 @@ pub const EXIT_DB_ERROR: u8 = 1;
 pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Query { data, json, sql } => query::run(data, json, &sql).await,
+        Command::Serve(args) => serve::run(args).await,
     }
 }

@@ -1,12 +1,13 @@
 //! Raw wire-protocol sessions, the basis of the wire server.
 
 use bytes::BytesMut;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::Instance;
 use super::handoff::Route;
-use super::worker::{Job, Request};
+use super::worker::{Command, Job, Request};
 use crate::error::Result;
+use crate::protocol::TxStatus;
 
 /// A client session that sends frontend protocol bytes to the engine as they
 /// are and gets the backend's bytes back.
@@ -16,15 +17,21 @@ use crate::error::Result;
 /// trip leaves it busy (in a transaction, in `COPY`, or an extended-protocol
 /// batch not yet synced), the session keeps it exclusively until it is idle
 /// again; dropping the session then rolls the open transaction back.
+/// [`hold`](Self::hold) takes the engine exclusively even while idle, for
+/// work that must not interleave with other callers across several round trips.
 #[derive(Debug)]
 pub struct RawSession {
     instance: Instance,
     lease: Option<mpsc::UnboundedSender<Request>>,
+    /// Keep the lease even when the engine is idle (see [`hold`](Self::hold)).
+    held: bool,
+    /// Whether the last round trip left the engine idle.
+    idle: bool,
 }
 
 impl RawSession {
     pub(super) fn new(instance: Instance) -> RawSession {
-        RawSession { instance, lease: None }
+        RawSession { instance, lease: None, held: false, idle: true }
     }
 
     /// Sends frontend messages and returns every backend message the engine
@@ -41,12 +48,43 @@ impl RawSession {
                 return Err(e);
             }
         };
+        self.idle = super::worker::ready_status(&output.bytes) == Some(TxStatus::Idle);
         if output.lease.is_some() {
             self.lease = output.lease;
-        } else if super::worker::ready_status(&output.bytes) == Some(crate::protocol::TxStatus::Idle) {
+        } else if self.idle && !self.held {
             self.lease = None; // idle again: let the others in
         }
         Ok(output.bytes)
+    }
+
+    /// Takes the engine exclusively (waiting for its turn behind earlier
+    /// callers) until [`release`](Self::release), even between round trips
+    /// that leave it idle. Does nothing if the session already holds it.
+    pub async fn hold(&mut self) -> Result<()> {
+        self.held = true;
+        if self.lease.is_some() {
+            return Ok(());
+        }
+        let shared = &self.instance.shared;
+        let (reply, lease) = oneshot::channel();
+        self.instance.tx.send(Command::Lease(reply)).map_err(|_| shared.closed_error())?;
+        self.lease = Some(lease.await.map_err(|_| shared.closed_error())?);
+        Ok(())
+    }
+
+    /// Ends a [`hold`](Self::hold): the engine is shared again as soon as it
+    /// is idle (at once if it is idle now).
+    pub fn release(&mut self) {
+        self.held = false;
+        if self.idle {
+            self.lease = None;
+        }
+    }
+
+    /// Whether the last round trip left the engine idle (`ReadyForQuery`
+    /// status `I`); true before the first one.
+    pub fn is_idle(&self) -> bool {
+        self.idle
     }
 
     /// Whether this session currently holds the engine exclusively.

@@ -1,0 +1,77 @@
+//! How a server behaves: limits, password, shutdown grace period.
+
+use std::time::Duration;
+
+use super::scram::ScramVerifier;
+
+/// Settings of a wire server. Build with [`ServerConfig::default`] and the
+/// `with_*` methods.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Largest frontend message accepted (bigger ones close the connection
+    /// with a protocol error before the body is read).
+    pub max_message_size: usize,
+    /// Largest `COPY ... FROM STDIN` data accepted: the engine needs the
+    /// whole COPY in one call, so the data is held in memory until
+    /// `CopyDone`. Bigger COPYs fail with an error; the connection survives.
+    pub max_copy_size: usize,
+    /// After shutdown starts, how long busy connections may go on before
+    /// they are closed (their transactions roll back).
+    pub shutdown_timeout: Duration,
+    /// Password required on TCP connections (SCRAM-SHA-256). Unix-socket
+    /// connections are trusted: their directory is owner-only.
+    pub password: Option<ScramVerifier>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_connections: 64,
+            max_message_size: 1 << 30,
+            max_copy_size: 1 << 30,
+            shutdown_timeout: Duration::from_secs(10),
+            password: None,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Caps the number of connections served at once.
+    pub fn with_max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// Caps the size of one frontend message.
+    pub fn with_max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// Caps the data of one `COPY ... FROM STDIN`.
+    pub fn with_max_copy_size(mut self, bytes: usize) -> Self {
+        self.max_copy_size = bytes;
+        self
+    }
+
+    /// Sets the grace period of a shutdown.
+    pub fn with_shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Requires this password (SCRAM-SHA-256) on TCP connections.
+    pub fn with_password(mut self, password: &str) -> Self {
+        self.password = Some(ScramVerifier::from_password(password));
+        self
+    }
+
+    /// Requires a password given by its verifier
+    /// (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`).
+    pub fn with_password_verifier(mut self, verifier: ScramVerifier) -> Self {
+        self.password = Some(verifier);
+        self
+    }
+}

@@ -1,0 +1,497 @@
+//! One client connection after startup: frontend messages in, engine replies out.
+//!
+//! Messages are collected into a batch and sent to the connection's
+//! [`RawSession`] at client-visible boundaries (`Sync`, `Query`, `Flush`),
+//! taking every complete message already received, so a pipelining client
+//! costs one engine round trip per read rather than per statement. The
+//! session's lease keeps the engine for this connection while it is busy (in a
+//! transaction, in an extended-protocol batch not yet synced), so nothing of
+//! another client interleaves.
+//!
+//! `COPY ... FROM STDIN` needs care: the engine must receive the statement,
+//! all its data and the `CopyDone` in one call (it cannot wait for more input
+//! mid-call; running out of input inside a COPY kills it). See
+//! [`Connection::start_copy`].
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::backend;
+use super::config::ServerConfig;
+use super::frame::{Frame, FrameError, FrameReader};
+use super::names::{Malformed, Named, Namer};
+use super::settings::SessionSettings;
+use super::sql_text;
+use crate::{Error, RawSession};
+
+/// A batch larger than this is sent without waiting for its `Sync` (the
+/// session's lease keeps it together).
+const SPILL_BYTES: usize = 1 << 20;
+/// Name of the savepoint that makes the COPY probe side-effect free.
+const COPY_SAVEPOINT: &str = "pglite_cache_copy_probe";
+
+/// Why a connection ended early.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectionError {
+    #[error("client I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol violation: {0}")]
+    Frame(#[from] FrameError),
+    #[error("protocol violation: {0}")]
+    Malformed(#[from] Malformed),
+    #[error("engine: {0}")]
+    Engine(#[from] Error),
+}
+
+type Result<T, E = ConnectionError> = std::result::Result<T, E>;
+
+/// Messages of the current batch, already rewritten for the engine.
+#[derive(Debug, Default)]
+struct Batch {
+    bytes: BytesMut,
+    /// Ends at a `Sync`, `Query` or `Flush`: the client waits for an answer.
+    boundary: bool,
+    /// Some statement in it may change session settings.
+    may_change_settings: bool,
+    /// Where the current extended-protocol group (since the last `Sync`) starts.
+    group_start: usize,
+    /// The current group executes a portal that may be `COPY FROM STDIN`.
+    copy_candidate: bool,
+}
+
+/// How a COPY was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyKind {
+    /// A simple `Query`.
+    Simple,
+    /// `Bind`/`Execute`/`Sync` of the extended protocol.
+    Extended,
+}
+
+/// A `COPY FROM STDIN` whose data is being collected.
+#[derive(Debug)]
+struct CopyIn {
+    /// The messages that start the COPY, replayed with the data.
+    start: BytesMut,
+    data: BytesMut,
+    /// The data exceeded the limit: it is dropped and the COPY will fail.
+    over_limit: bool,
+}
+
+/// What to do after a message.
+enum Flow {
+    Continue,
+    Close,
+}
+
+/// One client connection.
+pub(crate) struct Connection<S> {
+    stream: S,
+    reader: FrameReader,
+    session: RawSession,
+    namer: Namer,
+    config: Arc<ServerConfig>,
+    settings: SessionSettings,
+    /// Client names of the named statements it prepared.
+    statements: HashSet<Vec<u8>>,
+    /// Client names of statements (and portals bound from them) whose SQL
+    /// mentions `stdin`.
+    stdin_statements: HashSet<Vec<u8>>,
+    stdin_portals: HashSet<Vec<u8>>,
+    /// The last `ReadyForQuery` status the client saw.
+    status: u8,
+    copy: Option<CopyIn>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    pub fn new(stream: S, id: u32, session: RawSession, settings: SessionSettings, config: Arc<ServerConfig>) -> Self {
+        Connection {
+            stream,
+            reader: FrameReader::new(config.max_message_size),
+            session,
+            namer: Namer::new(id),
+            config,
+            settings,
+            statements: HashSet::new(),
+            stdin_statements: HashSet::new(),
+            stdin_portals: HashSet::new(),
+            status: b'I',
+            copy: None,
+        }
+    }
+
+    /// Serves the client until it leaves, breaks the protocol, or the server
+    /// shuts down while this connection is idle. Dropping the connection
+    /// (also when its task is aborted) drops the session, which rolls back
+    /// an open transaction.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let outcome = self.serve(&mut shutdown).await;
+        let fatal = match &outcome {
+            Ok(()) => None,
+            Err(ConnectionError::Io(e)) => {
+                tracing::debug!(error = %e, "client connection lost");
+                None
+            }
+            Err(e @ (ConnectionError::Frame(_) | ConnectionError::Malformed(_))) => {
+                tracing::info!(error = %e, "closing connection");
+                Some(("08P01", e.to_string()))
+            }
+            Err(ConnectionError::Engine(e)) => {
+                tracing::warn!(error = %e, "closing connection");
+                Some(("XX000", e.to_string()))
+            }
+        };
+        if let Some((code, text)) = fatal {
+            let mut out = BytesMut::new();
+            backend::error_response("FATAL", code, &text, &mut out);
+            let _ = self.stream.write_all(&out).await;
+        }
+        let _ = self.stream.shutdown().await;
+    }
+
+    async fn serve(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
+        if self.settings.needs_hold(false) {
+            // Startup settings are checked (and saved) right away, as
+            // PostgreSQL refuses bad ones at connect time.
+            self.session.hold().await?;
+            self.settings.apply(&mut self.session).await?;
+            self.after_busy().await?;
+        }
+        let mut batch = Batch::default();
+        loop {
+            while let Some(frame) = self.reader.next_buffered()? {
+                if let Flow::Close = self.on_frame(frame, &mut batch).await? {
+                    return Ok(());
+                }
+            }
+            if batch.boundary || batch.bytes.len() > SPILL_BYTES {
+                self.send_batch(&mut batch).await?;
+            }
+            let idle = batch.bytes.is_empty() && self.copy.is_none() && !self.session.holds_engine();
+            let stopping = *shutdown.borrow();
+            if idle && stopping {
+                return self.say_goodbye().await;
+            }
+            let read = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop), if idle => None,
+                read = self.reader.fill(&mut self.stream) => Some(read?),
+            };
+            match read {
+                None => return self.say_goodbye().await,
+                Some(0) => return Ok(()), // the client left
+                Some(_) => {}
+            }
+        }
+    }
+
+    async fn say_goodbye(&mut self) -> Result<()> {
+        let mut out = BytesMut::new();
+        backend::error_response("FATAL", "57P01", "terminating connection due to administrator command", &mut out);
+        self.stream.write_all(&out).await?;
+        Ok(())
+    }
+
+    async fn on_frame(&mut self, frame: Frame, batch: &mut Batch) -> Result<Flow> {
+        if self.copy.is_some() {
+            return self.on_copy_frame(frame, batch).await;
+        }
+        match frame.tag {
+            b'X' => return Ok(Flow::Close),
+            // Outside COPY these are ignored, as PostgreSQL does.
+            b'd' | b'c' | b'f' => {}
+            b'Q' => {
+                let sql = frame.body().strip_suffix(b"\0").ok_or(Malformed("Query"))?;
+                if sql_text::is_exactly(sql, &["deallocate", "all"]) {
+                    self.send_batch(batch).await?;
+                    return self.deallocate_all(false).await.map(|()| Flow::Continue);
+                }
+                if sql_text::is_exactly(sql, &["discard", "all"]) && self.status == b'I' {
+                    self.send_batch(batch).await?;
+                    return self.deallocate_all(true).await.map(|()| Flow::Continue);
+                }
+                if sql_text::mentions_stdin(sql) {
+                    self.send_batch(batch).await?;
+                    self.start_copy(frame.bytes, CopyKind::Simple).await?;
+                    return Ok(Flow::Continue);
+                }
+                batch.may_change_settings |= sql_text::may_change_settings(sql);
+                batch.bytes.extend_from_slice(&frame.bytes);
+                batch.boundary = true;
+                batch.group_start = batch.bytes.len();
+            }
+            b'S' | b'H' => {
+                batch.bytes.extend_from_slice(&frame.bytes);
+                batch.boundary = true;
+                if batch.copy_candidate {
+                    let group = batch.bytes.split_off(batch.group_start);
+                    batch.copy_candidate = false;
+                    self.send_batch(batch).await?;
+                    self.start_copy(group, CopyKind::Extended).await?;
+                } else if frame.tag == b'S' {
+                    batch.group_start = batch.bytes.len();
+                }
+            }
+            b'P' | b'B' | b'E' | b'D' | b'C' => {
+                let named = Named::parse(&frame)?.ok_or(Malformed("extended query"))?;
+                self.track(frame.tag, &named, batch);
+                self.namer.rewrite(frame.tag, &named, &mut batch.bytes);
+            }
+            _ => batch.bytes.extend_from_slice(&frame.bytes), // FunctionCall
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Bookkeeping for statement names, COPY candidates and settings.
+    fn track(&mut self, tag: u8, named: &Named<'_>, batch: &mut Batch) {
+        match *named {
+            Named::Parse { statement, sql, .. } => {
+                if !statement.is_empty() {
+                    self.statements.insert(statement.to_vec());
+                }
+                if sql_text::mentions_stdin(sql) {
+                    self.stdin_statements.insert(statement.to_vec());
+                } else {
+                    self.stdin_statements.remove(statement);
+                }
+                batch.may_change_settings |= sql_text::may_change_settings(sql);
+            }
+            Named::Bind { portal, statement, .. } => {
+                if self.stdin_statements.contains(statement) {
+                    self.stdin_portals.insert(portal.to_vec());
+                } else {
+                    self.stdin_portals.remove(portal);
+                }
+            }
+            Named::Execute { portal, .. } => {
+                if self.stdin_portals.contains(portal) {
+                    batch.copy_candidate = true;
+                }
+            }
+            Named::Target { kind: b'S', name } if tag == b'C' => {
+                self.statements.remove(name);
+                self.stdin_statements.remove(name);
+            }
+            Named::Target { .. } => {}
+        }
+    }
+
+    /// Sends the batch (if any) and forwards the reply.
+    async fn send_batch(&mut self, batch: &mut Batch) -> Result<()> {
+        if batch.bytes.is_empty() {
+            *batch = Batch::default();
+            return Ok(());
+        }
+        let may_change = batch.may_change_settings;
+        let mut bytes = std::mem::take(batch).bytes;
+        // Safety net: should a statement start a COPY FROM STDIN that was not
+        // recognised, this fails it instead of leaving the engine waiting for
+        // data it cannot wait for. Outside COPY, CopyFail is ignored.
+        backend::copy_fail("COPY FROM STDIN was not recognised by the server", &mut bytes);
+        self.begin_busy(may_change).await?;
+        tracing::trace!(bytes = bytes.len(), holds = self.session.holds_engine(), "batch to engine");
+        let reply = self.session.round_trip(bytes).await?;
+        tracing::trace!(bytes = reply.len(), status = ?backend::last_ready_status(&reply).map(char::from), "reply from engine");
+        self.forward(&reply).await?;
+        self.after_busy().await
+    }
+
+    /// Before a round trip: if the connection has (or may create) session
+    /// settings, take the engine and put them in force.
+    async fn begin_busy(&mut self, may_change_settings: bool) -> Result<()> {
+        if self.settings.needs_hold(may_change_settings) {
+            self.session.hold().await?;
+            self.settings.apply(&mut self.session).await?;
+        }
+        Ok(())
+    }
+
+    /// After a round trip: once the engine is idle, save this connection's
+    /// settings, restore the defaults and let the others in.
+    async fn after_busy(&mut self) -> Result<()> {
+        if !self.session.is_idle() {
+            return Ok(());
+        }
+        if self.settings.applied() {
+            self.settings.capture_and_reset(&mut self.session).await?;
+        }
+        self.session.release();
+        Ok(())
+    }
+
+    /// Runs server-side statements (savepoints, cleanup) on the engine; the
+    /// reply is not for the client.
+    async fn internal(&mut self, sql: &str) -> Result<()> {
+        let mut bytes = BytesMut::new();
+        backend::query(sql, &mut bytes);
+        let reply = self.session.round_trip(bytes).await?;
+        if let Err(e) = crate::protocol::decode(&reply).and_then(|r| r.into_results()) {
+            tracing::debug!(%sql, error = %e, "internal statement failed");
+        }
+        Ok(())
+    }
+
+    /// Writes engine output to the client and notes the transaction status.
+    async fn forward(&mut self, reply: &[u8]) -> Result<()> {
+        if let Some(status) = backend::last_ready_status(reply) {
+            self.status = status;
+        }
+        self.stream.write_all(reply).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// Starts a statement that may be `COPY ... FROM STDIN`.
+    ///
+    /// The client expects `CopyInResponse` before it sends data, but the
+    /// engine can only run the COPY with all its data in one call. So the
+    /// statement is first *probed*: run with a `CopyFail` right behind it,
+    /// inside a savepoint when a transaction is open (outside one, the
+    /// failure rolls back the implicit transaction), which yields the exact
+    /// `CopyInResponse` and no side effects. The client gets everything up to
+    /// it, its data is collected, and on `CopyDone`/`CopyFail` the statement
+    /// is replayed with the data in one call ([`Self::finish_copy`]).
+    /// If the probe shows it was not a COPY FROM STDIN after all, the probe
+    /// was the real execution and its reply is the answer.
+    async fn start_copy(&mut self, start: BytesMut, kind: CopyKind) -> Result<()> {
+        if self.status == b'E' {
+            // A failed transaction runs nothing: the engine answers with an error.
+            let mut batch = Batch { bytes: start, boundary: true, ..Batch::default() };
+            return self.send_batch(&mut batch).await;
+        }
+        self.begin_busy(false).await?;
+        self.session.hold().await?;
+        let in_transaction = self.status == b'T';
+        if in_transaction {
+            self.internal(&format!("SAVEPOINT {COPY_SAVEPOINT}")).await?;
+        }
+        let mut probe = start.clone();
+        backend::copy_fail("probe", &mut probe);
+        if kind == CopyKind::Extended {
+            backend::sync(&mut probe);
+        }
+        let mut reply = self.session.round_trip(probe).await?;
+        let copy_in = backend::messages(&reply)
+            .scan(0, |end, (tag, m)| {
+                *end += m.len();
+                Some((tag, *end))
+            })
+            .find(|(tag, _)| *tag == b'G')
+            .map(|(_, end)| end);
+        match copy_in {
+            Some(end) => {
+                self.stream.write_all(&reply[..end]).await?;
+                self.stream.flush().await?;
+                let after = backend::last_ready_status(&reply);
+                if in_transaction {
+                    self.internal(&format!("ROLLBACK TO SAVEPOINT {COPY_SAVEPOINT}; RELEASE SAVEPOINT {COPY_SAVEPOINT}"))
+                        .await?;
+                } else if after != Some(b'I') {
+                    self.internal("ROLLBACK").await?;
+                }
+                self.copy = Some(CopyIn { start, data: BytesMut::new(), over_limit: false });
+            }
+            None => {
+                if kind == CopyKind::Extended && reply.len() >= 6 && reply[reply.len() - 6] == b'Z' {
+                    reply.truncate(reply.len() - 6); // the answer to the probe's own Sync
+                }
+                let after = backend::last_ready_status(&reply);
+                if in_transaction && after == Some(b'T') {
+                    self.internal(&format!("RELEASE SAVEPOINT {COPY_SAVEPOINT}")).await?;
+                }
+                self.forward(&reply).await?;
+            }
+        }
+        self.after_busy().await
+    }
+
+    /// A message while collecting COPY data.
+    async fn on_copy_frame(&mut self, frame: Frame, batch: &mut Batch) -> Result<Flow> {
+        let copy = self.copy.as_mut().expect("in COPY");
+        match frame.tag {
+            b'd' => {
+                if !copy.over_limit {
+                    if copy.data.len() + frame.bytes.len() > self.config.max_copy_size {
+                        copy.over_limit = true;
+                        copy.data = BytesMut::new();
+                    } else {
+                        copy.data.extend_from_slice(&frame.bytes);
+                    }
+                }
+            }
+            b'c' | b'f' => {
+                let end = if copy.over_limit {
+                    let mut fail = BytesMut::new();
+                    let limit = self.config.max_copy_size;
+                    backend::copy_fail(&format!("COPY data exceeds the server's limit of {limit} bytes"), &mut fail);
+                    fail
+                } else {
+                    frame.bytes
+                };
+                self.finish_copy(end).await?;
+            }
+            // PostgreSQL ignores Flush and Sync during COPY IN.
+            b'S' | b'H' => {}
+            b'X' => return Ok(Flow::Close),
+            other => {
+                // Any other message aborts the COPY (as in PostgreSQL), then runs.
+                let mut fail = BytesMut::new();
+                backend::copy_fail(&format!("unexpected message type 0x{other:02X} during COPY from stdin"), &mut fail);
+                self.finish_copy(fail).await?;
+                return Box::pin(self.on_frame(frame, batch)).await;
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Replays the COPY statement with its data and end message in one call.
+    async fn finish_copy(&mut self, end: BytesMut) -> Result<()> {
+        let CopyIn { mut start, data, .. } = self.copy.take().expect("in COPY");
+        start.extend_from_slice(&data);
+        drop(data);
+        start.extend_from_slice(&end);
+        self.begin_busy(false).await?;
+        let reply = self.session.round_trip(start).await?;
+        // The client already has the CopyInResponse (and what came before it).
+        let skip = backend::messages(&reply)
+            .scan(0, |end, (tag, m)| {
+                *end += m.len();
+                Some((tag, *end))
+            })
+            .find(|(tag, _)| *tag == b'G')
+            .map_or(0, |(_, end)| end);
+        self.forward(&reply[skip..]).await?;
+        self.after_busy().await
+    }
+
+    /// `DEALLOCATE ALL` / `DISCARD ALL` as a client expects them: only its
+    /// own statements (and, for DISCARD, its own settings) go; the other
+    /// clients' statements on the shared backend stay.
+    async fn deallocate_all(&mut self, discard: bool) -> Result<()> {
+        let mut bytes = BytesMut::new();
+        let mut name = BytesMut::new();
+        for statement in self.statements.drain() {
+            name.clear();
+            self.namer.engine_name(&statement, &mut name);
+            backend::close(b'S', &name, &mut bytes);
+        }
+        self.stdin_statements.clear();
+        self.stdin_portals.clear();
+        backend::sync(&mut bytes);
+        if discard {
+            self.settings.clear(); // DISCARD ALL runs only outside transactions: nothing is applied now
+        }
+        self.begin_busy(false).await?;
+        let reply = self.session.round_trip(bytes).await?;
+        let status = backend::last_ready_status(&reply).unwrap_or(self.status);
+        self.after_busy().await?;
+        let mut out = BytesMut::new();
+        backend::command_complete(if discard { "DISCARD ALL" } else { "DEALLOCATE ALL" }, &mut out);
+        backend::ready_for_query(status, &mut out);
+        self.forward(&out).await
+    }
+}

@@ -1,0 +1,285 @@
+//! The wire server with real clients: tokio-postgres, sqlx, psql.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{SOCKET_PORT, TestServer};
+use futures_util::{SinkExt, TryStreamExt, future::join_all};
+use pglite_cache::server::ServerConfig;
+use sqlx::postgres::PgPoolOptions;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_prepared_statements_pipelining_errors_and_copy() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let client = server.connect().await;
+    client.batch_execute("CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL)").await.unwrap();
+
+    // Prepared statements, executed many times.
+    let insert = client.prepare("INSERT INTO items VALUES ($1, $2)").await.unwrap();
+    for id in 0..50 {
+        client.execute(&insert, &[&id, &format!("item {id}")]).await.unwrap();
+    }
+    // Pipelining: tokio-postgres sends concurrent requests without waiting.
+    let select = client.prepare("SELECT name FROM items WHERE id = $1").await.unwrap();
+    let names = join_all((0..50).map(|id| {
+        let (client, select) = (&client, &select);
+        async move { client.query_one(select, &[&id]).await.unwrap().get::<_, String>(0) }
+    }))
+    .await;
+    assert_eq!(names, (0..50).map(|id| format!("item {id}")).collect::<Vec<_>>());
+
+    // Errors keep their fields; the connection goes on.
+    let err = client.query("SELECT nope FROM items", &[]).await.unwrap_err();
+    let db = err.as_db_error().expect("a database error");
+    assert_eq!(db.code(), &tokio_postgres::error::SqlState::UNDEFINED_COLUMN);
+    assert_eq!(db.position(), Some(&tokio_postgres::error::ErrorPosition::Original(8)));
+    let err = client.execute(&insert, &[&1, &"dup"]).await.unwrap_err();
+    assert_eq!(err.as_db_error().unwrap().constraint(), Some("items_pkey"));
+
+    // COPY FROM STDIN, 10,000 rows in several chunks.
+    let sink = client.copy_in("COPY items FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    for chunk in 0..10 {
+        let rows: String = (0..1000).map(|i| format!("{}\tcopied {}\n", 1000 + chunk * 1000 + i, i)).collect();
+        sink.send(Bytes::from(rows)).await.unwrap();
+    }
+    assert_eq!(sink.finish().await.unwrap(), 10_000);
+    let count: i64 = client.query_one("SELECT count(*) FROM items", &[]).await.unwrap().get(0);
+    assert_eq!(count, 10_050);
+
+    // COPY with bad data fails cleanly and changes nothing.
+    let sink = client.copy_in("COPY items FROM STDIN").await.unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(Bytes::from_static(b"not-a-number\tx\n")).await.unwrap();
+    let err = sink.finish().await.unwrap_err();
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::INVALID_TEXT_REPRESENTATION));
+    let count: i64 = client.query_one("SELECT count(*) FROM items", &[]).await.unwrap().get(0);
+    assert_eq!(count, 10_050);
+
+    // COPY inside a transaction, then rolled back.
+    client.batch_execute("BEGIN").await.unwrap();
+    let sink = client.copy_in("COPY items (id, name) FROM STDIN WITH (FORMAT csv)").await.unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(Bytes::from_static(b"99999,in tx\n")).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 1);
+    let seen: i64 = client.query_one("SELECT count(*) FROM items WHERE id = 99999", &[]).await.unwrap().get(0);
+    assert_eq!(seen, 1, "the transaction sees its own COPY");
+    client.batch_execute("ROLLBACK").await.unwrap();
+    let seen: i64 = client.query_one("SELECT count(*) FROM items WHERE id = 99999", &[]).await.unwrap().get(0);
+    assert_eq!(seen, 0);
+
+    // COPY TO STDOUT.
+    let stream = client.copy_out("COPY (SELECT id, name FROM items WHERE id < 3 ORDER BY id) TO STDOUT").await.unwrap();
+    let chunks: Vec<Bytes> = stream.try_collect().await.unwrap();
+    assert_eq!(chunks.concat(), b"0\titem 0\n1\titem 1\n2\titem 2\n");
+
+    // Notices reach the connection that raised them.
+    let messages = client.simple_query("DO $$ BEGIN RAISE NOTICE 'hello'; END $$").await.unwrap();
+    assert!(messages.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::CommandComplete(_))));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_statement_names_on_different_connections_stay_apart() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    // sqlx names prepared statements sqlx_s_1, sqlx_s_2, ... on every connection.
+    let a = PgPoolOptions::new().max_connections(1).connect(&server.url()).await.unwrap();
+    let b = PgPoolOptions::new().max_connections(1).connect(&server.url()).await.unwrap();
+    for round in 0..3 {
+        let x: String = sqlx::query_scalar("SELECT 'a' || $1::text").bind(round.to_string()).fetch_one(&a).await.unwrap();
+        let y: i32 = sqlx::query_scalar("SELECT 100 + $1::int").bind(round).fetch_one(&b).await.unwrap();
+        assert_eq!((x, y), (format!("a{round}"), 100 + round));
+    }
+    a.close().await;
+    b.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlx_pool_of_8_runs_concurrent_transfers_without_interleaving() {
+    const ACCOUNTS: i32 = 10;
+    const TASKS: i32 = 8;
+    const TRANSFERS: i32 = 40;
+    let server = TestServer::start(ServerConfig::default()).await;
+    let pool = PgPoolOptions::new().max_connections(8).min_connections(8).connect(&server.url()).await.unwrap();
+    sqlx::query("CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL)").execute(&pool).await.unwrap();
+    sqlx::query("INSERT INTO accounts SELECT g, 1000 FROM generate_series(1, $1) g").bind(ACCOUNTS).execute(&pool).await.unwrap();
+    sqlx::query("CREATE TABLE transfers (task int, n int, amount bigint)").execute(&pool).await.unwrap();
+
+    let workers = (0..TASKS).map(|task| {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut done = 0;
+            for n in 0..TRANSFERS {
+                let from = (task + n) % ACCOUNTS + 1;
+                let to = (task * 3 + n * 7 + 1) % ACCOUNTS + 1;
+                if from == to {
+                    continue;
+                }
+                let amount = i64::from(task + 1);
+                let mut tx = pool.begin().await.unwrap();
+                let before: i64 = sqlx::query_scalar("SELECT balance FROM accounts WHERE id = $1")
+                    .bind(from)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .unwrap();
+                sqlx::query("UPDATE accounts SET balance = balance - $2 WHERE id = $1")
+                    .bind(from)
+                    .bind(amount)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                tokio::task::yield_now().await; // give the others every chance to interleave
+                // Reads its own uncommitted write...
+                let after: i64 = sqlx::query_scalar("SELECT balance FROM accounts WHERE id = $1")
+                    .bind(from)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .unwrap();
+                assert_eq!(after, before - amount, "a transaction sees its own write, and only its own");
+                sqlx::query("UPDATE accounts SET balance = balance + $2 WHERE id = $1")
+                    .bind(to)
+                    .bind(amount)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                // ...while the total inside the transaction is still constant.
+                let total: i64 = sqlx::query_scalar("SELECT sum(balance)::bigint FROM accounts").fetch_one(&mut *tx).await.unwrap();
+                assert_eq!(total, i64::from(ACCOUNTS) * 1000);
+                sqlx::query("INSERT INTO transfers VALUES ($1, $2, $3)").bind(task).bind(n).bind(amount).execute(&mut *tx).await.unwrap();
+                tx.commit().await.unwrap();
+                done += 1;
+            }
+            done
+        })
+    });
+    // Readers outside transactions never see a half-done transfer.
+    let reader = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let mut reads = 0;
+            for _ in 0..100 {
+                let total: i64 = sqlx::query_scalar("SELECT sum(balance)::bigint FROM accounts").fetch_one(&pool).await.unwrap();
+                assert_eq!(total, i64::from(ACCOUNTS) * 1000, "no uncommitted write of another connection is visible");
+                reads += 1;
+            }
+            reads
+        })
+    };
+    let mut committed = 0_i64;
+    for worker in workers {
+        committed += worker.await.unwrap();
+    }
+    assert_eq!(reader.await.unwrap(), 100);
+    let total: i64 = sqlx::query_scalar("SELECT sum(balance)::bigint FROM accounts").fetch_one(&pool).await.unwrap();
+    assert_eq!(total, i64::from(ACCOUNTS) * 1000);
+    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM transfers").fetch_one(&pool).await.unwrap();
+    assert!(committed > i64::from(TASKS * TRANSFERS) / 2, "most transfers ran: {committed}");
+    assert_eq!(logged, committed, "every committed transfer, and only those, is recorded");
+    // Each account's balance is exactly what the log says it should be.
+    let mismatches: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM accounts a WHERE a.balance <> 1000 + coalesce((SELECT sum(CASE WHEN ((t.task * 3 + t.n * 7 + 1) % $1) + 1 = a.id THEN t.amount ELSE 0 END) - sum(CASE WHEN ((t.task + t.n) % $1) + 1 = a.id THEN t.amount ELSE 0 END) FROM transfers t), 0)",
+    )
+    .bind(ACCOUNTS)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(mismatches, 0, "no transfer was lost or applied twice");
+    pool.close().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_of_one_client_do_not_leak_to_others() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let a = server.connect().await;
+    let b = server.connect().await;
+    a.batch_execute("SET TimeZone = 'Asia/Tokyo'; SET work_mem = '7MB'").await.unwrap();
+    assert_eq!(show(&b, "TimeZone").await, "UTC");
+    assert_eq!(show(&b, "work_mem").await, "4MB");
+    assert_eq!(show(&a, "TimeZone").await, "Asia/Tokyo");
+    assert_eq!(show(&a, "work_mem").await, "7MB");
+    // The Rust API sees the defaults too.
+    let rows = server.db.query("SELECT current_setting('TimeZone') AS tz", &[]).await.unwrap().rows;
+    assert_eq!(rows[0].get::<String>("tz"), "UTC");
+    // A setting made inside a transaction is kept after COMMIT, dropped on ROLLBACK.
+    b.batch_execute("BEGIN; SET statement_timeout = '5s'; COMMIT").await.unwrap();
+    b.batch_execute("BEGIN; SET lock_timeout = '3s'; ROLLBACK").await.unwrap();
+    assert_eq!(show(&b, "statement_timeout").await, "5s");
+    assert_eq!(show(&b, "lock_timeout").await, "0");
+    assert_eq!(show(&a, "statement_timeout").await, "0");
+    // RESET and DISCARD ALL apply to the client that runs them.
+    a.batch_execute("RESET TimeZone").await.unwrap();
+    assert_eq!(show(&a, "TimeZone").await, "UTC");
+    assert_eq!(show(&a, "work_mem").await, "7MB");
+    let stmt = b.prepare("SELECT 1").await.unwrap();
+    a.batch_execute("DISCARD ALL").await.unwrap();
+    assert_eq!(show(&a, "work_mem").await, "4MB");
+    assert_eq!(b.query_one(&stmt, &[]).await.unwrap().get::<_, i32>(0), 1, "DISCARD ALL of one client keeps the others' statements");
+    assert_eq!(show(&b, "statement_timeout").await, "5s");
+    server.shutdown().await;
+}
+
+async fn show(client: &tokio_postgres::Client, name: &str) -> String {
+    client.query_one(&format!("SELECT current_setting('{name}')"), &[]).await.unwrap().get(0)
+}
+
+fn psql() -> &'static str {
+    const PSQL: &str = "psql";
+    match Command::new(PSQL).arg("--version").output() {
+        Ok(out) if out.status.success() => PSQL,
+        _ => panic!("the psql binary is required for this test: install postgresql-client (e.g. `apt-get install postgresql-client`)"),
+    }
+}
+
+fn run_psql(server: &TestServer, args: &[&str], stdin: Option<&str>) -> (String, String, bool) {
+    use std::io::Write;
+    let dir = server.socket_dir.to_str().unwrap().to_owned();
+    let mut child = Command::new(psql())
+        .args(["-X", "-h", &dir, "-p", &SOCKET_PORT.to_string(), "-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1"])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned(), out.status.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_meta_commands_copy_and_errors() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let s = &server;
+    let (out, err, ok) = tokio::task::block_in_place(|| {
+        run_psql(s, &["-c", "CREATE TABLE people (id int PRIMARY KEY, name text NOT NULL)", "-c", "\\d people"], None)
+    });
+    assert!(ok, "psql failed: {err}");
+    assert!(out.contains("Table \"public.people\""), "{out}");
+    assert!(out.contains("\"people_pkey\" PRIMARY KEY, btree (id)"), "{out}");
+
+    let (out, err, ok) = tokio::task::block_in_place(|| {
+        run_psql(s, &["-f", "-"], Some("\\copy people from stdin\n1\tAda\n2\tGrace\n\\.\nSELECT count(*) AS n FROM people;\n\\copy (SELECT name FROM people ORDER BY id) to stdout\n"))
+    });
+    assert!(ok, "psql failed: {err}");
+    assert!(out.contains("COPY 2"), "{out}");
+    assert!(out.contains("Ada\nGrace"), "{out}");
+
+    let (_, err, ok) = tokio::task::block_in_place(|| run_psql(s, &["-c", "SELECT * FROM missing"], None));
+    assert!(!ok);
+    assert!(err.contains("relation \"missing\" does not exist"), "{err}");
+
+    let (out, _, ok) = tokio::task::block_in_place(|| run_psql(s, &["-c", "\\dt"], None));
+    assert!(ok);
+    assert!(out.contains("people"), "{out}");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    server.shutdown().await;
+}

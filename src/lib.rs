@@ -44,6 +44,7 @@ pub mod metrics;
 pub mod oid;
 mod params;
 pub mod protocol;
+pub mod replication;
 mod rows;
 pub mod server;
 

@@ -108,6 +108,15 @@ impl Instance {
         results(self.call(Job::Protocol(bytes)).await?)
     }
 
+    /// Bulk load: runs `sql`, a `COPY ... FROM '/dev/blob'` statement (or a
+    /// script containing one), with `data` as the contents of `/dev/blob`.
+    /// `data` is in the format the `COPY` names (text by default). Returns
+    /// the number of rows copied.
+    pub async fn copy_in(&self, sql: &str, data: Vec<u8>) -> Result<u64> {
+        let output = self.call(Job::CopyIn { sql: sql.to_owned(), data }).await?;
+        Ok(results(output)?.iter().map(QueryResult::rows_affected).sum())
+    }
+
     /// Opens an interactive transaction. Until it commits, rolls back or is
     /// dropped (which rolls back), it has the instance to itself: other callers
     /// wait, nothing interleaves. Don't await other calls on this same

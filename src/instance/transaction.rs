@@ -40,11 +40,26 @@ impl Transaction {
         single(self.call(Job::Protocol(encode_batch(&[(sql, params.as_slice())])?)).await?)
     }
 
+    /// Runs several statements with parameters in one round trip, inside the
+    /// transaction. The first failing statement stops the batch and puts
+    /// the transaction in the failed state.
+    pub async fn batch<S: AsRef<str>>(&self, statements: &[(S, Vec<Param>)]) -> Result<Vec<QueryResult>> {
+        let statements: Vec<(&str, &[Param])> =
+            statements.iter().map(|(sql, params)| (sql.as_ref(), params.as_slice())).collect();
+        results(self.call(Job::Protocol(encode_batch(&statements)?)).await?)
+    }
+
     /// Runs a script of statements without parameters inside the transaction.
     pub async fn exec(&self, sql: &str) -> Result<Vec<QueryResult>> {
         let mut bytes = BytesMut::new();
         protocol::simple_query(sql, &mut bytes)?;
         results(self.call(Job::Protocol(bytes)).await?)
+    }
+
+    /// [`Instance::copy_in`] inside the transaction.
+    pub async fn copy_in(&self, sql: &str, data: Vec<u8>) -> Result<u64> {
+        let output = self.call(Job::CopyIn { sql: sql.to_owned(), data }).await?;
+        Ok(results(output)?.iter().map(QueryResult::rows_affected).sum())
     }
 
     /// Commits. If a statement in the transaction failed, PostgreSQL rolls

@@ -49,6 +49,11 @@ pub(crate) enum Job {
     /// or an extended-protocol batch not yet synced), the caller gets a lease
     /// and keeps the engine until it is idle again.
     Raw(BytesMut),
+    /// `COPY ... FROM '/dev/blob'` (or a script containing one) with `data`
+    /// as the contents of `/dev/blob`: the bulk-load path (pglite-oxide's
+    /// `QueryOptions.blob`). The reply is shaped like a protocol reply: the
+    /// statement's `CommandComplete` or `ErrorResponse`, then `ReadyForQuery`.
+    CopyIn { sql: String, data: Vec<u8> },
     /// Test hook: make the worker panic, as a bug or trap in the engine would.
     Panic,
 }
@@ -265,6 +270,15 @@ impl Worker {
                 }
                 Ok((output, None))
             }
+            Job::CopyIn { sql, data } => {
+                let out = self.copy_in(&sql, data)?;
+                let mut rolled_back_open_transaction = false;
+                if !leased && ready_status(&out) != Some(TxStatus::Idle) {
+                    self.rollback_if_open()?;
+                    rolled_back_open_transaction = true;
+                }
+                Ok((Output { bytes: out, rolled_back_open_transaction, lease: None }, None))
+            }
             Job::Protocol(bytes) => {
                 // `protocol` ends every API batch with a CopyFail guard, so a
                 // `COPY ... FROM STDIN` fails instead of starving the engine.
@@ -286,6 +300,33 @@ impl Worker {
         engine
             .exec_protocol_raw(bytes, ExecProtocolOptions::no_sync())
             .map_err(|e| Failure::Crash(format!("{e:#}")))
+    }
+
+    /// Runs `sql` through the engine's simple-query API with `data` as
+    /// `/dev/blob`, and answers with protocol bytes: `CommandComplete` (or the
+    /// `ErrorResponse`) followed by the engine's real `ReadyForQuery`.
+    fn copy_in(&mut self, sql: &str, data: Vec<u8>) -> Result<Vec<u8>, Failure> {
+        let engine = self.engine.as_mut().ok_or_else(|| Failure::Crash("engine is not open".into()))?;
+        let options = pglite_oxide::QueryOptions { blob: Some(data), ..Default::default() };
+        let mut out = BytesMut::new();
+        match engine.exec(sql, Some(&options)) {
+            Ok(results) => {
+                let rows: usize = results.iter().filter_map(|r| r.affected_rows).sum();
+                put_message(&mut out, b'C', format!("COPY {rows}\0").as_bytes());
+            }
+            Err(err) => match err.downcast_ref::<pglite_oxide::PgliteError>().map(|e| e.database_error()) {
+                Some(db) => put_message(&mut out, b'E', &error_fields(db)),
+                None => match err.downcast_ref::<pglite_oxide::DatabaseError>() {
+                    Some(db) => put_message(&mut out, b'E', &error_fields(db)),
+                    None => return Err(Failure::Crash(format!("{err:#}"))),
+                },
+            },
+        }
+        // A lone Sync makes the engine report its real transaction status.
+        let mut sync = BytesMut::new();
+        protocol::sync(&mut sync);
+        out.extend_from_slice(&self.round_trip(&sync)?);
+        Ok(out.to_vec())
     }
 
     fn rollback_if_open(&mut self) -> Result<(), Failure> {
@@ -343,6 +384,40 @@ impl Worker {
             }
         }
     }
+}
+
+/// Appends one backend message (tag, length, body).
+fn put_message(out: &mut BytesMut, tag: u8, body: &[u8]) {
+    out.extend_from_slice(&[tag]);
+    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    out.extend_from_slice(body);
+}
+
+/// The body of an `ErrorResponse` carrying the fields of an engine error.
+fn error_fields(db: &pglite_oxide::DatabaseError) -> Vec<u8> {
+    let mut body = Vec::new();
+    let mut field = |tag: u8, value: Option<&str>| {
+        if let Some(value) = value {
+            body.push(tag);
+            body.extend_from_slice(value.replace('\0', "").as_bytes());
+            body.push(0);
+        }
+    };
+    field(b'S', db.severity.as_deref().or(Some("ERROR")));
+    field(b'V', db.severity.as_deref().or(Some("ERROR")));
+    field(b'C', db.code.as_deref().or(Some("XX000")));
+    field(b'M', Some(&db.message));
+    field(b'D', db.detail.as_deref());
+    field(b'H', db.hint.as_deref());
+    field(b'P', db.position.as_deref());
+    field(b'W', db.r#where.as_deref());
+    field(b's', db.schema.as_deref());
+    field(b't', db.table.as_deref());
+    field(b'c', db.column.as_deref());
+    field(b'd', db.data_type.as_deref());
+    field(b'n', db.constraint.as_deref());
+    body.push(0);
+    body
 }
 
 /// The status of the final `ReadyForQuery` (`Z`, length 5, status byte).

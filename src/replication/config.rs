@@ -1,0 +1,257 @@
+//! What to replicate, and from where.
+//!
+//! The source is a `postgres://` URL or a libpq `key=value` string, parsed by
+//! `tokio_postgres::Config` (so both forms, `host=/path` for Unix sockets,
+//! multiple options, percent-encoding all work as in libpq).
+//!
+//! Supported today: `sslmode=disable` and `sslmode=prefer` (which connects
+//! without TLS); authentication trust, cleartext password, MD5 and
+//! SCRAM-SHA-256. Not yet: `sslmode=require/verify-full` (TLS over rustls),
+//! which fail with a clear error rather than silently connecting in clear.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use tokio_postgres::config::{Host, SslMode};
+
+use super::error::ReplicationError;
+
+/// Where the remote is and how to log in.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    inner: tokio_postgres::Config,
+}
+
+/// One address of the remote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceAddress {
+    /// Host name or IP address and port.
+    Tcp(String, u16),
+    /// Unix socket directory and port (socket `<dir>/.s.PGSQL.<port>`).
+    Unix(PathBuf, u16),
+}
+
+impl SourceConfig {
+    /// The parsed `tokio_postgres` config for ordinary (non-replication)
+    /// connections: catalog queries and the snapshot copy.
+    pub fn postgres_config(&self) -> &tokio_postgres::Config {
+        &self.inner
+    }
+
+    /// The user name (default `postgres`).
+    pub fn user(&self) -> &str {
+        self.inner.get_user().unwrap_or("postgres")
+    }
+
+    /// The password, if any.
+    pub fn password(&self) -> Option<&[u8]> {
+        self.inner.get_password()
+    }
+
+    /// The database name (default: the user name).
+    pub fn dbname(&self) -> &str {
+        self.inner.get_dbname().unwrap_or_else(|| self.user())
+    }
+
+    /// The addresses to try, in order.
+    pub fn addresses(&self) -> Vec<SourceAddress> {
+        let ports = self.inner.get_ports();
+        let port_at = |i: usize| ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        let hosts = self.inner.get_hosts();
+        if hosts.is_empty() {
+            return vec![SourceAddress::Tcp("localhost".into(), port_at(0))];
+        }
+        hosts
+            .iter()
+            .enumerate()
+            .map(|(i, host)| match host {
+                Host::Tcp(name) => SourceAddress::Tcp(name.clone(), port_at(i)),
+                Host::Unix(dir) => SourceAddress::Unix(dir.clone(), port_at(i)),
+            })
+            .collect()
+    }
+
+    /// How long to wait for a connection (default 10 s).
+    pub fn connect_timeout(&self) -> Duration {
+        self.inner
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(10))
+    }
+
+    /// Checks the options this crate cannot honour yet.
+    pub fn validate(&self) -> Result<(), ReplicationError> {
+        match self.inner.get_ssl_mode() {
+            SslMode::Disable | SslMode::Prefer => Ok(()),
+            _ => Err(ReplicationError::needs_operator(
+                "sslmode=require is not supported yet",
+                "connect with sslmode=disable (or prefer) over a trusted network or a Unix socket",
+            )),
+        }
+    }
+}
+
+impl FromStr for SourceConfig {
+    type Err = ReplicationError;
+
+    fn from_str(s: &str) -> Result<SourceConfig, ReplicationError> {
+        let inner = tokio_postgres::Config::from_str(s).map_err(|e| {
+            ReplicationError::needs_operator(
+                format!("invalid source: {e}"),
+                "give a postgres://user:password@host:port/dbname URL or a key=value connection string",
+            )
+        })?;
+        let config = SourceConfig { inner };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// What to replicate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublicationSpec {
+    /// An existing publication, managed by someone else.
+    Existing(String),
+    /// A publication this tool creates (if missing) and owns (drops it on
+    /// decommission), over the given tables (`schema.table` or `table`).
+    Owned {
+        /// The publication's name.
+        name: String,
+        /// The tables in it.
+        tables: Vec<String>,
+    },
+}
+
+impl PublicationSpec {
+    /// The publication's name.
+    pub fn name(&self) -> &str {
+        match self {
+            PublicationSpec::Existing(name) | PublicationSpec::Owned { name, .. } => name,
+        }
+    }
+}
+
+/// What to do when the slot is gone (dropped, or invalidated by WAL
+/// retention limits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SlotLostPolicy {
+    /// Halt with an operator error (the default: a resync can be expensive).
+    #[default]
+    Halt,
+    /// Drop the local copies and sync everything again from a new slot.
+    Resync,
+}
+
+/// Everything [`crate::replication::Replication::start`] needs.
+#[derive(Debug, Clone)]
+pub struct ReplicationConfig {
+    /// The remote.
+    pub source: SourceConfig,
+    /// What to replicate.
+    pub publication: PublicationSpec,
+    /// The permanent logical slot (created on first start, reused after).
+    pub slot_name: String,
+    /// When the slot is lost.
+    pub on_slot_lost: SlotLostPolicy,
+    /// Replicated tables refuse local writes (default true).
+    pub read_only: bool,
+    /// How often to send a standby status update unasked (default 10 s; keep
+    /// it well inside the remote's `wal_sender_timeout`, 60 s by default).
+    pub status_interval: Duration,
+    /// How many bytes of changes to buffer before a transaction is applied
+    /// in pieces inside one open local transaction (default 8 MiB).
+    pub max_buffered_bytes: usize,
+    /// Rows per bulk-load batch size target in bytes for the initial copy
+    /// (default 4 MiB).
+    pub copy_batch_bytes: usize,
+}
+
+impl ReplicationConfig {
+    /// A config with defaults: slot `pglite_cache`, read-only tables.
+    pub fn new(source: SourceConfig, publication: PublicationSpec) -> ReplicationConfig {
+        ReplicationConfig {
+            source,
+            publication,
+            slot_name: "pglite_cache".into(),
+            on_slot_lost: SlotLostPolicy::Halt,
+            read_only: true,
+            status_interval: Duration::from_secs(10),
+            max_buffered_bytes: 8 << 20,
+            copy_batch_bytes: 4 << 20,
+        }
+    }
+
+    /// Sets the slot name.
+    pub fn slot_name(mut self, name: impl Into<String>) -> Self {
+        self.slot_name = name.into();
+        self
+    }
+
+    /// Sets the slot-lost policy.
+    pub fn on_slot_lost(mut self, policy: SlotLostPolicy) -> Self {
+        self.on_slot_lost = policy;
+        self
+    }
+
+    /// Allows local writes to replicated tables (they will be overwritten or
+    /// conflict with later changes: for experiments only).
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// Sets the unasked status interval.
+    pub fn status_interval(mut self, interval: Duration) -> Self {
+        self.status_interval = interval;
+        self
+    }
+
+    /// Sets how much of one remote transaction is buffered in memory.
+    pub fn max_buffered_bytes(mut self, bytes: usize) -> Self {
+        self.max_buffered_bytes = bytes;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ReplicationError> {
+        self.source.validate()?;
+        let ok_name = |s: &str| {
+            !s.is_empty()
+                && s.len() < 64
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        };
+        if !ok_name(&self.slot_name) {
+            return Err(ReplicationError::needs_operator(
+                format!("invalid slot name {:?}", self.slot_name),
+                "slot names use lower-case letters, digits and underscores, at most 63 characters",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls_and_key_value_strings() {
+        let c: SourceConfig = "postgres://ada:s%40cret@db.example:6543/shop?sslmode=disable"
+            .parse()
+            .unwrap();
+        assert_eq!(c.user(), "ada");
+        assert_eq!(c.password(), Some(&b"s@cret"[..]));
+        assert_eq!(c.dbname(), "shop");
+        assert_eq!(c.addresses(), vec![SourceAddress::Tcp("db.example".into(), 6543)]);
+
+        let c: SourceConfig = "host=/var/run/postgresql port=5433 user=app dbname=x".parse().unwrap();
+        assert_eq!(
+            c.addresses(),
+            vec![SourceAddress::Unix("/var/run/postgresql".into(), 5433)]
+        );
+
+        let e = "postgres://h/db?sslmode=require".parse::<SourceConfig>().unwrap_err();
+        assert!(e.to_string().contains("sslmode"));
+    }
+}

@@ -1,7 +1,13 @@
 //! Command-line parsing and dispatch.
 
+mod decommission;
+mod demo;
+mod listen;
 mod query;
 mod serve;
+mod status;
+mod status_file;
+mod sync;
 mod table;
 
 use std::path::PathBuf;
@@ -33,6 +39,14 @@ enum Command {
     },
     /// Serve an instance over the PostgreSQL wire protocol until SIGINT/SIGTERM.
     Serve(serve::ServeArgs),
+    /// Keep a local cache of a remote database in sync and serve it.
+    Sync(sync::SyncArgs),
+    /// Run the whole job on a throwaway local PostgreSQL: sync, live writes, read-your-writes, checks.
+    Demo,
+    /// Show a cache's phase, tables, position and lag.
+    Status(status::StatusArgs),
+    /// Drop a cache's slot (and owned publication) on the remote and its local bookkeeping.
+    Decommission(decommission::DecommissionArgs),
 }
 
 /// Exit status for a database error (bad usage exits with 2, as clap does).
@@ -43,5 +57,9 @@ pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Query { data, json, sql } => query::run(data, json, &sql).await,
         Command::Serve(args) => serve::run(args).await,
+        Command::Sync(args) => sync::run(args).await,
+        Command::Status(args) => status::run(args).await,
+        Command::Demo => demo::run().await,
+        Command::Decommission(args) => decommission::run(args).await,
     }
 }

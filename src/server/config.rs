@@ -1,5 +1,6 @@
 //! How a server behaves: limits, password, shutdown grace period.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::scram::ScramVerifier;
@@ -23,6 +24,32 @@ pub struct ServerConfig {
     /// Password required on TCP connections (SCRAM-SHA-256). Unix-socket
     /// connections are trusted: their directory is owner-only.
     pub password: Option<ScramVerifier>,
+    /// Decides whether a new connection is admitted (see [`Admission`]).
+    pub admission: Option<Admission>,
+}
+
+/// Decides, for each new connection, whether it is admitted now. A refusal
+/// carries a message and reaches the client as a `FATAL` error with SQLSTATE
+/// `57P03` (cannot connect now), as PostgreSQL does while it starts up; the
+/// `sync` daemon uses it until the initial copy is consistent.
+#[derive(Clone)]
+pub struct Admission(Arc<dyn Fn() -> Result<(), String> + Send + Sync>);
+
+impl Admission {
+    /// An admission check; `Err(message)` refuses the connection.
+    pub fn new(check: impl Fn() -> Result<(), String> + Send + Sync + 'static) -> Admission {
+        Admission(Arc::new(check))
+    }
+
+    pub(crate) fn check(&self) -> Result<(), String> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Admission(..)")
+    }
 }
 
 impl Default for ServerConfig {
@@ -33,6 +60,7 @@ impl Default for ServerConfig {
             max_copy_size: 1 << 30,
             shutdown_timeout: Duration::from_secs(10),
             password: None,
+            admission: None,
         }
     }
 }
@@ -65,6 +93,12 @@ impl ServerConfig {
     /// Requires this password (SCRAM-SHA-256) on TCP connections.
     pub fn with_password(mut self, password: &str) -> Self {
         self.password = Some(ScramVerifier::from_password(password));
+        self
+    }
+
+    /// Admits new connections only while `admission` says so.
+    pub fn with_admission(mut self, admission: Admission) -> Self {
+        self.admission = Some(admission);
         self
     }
 

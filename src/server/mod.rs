@@ -75,7 +75,7 @@ use rand::Rng;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-pub use config::ServerConfig;
+pub use config::{Admission, ServerConfig};
 pub use listener::Listener;
 pub use scram::{InvalidVerifier, ScramVerifier};
 
@@ -188,6 +188,7 @@ impl Client {
         rand::rng().fill_bytes(&mut key);
         let greeting = Greeting {
             password: if self.trusted { None } else { self.config.password.as_ref() },
+            admission: self.config.admission.as_ref(),
             parameters: &self.parameters,
             pid: self.id as i32,
             key: i32::from_be_bytes(key),

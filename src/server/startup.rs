@@ -7,6 +7,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::backend;
+use super::config::Admission;
 use super::scram::{Exchange, ScramVerifier};
 
 const SSL_REQUEST: i32 = 80_877_103;
@@ -40,6 +41,7 @@ pub(crate) struct StartupParams {
 #[derive(Debug)]
 pub(crate) struct Greeting<'a> {
     pub password: Option<&'a ScramVerifier>,
+    pub admission: Option<&'a Admission>,
     pub parameters: &'a [(String, String)],
     pub pid: i32,
     pub key: i32,
@@ -103,6 +105,9 @@ where
     }
     if startup.database.is_empty() {
         startup.database = startup.user.clone();
+    }
+    if let Some(Err(message)) = greeting.admission.map(Admission::check) {
+        return refuse(stream, "57P03", &message).await;
     }
     if let Some(verifier) = greeting.password {
         stream.write_all(&out).await?;

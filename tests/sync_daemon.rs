@@ -183,7 +183,16 @@ async fn syncs_serves_survives_kill9_and_stops_cleanly() {
     // The workload runs on the remote for the whole test.
     let load = tokio::spawn(write_load(remote.conninfo("postgres"), load_stop));
 
-    // First start: initial copy under concurrent writes; clients are refused until consistent.
+    // kill -9 in the middle of the initial copy: the next start copies again.
+    let daemon = Daemon::spawn(&remote, &data, &["--tables", "accounts,public.events"]);
+    let start = Instant::now();
+    while std::fs::read_to_string(data.join("pglite-cache-status.json")).map_or(true, |s| !s.contains("\"copying\"")) {
+        assert!(start.elapsed() < Duration::from_secs(60), "never saw the copy:\n{}", daemon.stderr());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    daemon.kill9();
+
+    // Initial copy under concurrent writes; clients are refused until consistent.
     let mut daemon = Daemon::spawn(&remote, &data, &["--tables", "accounts,public.events"]);
     let (cache, refused) = daemon.wait_ready().await;
     assert!(refused, "clients are refused with 57P03 while the copy runs");

@@ -354,12 +354,23 @@ async fn bad_configurations_get_one_clear_message() {
     assert_eq!(code, Some(2), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 
-    // An unreachable remote is retried, not fatal.
+    // An unreachable remote is retried, not fatal (and logs can be JSON).
     let port = free_port();
     let (code, err) = run_sync(
-        &["--source", &format!("postgres://postgres@127.0.0.1:{port}/postgres"), "--data", &data, "--tables", "t"],
+        &[
+            "--source",
+            &format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            "--data",
+            &data,
+            "--tables",
+            "t",
+            "--log-format",
+            "json",
+        ],
         Duration::from_secs(3),
     );
     assert_eq!(code, None, "still running and retrying: {err}");
-    assert!(err.contains("remote unreachable; retrying"), "{err}");
+    let line = err.lines().find(|l| l.contains("remote unreachable; retrying")).unwrap_or_else(|| panic!("{err}"));
+    let json: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+    assert_eq!(json["level"], "WARN");
 }

@@ -168,7 +168,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     return Ok(());
                 }
             }
-            if batch.boundary || batch.bytes.len() > SPILL_BYTES {
+            if batch.boundary || (batch.bytes.len() > SPILL_BYTES && !batch.copy_candidate) {
                 self.send_batch(&mut batch).await?;
             }
             let idle = batch.bytes.is_empty() && self.copy.is_none() && !self.session.holds_engine();
@@ -287,11 +287,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             return Ok(());
         }
         let may_change = batch.may_change_settings;
+        let copy_candidate = batch.copy_candidate;
         let mut bytes = std::mem::take(batch).bytes;
-        // Safety net: should a statement start a COPY FROM STDIN that was not
-        // recognised, this fails it instead of leaving the engine waiting for
-        // data it cannot wait for. Outside COPY, CopyFail is ignored.
-        backend::copy_fail("COPY FROM STDIN was not recognised by the server", &mut bytes);
+        if copy_candidate {
+            // A possible COPY FROM STDIN sent without the probe (a spilled
+            // batch): fail it rather than leave the engine waiting for data
+            // it cannot wait for. Outside COPY, CopyFail is ignored. (Every
+            // COPY FROM STDIN names STDIN in its text, so batches without a
+            // candidate cannot start one.)
+            backend::copy_fail("COPY FROM STDIN must be followed by Sync or Flush on this server", &mut bytes);
+        }
         self.begin_busy(may_change).await?;
         tracing::trace!(bytes = bytes.len(), holds = self.session.holds_engine(), "batch to engine");
         let reply = self.session.round_trip(bytes).await?;

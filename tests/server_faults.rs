@@ -22,7 +22,9 @@ struct Raw {
 
 impl Raw {
     async fn open(server: &TestServer) -> Raw {
-        Raw { stream: TcpStream::connect(server.addr).await.unwrap() }
+        Raw {
+            stream: TcpStream::connect(server.addr).await.unwrap(),
+        }
     }
 
     /// Connects and completes the startup.
@@ -32,7 +34,11 @@ impl Raw {
         frontend::startup_message([("user", "postgres"), ("database", "postgres")], &mut buf).unwrap();
         raw.send(&buf).await;
         let messages = raw.read_until_ready().await;
-        assert_eq!(messages.last().map(|m| m.0), Some(b'Z'), "startup ends with ReadyForQuery");
+        assert_eq!(
+            messages.last().map(|m| m.0),
+            Some(b'Z'),
+            "startup ends with ReadyForQuery"
+        );
         raw
     }
 
@@ -50,10 +56,16 @@ impl Raw {
     /// Reads one message, or `None` at EOF.
     async fn read_message(&mut self) -> Option<(u8, Vec<u8>)> {
         let mut header = [0u8; 5];
-        timeout(PATIENCE, self.stream.read_exact(&mut header)).await.expect("server answers").ok()?;
+        timeout(PATIENCE, self.stream.read_exact(&mut header))
+            .await
+            .expect("server answers")
+            .ok()?;
         let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
         let mut body = vec![0u8; len - 4];
-        timeout(PATIENCE, self.stream.read_exact(&mut body)).await.expect("server answers").ok()?;
+        timeout(PATIENCE, self.stream.read_exact(&mut body))
+            .await
+            .expect("server answers")
+            .ok()?;
         Some((header[0], body))
     }
 
@@ -81,15 +93,20 @@ impl Raw {
 /// The SQLSTATE of the first ErrorResponse.
 fn error_code(messages: &[(u8, Vec<u8>)]) -> Option<String> {
     let (_, body) = messages.iter().find(|m| m.0 == b'E')?;
-    body.split(|&b| b == 0).find_map(|f| f.strip_prefix(b"C")).map(|c| String::from_utf8_lossy(c).into_owned())
+    body.split(|&b| b == 0)
+        .find_map(|f| f.strip_prefix(b"C"))
+        .map(|c| String::from_utf8_lossy(c).into_owned())
 }
 
 async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
-    timeout(PATIENCE, client.query_one(&format!("SELECT count(*) FROM {table}"), &[]))
-        .await
-        .expect("not blocked by a departed client")
-        .unwrap()
-        .get(0)
+    timeout(
+        PATIENCE,
+        client.query_one(&format!("SELECT count(*) FROM {table}"), &[]),
+    )
+    .await
+    .expect("not blocked by a departed client")
+    .unwrap()
+    .get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,7 +160,11 @@ async fn garbage_bad_versions_and_ssl_requests_never_hurt_the_instance() {
     packet.extend_from_slice(b"user\0postgres\0\0");
     raw.send(&packet).await;
     let messages = raw.read_until_ready().await;
-    assert_eq!(messages.first().map(|m| m.0), Some(b'v'), "NegotiateProtocolVersion first");
+    assert_eq!(
+        messages.first().map(|m| m.0),
+        Some(b'v'),
+        "NegotiateProtocolVersion first"
+    );
     assert_eq!(&messages[0].1[..4], &0_i32.to_be_bytes(), "minor version 0 offered");
     assert_eq!(messages.last().map(|m| m.0), Some(b'Z'));
 
@@ -179,7 +200,9 @@ async fn garbage_bad_versions_and_ssl_requests_never_hurt_the_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_messages_and_copies_are_refused() {
-    let config = ServerConfig::default().with_max_message_size(64 * 1024).with_max_copy_size(64 * 1024);
+    let config = ServerConfig::default()
+        .with_max_message_size(64 * 1024)
+        .with_max_copy_size(64 * 1024);
     let server = TestServer::start(config).await;
     let healthy = server.connect().await;
     healthy.batch_execute("CREATE TABLE blobs (v text)").await.unwrap();
@@ -191,7 +214,10 @@ async fn oversized_messages_and_copies_are_refused() {
     raw.send(&header).await;
     assert_eq!(error_code(&raw.read_to_eof().await).as_deref(), Some("08P01"));
     let big = server.connect().await;
-    let err = big.execute(&format!("INSERT INTO blobs VALUES ('{}')", "x".repeat(100_000)), &[]).await.unwrap_err();
+    let err = big
+        .execute(&format!("INSERT INTO blobs VALUES ('{}')", "x".repeat(100_000)), &[])
+        .await
+        .unwrap_err();
     assert!(err.is_closed() || err.as_db_error().is_some(), "{err}");
 
     // A COPY over the limit fails, the connection survives.
@@ -199,11 +225,22 @@ async fn oversized_messages_and_copies_are_refused() {
     let sink = client.copy_in("COPY blobs FROM STDIN").await.unwrap();
     futures_util::pin_mut!(sink);
     for _ in 0..10 {
-        sink.send(Bytes::from(format!("{}\n", "y".repeat(10_000)))).await.unwrap();
+        sink.send(Bytes::from(format!("{}\n", "y".repeat(10_000))))
+            .await
+            .unwrap();
     }
     let err = sink.finish().await.unwrap_err();
-    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{err}");
-    assert!(err.as_db_error().unwrap().message().contains("exceeds the server's limit"));
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{err}"
+    );
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("exceeds the server's limit")
+    );
     assert_eq!(count(&client, "blobs").await, 0);
     assert_eq!(count(&healthy, "blobs").await, 0);
     server.shutdown().await;
@@ -226,7 +263,17 @@ async fn a_client_leaving_in_any_state_rolls_back_and_blocks_nobody() {
     let mut raw = Raw::connect(&server).await;
     let mut buf = BytesMut::new();
     frontend::parse("", "INSERT INTO t VALUES (2)", [], &mut buf).unwrap();
-    frontend::bind("", "", [], [], |_: (), _| Ok(postgres_protocol::IsNull::No), [], &mut buf).map_err(|_| ()).unwrap();
+    frontend::bind(
+        "",
+        "",
+        [],
+        [],
+        |_: (), _| Ok(postgres_protocol::IsNull::No),
+        [],
+        &mut buf,
+    )
+    .map_err(|_| ())
+    .unwrap();
     frontend::execute("", 0, &mut buf).unwrap();
     frontend::flush(&mut buf);
     raw.send(&buf).await;
@@ -277,7 +324,9 @@ async fn shutdown_lets_transactions_finish_and_closes_idle_clients() {
     let mut server = TestServer::start(ServerConfig::default()).await;
     let idle = server.connect().await;
     let busy = server.connect().await;
-    busy.batch_execute("CREATE TABLE t (id int); BEGIN; INSERT INTO t VALUES (1)").await.unwrap();
+    busy.batch_execute("CREATE TABLE t (id int); BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
 
     let stopped = server.begin_shutdown();
     // The idle client is told to go, without having to ask anything.
@@ -290,13 +339,28 @@ async fn shutdown_lets_transactions_finish_and_closes_idle_clients() {
     .expect("the server closes idle connections at shutdown");
     assert!(idle.query_one("SELECT 1", &[]).await.is_err());
     // No new connections.
-    assert!(timeout(PATIENCE, common::connect(server.tcp_config())).await.unwrap().is_err());
+    assert!(
+        timeout(PATIENCE, common::connect(server.tcp_config()))
+            .await
+            .unwrap()
+            .is_err()
+    );
     // The busy one finishes its transaction.
     busy.batch_execute("INSERT INTO t VALUES (2); COMMIT").await.unwrap();
-    timeout(PATIENCE, stopped).await.expect("server stops once the transaction is done").unwrap().unwrap();
+    timeout(PATIENCE, stopped)
+        .await
+        .expect("server stops once the transaction is done")
+        .unwrap()
+        .unwrap();
     assert!(!server.socket_dir.join(".s.PGSQL.5432").exists(), "socket file removed");
     // The instance outlives its server.
-    let n = server.db.query("SELECT count(*)::int AS n FROM t", &[]).await.unwrap().rows[0].get::<i32>("n");
+    let n = server
+        .db
+        .query("SELECT count(*)::int AS n FROM t", &[])
+        .await
+        .unwrap()
+        .rows[0]
+        .get::<i32>("n");
     assert_eq!(n, 2);
 }
 
@@ -307,10 +371,20 @@ async fn shutdown_timeout_rolls_back_what_is_still_open() {
     busy.batch_execute("CREATE TABLE t (id int)").await.unwrap();
     busy.batch_execute("BEGIN; INSERT INTO t VALUES (1)").await.unwrap();
     let started = std::time::Instant::now();
-    timeout(PATIENCE, server.begin_shutdown()).await.unwrap().unwrap().unwrap();
+    timeout(PATIENCE, server.begin_shutdown())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert!(started.elapsed() >= Duration::from_millis(300));
     assert!(busy.batch_execute("COMMIT").await.is_err(), "the connection was closed");
-    let n = server.db.query("SELECT count(*)::int AS n FROM t", &[]).await.unwrap().rows[0].get::<i32>("n");
+    let n = server
+        .db
+        .query("SELECT count(*)::int AS n FROM t", &[])
+        .await
+        .unwrap()
+        .rows[0]
+        .get::<i32>("n");
     assert_eq!(n, 0, "the open transaction was rolled back");
 }
 
@@ -325,12 +399,23 @@ async fn scram_password_on_tcp_trust_on_unix_socket() {
     let mut wrong = server.tcp_config();
     wrong.password("guess");
     let err = common::connect(wrong).await.unwrap_err();
-    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD), "{err}");
-    assert!(common::connect(server.tcp_config()).await.is_err(), "no password, no connection");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
+        "{err}"
+    );
+    assert!(
+        common::connect(server.tcp_config()).await.is_err(),
+        "no password, no connection"
+    );
 
     // sqlx speaks SCRAM too.
     let url = format!("postgres://postgres:s3cret%20pass@{}/postgres", server.addr);
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
     let two: i32 = sqlx::query_scalar("SELECT 2").fetch_one(&pool).await.unwrap();
     assert_eq!(two, 2);
     pool.close().await;
@@ -339,7 +424,11 @@ async fn scram_password_on_tcp_trust_on_unix_socket() {
     assert_eq!(unix.query_one("SELECT 3", &[]).await.unwrap().get::<_, i32>(0), 3);
     let mode = std::fs::metadata(&server.socket_dir).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(mode.permissions().mode() & 0o777, 0o700, "socket directory is owner-only");
+    assert_eq!(
+        mode.permissions().mode() & 0o777,
+        0o700,
+        "socket directory is owner-only"
+    );
     server.shutdown().await;
 }
 
@@ -352,7 +441,11 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!third.is_finished(), "the third connection waits");
     drop(first);
-    let third = timeout(PATIENCE, third).await.expect("served once a slot is free").unwrap().unwrap();
+    let third = timeout(PATIENCE, third)
+        .await
+        .expect("served once a slot is free")
+        .unwrap()
+        .unwrap();
     assert_eq!(third.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
     server.shutdown().await;
 }

@@ -56,7 +56,9 @@ fn plan(args: ServeArgs) -> Result<Plan, String> {
     if let Some(addr) = tcp.iter().find(|a| !a.ip().is_loopback())
         && !args.allow_remote
     {
-        return Err(format!("refusing to listen on non-loopback address {addr} without --allow-remote"));
+        return Err(format!(
+            "refusing to listen on non-loopback address {addr} without --allow-remote"
+        ));
     }
     let mut config = ServerConfig::default().with_max_connections(args.max_connections);
     if let Some(file) = &args.password_file {
@@ -71,10 +73,20 @@ fn plan(args: ServeArgs) -> Result<Plan, String> {
             config.with_password(line)
         };
     } else if tcp.iter().any(|a| !a.ip().is_loopback()) {
-        eprintln!("warning: listening on a non-loopback address without --password-file: anyone who can reach it has full access");
+        eprintln!(
+            "warning: listening on a non-loopback address without --password-file: anyone who can reach it has full access"
+        );
     }
-    let options = args.data.map_or_else(InstanceOptions::in_memory, InstanceOptions::persistent);
-    Ok(Plan { options, socket_dir: args.socket_dir, port: args.port, tcp, config })
+    let options = args
+        .data
+        .map_or_else(InstanceOptions::in_memory, InstanceOptions::persistent);
+    Ok(Plan {
+        options,
+        socket_dir: args.socket_dir,
+        port: args.port,
+        tcp,
+        config,
+    })
 }
 
 pub async fn run(args: ServeArgs) -> ExitCode {
@@ -111,7 +123,12 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             let _ = writeln!(out, "listening on {l}");
         }
         if let Some(dir) = &plan.socket_dir {
-            let _ = writeln!(out, "connect with: psql -h {} -p {} -U postgres", dir.display(), plan.port);
+            let _ = writeln!(
+                out,
+                "connect with: psql -h {} -p {} -U postgres",
+                dir.display(),
+                plan.port
+            );
         }
         let _ = out.flush();
     }

@@ -191,7 +191,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     async fn say_goodbye(&mut self) -> Result<()> {
         let mut out = BytesMut::new();
-        backend::error_response("FATAL", "57P01", "terminating connection due to administrator command", &mut out);
+        backend::error_response(
+            "FATAL",
+            "57P01",
+            "terminating connection due to administrator command",
+            &mut out,
+        );
         self.stream.write_all(&out).await?;
         Ok(())
     }
@@ -295,10 +300,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             // it cannot wait for. Outside COPY, CopyFail is ignored. (Every
             // COPY FROM STDIN names STDIN in its text, so batches without a
             // candidate cannot start one.)
-            backend::copy_fail("COPY FROM STDIN must be followed by Sync or Flush on this server", &mut bytes);
+            backend::copy_fail(
+                "COPY FROM STDIN must be followed by Sync or Flush on this server",
+                &mut bytes,
+            );
         }
         self.begin_busy(may_change).await?;
-        tracing::trace!(bytes = bytes.len(), holds = self.session.holds_engine(), "batch to engine");
+        tracing::trace!(
+            bytes = bytes.len(),
+            holds = self.session.holds_engine(),
+            "batch to engine"
+        );
         let reply = self.session.round_trip(bytes).await?;
         tracing::trace!(bytes = reply.len(), status = ?backend::last_ready_status(&reply).map(char::from), "reply from engine");
         self.forward(&reply).await?;
@@ -365,7 +377,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     async fn start_copy(&mut self, start: BytesMut, kind: CopyKind) -> Result<()> {
         if self.status == b'E' {
             // A failed transaction runs nothing: the engine answers with an error.
-            let mut batch = Batch { bytes: start, boundary: true, ..Batch::default() };
+            let mut batch = Batch {
+                bytes: start,
+                boundary: true,
+                ..Batch::default()
+            };
             return self.send_batch(&mut batch).await;
         }
         self.begin_busy(false).await?;
@@ -393,12 +409,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 self.stream.flush().await?;
                 let after = backend::last_ready_status(&reply);
                 if in_transaction {
-                    self.internal(&format!("ROLLBACK TO SAVEPOINT {COPY_SAVEPOINT}; RELEASE SAVEPOINT {COPY_SAVEPOINT}"))
-                        .await?;
+                    self.internal(&format!(
+                        "ROLLBACK TO SAVEPOINT {COPY_SAVEPOINT}; RELEASE SAVEPOINT {COPY_SAVEPOINT}"
+                    ))
+                    .await?;
                 } else if after != Some(b'I') {
                     self.internal("ROLLBACK").await?;
                 }
-                self.copy = Some(CopyIn { start, data: BytesMut::new(), over_limit: false });
+                self.copy = Some(CopyIn {
+                    start,
+                    data: BytesMut::new(),
+                    over_limit: false,
+                });
             }
             None => {
                 if kind == CopyKind::Extended && reply.len() >= 6 && reply[reply.len() - 6] == b'Z' {
@@ -432,7 +454,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let end = if copy.over_limit {
                     let mut fail = BytesMut::new();
                     let limit = self.config.max_copy_size;
-                    backend::copy_fail(&format!("COPY data exceeds the server's limit of {limit} bytes"), &mut fail);
+                    backend::copy_fail(
+                        &format!("COPY data exceeds the server's limit of {limit} bytes"),
+                        &mut fail,
+                    );
                     fail
                 } else {
                     frame.bytes
@@ -445,7 +470,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             other => {
                 // Any other message aborts the COPY (as in PostgreSQL), then runs.
                 let mut fail = BytesMut::new();
-                backend::copy_fail(&format!("unexpected message type 0x{other:02X} during COPY from stdin"), &mut fail);
+                backend::copy_fail(
+                    &format!("unexpected message type 0x{other:02X} during COPY from stdin"),
+                    &mut fail,
+                );
                 self.finish_copy(fail).await?;
                 return Box::pin(self.on_frame(frame, batch)).await;
             }

@@ -44,7 +44,10 @@ pub(crate) struct FrameReader {
 
 impl FrameReader {
     pub fn new(max_message_size: usize) -> Self {
-        FrameReader { buf: BytesMut::with_capacity(16 * 1024), max_message_size }
+        FrameReader {
+            buf: BytesMut::with_capacity(16 * 1024),
+            max_message_size,
+        }
     }
 
     /// The next complete message already buffered, if any. The length is
@@ -70,7 +73,10 @@ impl FrameReader {
             self.buf.reserve(total - self.buf.len());
             return Ok(None);
         }
-        Ok(Some(Frame { tag, bytes: self.buf.split_to(total) }))
+        Ok(Some(Frame {
+            tag,
+            bytes: self.buf.split_to(total),
+        }))
     }
 
     /// Reads more bytes from the client; `Ok(0)` means the client closed.

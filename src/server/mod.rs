@@ -130,8 +130,14 @@ pub async fn serve(
 
     let accept = async {
         loop {
-            let permit = limit.clone().acquire_owned().await.expect("the semaphore is never closed");
-            let accepts = listeners.iter().map(|l| Box::pin(async move { (l.accept().await, l.is_trusted()) }));
+            let permit = limit
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            let accepts = listeners
+                .iter()
+                .map(|l| Box::pin(async move { (l.accept().await, l.is_trusted()) }));
             let ((accepted, trusted), _, _) = select_all(accepts).await;
             while tasks.try_join_next().is_some() {}
             let stream = match accepted {
@@ -187,7 +193,11 @@ impl Client {
         let mut key = [0u8; 4];
         rand::rng().fill_bytes(&mut key);
         let greeting = Greeting {
-            password: if self.trusted { None } else { self.config.password.as_ref() },
+            password: if self.trusted {
+                None
+            } else {
+                self.config.password.as_ref()
+            },
             parameters: &self.parameters,
             pid: self.id as i32,
             key: i32::from_be_bytes(key),
@@ -208,12 +218,17 @@ impl Client {
                 tracing::debug!(id = self.id, user = %params.user, database = %params.database, "client connected");
                 let settings = SessionSettings::from_startup(&params.settings, &self.parameters);
                 let session = self.instance.raw_session();
-                Connection::new(stream, self.id, session, settings, self.config).run(stop).await;
+                Connection::new(stream, self.id, session, settings, self.config)
+                    .run(stop)
+                    .await;
                 tracing::debug!(id = self.id, "client disconnected");
             }
             Startup::Cancel { pid, key } => {
                 let _ = key; // there is nothing to check it against: nothing can be cancelled
-                tracing::info!(target_connection = pid, "cancel request ignored: PGlite cannot interrupt a running statement");
+                tracing::info!(
+                    target_connection = pid,
+                    "cancel request ignored: PGlite cannot interrupt a running statement"
+                );
             }
             Startup::Closed => {}
         }
@@ -222,12 +237,18 @@ impl Client {
 
 /// The engine's values of the reported parameters.
 async fn server_parameters(instance: &Instance) -> io::Result<Vec<(String, String)>> {
-    let columns: Vec<String> = REPORTED.iter().map(|name| format!("pg_catalog.current_setting('{name}', true)")).collect();
+    let columns: Vec<String> = REPORTED
+        .iter()
+        .map(|name| format!("pg_catalog.current_setting('{name}', true)"))
+        .collect();
     let result = instance
         .query(&format!("SELECT {}", columns.join(", ")), &[])
         .await
         .map_err(|e| io::Error::other(format!("reading server parameters: {e}")))?;
-    let row = result.rows.first().ok_or_else(|| io::Error::other("no server parameters"))?;
+    let row = result
+        .rows
+        .first()
+        .ok_or_else(|| io::Error::other("no server parameters"))?;
     Ok(REPORTED
         .iter()
         .enumerate()

@@ -19,7 +19,9 @@ pub(crate) fn may_change_settings(sql: &[u8]) -> bool {
     }
     statements(sql).any(|stmt| {
         let word = first_word(stmt);
-        word.eq_ignore_ascii_case(b"set") || word.eq_ignore_ascii_case(b"reset") || word.eq_ignore_ascii_case(b"discard")
+        word.eq_ignore_ascii_case(b"set")
+            || word.eq_ignore_ascii_case(b"reset")
+            || word.eq_ignore_ascii_case(b"discard")
     })
 }
 
@@ -32,7 +34,10 @@ fn statements(sql: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// The first word of a statement, after whitespace and comments.
 pub(crate) fn first_word(stmt: &[u8]) -> &[u8] {
     let rest = skip_space_and_comments(stmt);
-    let end = rest.iter().position(|b| !b.is_ascii_alphanumeric() && *b != b'_').unwrap_or(rest.len());
+    let end = rest
+        .iter()
+        .position(|b| !b.is_ascii_alphanumeric() && *b != b'_')
+        .unwrap_or(rest.len());
     &rest[..end]
 }
 
@@ -40,9 +45,15 @@ fn skip_space_and_comments(mut s: &[u8]) -> &[u8] {
     loop {
         let trimmed = s.trim_ascii_start();
         if let Some(rest) = trimmed.strip_prefix(b"--") {
-            s = rest.iter().position(|&b| b == b'\n').map_or(&[][..], |i| &rest[i + 1..]);
+            s = rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(&[][..], |i| &rest[i + 1..]);
         } else if let Some(rest) = trimmed.strip_prefix(b"/*") {
-            s = rest.windows(2).position(|w| w == b"*/").map_or(&[][..], |i| &rest[i + 2..]);
+            s = rest
+                .windows(2)
+                .position(|w| w == b"*/")
+                .map_or(&[][..], |i| &rest[i + 2..]);
         } else {
             return trimmed;
         }

@@ -52,7 +52,9 @@ where
 {
     let mut out = BytesMut::new();
     let params = loop {
-        let Some(packet) = read_startup_packet(stream).await? else { return Ok(Startup::Closed) };
+        let Some(packet) = read_startup_packet(stream).await? else {
+            return Ok(Startup::Closed);
+        };
         let Some(packet) = packet else {
             return refuse(stream, "08P01", "invalid length of startup packet").await;
         };
@@ -75,11 +77,20 @@ where
             return refuse(stream, "0A000", &text).await;
         }
         let Some(params) = parse_params(&packet[4..]) else {
-            return refuse(stream, "08P01", "invalid startup packet layout: expected terminator as last byte").await;
+            return refuse(
+                stream,
+                "08P01",
+                "invalid startup packet layout: expected terminator as last byte",
+            )
+            .await;
         };
         // Newer minor versions and protocol extensions are declined the way
         // PostgreSQL does: NegotiateProtocolVersion, then carry on with 3.0.
-        let unrecognized: Vec<String> = params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
+        let unrecognized: Vec<String> = params
+            .iter()
+            .filter(|(k, _)| k.starts_with("_pq_."))
+            .map(|(k, _)| k.clone())
+            .collect();
         if minor > 0 || !unrecognized.is_empty() {
             backend::negotiate_protocol_version(0, &unrecognized, &mut out);
         }
@@ -113,7 +124,11 @@ where
     }
     backend::authentication(0, &[], &mut out); // AuthenticationOk
     for (name, value) in greeting.parameters {
-        let client_value = startup.settings.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v);
+        let client_value = startup
+            .settings
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v);
         let value = match name.as_str() {
             "application_name" => client_value.unwrap_or(value),
             "session_authorization" => &startup.user,
@@ -157,13 +172,15 @@ fn parse_params(body: &[u8]) -> Option<Vec<(String, String)>> {
     }
     let mut fields = body.split(|&b| b == 0);
     let mut params = Vec::new();
-    loop {
-        let Some(name) = fields.next() else { break };
+    while let Some(name) = fields.next() {
         if name.is_empty() {
             break;
         }
         let value = fields.next()?;
-        params.push((String::from_utf8_lossy(name).into_owned(), String::from_utf8_lossy(value).into_owned()));
+        params.push((
+            String::from_utf8_lossy(name).into_owned(),
+            String::from_utf8_lossy(value).into_owned(),
+        ));
     }
     Some(params)
 }
@@ -189,13 +206,20 @@ where
     stream.write_all(&out).await?;
     stream.flush().await?;
     // SASLInitialResponse: mechanism, length of the data, data.
-    let Some(initial) = read_password_message(stream).await? else { return Ok(false) };
+    let Some(initial) = read_password_message(stream).await? else {
+        return Ok(false);
+    };
     let Some((mechanism, rest)) = split_cstr(&initial) else {
         refuse(stream, "08P01", "malformed SASLInitialResponse").await?;
         return Ok(false);
     };
     if mechanism != b"SCRAM-SHA-256" || rest.len() < 4 {
-        refuse(stream, "28000", "client selected an invalid SASL authentication mechanism").await?;
+        refuse(
+            stream,
+            "28000",
+            "client selected an invalid SASL authentication mechanism",
+        )
+        .await?;
         return Ok(false);
     }
     let exchange = match Exchange::start(verifier, &rest[4..]) {
@@ -212,7 +236,9 @@ where
             return Ok(false);
         }
     };
-    let Some(client_final) = read_password_message(stream).await? else { return Ok(false) };
+    let Some(client_final) = read_password_message(stream).await? else {
+        return Ok(false);
+    };
     match exchange.finish(&client_final) {
         Ok(server_final) => {
             out.clear();
@@ -265,7 +291,10 @@ mod tests {
     #[test]
     fn parses_startup_parameters() {
         let params = parse_params(b"user\0ada\0database\0app\0\0").unwrap();
-        assert_eq!(params, vec![("user".into(), "ada".into()), ("database".into(), "app".into())]);
+        assert_eq!(
+            params,
+            vec![("user".into(), "ada".into()), ("database".into(), "app".into())]
+        );
         assert!(parse_params(b"user\0ada").is_none());
     }
 }

@@ -29,7 +29,9 @@ impl TestServer {
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
             .try_init();
-        let db = Instance::start(InstanceOptions::in_memory()).await.expect("instance starts");
+        let db = Instance::start(InstanceOptions::in_memory())
+            .await
+            .expect("instance starts");
         let dir = tempfile::tempdir().unwrap();
         let socket_dir = dir.path().join("sockets");
         let unix = Listener::bind_unix(&socket_dir, SOCKET_PORT).unwrap();
@@ -39,7 +41,14 @@ impl TestServer {
         let task = tokio::spawn(server::serve(db.clone(), vec![unix, tcp], config, async move {
             let _ = stopped.await;
         }));
-        TestServer { db, addr, socket_dir, _dir: dir, stop: Some(stop), task: Some(task) }
+        TestServer {
+            db,
+            addr,
+            socket_dir,
+            _dir: dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -48,13 +57,21 @@ impl TestServer {
 
     pub fn tcp_config(&self) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
-        config.host("127.0.0.1").port(self.addr.port()).user("postgres").dbname("postgres");
+        config
+            .host("127.0.0.1")
+            .port(self.addr.port())
+            .user("postgres")
+            .dbname("postgres");
         config
     }
 
     pub fn unix_config(&self) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
-        config.host_path(&self.socket_dir).port(SOCKET_PORT).user("postgres").dbname("postgres");
+        config
+            .host_path(&self.socket_dir)
+            .port(SOCKET_PORT)
+            .user("postgres")
+            .dbname("postgres");
         config
     }
 

@@ -435,3 +435,62 @@ async fn psql_meta_commands_copy_and_errors() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     server.shutdown().await;
 }
+
+/// A tokio-postgres client whose notifications are collected.
+async fn listening_client(
+    server: &TestServer,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+) {
+    let (client, mut connection) = server.tcp_config().connect(tokio_postgres::NoTls).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = futures_util::StreamExt::next(&mut messages).await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                let _ = tx.send(n);
+            }
+        }
+    });
+    (client, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_reach_the_listening_connections_only() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let (a, mut a_rx) = listening_client(&server).await;
+    let (b, mut b_rx) = listening_client(&server).await;
+    let (c, mut c_rx) = listening_client(&server).await;
+    a.batch_execute("LISTEN orders").await.unwrap();
+    b.batch_execute("LISTEN orders; LISTEN \"Other\"").await.unwrap();
+
+    c.batch_execute("NOTIFY orders, 'first'").await.unwrap();
+    let wait = Duration::from_secs(10);
+    let n = tokio::time::timeout(wait, a_rx.recv()).await.unwrap().unwrap();
+    assert_eq!((n.channel(), n.payload()), ("orders", "first"));
+    let n = tokio::time::timeout(wait, b_rx.recv()).await.unwrap().unwrap();
+    assert_eq!((n.channel(), n.payload()), ("orders", "first"));
+
+    // A's UNLISTEN does not stop B from hearing; A hears no more.
+    a.batch_execute("UNLISTEN orders").await.unwrap();
+    c.batch_execute("BEGIN; NOTIFY orders, 'second'; NOTIFY \"Other\", 'x'; COMMIT")
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(wait, b_rx.recv()).await.unwrap().unwrap();
+    assert_eq!(n.payload(), "second");
+    let n = tokio::time::timeout(wait, b_rx.recv()).await.unwrap().unwrap();
+    assert_eq!((n.channel(), n.payload()), ("Other", "x"));
+
+    // A listener hears its own NOTIFY too, in the reply.
+    b.batch_execute("NOTIFY orders, 'mine'").await.unwrap();
+    let n = tokio::time::timeout(wait, b_rx.recv()).await.unwrap().unwrap();
+    assert_eq!(n.payload(), "mine");
+
+    // A round trip on each connection flushes anything still pending.
+    a.simple_query("SELECT 1").await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+    assert!(a_rx.try_recv().is_err(), "A stopped listening");
+    assert!(c_rx.try_recv().is_err(), "C never listened");
+    server.shutdown().await;
+}

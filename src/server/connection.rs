@@ -16,16 +16,17 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::backend;
 use super::config::ServerConfig;
 use super::frame::{Frame, FrameError, FrameReader};
 use super::names::{Malformed, Named, Namer};
+use super::notify::{self, Hub};
 use super::settings::SessionSettings;
-use super::sql_text;
+use super::sql_text::{self, Listen};
 use crate::{Error, RawSession};
 
 /// A batch larger than this is sent without waiting for its `Sync` (the
@@ -61,6 +62,8 @@ struct Batch {
     group_start: usize,
     /// The current group executes a portal that may be `COPY FROM STDIN`.
     copy_candidate: bool,
+    /// `LISTEN`/`UNLISTEN` statements in it.
+    listens: Vec<Listen>,
 }
 
 /// How a COPY was started.
@@ -82,6 +85,13 @@ struct CopyIn {
     over_limit: bool,
 }
 
+/// What woke an idle connection.
+enum Event {
+    Shutdown,
+    Notification(Bytes),
+    Read(usize),
+}
+
 /// What to do after a message.
 enum Flow {
     Continue,
@@ -90,6 +100,7 @@ enum Flow {
 
 /// One client connection.
 pub(crate) struct Connection<S> {
+    id: u32,
     stream: S,
     reader: FrameReader,
     session: RawSession,
@@ -105,11 +116,24 @@ pub(crate) struct Connection<S> {
     /// The last `ReadyForQuery` status the client saw.
     status: u8,
     copy: Option<CopyIn>,
+    hub: Arc<Hub>,
+    /// Notifications for this connection from other connections' batches.
+    notify_tx: mpsc::UnboundedSender<Bytes>,
+    notify_rx: mpsc::UnboundedReceiver<Bytes>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
-    pub fn new(stream: S, id: u32, session: RawSession, settings: SessionSettings, config: Arc<ServerConfig>) -> Self {
+    pub fn new(
+        stream: S,
+        id: u32,
+        session: RawSession,
+        settings: SessionSettings,
+        config: Arc<ServerConfig>,
+        hub: Arc<Hub>,
+    ) -> Self {
+        let (notify_tx, notify_rx) = mpsc::unbounded_channel();
         Connection {
+            id,
             stream,
             reader: FrameReader::new(config.max_message_size),
             session,
@@ -121,6 +145,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             stdin_portals: HashSet::new(),
             status: b'I',
             copy: None,
+            hub,
+            notify_tx,
+            notify_rx,
         }
     }
 
@@ -130,6 +157,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// an open transaction.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let outcome = self.serve(&mut shutdown).await;
+        self.hub.unlisten_all(self.id);
         let fatal = match &outcome {
             Ok(()) => None,
             Err(ConnectionError::Io(e)) => {
@@ -176,15 +204,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             if idle && stopping {
                 return self.say_goodbye().await;
             }
-            let read = tokio::select! {
+            // Notifications wait until the client is idle outside a transaction.
+            let deliver = idle && self.status == b'I';
+            let event = tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|stop| *stop), if idle => None,
-                read = self.reader.fill(&mut self.stream) => Some(read?),
+                _ = shutdown.wait_for(|stop| *stop), if idle => Event::Shutdown,
+                Some(message) = self.notify_rx.recv(), if deliver => Event::Notification(message),
+                read = self.reader.fill(&mut self.stream) => Event::Read(read?),
             };
-            match read {
-                None => return self.say_goodbye().await,
-                Some(0) => return Ok(()), // the client left
-                Some(_) => {}
+            match event {
+                Event::Shutdown => return self.say_goodbye().await,
+                Event::Notification(message) => {
+                    self.stream.write_all(&message).await?;
+                    self.stream.flush().await?;
+                }
+                Event::Read(0) => return Ok(()), // the client left
+                Event::Read(_) => {}
             }
         }
     }
@@ -225,6 +260,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     return Ok(Flow::Continue);
                 }
                 batch.may_change_settings |= sql_text::may_change_settings(sql);
+                batch.listens.extend(sql_text::listen_commands(sql));
                 batch.bytes.extend_from_slice(&frame.bytes);
                 batch.boundary = true;
                 batch.group_start = batch.bytes.len();
@@ -264,6 +300,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     self.stdin_statements.remove(statement);
                 }
                 batch.may_change_settings |= sql_text::may_change_settings(sql);
+                batch.listens.extend(sql_text::listen_commands(sql));
             }
             Named::Bind { portal, statement, .. } => {
                 if self.stdin_statements.contains(statement) {
@@ -293,6 +330,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         let may_change = batch.may_change_settings;
         let copy_candidate = batch.copy_candidate;
+        let listens = std::mem::take(&mut batch.listens);
         let mut bytes = std::mem::take(batch).bytes;
         if copy_candidate {
             // A possible COPY FROM STDIN sent without the probe (a spilled
@@ -305,6 +343,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 &mut bytes,
             );
         }
+        // Listen before the batch runs, so that its own NOTIFYs find it.
+        for listen in &listens {
+            if let Listen::Listen(channel) = listen {
+                self.hub.listen(channel, self.id, &self.notify_tx);
+            }
+        }
         self.begin_busy(may_change).await?;
         tracing::trace!(
             bytes = bytes.len(),
@@ -314,7 +358,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let reply = self.session.round_trip(bytes).await?;
         tracing::trace!(bytes = reply.len(), status = ?backend::last_ready_status(&reply).map(char::from), "reply from engine");
         self.forward(&reply).await?;
-        self.after_busy().await
+        self.after_busy().await?;
+        if !listens.is_empty() {
+            self.unlisten(&listens).await?;
+        }
+        Ok(())
+    }
+
+    /// Records this connection's `UNLISTEN`s, and keeps the engine listening
+    /// on the channels other connections still want.
+    async fn unlisten(&mut self, listens: &[Listen]) -> Result<()> {
+        let mut unlistened = false;
+        for listen in listens {
+            match listen {
+                Listen::Listen(_) => {}
+                Listen::Unlisten(channel) => {
+                    self.hub.unlisten(channel, self.id);
+                    unlistened = true;
+                }
+                Listen::UnlistenAll => {
+                    self.hub.unlisten_all(self.id);
+                    unlistened = true;
+                }
+            }
+        }
+        let wanted = self.hub.channels();
+        if unlistened && !wanted.is_empty() {
+            let sql: Vec<String> = wanted
+                .iter()
+                .map(|c| format!("LISTEN {}", sql_text::quote_identifier(c)))
+                .collect();
+            self.internal(&sql.join("; ")).await?;
+            self.after_busy().await?;
+        }
+        Ok(())
     }
 
     /// Before a round trip: if the connection has (or may create) session
@@ -353,11 +430,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Writes engine output to the client and notes the transaction status.
+    /// Notifications in it go to the connections that listen on their
+    /// channel (this one included).
     async fn forward(&mut self, reply: &[u8]) -> Result<()> {
         if let Some(status) = backend::last_ready_status(reply) {
             self.status = status;
         }
-        self.stream.write_all(reply).await?;
+        if backend::messages(reply).any(|(tag, _)| tag == b'A') {
+            let mut kept = BytesMut::with_capacity(reply.len());
+            for (tag, message) in backend::messages(reply) {
+                let mine =
+                    tag != b'A' || notify::channel_of(message).is_some_and(|c| self.hub.dispatch(c, message, self.id));
+                if mine {
+                    kept.extend_from_slice(message);
+                }
+            }
+            self.stream.write_all(&kept).await?;
+        } else {
+            self.stream.write_all(reply).await?;
+        }
         self.stream.flush().await?;
         Ok(())
     }
@@ -517,6 +608,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         backend::sync(&mut bytes);
         if discard {
             self.settings.clear(); // DISCARD ALL runs only outside transactions: nothing is applied now
+            self.hub.unlisten_all(self.id);
         }
         self.begin_busy(false).await?;
         let reply = self.session.round_trip(bytes).await?;

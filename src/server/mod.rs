@@ -41,14 +41,15 @@
 //!   in `settings.rs` for the exact rule and its detection heuristic.
 //! - **Transactions**, errors, notices and COPY: each reply goes to the
 //!   connection whose statements produced it.
+//! - **`LISTEN`/`NOTIFY`**: notifications go to the connections listening on
+//!   the channel, between their transactions (see `notify.rs`). Notifications
+//!   raised through the Rust API are not delivered to wire clients.
 //!
 //! Not isolated (one backend underneath):
 //! - the unnamed prepared statement/portal once a batch is synced (use them
 //!   within one batch, as every driver does);
 //! - SQL-level `PREPARE`/`DEALLOCATE name`, cursors declared `WITH HOLD`,
-//!   temporary tables, advisory locks, `LISTEN` (a notification is delivered
-//!   to the connection whose transaction committed the `NOTIFY`),
-//!   `pg_backend_pid()` (the same for all), `SET SESSION AUTHORIZATION`,
+//!   temporary tables, advisory locks, `pg_backend_pid()` (the same for all), `SET SESSION AUTHORIZATION`,
 //!   settings changed inside functions without `set_config`;
 //! - `CancelRequest`: PGlite cannot interrupt a running statement, so cancel
 //!   requests are accepted and ignored (logged).
@@ -59,6 +60,7 @@ mod connection;
 mod frame;
 mod listener;
 mod names;
+mod notify;
 mod scram;
 mod settings;
 mod sql_text;
@@ -126,6 +128,7 @@ pub async fn serve(
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
     let next_id = AtomicU32::new(1);
+    let hub = Arc::new(notify::Hub::default());
     let mut tasks = JoinSet::new();
 
     let accept = async {
@@ -154,6 +157,7 @@ pub async fn serve(
                 instance: instance.clone(),
                 config: config.clone(),
                 parameters: parameters.clone(),
+                hub: hub.clone(),
                 id,
                 trusted,
             };
@@ -184,6 +188,7 @@ struct Client {
     instance: Instance,
     config: Arc<ServerConfig>,
     parameters: Arc<Vec<(String, String)>>,
+    hub: Arc<notify::Hub>,
     id: u32,
     trusted: bool,
 }
@@ -218,7 +223,7 @@ impl Client {
                 tracing::debug!(id = self.id, user = %params.user, database = %params.database, "client connected");
                 let settings = SessionSettings::from_startup(&params.settings, &self.parameters);
                 let session = self.instance.raw_session();
-                Connection::new(stream, self.id, session, settings, self.config)
+                Connection::new(stream, self.id, session, settings, self.config, self.hub)
                     .run(stop)
                     .await;
                 tracing::debug!(id = self.id, "client disconnected");

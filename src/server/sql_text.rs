@@ -83,6 +83,71 @@ pub(crate) fn is_exactly(sql: &[u8], words: &[&str]) -> bool {
     rest.is_empty() || rest == b"\0"
 }
 
+/// A `LISTEN`/`UNLISTEN` found in a script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Listen {
+    Listen(String),
+    Unlisten(String),
+    UnlistenAll,
+}
+
+/// The `LISTEN` and `UNLISTEN` statements of a script, with their channel
+/// names as PostgreSQL folds them (unquoted: lower case).
+pub(crate) fn listen_commands(sql: &[u8]) -> Vec<Listen> {
+    statements(sql)
+        .filter_map(|stmt| {
+            let word = first_word(stmt);
+            let listen = word.eq_ignore_ascii_case(b"listen");
+            if !listen && !word.eq_ignore_ascii_case(b"unlisten") {
+                return None;
+            }
+            let rest = skip_space_and_comments(stmt);
+            let rest = skip_space_and_comments(&rest[word.len()..]);
+            if !listen && rest.starts_with(b"*") {
+                return Some(Listen::UnlistenAll);
+            }
+            let channel = identifier(rest)?;
+            Some(if listen {
+                Listen::Listen(channel)
+            } else {
+                Listen::Unlisten(channel)
+            })
+        })
+        .collect()
+}
+
+/// An identifier at the start of `s`: `"quoted"` kept as is (`""` is a
+/// quote), unquoted folded to lower case.
+fn identifier(s: &[u8]) -> Option<String> {
+    if let Some(rest) = s.strip_prefix(b"\"") {
+        let mut name = Vec::new();
+        let mut i = 0;
+        while i < rest.len() {
+            if rest[i] == b'"' {
+                if rest.get(i + 1) == Some(&b'"') {
+                    name.push(b'"');
+                    i += 2;
+                    continue;
+                }
+                return String::from_utf8(name).ok();
+            }
+            name.push(rest[i]);
+            i += 1;
+        }
+        return None;
+    }
+    let end = s
+        .iter()
+        .position(|b| !(b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$' || *b >= 0x80))
+        .unwrap_or(s.len());
+    (end > 0).then(|| String::from_utf8_lossy(&s[..end]).to_lowercase())
+}
+
+/// `name` as a quoted identifier.
+pub(crate) fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +169,20 @@ mod tests {
         assert!(may_change_settings(b"DISCARD ALL"));
         assert!(!may_change_settings(b"UPDATE t SET a = 1 WHERE id = 2"));
         assert!(!may_change_settings(b"SELECT settings FROM t"));
+    }
+
+    #[test]
+    fn finds_listen_and_unlisten() {
+        assert_eq!(
+            listen_commands(b"LISTEN Orders; unlisten \"Mixed\"\"Case\"; UNLISTEN *; SELECT 1"),
+            vec![
+                Listen::Listen("orders".into()),
+                Listen::Unlisten("Mixed\"Case".into()),
+                Listen::UnlistenAll
+            ]
+        );
+        assert!(listen_commands(b"SELECT 'listen x'").is_empty());
+        assert_eq!(quote_identifier("a\"b"), "\"a\"\"b\"");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use super::frame::{Frame, FrameError, FrameReader};
 use super::names::{Malformed, Named, Namer};
 use super::notify::{self, Hub};
 use super::settings::SessionSettings;
-use super::sql_text::{self, Listen};
+use super::sql_text::{self, Listening};
 use crate::{Error, RawSession};
 
 /// A batch larger than this is sent without waiting for its `Sync` (the
@@ -63,7 +63,7 @@ struct Batch {
     /// The current group executes a portal that may be `COPY FROM STDIN`.
     copy_candidate: bool,
     /// `LISTEN`/`UNLISTEN` statements in it.
-    listens: Vec<Listen>,
+    listens: Vec<Listening>,
 }
 
 /// How a COPY was started.
@@ -345,7 +345,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         // Listen before the batch runs, so that its own NOTIFYs find it.
         for listen in &listens {
-            if let Listen::Listen(channel) = listen {
+            if let Listening::Listen(channel) = listen {
                 self.hub.listen(channel, self.id, &self.notify_tx);
             }
         }
@@ -367,16 +367,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Records this connection's `UNLISTEN`s, and keeps the engine listening
     /// on the channels other connections still want.
-    async fn unlisten(&mut self, listens: &[Listen]) -> Result<()> {
+    async fn unlisten(&mut self, listens: &[Listening]) -> Result<()> {
         let mut unlistened = false;
         for listen in listens {
             match listen {
-                Listen::Listen(_) => {}
-                Listen::Unlisten(channel) => {
+                Listening::Listen(_) => {}
+                Listening::Unlisten(channel) => {
                     self.hub.unlisten(channel, self.id);
                     unlistened = true;
                 }
-                Listen::UnlistenAll => {
+                Listening::UnlistenAll => {
                     self.hub.unlisten_all(self.id);
                     unlistened = true;
                 }

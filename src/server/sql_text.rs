@@ -85,7 +85,7 @@ pub(crate) fn is_exactly(sql: &[u8], words: &[&str]) -> bool {
 
 /// A `LISTEN`/`UNLISTEN` found in a script.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Listen {
+pub(crate) enum Listening {
     Listen(String),
     Unlisten(String),
     UnlistenAll,
@@ -93,7 +93,7 @@ pub(crate) enum Listen {
 
 /// The `LISTEN` and `UNLISTEN` statements of a script, with their channel
 /// names as PostgreSQL folds them (unquoted: lower case).
-pub(crate) fn listen_commands(sql: &[u8]) -> Vec<Listen> {
+pub(crate) fn listen_commands(sql: &[u8]) -> Vec<Listening> {
     statements(sql)
         .filter_map(|stmt| {
             let word = first_word(stmt);
@@ -104,13 +104,13 @@ pub(crate) fn listen_commands(sql: &[u8]) -> Vec<Listen> {
             let rest = skip_space_and_comments(stmt);
             let rest = skip_space_and_comments(&rest[word.len()..]);
             if !listen && rest.starts_with(b"*") {
-                return Some(Listen::UnlistenAll);
+                return Some(Listening::UnlistenAll);
             }
             let channel = identifier(rest)?;
             Some(if listen {
-                Listen::Listen(channel)
+                Listening::Listen(channel)
             } else {
-                Listen::Unlisten(channel)
+                Listening::Unlisten(channel)
             })
         })
         .collect()
@@ -176,9 +176,9 @@ mod tests {
         assert_eq!(
             listen_commands(b"LISTEN Orders; unlisten \"Mixed\"\"Case\"; UNLISTEN *; SELECT 1"),
             vec![
-                Listen::Listen("orders".into()),
-                Listen::Unlisten("Mixed\"Case".into()),
-                Listen::UnlistenAll
+                Listening::Listen("orders".into()),
+                Listening::Unlisten("Mixed\"Case".into()),
+                Listening::UnlistenAll
             ]
         );
         assert!(listen_commands(b"SELECT 'listen x'").is_empty());

@@ -104,7 +104,8 @@ where
             "replication" if value != "false" && value != "off" && value != "0" => {
                 return refuse(stream, "0A000", "replication connections are not supported").await;
             }
-            "options" | "replication" => {}
+            "options" => startup.settings.extend(command_line_settings(&value)),
+            "replication" => {}
             n if n.starts_with("_pq_.") => {}
             _ => startup.settings.push((name, value)),
         }
@@ -183,6 +184,41 @@ fn parse_params(body: &[u8]) -> Option<Vec<(String, String)>> {
         ));
     }
     Some(params)
+}
+
+/// `-c name=value` and `--name=value` from the `options` startup parameter
+/// (what `PGOPTIONS` sets). Backslash escapes a space, as in PostgreSQL.
+fn command_line_settings(options: &str) -> Vec<(String, String)> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let mut settings = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(word) = words.next() {
+        let pair = if word == "-c" {
+            words.next()
+        } else {
+            word.strip_prefix("-c").or_else(|| word.strip_prefix("--")).map(str::to_owned)
+        };
+        if let Some((name, value)) = pair.as_deref().and_then(|p| p.split_once('=')) {
+            settings.push((name.replace('-', "_"), value.to_owned()));
+        }
+    }
+    settings
 }
 
 /// Sends a FATAL error and ends the connection.
@@ -296,5 +332,17 @@ mod tests {
             vec![("user".into(), "ada".into()), ("database".into(), "app".into())]
         );
         assert!(parse_params(b"user\0ada").is_none());
+    }
+
+    #[test]
+    fn reads_settings_from_options() {
+        assert_eq!(
+            command_line_settings("-c search_path=app  --work-mem=8MB -capplication_name=a\\ b"),
+            vec![
+                ("search_path".into(), "app".into()),
+                ("work_mem".into(), "8MB".into()),
+                ("application_name".into(), "a b".into())
+            ]
+        );
     }
 }

@@ -31,28 +31,21 @@
 //!
 //! # What is isolated between clients, and what is not
 //!
-//! Isolated:
-//! - **Named prepared statements and portals**: renamed per connection
-//!   (`s0` of one client is not `s0` of another). `DEALLOCATE ALL` and
-//!   `DISCARD ALL` only drop the client's own statements.
-//! - **Session settings** (`SET`, `RESET`, `set_config`, `SET ROLE`, and
-//!   non-default settings from the startup packet): saved per connection and
-//!   put in force only while it holds the engine; see [`settings`](self) docs
-//!   in `settings.rs` for the exact rule and its detection heuristic.
-//! - **Transactions**, errors, notices and COPY: each reply goes to the
-//!   connection whose statements produced it.
-//! - **`LISTEN`/`NOTIFY`**: notifications go to the connections listening on
-//!   the channel, between their transactions (see `notify.rs`). Notifications
-//!   raised through the Rust API are not delivered to wire clients.
+//! Isolated: named prepared statements and portals (renamed per connection;
+//! `DEALLOCATE ALL`/`DISCARD ALL` drop only the client's own), session
+//! settings (`SET`, `RESET`, `set_config`, `SET ROLE`, startup settings: put
+//! in force only while the connection holds the engine), transactions,
+//! errors, notices, COPY, and `LISTEN`/`NOTIFY` (notifications are routed to
+//! the listening connections).
 //!
-//! Not isolated (one backend underneath):
-//! - the unnamed prepared statement/portal once a batch is synced (use them
-//!   within one batch, as every driver does);
-//! - SQL-level `PREPARE`/`DEALLOCATE name`, cursors declared `WITH HOLD`,
-//!   temporary tables, advisory locks, `pg_backend_pid()` (the same for all), `SET SESSION AUTHORIZATION`,
-//!   settings changed inside functions without `set_config`;
-//! - `CancelRequest`: PGlite cannot interrupt a running statement, so cancel
-//!   requests are accepted and ignored (logged).
+//! Not isolated (one backend underneath): the unnamed statement/portal once a
+//! batch is synced, SQL-level `PREPARE`, `WITH HOLD` cursors, temporary
+//! tables, advisory locks, `pg_backend_pid()`, `SET SESSION AUTHORIZATION`,
+//! settings changed inside functions without `SET`/`set_config` in the
+//! client's own text. `CancelRequest` is accepted and ignored: PGlite cannot
+//! interrupt a running statement.
+//!
+//! `docs/wire-server.md` has the details (COPY FROM STDIN, limits, shutdown).
 
 mod backend;
 mod config;

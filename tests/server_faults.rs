@@ -451,8 +451,50 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_requests_are_accepted_and_harmless() {
+async fn cancel_withdraws_a_waiting_statement_of_that_connection_only() {
     let server = TestServer::start(ServerConfig::default()).await;
+    let holder = server.connect().await;
+    holder.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+    holder.batch_execute("BEGIN; INSERT INTO t VALUES (1)").await.unwrap();
+
+    // Two clients queue behind the open transaction.
+    let waiter = server.connect().await;
+    let bystander = server.connect().await;
+    let cancel = waiter.cancel_token();
+    let waiting = tokio::spawn(async move { waiter.batch_execute("INSERT INTO t VALUES (2)").await });
+    let queued = tokio::spawn(async move { bystander.batch_execute("INSERT INTO t VALUES (3)").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !waiting.is_finished() && !queued.is_finished(),
+        "both wait for the transaction"
+    );
+
+    // Cancel one of them: it returns at once, while the transaction is still open.
+    cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = timeout(PATIENCE, waiting)
+        .await
+        .expect("cancelled promptly")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{err}"
+    );
+    assert!(!queued.is_finished(), "the other waiter is not cancelled");
+
+    holder.batch_execute("COMMIT").await.unwrap();
+    timeout(PATIENCE, queued).await.unwrap().unwrap().unwrap();
+    let ids: Vec<i32> = holder
+        .query("SELECT id FROM t ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, vec![1, 3], "the cancelled statement never ran");
+
+    // A cancel with nothing waiting is a no-op (and does not hit a later statement).
     let client = server.connect().await;
     client.cancel_token().cancel_query(tokio_postgres::NoTls).await.unwrap();
     assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);

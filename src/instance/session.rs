@@ -6,7 +6,7 @@ use bytes::BytesMut;
 use tokio::sync::{mpsc, oneshot};
 
 use super::Instance;
-use super::worker::{Command, Job, Output, Request, Shared};
+use super::worker::{Claim, Command, Job, Output, Request, Shared};
 use crate::error::Result;
 use crate::protocol::TxStatus;
 
@@ -42,7 +42,7 @@ impl RawSession {
         let output: Output = match &self.lease {
             Some(lease) => {
                 let (reply, rx) = oneshot::channel();
-                if lease.send(Request { job: Job::Raw(bytes), reply }).is_err() {
+                if lease.send(Request { job: Job::Raw(bytes, None), reply }).is_err() {
                     self.lease = None;
                     return Err(shared.closed_error());
                 }
@@ -52,18 +52,57 @@ impl RawSession {
                 let (reply, rx) = oneshot::channel();
                 self.instance
                     .tx
-                    .send(Command::Run(Request { job: Job::Raw(bytes), reply }))
+                    .send(Command::Run(Request { job: Job::Raw(bytes, None), reply }))
                     .map_err(|_| shared.closed_error())?;
                 soon(rx).await.map_err(|_| shared.closed_error())??
             }
         };
+        Ok(self.note(output))
+    }
+
+    /// [`round_trip`](Self::round_trip) that gives up if `withdraw` completes
+    /// while the bytes still wait for the engine (behind other callers):
+    /// `Ok(None)` then means they were never run. Once the engine has started
+    /// on them, or when this session holds the engine, they run to the end.
+    pub async fn round_trip_or_withdraw(
+        &mut self,
+        bytes: BytesMut,
+        withdraw: impl std::future::Future<Output = ()>,
+    ) -> Result<Option<Vec<u8>>> {
+        if self.lease.is_some() {
+            return self.round_trip(bytes).await.map(Some);
+        }
+        let shared = self.instance.shared.clone();
+        let claim = Arc::new(Claim::default());
+        let (reply, rx) = oneshot::channel();
+        self.instance
+            .tx
+            .send(Command::Run(Request { job: Job::Raw(bytes, Some(claim.clone())), reply }))
+            .map_err(|_| shared.closed_error())?;
+        let reply = soon(rx);
+        tokio::pin!(reply);
+        let output = tokio::select! {
+            output = &mut reply => output,
+            () = withdraw => {
+                if claim.withdraw() {
+                    return Ok(None);
+                }
+                reply.await
+            }
+        };
+        let output = output.map_err(|_| shared.closed_error())??;
+        Ok(Some(self.note(output)))
+    }
+
+    /// Takes note of a reply: the engine's state and the lease.
+    fn note(&mut self, output: Output) -> Vec<u8> {
         self.idle = super::worker::ready_status(&output.bytes) == Some(TxStatus::Idle);
         if output.lease.is_some() {
             self.lease = output.lease;
         } else if self.idle && !self.held {
             self.lease = None; // idle again: let the others in
         }
-        Ok(output.bytes)
+        output.bytes
     }
 
     /// Takes the engine exclusively (waiting for its turn behind earlier

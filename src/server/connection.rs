@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use super::backend;
 use super::config::ServerConfig;
@@ -85,6 +85,22 @@ struct CopyIn {
     over_limit: bool,
 }
 
+/// Whether a batch can be answered with a cancellation error if it is
+/// withdrawn before it runs: it must end with its only `Sync` or `Query` (so
+/// that `ErrorResponse` + `ReadyForQuery` is exactly what the client expects
+/// from a batch whose first statement was cancelled).
+fn cancellable(batch: &[u8]) -> bool {
+    let mut boundaries = 0;
+    let mut last = 0;
+    for (tag, _) in backend::messages(batch) {
+        if matches!(tag, b'S' | b'Q' | b'H') {
+            boundaries += 1;
+        }
+        last = tag;
+    }
+    boundaries == 1 && matches!(last, b'S' | b'Q')
+}
+
 /// What woke an idle connection.
 enum Event {
     Shutdown,
@@ -120,6 +136,8 @@ pub(crate) struct Connection<S> {
     /// Notifications for this connection from other connections' batches.
     notify_tx: mpsc::UnboundedSender<Bytes>,
     notify_rx: mpsc::UnboundedReceiver<Bytes>,
+    /// Signalled by a matching `CancelRequest`.
+    cancel: Arc<Notify>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
@@ -130,6 +148,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         settings: SessionSettings,
         config: Arc<ServerConfig>,
         hub: Arc<Hub>,
+        cancel: Arc<Notify>,
     ) -> Self {
         let (notify_tx, notify_rx) = mpsc::unbounded_channel();
         Connection {
@@ -148,6 +167,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             hub,
             notify_tx,
             notify_rx,
+            cancel,
         }
     }
 
@@ -355,7 +375,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             holds = self.session.holds_engine(),
             "batch to engine"
         );
-        let reply = self.session.round_trip(bytes).await?;
+        let reply = if cancellable(&bytes) && !self.session.holds_engine() {
+            let cancel = self.cancel.clone();
+            let cancelled = cancel.notified();
+            tokio::pin!(cancelled);
+            cancelled.as_mut().enable(); // a cancel from now on counts
+            match self.session.round_trip_or_withdraw(bytes, cancelled).await? {
+                Some(reply) => reply,
+                None => {
+                    // Withdrawn before the engine started it: nothing ran.
+                    let mut reply = BytesMut::new();
+                    backend::error_response("ERROR", "57014", "canceling statement due to user request", &mut reply);
+                    backend::ready_for_query(b'I', &mut reply);
+                    reply.to_vec()
+                }
+            }
+        } else {
+            self.session.round_trip(bytes).await?
+        };
         tracing::trace!(bytes = reply.len(), status = ?backend::last_ready_status(&reply).map(char::from), "reply from engine");
         self.forward(&reply).await?;
         self.after_busy().await?;

@@ -42,12 +42,16 @@
 //! batch is synced, SQL-level `PREPARE`, `WITH HOLD` cursors, temporary
 //! tables, advisory locks, `pg_backend_pid()`, `SET SESSION AUTHORIZATION`,
 //! settings changed inside functions without `SET`/`set_config` in the
-//! client's own text. `CancelRequest` is accepted and ignored: PGlite cannot
-//! interrupt a running statement.
+//! client's own text.
+//!
+//! `CancelRequest` withdraws a statement of that connection while it waits
+//! for the engine; one the engine has started runs to the end (PGlite cannot
+//! interrupt it).
 //!
 //! `docs/wire-server.md` has the details (COPY FROM STDIN, limits, shutdown).
 
 mod backend;
+mod cancel;
 mod config;
 mod connection;
 mod frame;
@@ -122,6 +126,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let next_id = AtomicU32::new(1);
     let hub = Arc::new(notify::Hub::default());
+    let cancels = Arc::new(cancel::Cancels::default());
     let mut tasks = JoinSet::new();
 
     let accept = async {
@@ -151,6 +156,7 @@ pub async fn serve(
                 config: config.clone(),
                 parameters: parameters.clone(),
                 hub: hub.clone(),
+                cancels: cancels.clone(),
                 id,
                 trusted,
             };
@@ -182,6 +188,7 @@ struct Client {
     config: Arc<ServerConfig>,
     parameters: Arc<Vec<(String, String)>>,
     hub: Arc<notify::Hub>,
+    cancels: Arc<cancel::Cancels>,
     id: u32,
     trusted: bool,
 }
@@ -216,17 +223,17 @@ impl Client {
                 tracing::debug!(id = self.id, user = %params.user, database = %params.database, "client connected");
                 let settings = SessionSettings::from_startup(&params.settings, &self.parameters);
                 let session = self.instance.raw_session();
-                Connection::new(stream, self.id, session, settings, self.config, self.hub)
+                let pid = self.id as i32;
+                let cancel = self.cancels.register(pid, greeting.key);
+                Connection::new(stream, self.id, session, settings, self.config, self.hub, cancel)
                     .run(stop)
                     .await;
+                self.cancels.unregister(pid);
                 tracing::debug!(id = self.id, "client disconnected");
             }
             Startup::Cancel { pid, key } => {
-                let _ = key; // there is nothing to check it against: nothing can be cancelled
-                tracing::info!(
-                    target_connection = pid,
-                    "cancel request ignored: PGlite cannot interrupt a running statement"
-                );
+                let found = self.cancels.cancel(pid, key);
+                tracing::debug!(target_connection = pid, found, "cancel request");
             }
             Startup::Closed => {}
         }

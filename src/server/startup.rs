@@ -212,7 +212,9 @@ fn command_line_settings(options: &str) -> Vec<(String, String)> {
         let pair = if word == "-c" {
             words.next()
         } else {
-            word.strip_prefix("-c").or_else(|| word.strip_prefix("--")).map(str::to_owned)
+            word.strip_prefix("-c")
+                .or_else(|| word.strip_prefix("--"))
+                .map(str::to_owned)
         };
         if let Some((name, value)) = pair.as_deref().and_then(|p| p.split_once('=')) {
             settings.push((name.replace('-', "_"), value.to_owned()));

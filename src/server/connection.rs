@@ -370,6 +370,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
         }
         self.begin_busy(may_change).await?;
+        let unlistens = listens.iter().any(|l| !matches!(l, Listening::Listen(_)));
+        if unlistens {
+            // Keep the engine until the channels others still want are
+            // listened to again, so that no NOTIFY slips in between.
+            self.session.hold().await?;
+        }
         tracing::trace!(
             bytes = bytes.len(),
             holds = self.session.holds_engine(),
@@ -394,12 +400,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.session.round_trip(bytes).await?
         };
         tracing::trace!(bytes = reply.len(), status = ?backend::last_ready_status(&reply).map(char::from), "reply from engine");
-        self.forward(&reply).await?;
-        self.after_busy().await?;
-        if !listens.is_empty() {
+        if unlistens {
             self.unlisten(&listens).await?;
         }
-        Ok(())
+        self.forward(&reply).await?;
+        self.after_busy().await
     }
 
     /// Records this connection's `UNLISTEN`s, and keeps the engine listening
@@ -426,7 +431,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 .map(|c| format!("LISTEN {}", sql_text::quote_identifier(c)))
                 .collect();
             self.internal(&sql.join("; ")).await?;
-            self.after_busy().await?;
         }
         Ok(())
     }

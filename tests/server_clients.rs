@@ -494,3 +494,86 @@ async fn notifications_reach_the_listening_connections_only() {
     assert!(c_rx.try_recv().is_err(), "C never listened");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_from_stdin_pipelined_behind_a_query_with_a_named_statement() {
+    use bytes::BytesMut;
+    use postgres_protocol::message::frontend;
+    let server = TestServer::start(ServerConfig::default()).await;
+    let mut raw = common::Raw::connect(&server).await;
+    raw.query("CREATE TABLE t (a int, b text)").await;
+
+    // One write: a query, then Parse (named) / Bind / Execute / Sync of a COPY.
+    let mut buf = BytesMut::new();
+    frontend::query("SELECT 41 + 1", &mut buf).unwrap();
+    frontend::parse("copy_stmt", "COPY t FROM STDIN", [], &mut buf).unwrap();
+    frontend::bind(
+        "",
+        "copy_stmt",
+        [],
+        [],
+        |_: (), _| Ok(postgres_protocol::IsNull::No),
+        [],
+        &mut buf,
+    )
+    .map_err(|_| ())
+    .unwrap();
+    frontend::execute("", 0, &mut buf).unwrap();
+    frontend::sync(&mut buf);
+    raw.send(&buf).await;
+    let first = raw.read_until_ready().await;
+    let tags: Vec<u8> = first.iter().map(|m| m.0).collect();
+    assert_eq!(tags, b"TDCZ", "the query's answer first");
+    let mut tags = Vec::new();
+    while tags.last() != Some(&b'G') {
+        tags.push(raw.read_message().await.unwrap().0);
+    }
+    assert_eq!(tags, b"12G", "ParseComplete, BindComplete, CopyInResponse");
+
+    let mut buf = BytesMut::new();
+    frontend::CopyData::new(&b"1\tone\n2\ttwo\n"[..])
+        .unwrap()
+        .write(&mut buf);
+    frontend::copy_done(&mut buf);
+    frontend::sync(&mut buf);
+    raw.send(&buf).await;
+    let done = raw.read_until_ready().await;
+    let tags: Vec<u8> = done.iter().map(|m| m.0).collect();
+    assert_eq!(tags, b"CZ", "{done:?}");
+    assert_eq!(done[0].1, b"COPY 2\0");
+
+    // The named statement exists once (created by the replay, not the probe).
+    let mut buf = BytesMut::new();
+    frontend::bind(
+        "",
+        "copy_stmt",
+        [],
+        [],
+        |_: (), _| Ok(postgres_protocol::IsNull::No),
+        [],
+        &mut buf,
+    )
+    .map_err(|_| ())
+    .unwrap();
+    frontend::execute("", 0, &mut buf).unwrap();
+    frontend::sync(&mut buf);
+    raw.send(&buf).await;
+    assert_eq!(raw.read_message().await.unwrap().0, b'2');
+    assert_eq!(raw.read_message().await.unwrap().0, b'G');
+    let mut buf = BytesMut::new();
+    frontend::CopyData::new(&b"3\tthree\n"[..]).unwrap().write(&mut buf);
+    frontend::copy_done(&mut buf);
+    frontend::sync(&mut buf);
+    raw.send(&buf).await;
+    let tags: Vec<u8> = raw.read_until_ready().await.iter().map(|m| m.0).collect();
+    assert_eq!(tags, b"CZ");
+    let n = server
+        .db
+        .query("SELECT count(*)::int AS n FROM t", &[])
+        .await
+        .unwrap()
+        .rows[0]
+        .get::<i32>("n");
+    assert_eq!(n, 3);
+    server.shutdown().await;
+}

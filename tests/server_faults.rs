@@ -5,98 +5,14 @@ mod common;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use common::TestServer;
+use common::{Raw, TestServer, error_code};
 use futures_util::SinkExt;
 use pglite_cache::server::ServerConfig;
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 use tokio::time::timeout;
 
-const PATIENCE: Duration = Duration::from_secs(20);
-
-/// A client that speaks the protocol by hand.
-struct Raw {
-    stream: TcpStream,
-}
-
-impl Raw {
-    async fn open(server: &TestServer) -> Raw {
-        Raw {
-            stream: TcpStream::connect(server.addr).await.unwrap(),
-        }
-    }
-
-    /// Connects and completes the startup.
-    async fn connect(server: &TestServer) -> Raw {
-        let mut raw = Raw::open(server).await;
-        let mut buf = BytesMut::new();
-        frontend::startup_message([("user", "postgres"), ("database", "postgres")], &mut buf).unwrap();
-        raw.send(&buf).await;
-        let messages = raw.read_until_ready().await;
-        assert_eq!(
-            messages.last().map(|m| m.0),
-            Some(b'Z'),
-            "startup ends with ReadyForQuery"
-        );
-        raw
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.unwrap();
-    }
-
-    async fn query(&mut self, sql: &str) -> Vec<(u8, Vec<u8>)> {
-        let mut buf = BytesMut::new();
-        frontend::query(sql, &mut buf).unwrap();
-        self.send(&buf).await;
-        self.read_until_ready().await
-    }
-
-    /// Reads one message, or `None` at EOF.
-    async fn read_message(&mut self) -> Option<(u8, Vec<u8>)> {
-        let mut header = [0u8; 5];
-        timeout(PATIENCE, self.stream.read_exact(&mut header))
-            .await
-            .expect("server answers")
-            .ok()?;
-        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        timeout(PATIENCE, self.stream.read_exact(&mut body))
-            .await
-            .expect("server answers")
-            .ok()?;
-        Some((header[0], body))
-    }
-
-    async fn read_until_ready(&mut self) -> Vec<(u8, Vec<u8>)> {
-        let mut messages = Vec::new();
-        while let Some(m) = self.read_message().await {
-            let done = m.0 == b'Z';
-            messages.push(m);
-            if done {
-                break;
-            }
-        }
-        messages
-    }
-
-    async fn read_to_eof(&mut self) -> Vec<(u8, Vec<u8>)> {
-        let mut messages = Vec::new();
-        while let Some(m) = self.read_message().await {
-            messages.push(m);
-        }
-        messages
-    }
-}
-
-/// The SQLSTATE of the first ErrorResponse.
-fn error_code(messages: &[(u8, Vec<u8>)]) -> Option<String> {
-    let (_, body) = messages.iter().find(|m| m.0 == b'E')?;
-    body.split(|&b| b == 0)
-        .find_map(|f| f.strip_prefix(b"C"))
-        .map(|c| String::from_utf8_lossy(c).into_owned())
-}
+use common::PATIENCE;
 
 async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
     timeout(

@@ -10,8 +10,7 @@
 //!
 //! `COPY ... FROM STDIN` needs care: the engine must receive the statement,
 //! all its data and the `CopyDone` in one call (it cannot wait for more input
-//! mid-call; running out of input inside a COPY kills it). See
-//! [`Connection::start_copy`].
+//! mid-call; running out of input inside a COPY kills it): see `copy_in.rs`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -28,12 +27,13 @@ use super::notify::{self, Hub};
 use super::settings::SessionSettings;
 use super::sql_text::{self, Listening};
 use crate::{Error, RawSession};
+use copy_in::{CopyIn, CopyKind};
+
+mod copy_in;
 
 /// A batch larger than this is sent without waiting for its `Sync` (the
 /// session's lease keeps it together).
 const SPILL_BYTES: usize = 1 << 20;
-/// Name of the savepoint that makes the COPY probe side-effect free.
-const COPY_SAVEPOINT: &str = "pglite_cache_copy_probe";
 
 /// Why a connection ended early.
 #[derive(Debug, thiserror::Error)]
@@ -64,25 +64,6 @@ struct Batch {
     copy_candidate: bool,
     /// `LISTEN`/`UNLISTEN` statements in it.
     listens: Vec<Listening>,
-}
-
-/// How a COPY was started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CopyKind {
-    /// A simple `Query`.
-    Simple,
-    /// `Bind`/`Execute`/`Sync` of the extended protocol.
-    Extended,
-}
-
-/// A `COPY FROM STDIN` whose data is being collected.
-#[derive(Debug)]
-struct CopyIn {
-    /// The messages that start the COPY, replayed with the data.
-    start: BytesMut,
-    data: BytesMut,
-    /// The data exceeded the limit: it is dropped and the COPY will fail.
-    over_limit: bool,
 }
 
 /// Whether a batch can be answered with a cancellation error if it is
@@ -492,145 +473,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         self.stream.flush().await?;
         Ok(())
-    }
-
-    /// Starts a statement that may be `COPY ... FROM STDIN`.
-    ///
-    /// The client expects `CopyInResponse` before it sends data, but the
-    /// engine can only run the COPY with all its data in one call. So the
-    /// statement is first *probed*: run with a `CopyFail` right behind it,
-    /// inside a savepoint when a transaction is open (outside one, the
-    /// failure rolls back the implicit transaction), which yields the exact
-    /// `CopyInResponse` and no side effects. The client gets everything up to
-    /// it, its data is collected, and on `CopyDone`/`CopyFail` the statement
-    /// is replayed with the data in one call ([`Self::finish_copy`]).
-    /// If the probe shows it was not a COPY FROM STDIN after all, the probe
-    /// was the real execution and its reply is the answer.
-    async fn start_copy(&mut self, start: BytesMut, kind: CopyKind) -> Result<()> {
-        if self.status == b'E' {
-            // A failed transaction runs nothing: the engine answers with an error.
-            let mut batch = Batch {
-                bytes: start,
-                boundary: true,
-                ..Batch::default()
-            };
-            return self.send_batch(&mut batch).await;
-        }
-        self.begin_busy(false).await?;
-        self.session.hold().await?;
-        let in_transaction = self.status == b'T';
-        if in_transaction {
-            self.internal(&format!("SAVEPOINT {COPY_SAVEPOINT}")).await?;
-        }
-        let mut probe = start.clone();
-        backend::copy_fail("probe", &mut probe);
-        if kind == CopyKind::Extended {
-            backend::sync(&mut probe);
-        }
-        let mut reply = self.session.round_trip(probe).await?;
-        let copy_in = backend::messages(&reply)
-            .scan(0, |end, (tag, m)| {
-                *end += m.len();
-                Some((tag, *end))
-            })
-            .find(|(tag, _)| *tag == b'G')
-            .map(|(_, end)| end);
-        match copy_in {
-            Some(end) => {
-                self.stream.write_all(&reply[..end]).await?;
-                self.stream.flush().await?;
-                let after = backend::last_ready_status(&reply);
-                if in_transaction {
-                    self.internal(&format!(
-                        "ROLLBACK TO SAVEPOINT {COPY_SAVEPOINT}; RELEASE SAVEPOINT {COPY_SAVEPOINT}"
-                    ))
-                    .await?;
-                } else if after != Some(b'I') {
-                    self.internal("ROLLBACK").await?;
-                }
-                self.copy = Some(CopyIn {
-                    start,
-                    data: BytesMut::new(),
-                    over_limit: false,
-                });
-            }
-            None => {
-                if kind == CopyKind::Extended && reply.len() >= 6 && reply[reply.len() - 6] == b'Z' {
-                    reply.truncate(reply.len() - 6); // the answer to the probe's own Sync
-                }
-                let after = backend::last_ready_status(&reply);
-                if in_transaction && after == Some(b'T') {
-                    self.internal(&format!("RELEASE SAVEPOINT {COPY_SAVEPOINT}")).await?;
-                }
-                self.forward(&reply).await?;
-            }
-        }
-        self.after_busy().await
-    }
-
-    /// A message while collecting COPY data.
-    async fn on_copy_frame(&mut self, frame: Frame, batch: &mut Batch) -> Result<Flow> {
-        let copy = self.copy.as_mut().expect("in COPY");
-        match frame.tag {
-            b'd' => {
-                if !copy.over_limit {
-                    if copy.data.len() + frame.bytes.len() > self.config.max_copy_size {
-                        copy.over_limit = true;
-                        copy.data = BytesMut::new();
-                    } else {
-                        copy.data.extend_from_slice(&frame.bytes);
-                    }
-                }
-            }
-            b'c' | b'f' => {
-                let end = if copy.over_limit {
-                    let mut fail = BytesMut::new();
-                    let limit = self.config.max_copy_size;
-                    backend::copy_fail(
-                        &format!("COPY data exceeds the server's limit of {limit} bytes"),
-                        &mut fail,
-                    );
-                    fail
-                } else {
-                    frame.bytes
-                };
-                self.finish_copy(end).await?;
-            }
-            // PostgreSQL ignores Flush and Sync during COPY IN.
-            b'S' | b'H' => {}
-            b'X' => return Ok(Flow::Close),
-            other => {
-                // Any other message aborts the COPY (as in PostgreSQL), then runs.
-                let mut fail = BytesMut::new();
-                backend::copy_fail(
-                    &format!("unexpected message type 0x{other:02X} during COPY from stdin"),
-                    &mut fail,
-                );
-                self.finish_copy(fail).await?;
-                return Box::pin(self.on_frame(frame, batch)).await;
-            }
-        }
-        Ok(Flow::Continue)
-    }
-
-    /// Replays the COPY statement with its data and end message in one call.
-    async fn finish_copy(&mut self, end: BytesMut) -> Result<()> {
-        let CopyIn { mut start, data, .. } = self.copy.take().expect("in COPY");
-        start.extend_from_slice(&data);
-        drop(data);
-        start.extend_from_slice(&end);
-        self.begin_busy(false).await?;
-        let reply = self.session.round_trip(start).await?;
-        // The client already has the CopyInResponse (and what came before it).
-        let skip = backend::messages(&reply)
-            .scan(0, |end, (tag, m)| {
-                *end += m.len();
-                Some((tag, *end))
-            })
-            .find(|(tag, _)| *tag == b'G')
-            .map_or(0, |(_, end)| end);
-        self.forward(&reply[skip..]).await?;
-        self.after_busy().await
     }
 
     /// `DEALLOCATE ALL` / `DISCARD ALL` as a client expects them: only its

@@ -335,6 +335,14 @@ async fn settings_of_one_client_do_not_leak_to_others() {
         "DISCARD ALL of one client keeps the others' statements"
     );
     assert_eq!(show(&b, "statement_timeout").await, "5s");
+
+    // Settings from the startup packet (PGOPTIONS) belong to that connection.
+    let mut config = server.tcp_config();
+    config.options("-c search_path=app,public -c TimeZone=America/New_York");
+    let c = common::connect(config).await.unwrap();
+    assert_eq!(show(&c, "search_path").await, "app,public");
+    assert_eq!(show(&c, "TimeZone").await, "America/New_York");
+    assert_eq!(show(&b, "search_path").await, "public");
     server.shutdown().await;
 }
 

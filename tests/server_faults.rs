@@ -416,3 +416,86 @@ async fn cancel_withdraws_a_waiting_statement_of_that_connection_only() {
     assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_vanishing_mid_transaction_leaves_no_settings_behind() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let other = server.connect().await;
+    let mut raw = Raw::connect(&server).await;
+    raw.query("SET work_mem = '9MB'").await;
+    // Its settings are in force while it holds the engine...
+    let reply = raw.query("BEGIN; SELECT current_setting('work_mem')").await;
+    assert_eq!(reply.last().unwrap().1, b"T");
+    let row = reply.iter().find(|m| m.0 == b'D').unwrap();
+    assert!(row.1.ends_with(b"9MB"), "{row:?}");
+    drop(raw); // ...and it vanishes inside the transaction.
+    let work_mem: String = timeout(PATIENCE, other.query_one("SELECT current_setting('work_mem')", &[]))
+        .await
+        .unwrap()
+        .unwrap()
+        .get(0);
+    assert_eq!(work_mem, "4MB", "the departed client's settings were reset");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_startup_settings_are_refused() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let mut config = server.tcp_config();
+    config.options("-c TimeZone=Nowhere/Land");
+    let outcome = match common::connect(config).await {
+        Ok(client) => client.query_one("SELECT 1", &[]).await.map(drop),
+        Err(e) => Err(e),
+    };
+    let err = outcome.unwrap_err();
+    assert!(
+        err.code() == Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE) || err.is_closed(),
+        "{err}"
+    );
+    let fine = server.connect().await;
+    assert_eq!(
+        fine.query_one("SELECT current_setting('TimeZone')", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0),
+        "UTC"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_vanishing_after_an_error_without_sync_does_not_confuse_the_next() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let other = server.connect().await;
+    other.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+    let mut raw = Raw::connect(&server).await;
+    let mut buf = BytesMut::new();
+    frontend::parse("", "INSERT INTO t VALUES (1)", [], &mut buf).unwrap();
+    frontend::bind(
+        "",
+        "",
+        [],
+        [],
+        |_: (), _| Ok(postgres_protocol::IsNull::No),
+        [],
+        &mut buf,
+    )
+    .map_err(|_| ())
+    .unwrap();
+    frontend::execute("", 0, &mut buf).unwrap();
+    frontend::parse("", "SELEC broken", [], &mut buf).unwrap();
+    frontend::flush(&mut buf);
+    raw.send(&buf).await;
+    // ParseComplete, BindComplete, CommandComplete, then the error; no Sync follows.
+    let mut tags = Vec::new();
+    while tags.last() != Some(&b'E') {
+        tags.push(raw.read_message().await.unwrap().0);
+    }
+    assert_eq!(tags, b"12CE");
+    drop(raw);
+    // The next client is answered normally, and the failed batch committed nothing.
+    assert_eq!(count(&other, "t").await, 0);
+    let rows = other.query("SELECT 1 UNION ALL SELECT 2", &[]).await.unwrap();
+    assert_eq!(rows.len(), 2);
+    server.shutdown().await;
+}

@@ -28,11 +28,16 @@ pub struct RawSession {
     held: bool,
     /// Whether the last round trip left the engine idle.
     idle: bool,
+    /// Sent to the engine if the session is dropped while holding it.
+    on_drop: Option<BytesMut>,
+    /// The engine reported an error in an extended-protocol batch and skips
+    /// messages until `Sync`.
+    skipping_to_sync: bool,
 }
 
 impl RawSession {
     pub(super) fn new(instance: Instance) -> RawSession {
-        RawSession { instance, lease: None, held: false, idle: true }
+        RawSession { instance, lease: None, held: false, idle: true, on_drop: None, skipping_to_sync: false }
     }
 
     /// Sends frontend messages and returns every backend message the engine
@@ -96,7 +101,12 @@ impl RawSession {
 
     /// Takes note of a reply: the engine's state and the lease.
     fn note(&mut self, output: Output) -> Vec<u8> {
-        self.idle = super::worker::ready_status(&output.bytes) == Some(TxStatus::Idle);
+        let status = super::worker::ready_status(&output.bytes);
+        self.idle = status == Some(TxStatus::Idle);
+        self.skipping_to_sync = match status {
+            Some(_) => false,
+            None => self.skipping_to_sync || has_error(&output.bytes),
+        };
         if output.lease.is_some() {
             self.lease = output.lease;
         } else if self.idle && !self.held {
@@ -135,10 +145,57 @@ impl RawSession {
         self.idle
     }
 
+    /// Frontend messages to run if the session is dropped while it holds the
+    /// engine (before the engine goes to others; the open transaction is
+    /// rolled back in any case). The wire server uses it to reset session
+    /// settings of a client that vanished mid-transaction. Their reply is
+    /// discarded.
+    pub fn on_drop(&mut self, bytes: BytesMut) {
+        self.on_drop = Some(bytes);
+    }
+
     /// Whether this session currently holds the engine exclusively.
     pub fn holds_engine(&self) -> bool {
         self.lease.is_some()
     }
+}
+
+impl Drop for RawSession {
+    fn drop(&mut self) {
+        let Some(lease) = self.lease.take() else { return };
+        let mut bytes = BytesMut::new();
+        if self.skipping_to_sync {
+            // Else the engine would swallow the rollback (and the next
+            // caller's messages) until a Sync. After an error, Sync ends the
+            // failed implicit transaction; it commits nothing.
+            postgres_protocol::message::frontend::sync(&mut bytes);
+        }
+        if let Some(on_drop) = self.on_drop.take() {
+            bytes.extend_from_slice(&on_drop);
+        }
+        if !bytes.is_empty() {
+            // Queued on the lease before it closes, so it runs before the
+            // worker's rollback and before anybody else.
+            let (reply, _) = oneshot::channel();
+            let _ = lease.send(Request { job: Job::Raw(bytes, None), reply });
+        }
+    }
+}
+
+/// Whether backend bytes contain an `ErrorResponse`.
+fn has_error(bytes: &[u8]) -> bool {
+    let mut rest = bytes;
+    while rest.len() >= 5 {
+        if rest[0] == b'E' {
+            return true;
+        }
+        let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]);
+        if len < 4 || rest.len() < 1 + len as usize {
+            return false;
+        }
+        rest = &rest[1 + len as usize..];
+    }
+    false
 }
 
 /// How long [`soon`] polls before it parks.

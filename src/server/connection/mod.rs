@@ -132,6 +132,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         cancel: Arc<Notify>,
     ) -> Self {
         let (notify_tx, notify_rx) = mpsc::unbounded_channel();
+        let mut session = session;
+        // A client that vanishes while holding the engine must not leave its
+        // settings behind: roll back, and restore the defaults.
+        let mut cleanup = BytesMut::new();
+        backend::query("ROLLBACK; RESET ALL; RESET ROLE", &mut cleanup);
+        session.on_drop(cleanup);
         Connection {
             id,
             stream,
@@ -171,7 +177,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
             Err(ConnectionError::Engine(e)) => {
                 tracing::warn!(error = %e, "closing connection");
-                Some(("XX000", e.to_string()))
+                // A database error here comes from the client's startup
+                // settings (e.g. an invalid TimeZone): keep its SQLSTATE.
+                let code = e.code().map_or("XX000", |c| c.code());
+                Some((
+                    code,
+                    e.as_db_error().map_or_else(|| e.to_string(), |db| db.message.clone()),
+                ))
             }
         };
         if let Some((code, text)) = fatal {

@@ -37,6 +37,9 @@ pub struct ServeArgs {
     /// Maximum concurrent client connections.
     #[arg(long, default_value_t = 64)]
     max_connections: usize,
+    /// Largest COPY FROM STDIN accepted, in MiB (held in memory until CopyDone).
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    max_copy_mb: usize,
 }
 
 /// Validated `serve` settings.
@@ -60,7 +63,9 @@ fn plan(args: ServeArgs) -> Result<Plan, String> {
             "refusing to listen on non-loopback address {addr} without --allow-remote"
         ));
     }
-    let mut config = ServerConfig::default().with_max_connections(args.max_connections);
+    let mut config = ServerConfig::default()
+        .with_max_connections(args.max_connections)
+        .with_max_copy_size(args.max_copy_mb.saturating_mul(1 << 20));
     if let Some(file) = &args.password_file {
         let text = std::fs::read_to_string(file).map_err(|e| format!("reading {}: {e}", file.display()))?;
         let line = text.lines().next().unwrap_or("").trim_end_matches(['\r', '\n']);

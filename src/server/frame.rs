@@ -70,7 +70,9 @@ impl FrameReader {
             return Err(FrameError::TooLarge(total, self.max_message_size));
         }
         if self.buf.len() < total {
-            self.buf.reserve(total - self.buf.len());
+            // Room for the rest, but not all at once on the word of a
+            // length field: memory grows with what actually arrives.
+            self.buf.reserve((total - self.buf.len()).min(1 << 20));
             return Ok(None);
         }
         Ok(Some(Frame {

@@ -33,9 +33,11 @@ pub(super) enum CopyKind {
 /// A `COPY FROM STDIN` whose data is being collected.
 #[derive(Debug)]
 pub(super) struct CopyIn {
-    /// The messages that start the COPY, replayed with the data.
-    start: BytesMut,
-    data: BytesMut,
+    /// The messages that start the COPY, then the client's `CopyData`: what
+    /// is replayed (one buffer, so the data is not copied again).
+    replay: BytesMut,
+    /// Where the data starts in `replay`.
+    data_start: usize,
     /// The data exceeded the limit: it is dropped and the COPY will fail.
     over_limit: bool,
 }
@@ -121,8 +123,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     self.session.round_trip(close).await?;
                 }
                 self.copy = Some(CopyIn {
-                    start,
-                    data: BytesMut::new(),
+                    data_start: start.len(),
+                    replay: start,
                     over_limit: false,
                 });
             }
@@ -146,11 +148,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         match frame.tag {
             b'd' => {
                 if !copy.over_limit {
-                    if copy.data.len() + frame.bytes.len() > self.config.max_copy_size {
+                    if copy.replay.len() - copy.data_start + frame.bytes.len() > self.config.max_copy_size {
                         copy.over_limit = true;
-                        copy.data = BytesMut::new();
+                        copy.replay.truncate(copy.data_start);
+                        copy.replay = BytesMut::from(&copy.replay[..]); // give the memory back
                     } else {
-                        copy.data.extend_from_slice(&frame.bytes);
+                        copy.replay.extend_from_slice(&frame.bytes);
                     }
                 }
             }
@@ -187,12 +190,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Replays the COPY statement with its data and end message in one call.
     async fn finish_copy(&mut self, end: BytesMut) -> Result<()> {
-        let CopyIn { mut start, data, .. } = self.copy.take().expect("in COPY");
-        start.extend_from_slice(&data);
-        drop(data);
-        start.extend_from_slice(&end);
+        let CopyIn { mut replay, .. } = self.copy.take().expect("in COPY");
+        replay.extend_from_slice(&end);
         self.begin_busy(false).await?;
-        let reply = self.session.round_trip(start).await?;
+        let reply = self.session.round_trip(replay).await?;
         // The client already has the CopyInResponse (and what came before it).
         let skip = after_copy_in_response(&reply).unwrap_or(0);
         self.forward(&reply[skip..]).await?;

@@ -336,6 +336,15 @@ async fn settings_of_one_client_do_not_leak_to_others() {
     );
     assert_eq!(show(&b, "statement_timeout").await, "5s");
 
+    // Through the extended protocol they would hit every client: refused.
+    let err = a.execute("DEALLOCATE ALL", &[]).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED),
+        "{err}"
+    );
+    assert_eq!(b.query_one(&stmt, &[]).await.unwrap().get::<_, i32>(0), 1);
+
     // Settings from the startup packet (PGOPTIONS) belong to that connection.
     let mut config = server.tcp_config();
     config.options("-c search_path=app,public -c TimeZone=America/New_York");

@@ -112,14 +112,17 @@ const REPORTED: &[&str] = &[
 /// once, with `57P01 terminating connection due to administrator command`).
 ///
 /// The instance stays usable through its handle meanwhile and afterwards;
-/// the server does not stop it. Errors: only a failure to read the engine's
-/// parameters at start.
+/// the server does not stop it. Errors: no listeners, or a failure to read
+/// the engine's parameters at start.
 pub async fn serve(
     instance: Instance,
     listeners: Vec<Listener>,
     config: ServerConfig,
     shutdown: impl Future,
 ) -> io::Result<()> {
+    if listeners.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no listener to serve on"));
+    }
     let parameters = Arc::new(server_parameters(&instance).await?);
     let config = Arc::new(config);
     let limit = Arc::new(Semaphore::new(config.max_connections));

@@ -31,6 +31,12 @@ use copy_in::{CopyIn, CopyKind};
 
 mod copy_in;
 
+/// What `DEALLOCATE ALL`/`DISCARD ALL` sent with `Parse` become.
+const REFUSED_RESET: &str = "DO $pglite_cache$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', \
+     MESSAGE = 'DEALLOCATE ALL and DISCARD ALL are only supported as a simple query on this server', \
+     HINT = 'Many clients share one backend here; the simple-query form applies to this connection only.'; \
+     END$pglite_cache$";
+
 /// A batch larger than this is sent without waiting for its `Sync` (the
 /// session's lease keeps it together).
 const SPILL_BYTES: usize = 1 << 20;
@@ -291,7 +297,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
             }
             b'P' | b'B' | b'E' | b'D' | b'C' => {
-                let named = Named::parse(&frame)?.ok_or(Malformed("extended query"))?;
+                let mut named = Named::parse(&frame)?.ok_or(Malformed("extended query"))?;
+                if let Named::Parse { sql, .. } = &mut named
+                    && (sql_text::is_exactly(sql, &["deallocate", "all"])
+                        || sql_text::is_exactly(sql, &["discard", "all"]))
+                {
+                    // Through Parse these would drop every client's statements
+                    // on the shared backend; only the simple-query form is
+                    // handled per client. Make it fail instead, clearly.
+                    *sql = REFUSED_RESET.as_bytes();
+                }
                 self.track(frame.tag, &named, batch);
                 self.namer.rewrite(frame.tag, &named, &mut batch.bytes);
             }

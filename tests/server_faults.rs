@@ -499,3 +499,26 @@ async fn a_client_vanishing_after_an_error_without_sync_does_not_confuse_the_nex
     assert_eq!(rows.len(), 2);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_instance_fails_clients_fast_and_shutdown_still_works() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let client = server.connect().await;
+    assert!(server.db.inject_crash().await.is_err());
+    let err = timeout(PATIENCE, client.query_one("SELECT 1", &[]))
+        .await
+        .expect("no hang")
+        .unwrap_err();
+    assert!(
+        err.is_closed() || err.as_db_error().is_some_and(|e| e.message().contains("crashed")),
+        "{err}"
+    );
+    let late = server.connect().await;
+    assert!(
+        timeout(PATIENCE, late.query_one("SELECT 1", &[]))
+            .await
+            .expect("no hang")
+            .is_err()
+    );
+    timeout(PATIENCE, server.shutdown()).await.expect("shutdown completes");
+}

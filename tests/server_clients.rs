@@ -336,7 +336,13 @@ async fn settings_of_one_client_do_not_leak_to_others() {
     );
     assert_eq!(show(&b, "statement_timeout").await, "5s");
 
-    // Through the extended protocol they would hit every client: refused.
+    // Inside a script, or through the extended protocol, they would hit every client: refused.
+    let err = a.batch_execute("SELECT 1; DISCARD ALL").await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED),
+        "{err}"
+    );
     let err = a.execute("DEALLOCATE ALL", &[]).await.unwrap_err();
     assert_eq!(
         err.code(),

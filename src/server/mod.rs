@@ -40,9 +40,9 @@
 //!
 //! Not isolated (one backend underneath): the unnamed statement/portal once a
 //! batch is synced, SQL-level `PREPARE`, `WITH HOLD` cursors, temporary
-//! tables, advisory locks, `pg_backend_pid()`, `SET SESSION AUTHORIZATION`,
-//! settings changed inside functions without `SET`/`set_config` in the
-//! client's own text.
+//! tables, advisory locks, `pg_backend_pid()`, settings changed inside
+//! functions without `SET`/`set_config` in the client's own text.
+//! `SET SESSION AUTHORIZATION` is reset at the end of the client's busy period.
 //!
 //! `CancelRequest` withdraws a statement of that connection while it waits
 //! for the engine; one the engine has started runs to the end (PGlite cannot

@@ -12,7 +12,7 @@
 //! 1. its saved settings are applied (`set_config(name, value, false)`);
 //! 2. its statements run, up to the point the engine is idle again;
 //! 3. the settings now in force with source `session` (and `role`) are saved
-//!    for the connection, and `RESET ALL; RESET ROLE` restores the defaults.
+//!    for the connection, and `RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE` restores the defaults.
 //!
 //! Connections without session settings pay nothing. `ParameterStatus`
 //! messages caused by steps 1 and 3 are not forwarded (the client already
@@ -35,7 +35,7 @@ pub(crate) struct SessionSettings {
 const CAPTURE: &str = "SELECT name, pg_catalog.current_setting(name) FROM pg_catalog.pg_settings \
      WHERE source = 'session' AND name <> 'role' \
      UNION ALL SELECT 'role', pg_catalog.current_setting('role') WHERE pg_catalog.current_setting('role') <> 'none'; \
-     RESET ALL; RESET ROLE";
+     RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE";
 
 impl SessionSettings {
     /// Settings from the startup packet that differ from the server defaults

@@ -83,6 +83,11 @@ pub(crate) fn is_exactly(sql: &[u8], words: &[&str]) -> bool {
     rest.is_empty() || rest == b"\0"
 }
 
+/// Whether one of the statements of a script is exactly these words.
+pub(crate) fn has_statement(sql: &[u8], words: &[&str]) -> bool {
+    statements(sql).any(|stmt| is_exactly(stmt, words))
+}
+
 /// A `LISTEN`/`UNLISTEN` found in a script.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Listening {
@@ -191,5 +196,7 @@ mod tests {
         assert!(is_exactly(b" DEALLOCATE  all \n", &["deallocate", "all"]));
         assert!(!is_exactly(b"DISCARD ALL; SELECT 1", &["discard", "all"]));
         assert!(!is_exactly(b"DISCARD PLANS", &["discard", "all"]));
+        assert!(has_statement(b"SELECT 1; discard all; SELECT 2", &["discard", "all"]));
+        assert!(!has_statement(b"SELECT 'discard all'", &["discard", "all"]));
     }
 }

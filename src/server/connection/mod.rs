@@ -142,7 +142,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         // A client that vanishes while holding the engine must not leave its
         // settings behind: roll back, and restore the defaults.
         let mut cleanup = BytesMut::new();
-        backend::query("ROLLBACK; RESET ALL; RESET ROLE", &mut cleanup);
+        backend::query(
+            "ROLLBACK; RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE",
+            &mut cleanup,
+        );
         session.on_drop(cleanup);
         Connection {
             id,
@@ -272,6 +275,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 if sql_text::is_exactly(sql, &["discard", "all"]) && self.status == b'I' {
                     self.send_batch(batch).await?;
                     return self.deallocate_all(true).await.map(|()| Flow::Continue);
+                }
+                if sql_text::has_statement(sql, &["deallocate", "all"])
+                    || sql_text::has_statement(sql, &["discard", "all"])
+                {
+                    // Inside a longer script they would hit every client.
+                    self.send_batch(batch).await?;
+                    let mut reply = BytesMut::new();
+                    backend::error_response(
+                        "ERROR",
+                        "0A000",
+                        "DEALLOCATE ALL and DISCARD ALL are only supported as a query of their own on this server",
+                        &mut reply,
+                    );
+                    backend::ready_for_query(self.status, &mut reply);
+                    self.forward(&reply).await?;
+                    return Ok(Flow::Continue);
                 }
                 if sql_text::mentions_stdin(sql) {
                     self.send_batch(batch).await?;

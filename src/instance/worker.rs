@@ -57,7 +57,7 @@ pub(crate) enum Job {
 /// Lets the caller withdraw a queued job: whoever moves it out of "queued"
 /// first wins, so the caller knows for sure whether the job ran.
 #[derive(Debug, Default)]
-pub struct Claim(AtomicU8);
+pub(crate) struct Claim(AtomicU8);
 
 const QUEUED: u8 = 0;
 const STARTED: u8 = 1;
@@ -70,7 +70,7 @@ impl Claim {
     }
 
     /// The caller withdraws the job; false if the worker already started it.
-    pub fn withdraw(&self) -> bool {
+    pub(crate) fn withdraw(&self) -> bool {
         self.0.compare_exchange(QUEUED, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 }
@@ -385,8 +385,9 @@ impl Worker {
 /// usual case for wire-protocol clients) sends its next job within a few tens
 /// of microseconds; catching it without a sleep/wake cycle saves the two
 /// thread wake-ups that would otherwise make every round trip slower.
-const SPIN: std::time::Duration = std::time::Duration::from_micros(SPIN_MICROS);
-const SPIN_MICROS: u64 = 50;
+/// The poll yields the CPU between tries, so other threads (the client's,
+/// the server's) run meanwhile.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// `blocking_recv`, after polling for a short while.
 fn recv_soon<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> Option<T> {

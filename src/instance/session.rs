@@ -51,7 +51,7 @@ impl RawSession {
                     self.lease = None;
                     return Err(shared.closed_error());
                 }
-                soon(rx).await.map_err(|_| shared.closed_error())??
+                soon(rx, shared).await.map_err(|_| shared.closed_error())??
             }
             None => {
                 let (reply, rx) = oneshot::channel();
@@ -59,7 +59,7 @@ impl RawSession {
                     .tx
                     .send(Command::Run(Request { job: Job::Raw(bytes, None), reply }))
                     .map_err(|_| shared.closed_error())?;
-                soon(rx).await.map_err(|_| shared.closed_error())??
+                soon(rx, shared).await.map_err(|_| shared.closed_error())??
             }
         };
         Ok(self.note(output))
@@ -84,7 +84,7 @@ impl RawSession {
             .tx
             .send(Command::Run(Request { job: Job::Raw(bytes, Some(claim.clone())), reply }))
             .map_err(|_| shared.closed_error())?;
-        let reply = soon(rx);
+        let reply = soon(rx, &shared);
         tokio::pin!(reply);
         let output = tokio::select! {
             output = &mut reply => output,
@@ -201,23 +201,41 @@ fn has_error(bytes: &[u8]) -> bool {
 /// How long [`soon`] polls before it parks.
 const POLL: std::time::Duration = std::time::Duration::from_micros(60);
 
-/// Awaits a reply, first polling for it briefly: the engine usually answers
-/// a wire client's statement within tens of microseconds, and catching the
-/// answer without parking and waking the runtime thread takes a sizeable
-/// share off every round trip (measured: ~38 -> ~26 us per single-row
-/// statement through the wire server). Each poll yields to the runtime's
-/// other tasks and to the OS (so the engine's thread gets the CPU).
-async fn soon<T>(mut rx: oneshot::Receiver<T>) -> Result<T, oneshot::error::RecvError> {
-    let deadline = std::time::Instant::now() + POLL;
-    while std::time::Instant::now() < deadline {
-        match rx.try_recv() {
-            Ok(value) => return Ok(value),
-            Err(oneshot::error::TryRecvError::Closed) => return rx.await,
-            Err(oneshot::error::TryRecvError::Empty) => {
-                std::thread::yield_now();
-                tokio::task::yield_now().await;
+/// Awaits a reply, first polling for it briefly when it is the only raw
+/// round trip in flight: the engine usually answers a wire client's
+/// statement within tens of microseconds, and catching the answer without
+/// parking and waking the runtime thread takes a sizeable share off every
+/// round trip (measured: ~38 -> ~26 us per single-row statement through the
+/// wire server). Each poll yields to the runtime's other tasks and to the OS
+/// (so the engine's thread gets the CPU). When other round trips are in
+/// flight, the answer is behind theirs: polling would only burn CPU the
+/// engine needs, so the task parks at once.
+async fn soon<T>(mut rx: oneshot::Receiver<T>, shared: &Shared) -> Result<T, oneshot::error::RecvError> {
+    use std::sync::atomic::Ordering;
+    let alone = shared.raw_in_flight.fetch_add(1, Ordering::AcqRel) == 0;
+    let _in_flight = InFlight(shared);
+    if alone {
+        let deadline = std::time::Instant::now() + POLL;
+        while std::time::Instant::now() < deadline {
+            match rx.try_recv() {
+                Ok(value) => return Ok(value),
+                Err(oneshot::error::TryRecvError::Closed) => return rx.await,
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    std::thread::yield_now();
+                    tokio::task::yield_now().await;
+                }
             }
         }
     }
     rx.await
+}
+
+/// Counts a round trip in flight until dropped (also when the awaiting task
+/// is cancelled).
+struct InFlight<'a>(&'a Shared);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.raw_in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }

@@ -100,6 +100,8 @@ pub(crate) enum State {
 pub(crate) struct Shared {
     pub label: String,
     pub state: Mutex<State>,
+    /// Raw-session round trips sent and not yet answered (see `session::soon`).
+    pub raw_in_flight: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -129,7 +131,7 @@ pub(crate) async fn spawn(
     options: InstanceOptions,
 ) -> Result<(mpsc::UnboundedSender<Command>, Arc<Shared>)> {
     let label = options.label();
-    let shared = Arc::new(Shared { label: label.clone(), state: Mutex::new(State::Running) });
+    let shared = Arc::new(Shared { label: label.clone(), state: Mutex::new(State::Running), raw_in_flight: Default::default() });
     let (tx, rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = oneshot::channel();
     let worker_shared = shared.clone();

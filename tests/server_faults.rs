@@ -522,3 +522,55 @@ async fn a_crashed_instance_fails_clients_fast_and_shutdown_still_works() {
     );
     timeout(PATIENCE, server.shutdown()).await.expect("shutdown completes");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_between_a_copy_and_its_data_fail_the_copy_not_the_instance() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let mut raw = Raw::connect(&server).await;
+    raw.query("CREATE TABLE t (a int)").await;
+    let mut buf = BytesMut::new();
+    frontend::parse("c", "COPY t FROM STDIN", [], &mut buf).unwrap();
+    frontend::sync(&mut buf);
+    raw.send(&buf).await;
+    raw.read_until_ready().await;
+    // Execute of the COPY followed by another Bind/Execute before the data:
+    // PostgreSQL fails the COPY; the PGlite backend would exit.
+    let mut buf = BytesMut::new();
+    for _ in 0..2 {
+        frontend::bind(
+            "",
+            "c",
+            [],
+            [],
+            |_: (), _| Ok(postgres_protocol::IsNull::No),
+            [],
+            &mut buf,
+        )
+        .map_err(|_| ())
+        .unwrap();
+        frontend::execute("", 0, &mut buf).unwrap();
+    }
+    frontend::sync(&mut buf);
+    raw.send(&buf).await;
+    let reply = raw.read_until_ready().await;
+    assert_eq!(error_code(&reply).as_deref(), Some("57014"), "{reply:?}");
+    let reply = raw.query("SELECT count(*) FROM t").await;
+    assert!(reply.iter().any(|m| m.0 == b'D'));
+
+    // Two COPY FROM STDIN in one query: the first gets the data, the second
+    // fails (the engine needs each COPY's data within one call).
+    let mut buf = BytesMut::new();
+    frontend::query("COPY t FROM STDIN; COPY t FROM STDIN", &mut buf).unwrap();
+    raw.send(&buf).await;
+    assert_eq!(raw.read_message().await.unwrap().0, b'G');
+    let mut buf = BytesMut::new();
+    frontend::CopyData::new(&b"1\n2\n"[..]).unwrap().write(&mut buf);
+    frontend::copy_done(&mut buf);
+    raw.send(&buf).await;
+    let reply = raw.read_until_ready().await;
+    let tags: Vec<u8> = reply.iter().map(|m| m.0).collect();
+    assert_eq!(tags, b"CEZ", "{reply:?}");
+    assert_eq!(reply[0].1, b"COPY 2\0");
+    server.db.health_check().await.unwrap();
+    server.shutdown().await;
+}

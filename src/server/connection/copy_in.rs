@@ -192,11 +192,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     async fn finish_copy(&mut self, end: BytesMut) -> Result<()> {
         let CopyIn { mut replay, .. } = self.copy.take().expect("in COPY");
         replay.extend_from_slice(&end);
+        // A second COPY FROM STDIN in the same query would wait for data
+        // that cannot come within this call: fail it. (Ignored otherwise.)
+        backend::copy_fail(
+            "only one COPY FROM STDIN per query is supported by this server",
+            &mut replay,
+        );
         self.begin_busy(false).await?;
         let reply = self.session.round_trip(replay).await?;
-        // The client already has the CopyInResponse (and what came before it).
+        // The client already has the CopyInResponse (and what came before
+        // it); a second one would only announce the COPY failed above.
         let skip = after_copy_in_response(&reply).unwrap_or(0);
-        self.forward(&reply[skip..]).await?;
+        let rest = &reply[skip..];
+        if backend::messages(rest).any(|(tag, _)| tag == b'G') {
+            let kept: Vec<u8> = backend::messages(rest)
+                .filter(|(tag, _)| *tag != b'G')
+                .flat_map(|(_, m)| m.iter().copied())
+                .collect();
+            self.forward(&kept).await?;
+        } else {
+            self.forward(rest).await?;
+        }
         self.after_busy().await
     }
 }

@@ -68,6 +68,8 @@ struct Batch {
     group_start: usize,
     /// The current group executes a portal that may be `COPY FROM STDIN`.
     copy_candidate: bool,
+    /// Where the first such `Execute` ends in `bytes`.
+    copy_execute_end: Option<usize>,
     /// `LISTEN`/`UNLISTEN` statements in it.
     listens: Vec<Listening>,
 }
@@ -308,9 +310,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 batch.boundary = true;
                 if batch.copy_candidate {
                     let group = batch.bytes.split_off(batch.group_start);
+                    let execute_end = batch
+                        .copy_execute_end
+                        .take()
+                        .map_or(group.len(), |end| end - batch.group_start);
                     batch.copy_candidate = false;
                     self.send_batch(batch).await?;
-                    self.start_copy(group, CopyKind::Extended).await?;
+                    // During COPY IN only data, Sync and Flush may follow; any
+                    // other message would make the engine exit (PostgreSQL
+                    // fails the COPY instead, which is done here).
+                    let intruder = backend::messages(&group[execute_end..])
+                        .map(|(t, _)| t)
+                        .find(|t| !matches!(t, b'S' | b'H'));
+                    match intruder {
+                        None => self.start_copy(group, CopyKind::Extended).await?,
+                        Some(tag) => {
+                            let mut bytes = BytesMut::from(&group[..execute_end]);
+                            backend::copy_fail(
+                                &format!("unexpected message type 0x{tag:02X} during COPY from stdin"),
+                                &mut bytes,
+                            );
+                            bytes.extend_from_slice(&group[execute_end..]);
+                            let mut batch = Batch {
+                                bytes,
+                                boundary: true,
+                                ..Batch::default()
+                            };
+                            self.send_batch(&mut batch).await?;
+                        }
+                    }
                 } else if frame.tag == b'S' {
                     batch.group_start = batch.bytes.len();
                 }
@@ -328,6 +356,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
                 self.track(frame.tag, &named, batch);
                 self.namer.rewrite(frame.tag, &named, &mut batch.bytes);
+                if batch.copy_candidate && batch.copy_execute_end.is_none() && frame.tag == b'E' {
+                    batch.copy_execute_end = Some(batch.bytes.len());
+                }
             }
             _ => batch.bytes.extend_from_slice(&frame.bytes), // FunctionCall
         }

@@ -23,7 +23,6 @@ async fn connect(conninfo: &str) -> Result<Client, tokio_postgres::Error> {
 /// A `pglite-cache sync` child process.
 struct Daemon {
     child: Child,
-    data: PathBuf,
     socket_dir: PathBuf,
     port: u16,
     metrics: u16,
@@ -48,7 +47,7 @@ impl Daemon {
             .stderr(stderr)
             .spawn()
             .unwrap();
-        Daemon { child, data: data.to_owned(), socket_dir, port, metrics, log }
+        Daemon { child, socket_dir, port, metrics, log }
     }
 
     fn conninfo(&self) -> String {
@@ -163,7 +162,7 @@ async fn write_load(conninfo: String, stop: tokio::sync::watch::Receiver<bool>) 
                  UPDATE accounts SET balance = balance + 1 WHERE id = {b};
                  INSERT INTO events (account, kind, payload) VALUES ({a}, 'transfer', '{{\"to\": {b}}}');
                  {} COMMIT",
-                if n % 50 == 0 { format!("DELETE FROM events WHERE id = {};", n * 3) } else { String::new() }
+                if n.is_multiple_of(50) { format!("DELETE FROM events WHERE id = {};", n * 3) } else { String::new() }
             ))
             .await
             .unwrap();

@@ -32,6 +32,9 @@ pub struct ListenArgs {
     /// Maximum concurrent client connections.
     #[arg(long, default_value_t = 64)]
     pub max_connections: usize,
+    /// Largest COPY FROM STDIN accepted, in MiB (held in memory until CopyDone).
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub max_copy_mb: usize,
 }
 
 /// Validated listening settings.
@@ -58,7 +61,9 @@ impl ListenArgs {
         {
             return Err(format!("refusing to listen on non-loopback address {addr} without --allow-remote"));
         }
-        let mut config = ServerConfig::default().with_max_connections(self.max_connections);
+        let mut config = ServerConfig::default()
+            .with_max_connections(self.max_connections)
+            .with_max_copy_size(self.max_copy_mb.saturating_mul(1 << 20));
         if let Some(file) = &self.password_file {
             let text = std::fs::read_to_string(file).map_err(|e| format!("reading {}: {e}", file.display()))?;
             let line = text.lines().next().unwrap_or("").trim_end_matches(['\r', '\n']);

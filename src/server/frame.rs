@@ -44,7 +44,10 @@ pub(crate) struct FrameReader {
 
 impl FrameReader {
     pub fn new(max_message_size: usize) -> Self {
-        FrameReader { buf: BytesMut::with_capacity(16 * 1024), max_message_size }
+        FrameReader {
+            buf: BytesMut::with_capacity(16 * 1024),
+            max_message_size,
+        }
     }
 
     /// The next complete message already buffered, if any. The length is
@@ -67,10 +70,15 @@ impl FrameReader {
             return Err(FrameError::TooLarge(total, self.max_message_size));
         }
         if self.buf.len() < total {
-            self.buf.reserve(total - self.buf.len());
+            // Room for the rest, but not all at once on the word of a
+            // length field: memory grows with what actually arrives.
+            self.buf.reserve((total - self.buf.len()).min(1 << 20));
             return Ok(None);
         }
-        Ok(Some(Frame { tag, bytes: self.buf.split_to(total) }))
+        Ok(Some(Frame {
+            tag,
+            bytes: self.buf.split_to(total),
+        }))
     }
 
     /// Reads more bytes from the client; `Ok(0)` means the client closed.

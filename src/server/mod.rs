@@ -31,34 +31,33 @@
 //!
 //! # What is isolated between clients, and what is not
 //!
-//! Isolated:
-//! - **Named prepared statements and portals**: renamed per connection
-//!   (`s0` of one client is not `s0` of another). `DEALLOCATE ALL` and
-//!   `DISCARD ALL` only drop the client's own statements.
-//! - **Session settings** (`SET`, `RESET`, `set_config`, `SET ROLE`, and
-//!   non-default settings from the startup packet): saved per connection and
-//!   put in force only while it holds the engine; see [`settings`](self) docs
-//!   in `settings.rs` for the exact rule and its detection heuristic.
-//! - **Transactions**, errors, notices and COPY: each reply goes to the
-//!   connection whose statements produced it.
+//! Isolated: named prepared statements and portals (renamed per connection;
+//! `DEALLOCATE ALL`/`DISCARD ALL` drop only the client's own), session
+//! settings (`SET`, `RESET`, `set_config`, `SET ROLE`, startup settings: put
+//! in force only while the connection holds the engine), transactions,
+//! errors, notices, COPY, and `LISTEN`/`NOTIFY` (notifications are routed to
+//! the listening connections).
 //!
-//! Not isolated (one backend underneath):
-//! - the unnamed prepared statement/portal once a batch is synced (use them
-//!   within one batch, as every driver does);
-//! - SQL-level `PREPARE`/`DEALLOCATE name`, cursors declared `WITH HOLD`,
-//!   temporary tables, advisory locks, `LISTEN` (a notification is delivered
-//!   to the connection whose transaction committed the `NOTIFY`),
-//!   `pg_backend_pid()` (the same for all), `SET SESSION AUTHORIZATION`,
-//!   settings changed inside functions without `set_config`;
-//! - `CancelRequest`: PGlite cannot interrupt a running statement, so cancel
-//!   requests are accepted and ignored (logged).
+//! Not isolated (one backend underneath): the unnamed statement/portal once a
+//! batch is synced, SQL-level `PREPARE`, `WITH HOLD` cursors, temporary
+//! tables, advisory locks, `pg_backend_pid()`, settings changed inside
+//! functions without `SET`/`set_config` in the client's own text.
+//! `SET SESSION AUTHORIZATION` is reset at the end of the client's busy period.
+//!
+//! `CancelRequest` withdraws a statement of that connection while it waits
+//! for the engine; one the engine has started runs to the end (PGlite cannot
+//! interrupt it).
+//!
+//! `docs/wire-server.md` has the details (COPY FROM STDIN, limits, shutdown).
 
 mod backend;
+mod cancel;
 mod config;
 mod connection;
 mod frame;
 mod listener;
 mod names;
+mod notify;
 mod scram;
 mod settings;
 mod sql_text;
@@ -113,25 +112,36 @@ const REPORTED: &[&str] = &[
 /// once, with `57P01 terminating connection due to administrator command`).
 ///
 /// The instance stays usable through its handle meanwhile and afterwards;
-/// the server does not stop it. Errors: only a failure to read the engine's
-/// parameters at start.
+/// the server does not stop it. Errors: no listeners, or a failure to read
+/// the engine's parameters at start.
 pub async fn serve(
     instance: Instance,
     listeners: Vec<Listener>,
     config: ServerConfig,
     shutdown: impl Future,
 ) -> io::Result<()> {
+    if listeners.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no listener to serve on"));
+    }
     let parameters = Arc::new(server_parameters(&instance).await?);
     let config = Arc::new(config);
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
     let next_id = AtomicU32::new(1);
+    let hub = Arc::new(notify::Hub::default());
+    let cancels = Arc::new(cancel::Cancels::default());
     let mut tasks = JoinSet::new();
 
     let accept = async {
         loop {
-            let permit = limit.clone().acquire_owned().await.expect("the semaphore is never closed");
-            let accepts = listeners.iter().map(|l| Box::pin(async move { (l.accept().await, l.is_trusted()) }));
+            let permit = limit
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            let accepts = listeners
+                .iter()
+                .map(|l| Box::pin(async move { (l.accept().await, l.is_trusted()) }));
             let ((accepted, trusted), _, _) = select_all(accepts).await;
             while tasks.try_join_next().is_some() {}
             let stream = match accepted {
@@ -148,6 +158,8 @@ pub async fn serve(
                 instance: instance.clone(),
                 config: config.clone(),
                 parameters: parameters.clone(),
+                hub: hub.clone(),
+                cancels: cancels.clone(),
                 id,
                 trusted,
             };
@@ -178,6 +190,8 @@ struct Client {
     instance: Instance,
     config: Arc<ServerConfig>,
     parameters: Arc<Vec<(String, String)>>,
+    hub: Arc<notify::Hub>,
+    cancels: Arc<cancel::Cancels>,
     id: u32,
     trusted: bool,
 }
@@ -209,12 +223,17 @@ impl Client {
                 tracing::debug!(id = self.id, user = %params.user, database = %params.database, "client connected");
                 let settings = SessionSettings::from_startup(&params.settings, &self.parameters);
                 let session = self.instance.raw_session();
-                Connection::new(stream, self.id, session, settings, self.config).run(stop).await;
+                let pid = self.id as i32;
+                let cancel = self.cancels.register(pid, greeting.key);
+                Connection::new(stream, self.id, session, settings, self.config, self.hub, cancel)
+                    .run(stop)
+                    .await;
+                self.cancels.unregister(pid);
                 tracing::debug!(id = self.id, "client disconnected");
             }
             Startup::Cancel { pid, key } => {
-                let _ = key; // there is nothing to check it against: nothing can be cancelled
-                tracing::info!(target_connection = pid, "cancel request ignored: PGlite cannot interrupt a running statement");
+                let found = self.cancels.cancel(pid, key);
+                tracing::debug!(target_connection = pid, found, "cancel request");
             }
             Startup::Closed => {}
         }
@@ -223,12 +242,18 @@ impl Client {
 
 /// The engine's values of the reported parameters.
 async fn server_parameters(instance: &Instance) -> io::Result<Vec<(String, String)>> {
-    let columns: Vec<String> = REPORTED.iter().map(|name| format!("pg_catalog.current_setting('{name}', true)")).collect();
+    let columns: Vec<String> = REPORTED
+        .iter()
+        .map(|name| format!("pg_catalog.current_setting('{name}', true)"))
+        .collect();
     let result = instance
         .query(&format!("SELECT {}", columns.join(", ")), &[])
         .await
         .map_err(|e| io::Error::other(format!("reading server parameters: {e}")))?;
-    let row = result.rows.first().ok_or_else(|| io::Error::other("no server parameters"))?;
+    let row = result
+        .rows
+        .first()
+        .ok_or_else(|| io::Error::other("no server parameters"))?;
     Ok(REPORTED
         .iter()
         .enumerate()

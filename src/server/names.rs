@@ -17,11 +17,25 @@ const MAX_NAME: usize = 63;
 /// A message that names a statement or portal, decoded just enough to rename it.
 #[derive(Debug)]
 pub(crate) enum Named<'a> {
-    Parse { statement: &'a [u8], sql: &'a [u8], rest: &'a [u8] },
-    Bind { portal: &'a [u8], statement: &'a [u8], rest: &'a [u8] },
-    Execute { portal: &'a [u8], rest: &'a [u8] },
+    Parse {
+        statement: &'a [u8],
+        sql: &'a [u8],
+        rest: &'a [u8],
+    },
+    Bind {
+        portal: &'a [u8],
+        statement: &'a [u8],
+        rest: &'a [u8],
+    },
+    Execute {
+        portal: &'a [u8],
+        rest: &'a [u8],
+    },
     /// `Describe` or `Close` of a statement (`S`) or portal (`P`).
-    Target { kind: u8, name: &'a [u8] },
+    Target {
+        kind: u8,
+        name: &'a [u8],
+    },
 }
 
 /// A message body that does not parse.
@@ -47,7 +61,11 @@ impl<'a> Named<'a> {
             b'B' => {
                 let (portal, rest) = cstr(body, "Bind")?;
                 let (statement, rest) = cstr(rest, "Bind")?;
-                Named::Bind { portal, statement, rest }
+                Named::Bind {
+                    portal,
+                    statement,
+                    rest,
+                }
             }
             b'E' => {
                 let (portal, rest) = cstr(body, "Execute")?;
@@ -79,7 +97,9 @@ pub(crate) struct Namer {
 impl Namer {
     /// Names for connection `id`.
     pub fn new(id: u32) -> Self {
-        Namer { prefix: format!("pgc{id}_") }
+        Namer {
+            prefix: format!("pgc{id}_"),
+        }
     }
 
     /// The engine's name for a client's name: the prefix plus the name, or,
@@ -110,7 +130,11 @@ impl Namer {
                 out.put_u8(0);
                 out.put_slice(rest);
             }
-            Named::Bind { portal, statement, rest } => {
+            Named::Bind {
+                portal,
+                statement,
+                rest,
+            } => {
                 self.put_name(portal, out);
                 self.put_name(statement, out);
                 out.put_slice(rest);
@@ -136,7 +160,9 @@ impl Namer {
 
 /// FNV-1a, 64 bits: stable across runs and platforms (unlike `DefaultHasher`).
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 //! 1. its saved settings are applied (`set_config(name, value, false)`);
 //! 2. its statements run, up to the point the engine is idle again;
 //! 3. the settings now in force with source `session` (and `role`) are saved
-//!    for the connection, and `RESET ALL; RESET ROLE` restores the defaults.
+//!    for the connection, and `RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE` restores the defaults.
 //!
 //! Connections without session settings pay nothing. `ParameterStatus`
 //! messages caused by steps 1 and 3 are not forwarded (the client already
@@ -35,16 +35,26 @@ pub(crate) struct SessionSettings {
 const CAPTURE: &str = "SELECT name, pg_catalog.current_setting(name) FROM pg_catalog.pg_settings \
      WHERE source = 'session' AND name <> 'role' \
      UNION ALL SELECT 'role', pg_catalog.current_setting('role') WHERE pg_catalog.current_setting('role') <> 'none'; \
-     RESET ALL; RESET ROLE";
+     RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE";
 
 impl SessionSettings {
     /// Settings from the startup packet that differ from the server defaults
     /// in a way that matters (`application_name` is only reported, and
     /// `extra_float_digits > 0` all mean "shortest exact" since PostgreSQL 12).
     pub fn from_startup(settings: &[(String, String)], defaults: &[(String, String)]) -> SessionSettings {
-        let default = |name: &str| defaults.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
+        let default = |name: &str| {
+            defaults
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        };
         let same = |a: &str, b: &str| {
-            let norm = |s: &str| s.chars().filter(|c| !c.is_whitespace() && *c != '-').collect::<String>().to_ascii_lowercase();
+            let norm = |s: &str| {
+                s.chars()
+                    .filter(|c| !c.is_whitespace() && *c != '-')
+                    .collect::<String>()
+                    .to_ascii_lowercase()
+            };
             norm(a) == norm(b)
         };
         let saved = settings
@@ -109,7 +119,12 @@ impl SessionSettings {
         let results = crate::protocol::decode(&reply)?.into_results()?;
         self.saved = results
             .first()
-            .map(|r| r.rows.iter().map(|row| (row.get::<String>(0), row.get::<String>(1))).collect())
+            .map(|r| {
+                r.rows
+                    .iter()
+                    .map(|row| (row.get::<String>(0), row.get::<String>(1)))
+                    .collect()
+            })
             .unwrap_or_default();
         self.applied = false;
         Ok(())
@@ -131,7 +146,11 @@ mod tests {
 
     #[test]
     fn startup_defaults_do_not_make_a_connection_stateful() {
-        let defaults = pairs(&[("DateStyle", "ISO, MDY"), ("TimeZone", "UTC"), ("client_encoding", "UTF8")]);
+        let defaults = pairs(&[
+            ("DateStyle", "ISO, MDY"),
+            ("TimeZone", "UTC"),
+            ("client_encoding", "UTF8"),
+        ]);
         let s = SessionSettings::from_startup(
             &pairs(&[
                 ("client_encoding", "utf-8"),

@@ -54,7 +54,9 @@ where
 {
     let mut out = BytesMut::new();
     let params = loop {
-        let Some(packet) = read_startup_packet(stream).await? else { return Ok(Startup::Closed) };
+        let Some(packet) = read_startup_packet(stream).await? else {
+            return Ok(Startup::Closed);
+        };
         let Some(packet) = packet else {
             return refuse(stream, "08P01", "invalid length of startup packet").await;
         };
@@ -77,11 +79,20 @@ where
             return refuse(stream, "0A000", &text).await;
         }
         let Some(params) = parse_params(&packet[4..]) else {
-            return refuse(stream, "08P01", "invalid startup packet layout: expected terminator as last byte").await;
+            return refuse(
+                stream,
+                "08P01",
+                "invalid startup packet layout: expected terminator as last byte",
+            )
+            .await;
         };
         // Newer minor versions and protocol extensions are declined the way
         // PostgreSQL does: NegotiateProtocolVersion, then carry on with 3.0.
-        let unrecognized: Vec<String> = params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
+        let unrecognized: Vec<String> = params
+            .iter()
+            .filter(|(k, _)| k.starts_with("_pq_."))
+            .map(|(k, _)| k.clone())
+            .collect();
         if minor > 0 || !unrecognized.is_empty() {
             backend::negotiate_protocol_version(0, &unrecognized, &mut out);
         }
@@ -95,7 +106,8 @@ where
             "replication" if value != "false" && value != "off" && value != "0" => {
                 return refuse(stream, "0A000", "replication connections are not supported").await;
             }
-            "options" | "replication" => {}
+            "options" => startup.settings.extend(command_line_settings(&value)),
+            "replication" => {}
             n if n.starts_with("_pq_.") => {}
             _ => startup.settings.push((name, value)),
         }
@@ -118,7 +130,11 @@ where
     }
     backend::authentication(0, &[], &mut out); // AuthenticationOk
     for (name, value) in greeting.parameters {
-        let client_value = startup.settings.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v);
+        let client_value = startup
+            .settings
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v);
         let value = match name.as_str() {
             "application_name" => client_value.unwrap_or(value),
             "session_authorization" => &startup.user,
@@ -162,15 +178,54 @@ fn parse_params(body: &[u8]) -> Option<Vec<(String, String)>> {
     }
     let mut fields = body.split(|&b| b == 0);
     let mut params = Vec::new();
-    loop {
-        let Some(name) = fields.next() else { break };
+    while let Some(name) = fields.next() {
         if name.is_empty() {
             break;
         }
         let value = fields.next()?;
-        params.push((String::from_utf8_lossy(name).into_owned(), String::from_utf8_lossy(value).into_owned()));
+        params.push((
+            String::from_utf8_lossy(name).into_owned(),
+            String::from_utf8_lossy(value).into_owned(),
+        ));
     }
     Some(params)
+}
+
+/// `-c name=value` and `--name=value` from the `options` startup parameter
+/// (what `PGOPTIONS` sets). Backslash escapes a space, as in PostgreSQL.
+fn command_line_settings(options: &str) -> Vec<(String, String)> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => word.extend(chars.next()),
+            c if c.is_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let mut settings = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(word) = words.next() {
+        let pair = if word == "-c" {
+            words.next()
+        } else {
+            word.strip_prefix("-c")
+                .or_else(|| word.strip_prefix("--"))
+                .map(str::to_owned)
+        };
+        if let Some((name, value)) = pair.as_deref().and_then(|p| p.split_once('=')) {
+            settings.push((name.replace('-', "_"), value.to_owned()));
+        }
+    }
+    settings
 }
 
 /// Sends a FATAL error and ends the connection.
@@ -194,13 +249,20 @@ where
     stream.write_all(&out).await?;
     stream.flush().await?;
     // SASLInitialResponse: mechanism, length of the data, data.
-    let Some(initial) = read_password_message(stream).await? else { return Ok(false) };
+    let Some(initial) = read_password_message(stream).await? else {
+        return Ok(false);
+    };
     let Some((mechanism, rest)) = split_cstr(&initial) else {
         refuse(stream, "08P01", "malformed SASLInitialResponse").await?;
         return Ok(false);
     };
     if mechanism != b"SCRAM-SHA-256" || rest.len() < 4 {
-        refuse(stream, "28000", "client selected an invalid SASL authentication mechanism").await?;
+        refuse(
+            stream,
+            "28000",
+            "client selected an invalid SASL authentication mechanism",
+        )
+        .await?;
         return Ok(false);
     }
     let exchange = match Exchange::start(verifier, &rest[4..]) {
@@ -217,7 +279,9 @@ where
             return Ok(false);
         }
     };
-    let Some(client_final) = read_password_message(stream).await? else { return Ok(false) };
+    let Some(client_final) = read_password_message(stream).await? else {
+        return Ok(false);
+    };
     match exchange.finish(&client_final) {
         Ok(server_final) => {
             out.clear();
@@ -270,7 +334,22 @@ mod tests {
     #[test]
     fn parses_startup_parameters() {
         let params = parse_params(b"user\0ada\0database\0app\0\0").unwrap();
-        assert_eq!(params, vec![("user".into(), "ada".into()), ("database".into(), "app".into())]);
+        assert_eq!(
+            params,
+            vec![("user".into(), "ada".into()), ("database".into(), "app".into())]
+        );
         assert!(parse_params(b"user\0ada").is_none());
+    }
+
+    #[test]
+    fn reads_settings_from_options() {
+        assert_eq!(
+            command_line_settings("-c search_path=app  --work-mem=8MB -capplication_name=a\\ b"),
+            vec![
+                ("search_path".into(), "app".into()),
+                ("work_mem".into(), "8MB".into()),
+                ("application_name".into(), "a b".into())
+            ]
+        );
     }
 }

@@ -10,29 +10,36 @@
 //!
 //! `COPY ... FROM STDIN` needs care: the engine must receive the statement,
 //! all its data and the `CopyDone` in one call (it cannot wait for more input
-//! mid-call; running out of input inside a COPY kills it). See
-//! [`Connection::start_copy`].
+//! mid-call; running out of input inside a COPY kills it): see `copy_in.rs`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
+use tokio::sync::{Notify, mpsc, watch};
 
 use super::backend;
 use super::config::ServerConfig;
 use super::frame::{Frame, FrameError, FrameReader};
 use super::names::{Malformed, Named, Namer};
+use super::notify::{self, Hub};
 use super::settings::SessionSettings;
-use super::sql_text;
+use super::sql_text::{self, Listening};
 use crate::{Error, RawSession};
+use copy_in::{CopyIn, CopyKind};
+
+mod copy_in;
+
+/// What `DEALLOCATE ALL`/`DISCARD ALL` sent with `Parse` become.
+const REFUSED_RESET: &str = "DO $pglite_cache$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', \
+     MESSAGE = 'DEALLOCATE ALL and DISCARD ALL are only supported as a simple query on this server', \
+     HINT = 'Many clients share one backend here; the simple-query form applies to this connection only.'; \
+     END$pglite_cache$";
 
 /// A batch larger than this is sent without waiting for its `Sync` (the
 /// session's lease keeps it together).
 const SPILL_BYTES: usize = 1 << 20;
-/// Name of the savepoint that makes the COPY probe side-effect free.
-const COPY_SAVEPOINT: &str = "pglite_cache_copy_probe";
 
 /// Why a connection ended early.
 #[derive(Debug, thiserror::Error)]
@@ -61,25 +68,33 @@ struct Batch {
     group_start: usize,
     /// The current group executes a portal that may be `COPY FROM STDIN`.
     copy_candidate: bool,
+    /// Where the first such `Execute` ends in `bytes`.
+    copy_execute_end: Option<usize>,
+    /// `LISTEN`/`UNLISTEN` statements in it.
+    listens: Vec<Listening>,
 }
 
-/// How a COPY was started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CopyKind {
-    /// A simple `Query`.
-    Simple,
-    /// `Bind`/`Execute`/`Sync` of the extended protocol.
-    Extended,
+/// Whether a batch can be answered with a cancellation error if it is
+/// withdrawn before it runs: it must end with its only `Sync` or `Query` (so
+/// that `ErrorResponse` + `ReadyForQuery` is exactly what the client expects
+/// from a batch whose first statement was cancelled).
+fn cancellable(batch: &[u8]) -> bool {
+    let mut boundaries = 0;
+    let mut last = 0;
+    for (tag, _) in backend::messages(batch) {
+        if matches!(tag, b'S' | b'Q' | b'H') {
+            boundaries += 1;
+        }
+        last = tag;
+    }
+    boundaries == 1 && matches!(last, b'S' | b'Q')
 }
 
-/// A `COPY FROM STDIN` whose data is being collected.
-#[derive(Debug)]
-struct CopyIn {
-    /// The messages that start the COPY, replayed with the data.
-    start: BytesMut,
-    data: BytesMut,
-    /// The data exceeded the limit: it is dropped and the COPY will fail.
-    over_limit: bool,
+/// What woke an idle connection.
+enum Event {
+    Shutdown,
+    Notification(Bytes),
+    Read(usize),
 }
 
 /// What to do after a message.
@@ -90,6 +105,7 @@ enum Flow {
 
 /// One client connection.
 pub(crate) struct Connection<S> {
+    id: u32,
     stream: S,
     reader: FrameReader,
     session: RawSession,
@@ -105,11 +121,36 @@ pub(crate) struct Connection<S> {
     /// The last `ReadyForQuery` status the client saw.
     status: u8,
     copy: Option<CopyIn>,
+    hub: Arc<Hub>,
+    /// Notifications for this connection from other connections' batches.
+    notify_tx: mpsc::UnboundedSender<Bytes>,
+    notify_rx: mpsc::UnboundedReceiver<Bytes>,
+    /// Signalled by a matching `CancelRequest`.
+    cancel: Arc<Notify>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
-    pub fn new(stream: S, id: u32, session: RawSession, settings: SessionSettings, config: Arc<ServerConfig>) -> Self {
+    pub fn new(
+        stream: S,
+        id: u32,
+        session: RawSession,
+        settings: SessionSettings,
+        config: Arc<ServerConfig>,
+        hub: Arc<Hub>,
+        cancel: Arc<Notify>,
+    ) -> Self {
+        let (notify_tx, notify_rx) = mpsc::unbounded_channel();
+        let mut session = session;
+        // A client that vanishes while holding the engine must not leave its
+        // settings behind: roll back, and restore the defaults.
+        let mut cleanup = BytesMut::new();
+        backend::query(
+            "ROLLBACK; RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE",
+            &mut cleanup,
+        );
+        session.on_drop(cleanup);
         Connection {
+            id,
             stream,
             reader: FrameReader::new(config.max_message_size),
             session,
@@ -121,6 +162,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             stdin_portals: HashSet::new(),
             status: b'I',
             copy: None,
+            hub,
+            notify_tx,
+            notify_rx,
+            cancel,
         }
     }
 
@@ -130,6 +175,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// an open transaction.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let outcome = self.serve(&mut shutdown).await;
+        self.hub.unlisten_all(self.id);
         let fatal = match &outcome {
             Ok(()) => None,
             Err(ConnectionError::Io(e)) => {
@@ -142,7 +188,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
             Err(ConnectionError::Engine(e)) => {
                 tracing::warn!(error = %e, "closing connection");
-                Some(("XX000", e.to_string()))
+                // A database error here comes from the client's startup
+                // settings (e.g. an invalid TimeZone): keep its SQLSTATE.
+                let code = e.code().map_or("XX000", |c| c.code());
+                Some((
+                    code,
+                    e.as_db_error().map_or_else(|| e.to_string(), |db| db.message.clone()),
+                ))
             }
         };
         if let Some((code, text)) = fatal {
@@ -168,7 +220,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     return Ok(());
                 }
             }
-            if batch.boundary || batch.bytes.len() > SPILL_BYTES {
+            if batch.boundary || (batch.bytes.len() > SPILL_BYTES && !batch.copy_candidate) {
                 self.send_batch(&mut batch).await?;
             }
             let idle = batch.bytes.is_empty() && self.copy.is_none() && !self.session.holds_engine();
@@ -176,22 +228,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             if idle && stopping {
                 return self.say_goodbye().await;
             }
-            let read = tokio::select! {
+            // Notifications wait until the client is idle outside a transaction.
+            let deliver = idle && self.status == b'I';
+            let event = tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|stop| *stop), if idle => None,
-                read = self.reader.fill(&mut self.stream) => Some(read?),
+                _ = shutdown.wait_for(|stop| *stop), if idle => Event::Shutdown,
+                Some(message) = self.notify_rx.recv(), if deliver => Event::Notification(message),
+                read = self.reader.fill(&mut self.stream) => Event::Read(read?),
             };
-            match read {
-                None => return self.say_goodbye().await,
-                Some(0) => return Ok(()), // the client left
-                Some(_) => {}
+            match event {
+                Event::Shutdown => return self.say_goodbye().await,
+                Event::Notification(message) => {
+                    self.stream.write_all(&message).await?;
+                    self.stream.flush().await?;
+                }
+                Event::Read(0) => return Ok(()), // the client left
+                Event::Read(_) => {}
             }
         }
     }
 
     async fn say_goodbye(&mut self) -> Result<()> {
         let mut out = BytesMut::new();
-        backend::error_response("FATAL", "57P01", "terminating connection due to administrator command", &mut out);
+        backend::error_response(
+            "FATAL",
+            "57P01",
+            "terminating connection due to administrator command",
+            &mut out,
+        );
         self.stream.write_all(&out).await?;
         Ok(())
     }
@@ -214,12 +278,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     self.send_batch(batch).await?;
                     return self.deallocate_all(true).await.map(|()| Flow::Continue);
                 }
+                if sql_text::has_statement(sql, &["deallocate", "all"])
+                    || sql_text::has_statement(sql, &["discard", "all"])
+                {
+                    // Inside a longer script they would hit every client.
+                    self.send_batch(batch).await?;
+                    let mut reply = BytesMut::new();
+                    backend::error_response(
+                        "ERROR",
+                        "0A000",
+                        "DEALLOCATE ALL and DISCARD ALL are only supported as a query of their own on this server",
+                        &mut reply,
+                    );
+                    backend::ready_for_query(self.status, &mut reply);
+                    self.forward(&reply).await?;
+                    return Ok(Flow::Continue);
+                }
                 if sql_text::mentions_stdin(sql) {
                     self.send_batch(batch).await?;
                     self.start_copy(frame.bytes, CopyKind::Simple).await?;
                     return Ok(Flow::Continue);
                 }
                 batch.may_change_settings |= sql_text::may_change_settings(sql);
+                batch.listens.extend(sql_text::listen_commands(sql));
                 batch.bytes.extend_from_slice(&frame.bytes);
                 batch.boundary = true;
                 batch.group_start = batch.bytes.len();
@@ -229,17 +310,55 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 batch.boundary = true;
                 if batch.copy_candidate {
                     let group = batch.bytes.split_off(batch.group_start);
+                    let execute_end = batch
+                        .copy_execute_end
+                        .take()
+                        .map_or(group.len(), |end| end - batch.group_start);
                     batch.copy_candidate = false;
                     self.send_batch(batch).await?;
-                    self.start_copy(group, CopyKind::Extended).await?;
+                    // During COPY IN only data, Sync and Flush may follow; any
+                    // other message would make the engine exit (PostgreSQL
+                    // fails the COPY instead, which is done here).
+                    let intruder = backend::messages(&group[execute_end..])
+                        .map(|(t, _)| t)
+                        .find(|t| !matches!(t, b'S' | b'H'));
+                    match intruder {
+                        None => self.start_copy(group, CopyKind::Extended).await?,
+                        Some(tag) => {
+                            let mut bytes = BytesMut::from(&group[..execute_end]);
+                            backend::copy_fail(
+                                &format!("unexpected message type 0x{tag:02X} during COPY from stdin"),
+                                &mut bytes,
+                            );
+                            bytes.extend_from_slice(&group[execute_end..]);
+                            let mut batch = Batch {
+                                bytes,
+                                boundary: true,
+                                ..Batch::default()
+                            };
+                            self.send_batch(&mut batch).await?;
+                        }
+                    }
                 } else if frame.tag == b'S' {
                     batch.group_start = batch.bytes.len();
                 }
             }
             b'P' | b'B' | b'E' | b'D' | b'C' => {
-                let named = Named::parse(&frame)?.ok_or(Malformed("extended query"))?;
+                let mut named = Named::parse(&frame)?.ok_or(Malformed("extended query"))?;
+                if let Named::Parse { sql, .. } = &mut named
+                    && (sql_text::is_exactly(sql, &["deallocate", "all"])
+                        || sql_text::is_exactly(sql, &["discard", "all"]))
+                {
+                    // Through Parse these would drop every client's statements
+                    // on the shared backend; only the simple-query form is
+                    // handled per client. Make it fail instead, clearly.
+                    *sql = REFUSED_RESET.as_bytes();
+                }
                 self.track(frame.tag, &named, batch);
                 self.namer.rewrite(frame.tag, &named, &mut batch.bytes);
+                if batch.copy_candidate && batch.copy_execute_end.is_none() && frame.tag == b'E' {
+                    batch.copy_execute_end = Some(batch.bytes.len());
+                }
             }
             _ => batch.bytes.extend_from_slice(&frame.bytes), // FunctionCall
         }
@@ -259,6 +378,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     self.stdin_statements.remove(statement);
                 }
                 batch.may_change_settings |= sql_text::may_change_settings(sql);
+                batch.listens.extend(sql_text::listen_commands(sql));
             }
             Named::Bind { portal, statement, .. } => {
                 if self.stdin_statements.contains(statement) {
@@ -287,17 +407,90 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             return Ok(());
         }
         let may_change = batch.may_change_settings;
+        let copy_candidate = batch.copy_candidate;
+        let listens = std::mem::take(&mut batch.listens);
         let mut bytes = std::mem::take(batch).bytes;
-        // Safety net: should a statement start a COPY FROM STDIN that was not
-        // recognised, this fails it instead of leaving the engine waiting for
-        // data it cannot wait for. Outside COPY, CopyFail is ignored.
-        backend::copy_fail("COPY FROM STDIN was not recognised by the server", &mut bytes);
+        if copy_candidate {
+            // A possible COPY FROM STDIN sent without the probe (a spilled
+            // batch): fail it rather than leave the engine waiting for data
+            // it cannot wait for. Outside COPY, CopyFail is ignored. (Every
+            // COPY FROM STDIN names STDIN in its text, so batches without a
+            // candidate cannot start one.)
+            backend::copy_fail(
+                "COPY FROM STDIN must be followed by Sync or Flush on this server",
+                &mut bytes,
+            );
+        }
+        // Listen before the batch runs, so that its own NOTIFYs find it.
+        for listen in &listens {
+            if let Listening::Listen(channel) = listen {
+                self.hub.listen(channel, self.id, &self.notify_tx);
+            }
+        }
         self.begin_busy(may_change).await?;
-        tracing::trace!(bytes = bytes.len(), holds = self.session.holds_engine(), "batch to engine");
-        let reply = self.session.round_trip(bytes).await?;
+        let unlistens = listens.iter().any(|l| !matches!(l, Listening::Listen(_)));
+        if unlistens {
+            // Keep the engine until the channels others still want are
+            // listened to again, so that no NOTIFY slips in between.
+            self.session.hold().await?;
+        }
+        tracing::trace!(
+            bytes = bytes.len(),
+            holds = self.session.holds_engine(),
+            "batch to engine"
+        );
+        let reply = if cancellable(&bytes) && !self.session.holds_engine() {
+            let cancel = self.cancel.clone();
+            let cancelled = cancel.notified();
+            tokio::pin!(cancelled);
+            cancelled.as_mut().enable(); // a cancel from now on counts
+            match self.session.round_trip_or_withdraw(bytes, cancelled).await? {
+                Some(reply) => reply,
+                None => {
+                    // Withdrawn before the engine started it: nothing ran.
+                    let mut reply = BytesMut::new();
+                    backend::error_response("ERROR", "57014", "canceling statement due to user request", &mut reply);
+                    backend::ready_for_query(b'I', &mut reply);
+                    reply.to_vec()
+                }
+            }
+        } else {
+            self.session.round_trip(bytes).await?
+        };
         tracing::trace!(bytes = reply.len(), status = ?backend::last_ready_status(&reply).map(char::from), "reply from engine");
+        if unlistens {
+            self.unlisten(&listens).await?;
+        }
         self.forward(&reply).await?;
         self.after_busy().await
+    }
+
+    /// Records this connection's `UNLISTEN`s, and keeps the engine listening
+    /// on the channels other connections still want.
+    async fn unlisten(&mut self, listens: &[Listening]) -> Result<()> {
+        let mut unlistened = false;
+        for listen in listens {
+            match listen {
+                Listening::Listen(_) => {}
+                Listening::Unlisten(channel) => {
+                    self.hub.unlisten(channel, self.id);
+                    unlistened = true;
+                }
+                Listening::UnlistenAll => {
+                    self.hub.unlisten_all(self.id);
+                    unlistened = true;
+                }
+            }
+        }
+        let wanted = self.hub.channels();
+        if unlistened && !wanted.is_empty() {
+            let sql: Vec<String> = wanted
+                .iter()
+                .map(|c| format!("LISTEN {}", sql_text::quote_identifier(c)))
+                .collect();
+            self.internal(&sql.join("; ")).await?;
+        }
+        Ok(())
     }
 
     /// Before a round trip: if the connection has (or may create) session
@@ -336,136 +529,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Writes engine output to the client and notes the transaction status.
+    /// Notifications in it go to the connections that listen on their
+    /// channel (this one included).
     async fn forward(&mut self, reply: &[u8]) -> Result<()> {
         if let Some(status) = backend::last_ready_status(reply) {
             self.status = status;
         }
-        self.stream.write_all(reply).await?;
+        if backend::messages(reply).any(|(tag, _)| tag == b'A') {
+            let mut kept = BytesMut::with_capacity(reply.len());
+            for (tag, message) in backend::messages(reply) {
+                let mine =
+                    tag != b'A' || notify::channel_of(message).is_some_and(|c| self.hub.dispatch(c, message, self.id));
+                if mine {
+                    kept.extend_from_slice(message);
+                }
+            }
+            self.stream.write_all(&kept).await?;
+        } else {
+            self.stream.write_all(reply).await?;
+        }
         self.stream.flush().await?;
         Ok(())
-    }
-
-    /// Starts a statement that may be `COPY ... FROM STDIN`.
-    ///
-    /// The client expects `CopyInResponse` before it sends data, but the
-    /// engine can only run the COPY with all its data in one call. So the
-    /// statement is first *probed*: run with a `CopyFail` right behind it,
-    /// inside a savepoint when a transaction is open (outside one, the
-    /// failure rolls back the implicit transaction), which yields the exact
-    /// `CopyInResponse` and no side effects. The client gets everything up to
-    /// it, its data is collected, and on `CopyDone`/`CopyFail` the statement
-    /// is replayed with the data in one call ([`Self::finish_copy`]).
-    /// If the probe shows it was not a COPY FROM STDIN after all, the probe
-    /// was the real execution and its reply is the answer.
-    async fn start_copy(&mut self, start: BytesMut, kind: CopyKind) -> Result<()> {
-        if self.status == b'E' {
-            // A failed transaction runs nothing: the engine answers with an error.
-            let mut batch = Batch { bytes: start, boundary: true, ..Batch::default() };
-            return self.send_batch(&mut batch).await;
-        }
-        self.begin_busy(false).await?;
-        self.session.hold().await?;
-        let in_transaction = self.status == b'T';
-        if in_transaction {
-            self.internal(&format!("SAVEPOINT {COPY_SAVEPOINT}")).await?;
-        }
-        let mut probe = start.clone();
-        backend::copy_fail("probe", &mut probe);
-        if kind == CopyKind::Extended {
-            backend::sync(&mut probe);
-        }
-        let mut reply = self.session.round_trip(probe).await?;
-        let copy_in = backend::messages(&reply)
-            .scan(0, |end, (tag, m)| {
-                *end += m.len();
-                Some((tag, *end))
-            })
-            .find(|(tag, _)| *tag == b'G')
-            .map(|(_, end)| end);
-        match copy_in {
-            Some(end) => {
-                self.stream.write_all(&reply[..end]).await?;
-                self.stream.flush().await?;
-                let after = backend::last_ready_status(&reply);
-                if in_transaction {
-                    self.internal(&format!("ROLLBACK TO SAVEPOINT {COPY_SAVEPOINT}; RELEASE SAVEPOINT {COPY_SAVEPOINT}"))
-                        .await?;
-                } else if after != Some(b'I') {
-                    self.internal("ROLLBACK").await?;
-                }
-                self.copy = Some(CopyIn { start, data: BytesMut::new(), over_limit: false });
-            }
-            None => {
-                if kind == CopyKind::Extended && reply.len() >= 6 && reply[reply.len() - 6] == b'Z' {
-                    reply.truncate(reply.len() - 6); // the answer to the probe's own Sync
-                }
-                let after = backend::last_ready_status(&reply);
-                if in_transaction && after == Some(b'T') {
-                    self.internal(&format!("RELEASE SAVEPOINT {COPY_SAVEPOINT}")).await?;
-                }
-                self.forward(&reply).await?;
-            }
-        }
-        self.after_busy().await
-    }
-
-    /// A message while collecting COPY data.
-    async fn on_copy_frame(&mut self, frame: Frame, batch: &mut Batch) -> Result<Flow> {
-        let copy = self.copy.as_mut().expect("in COPY");
-        match frame.tag {
-            b'd' => {
-                if !copy.over_limit {
-                    if copy.data.len() + frame.bytes.len() > self.config.max_copy_size {
-                        copy.over_limit = true;
-                        copy.data = BytesMut::new();
-                    } else {
-                        copy.data.extend_from_slice(&frame.bytes);
-                    }
-                }
-            }
-            b'c' | b'f' => {
-                let end = if copy.over_limit {
-                    let mut fail = BytesMut::new();
-                    let limit = self.config.max_copy_size;
-                    backend::copy_fail(&format!("COPY data exceeds the server's limit of {limit} bytes"), &mut fail);
-                    fail
-                } else {
-                    frame.bytes
-                };
-                self.finish_copy(end).await?;
-            }
-            // PostgreSQL ignores Flush and Sync during COPY IN.
-            b'S' | b'H' => {}
-            b'X' => return Ok(Flow::Close),
-            other => {
-                // Any other message aborts the COPY (as in PostgreSQL), then runs.
-                let mut fail = BytesMut::new();
-                backend::copy_fail(&format!("unexpected message type 0x{other:02X} during COPY from stdin"), &mut fail);
-                self.finish_copy(fail).await?;
-                return Box::pin(self.on_frame(frame, batch)).await;
-            }
-        }
-        Ok(Flow::Continue)
-    }
-
-    /// Replays the COPY statement with its data and end message in one call.
-    async fn finish_copy(&mut self, end: BytesMut) -> Result<()> {
-        let CopyIn { mut start, data, .. } = self.copy.take().expect("in COPY");
-        start.extend_from_slice(&data);
-        drop(data);
-        start.extend_from_slice(&end);
-        self.begin_busy(false).await?;
-        let reply = self.session.round_trip(start).await?;
-        // The client already has the CopyInResponse (and what came before it).
-        let skip = backend::messages(&reply)
-            .scan(0, |end, (tag, m)| {
-                *end += m.len();
-                Some((tag, *end))
-            })
-            .find(|(tag, _)| *tag == b'G')
-            .map_or(0, |(_, end)| end);
-        self.forward(&reply[skip..]).await?;
-        self.after_busy().await
     }
 
     /// `DEALLOCATE ALL` / `DISCARD ALL` as a client expects them: only its
@@ -484,6 +568,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         backend::sync(&mut bytes);
         if discard {
             self.settings.clear(); // DISCARD ALL runs only outside transactions: nothing is applied now
+            self.hub.unlisten_all(self.id);
         }
         self.begin_busy(false).await?;
         let reply = self.session.round_trip(bytes).await?;

@@ -221,14 +221,21 @@ fn parse_dimension(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> Resu
             }
             Some(_) => {
                 let mut s = String::new();
+                let mut escaped = false;
                 while let Some(&c) = chars.peek() {
                     if c == ',' || c == '}' {
                         break;
                     }
-                    s.push(c);
                     chars.next();
+                    if c == '\\' {
+                        s.push(chars.next().ok_or("unterminated escape")?);
+                        escaped = true;
+                    } else {
+                        s.push(c);
+                    }
                 }
-                items.push(ArrayItem::Element(if s == "NULL" { None } else { Some(s) }));
+                let is_null = !escaped && s == "NULL";
+                items.push(ArrayItem::Element(if is_null { None } else { Some(s) }));
             }
             None => return Err("unterminated array literal".into()),
         }

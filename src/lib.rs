@@ -39,11 +39,19 @@
 pub mod convert;
 mod error;
 mod instance;
+pub mod local_postgres;
+pub mod metrics;
 pub mod oid;
 mod params;
 pub mod protocol;
 pub mod replication;
 mod rows;
+pub mod server;
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 pub use convert::FromValue;
 pub use error::{DbError, Error, Result, SqlState};

@@ -76,14 +76,33 @@ pub fn extended_statement(sql: &str, params: &[Param], buf: &mut BytesMut) -> Re
     Ok(())
 }
 
-/// Appends `Sync`, which ends the implicit transaction of the batch.
+/// The message a `COPY ... FROM STDIN` in an API call fails with.
+pub const COPY_IN_REFUSED: &str =
+    "COPY FROM STDIN is not supported by the Rust API; use the wire server or COPY FROM a file";
+
+/// Appends `CopyFail` then `Sync`, which ends the implicit transaction of the
+/// batch. See [`simple_query`] for why `CopyFail` is there.
 pub fn sync(buf: &mut BytesMut) {
+    copy_guard(buf);
     frontend::sync(buf);
 }
 
-/// Appends a simple-protocol `Query` (several statements allowed, no parameters).
+/// Appends a simple-protocol `Query` (several statements allowed, no
+/// parameters), followed by a `CopyFail`.
+///
+/// The engine reads its input from the bytes of one round trip; a
+/// `COPY ... FROM STDIN` that finds no data there makes it exit. A trailing
+/// `CopyFail` ends such a COPY with an error, and is ignored by PostgreSQL
+/// in any other state (as the protocol specifies), so it costs nothing.
 pub fn simple_query(sql: &str, buf: &mut BytesMut) -> Result<()> {
-    frontend::query(sql, buf).map_err(io_err)
+    frontend::query(sql, buf).map_err(io_err)?;
+    copy_guard(buf);
+    Ok(())
+}
+
+fn copy_guard(buf: &mut BytesMut) {
+    // Cannot fail: the message has no NUL byte.
+    let _ = frontend::copy_fail(COPY_IN_REFUSED, buf);
 }
 
 /// What the engine answered to one batch.
@@ -237,6 +256,6 @@ mod tests {
             }
             tags
         };
-        assert_eq!(tags, b"PBDES");
+        assert_eq!(tags, b"PBDEfS");
     }
 }

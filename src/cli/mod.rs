@@ -1,6 +1,13 @@
 //! Command-line parsing and dispatch.
 
+mod decommission;
+mod demo;
+mod listen;
 mod query;
+mod serve;
+mod status;
+mod status_file;
+mod sync;
 mod table;
 
 use std::path::PathBuf;
@@ -14,6 +21,29 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log line format on stderr (filter with RUST_LOG, e.g. RUST_LOG=debug).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Cli {
+    /// The log filter when `RUST_LOG` is not set: long-running commands
+    /// report progress at `info`, one-shot commands only warnings.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Sync(_) | Command::Serve(_) => "info",
+            _ => "warn",
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -30,6 +60,16 @@ enum Command {
         #[arg(required = true, value_name = "SQL")]
         sql: Vec<String>,
     },
+    /// Serve an instance over the PostgreSQL wire protocol until SIGINT/SIGTERM.
+    Serve(serve::ServeArgs),
+    /// Keep a local cache of a remote database in sync and serve it.
+    Sync(sync::SyncArgs),
+    /// Run the whole job on a throwaway local PostgreSQL: sync, live writes, read-your-writes, checks.
+    Demo,
+    /// Show a cache's phase, tables, position and lag.
+    Status(status::StatusArgs),
+    /// Drop a cache's slot (and owned publication) on the remote and its local bookkeeping.
+    Decommission(decommission::DecommissionArgs),
 }
 
 /// Exit status for a database error (bad usage exits with 2, as clap does).
@@ -39,5 +79,10 @@ pub const EXIT_DB_ERROR: u8 = 1;
 pub async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Query { data, json, sql } => query::run(data, json, &sql).await,
+        Command::Serve(args) => serve::run(args).await,
+        Command::Sync(args) => sync::run(args).await,
+        Command::Status(args) => status::run(args).await,
+        Command::Demo => demo::run().await,
+        Command::Decommission(args) => decommission::run(args).await,
     }
 }

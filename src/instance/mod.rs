@@ -1,6 +1,7 @@
 //! Embedded PGlite instances: a cloneable async handle in front of a worker
 //! thread that owns the engine.
 
+mod handoff;
 mod options;
 mod registry;
 mod session;
@@ -22,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::params::{Param, ToParam};
 use crate::protocol;
 use crate::rows::QueryResult;
-use worker::{Command, Job, Output, Request, Shared, State};
+use worker::{Command, Job, Output, Shared, State};
 
 /// How long [`Instance::health_check`] waits for an answer.
 pub const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -176,9 +177,7 @@ impl Instance {
     }
 
     async fn call(&self, job: Job) -> Result<Output> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Run(Request { job, reply })).map_err(|_| self.shared.closed_error())?;
-        rx.await.map_err(|_| self.shared.closed_error())?
+        handoff::Route::Shared(self.tx.clone()).call(&self.shared, job).await
     }
 }
 

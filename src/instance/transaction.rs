@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
+use super::handoff::Route;
 use super::worker::{Job, Output, Request, Shared};
 use super::{encode_batch, results, single};
 use crate::error::{Error, Result};
@@ -18,13 +19,13 @@ use crate::rows::QueryResult;
 /// does so as soon as the handle is gone, also if the task was cancelled).
 #[derive(Debug)]
 pub struct Transaction {
-    lease: mpsc::UnboundedSender<Request>,
+    lease: Route,
     shared: Arc<Shared>,
 }
 
 impl Transaction {
     pub(super) async fn begin(lease: mpsc::UnboundedSender<Request>, shared: Arc<Shared>) -> Result<Transaction> {
-        let tx = Transaction { lease, shared };
+        let tx = Transaction { lease: Route::Lease(lease), shared };
         tx.exec("BEGIN").await?;
         Ok(tx)
     }
@@ -83,8 +84,6 @@ impl Transaction {
     }
 
     async fn call(&self, job: Job) -> Result<Output> {
-        let (reply, rx) = oneshot::channel();
-        self.lease.send(Request { job, reply }).map_err(|_| self.shared.closed_error())?;
-        rx.await.map_err(|_| self.shared.closed_error())?
+        self.lease.call(&self.shared, job).await
     }
 }

@@ -12,6 +12,7 @@
 //! is dropped with a transaction still open, the worker rolls it back.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -19,6 +20,7 @@ use bytes::BytesMut;
 use pglite_oxide::{ExecProtocolOptions, Pglite};
 use tokio::sync::{mpsc, oneshot};
 
+use super::handoff;
 use super::options::{InstanceOptions, Storage};
 use crate::error::{Error, Result};
 use crate::protocol::{self, TxStatus};
@@ -46,8 +48,9 @@ pub(crate) enum Job {
     /// Frontend messages from a wire-protocol client, passed through as they
     /// are. If the engine is not idle afterwards (inside a transaction, a COPY,
     /// or an extended-protocol batch not yet synced), the caller gets a lease
-    /// and keeps the engine until it is idle again.
-    Raw(BytesMut),
+    /// and keeps the engine until it is idle again. With a [`Claim`], the
+    /// caller may withdraw the job while it is still queued.
+    Raw(BytesMut, Option<Arc<Claim>>),
     /// `COPY ... FROM '/dev/blob'` (or a script containing one) with `data`
     /// as the contents of `/dev/blob`: the bulk-load path (pglite-oxide's
     /// `QueryOptions.blob`). The reply is shaped like a protocol reply: the
@@ -55,6 +58,27 @@ pub(crate) enum Job {
     CopyIn { sql: String, data: Vec<u8> },
     /// Test hook: make the worker panic, as a bug or trap in the engine would.
     Panic,
+}
+
+/// Lets the caller withdraw a queued job: whoever moves it out of "queued"
+/// first wins, so the caller knows for sure whether the job ran.
+#[derive(Debug, Default)]
+pub(crate) struct Claim(AtomicU8);
+
+const QUEUED: u8 = 0;
+const STARTED: u8 = 1;
+const WITHDRAWN: u8 = 2;
+
+impl Claim {
+    /// The worker takes the job; false if it was withdrawn.
+    fn start(&self) -> bool {
+        self.0.compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// The caller withdraws the job; false if the worker already started it.
+    pub(crate) fn withdraw(&self) -> bool {
+        self.0.compare_exchange(QUEUED, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
 }
 
 /// The engine's reply to a job.
@@ -82,6 +106,8 @@ pub(crate) enum State {
 pub(crate) struct Shared {
     pub label: String,
     pub state: Mutex<State>,
+    /// Calls sent and not yet answered (see `handoff::reply`).
+    pub in_flight: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -111,7 +137,7 @@ pub(crate) async fn spawn(
     options: InstanceOptions,
 ) -> Result<(mpsc::UnboundedSender<Command>, Arc<Shared>)> {
     let label = options.label();
-    let shared = Arc::new(Shared { label: label.clone(), state: Mutex::new(State::Running) });
+    let shared = Arc::new(Shared { label: label.clone(), state: Mutex::new(State::Running), in_flight: Default::default() });
     let (tx, rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = oneshot::channel();
     let worker_shared = shared.clone();
@@ -193,7 +219,7 @@ struct Worker {
 
 impl Worker {
     fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
-        while let Some(command) = rx.blocking_recv() {
+        while let Some(command) = handoff::recv_blocking(&mut rx) {
             let outcome = match command {
                 Command::Run(request) => self.serve(request, false),
                 Command::Lease(reply) => self.serve_lease(reply),
@@ -227,7 +253,7 @@ impl Worker {
 
     /// Serves only the lease holder until it drops its sender.
     fn lease_loop(&mut self, mut rx: mpsc::UnboundedReceiver<Request>) -> Result<(), Failure> {
-        while let Some(request) = rx.blocking_recv() {
+        while let Some(request) = handoff::recv_blocking(&mut rx) {
             self.serve(request, true)?;
         }
         // The holder is gone: never leave its transaction open for the next caller.
@@ -238,6 +264,11 @@ impl Worker {
     /// Runs one job; the reply is sent here, also when the engine fails.
     fn serve(&mut self, request: Request, leased: bool) -> Result<(), Failure> {
         let Request { job, reply } = request;
+        if let Job::Raw(_, Some(claim)) = &job
+            && !claim.start()
+        {
+            return Ok(()); // withdrawn while queued: it never runs
+        }
         let result = catch_unwind(AssertUnwindSafe(|| self.run_job(job, leased)))
             .unwrap_or_else(|panic| Err(Failure::Crash(panic_message(&panic))));
         match result {
@@ -259,7 +290,7 @@ impl Worker {
     fn run_job(&mut self, job: Job, leased: bool) -> Result<(Output, Option<mpsc::UnboundedReceiver<Request>>), Failure> {
         match job {
             Job::Panic => panic!("crash injected by a test"),
-            Job::Raw(bytes) => {
+            Job::Raw(bytes, _) => {
                 let out = self.round_trip(&bytes)?;
                 let mut output = Output { bytes: out, rolled_back_open_transaction: false, lease: None };
                 if !leased && ready_status(&output.bytes) != Some(TxStatus::Idle) {
@@ -279,17 +310,9 @@ impl Worker {
                 Ok((Output { bytes: out, rolled_back_open_transaction, lease: None }, None))
             }
             Job::Protocol(bytes) => {
-                let mut out = self.round_trip(&bytes)?;
-                // `COPY ... FROM STDIN` waits for data the API has no way to
-                // send: refuse it so the engine returns to ReadyForQuery.
-                if tail_is(&out, b'G') {
-                    let mut fail = BytesMut::new();
-                    let _ = postgres_protocol::message::frontend::copy_fail(
-                        "COPY FROM STDIN is not supported by the Rust API; use the wire server or COPY FROM a file",
-                        &mut fail,
-                    );
-                    out.extend(self.round_trip(&fail)?);
-                }
+                // `protocol` ends every API batch with a CopyFail guard, so a
+                // `COPY ... FROM STDIN` fails instead of starving the engine.
+                let out = self.round_trip(&bytes)?;
                 let mut rolled_back_open_transaction = false;
                 if !leased && ready_status(&out) != Some(TxStatus::Idle) {
                     self.rollback_if_open()?;

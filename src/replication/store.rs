@@ -8,6 +8,7 @@
 //!   the last applied remote commit, or a keepalive position reached while
 //!   idle) and the last applied commit time.
 //! - `pglite_cache.tables`: per table: state and rows copied.
+//! - `pglite_cache.status`: a one-row view for people and `pglite-cache status`.
 //! - `pglite_cache.refuse_write()`: the read-only trigger function.
 
 use crate::params::Param;
@@ -41,6 +42,14 @@ CREATE TABLE IF NOT EXISTS pglite_cache.tables (
     synced_lsn pg_lsn,
     PRIMARY KEY (schema_name, table_name)
 );
+CREATE OR REPLACE VIEW pglite_cache.status AS
+SELECT phase, slot_name, publication, applied_lsn, applied_commit_time,
+       now() - applied_commit_time AS since_last_commit,
+       (SELECT count(*) FROM pglite_cache.tables) AS tables,
+       (SELECT count(*) FROM pglite_cache.tables WHERE state = 'ready') AS tables_ready,
+       (SELECT coalesce(sum(rows_copied), 0) FROM pglite_cache.tables) AS rows_copied,
+       updated_at
+FROM pglite_cache.replication;
 CREATE OR REPLACE FUNCTION pglite_cache.refuse_write() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'table %.% is replicated from a remote database and is read-only here', TG_TABLE_SCHEMA, TG_TABLE_NAME

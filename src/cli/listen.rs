@@ -1,0 +1,123 @@
+//! Where a served instance listens: flags shared by `serve` and `sync`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use pglite_cache::server::{Listener, ScramVerifier, ServerConfig};
+
+/// Raw listening flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListenArgs {
+    /// Directory of the Unix socket `.s.PGSQL.<port>` (created owner-only if
+    /// missing). Connect with `psql -h DIR -p PORT`.
+    #[arg(long, value_name = "DIR")]
+    pub socket_dir: Option<PathBuf>,
+    /// Port of the Unix socket name, and of the default TCP listener
+    /// (default: 5432 for `serve`, 5433 for `sync`, so a cache can run next
+    /// to the PostgreSQL it copies).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// TCP address to listen on (repeatable). Default: 127.0.0.1:<port> when
+    /// no --socket-dir is given.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Vec<SocketAddr>,
+    /// Allow --listen on addresses other than loopback.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// File whose first line is the password required on TCP (or a
+    /// `SCRAM-SHA-256$...` verifier). Unix-socket connections are trusted.
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Maximum concurrent client connections.
+    #[arg(long, default_value_t = 64)]
+    pub max_connections: usize,
+    /// Largest COPY FROM STDIN accepted, in MiB (held in memory until CopyDone).
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub max_copy_mb: usize,
+}
+
+/// Validated listening settings.
+#[derive(Debug)]
+pub struct ListenPlan {
+    socket_dir: Option<PathBuf>,
+    port: u16,
+    tcp: Vec<SocketAddr>,
+    /// The server settings (limits, password).
+    pub config: ServerConfig,
+}
+
+impl ListenArgs {
+    /// Checks the flags: loopback only unless `--allow-remote`, a readable
+    /// password file.
+    pub fn plan(self, default_port: u16) -> Result<ListenPlan, String> {
+        let port = self.port.unwrap_or(default_port);
+        let mut tcp = self.listen;
+        if tcp.is_empty() && self.socket_dir.is_none() {
+            tcp.push(SocketAddr::from(([127, 0, 0, 1], port)));
+        }
+        if let Some(addr) = tcp.iter().find(|a| !a.ip().is_loopback())
+            && !self.allow_remote
+        {
+            return Err(format!("refusing to listen on non-loopback address {addr} without --allow-remote"));
+        }
+        let mut config = ServerConfig::default()
+            .with_max_connections(self.max_connections)
+            .with_max_copy_size(self.max_copy_mb.saturating_mul(1 << 20));
+        if let Some(file) = &self.password_file {
+            let text = std::fs::read_to_string(file).map_err(|e| format!("reading {}: {e}", file.display()))?;
+            let line = text.lines().next().unwrap_or("").trim_end_matches(['\r', '\n']);
+            if line.is_empty() {
+                return Err(format!("{} holds no password", file.display()));
+            }
+            config = if line.starts_with("SCRAM-SHA-256$") {
+                config.with_password_verifier(line.parse::<ScramVerifier>().map_err(|e| e.to_string())?)
+            } else {
+                config.with_password(line)
+            };
+        } else if tcp.iter().any(|a| !a.ip().is_loopback()) {
+            eprintln!(
+                "warning: listening on a non-loopback address without --password-file: anyone who can reach it has full access"
+            );
+        }
+        Ok(ListenPlan { socket_dir: self.socket_dir, port, tcp, config })
+    }
+}
+
+impl ListenPlan {
+    /// Binds every listener and prints where it listens (on stdout).
+    pub async fn bind(&self) -> Result<Vec<Listener>, String> {
+        let mut listeners = Vec::new();
+        if let Some(dir) = &self.socket_dir {
+            listeners.push(
+                Listener::bind_unix(dir, self.port).map_err(|e| format!("cannot listen in {}: {e}", dir.display()))?,
+            );
+        }
+        for addr in &self.tcp {
+            listeners.push(Listener::bind_tcp(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?);
+        }
+        let mut out = std::io::stdout().lock();
+        for l in &listeners {
+            let _ = writeln!(out, "listening on {l}");
+        }
+        if let Some(dir) = &self.socket_dir {
+            let _ = writeln!(out, "connect with: psql -h {} -p {} -U postgres", dir.display(), self.port);
+        }
+        let _ = out.flush();
+        Ok(listeners)
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("shutting down");
+}

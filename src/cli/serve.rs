@@ -1,0 +1,59 @@
+//! `pglite-cache serve`: serve one instance over the PostgreSQL wire protocol.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use pglite_cache::server;
+use pglite_cache::{Instance, InstanceOptions};
+
+use super::EXIT_DB_ERROR;
+use super::listen::{ListenArgs, stop_signal};
+
+/// Raw `serve` flags.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Persistent data directory (created if missing); in-memory if absent.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    #[command(flatten)]
+    listen: ListenArgs,
+}
+
+pub async fn run(args: ServeArgs) -> ExitCode {
+    let plan = match args.listen.plan(5432) {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let options = args.data.map_or_else(InstanceOptions::in_memory, InstanceOptions::persistent);
+    let db = match Instance::start(options).await {
+        Ok(db) => db,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_DB_ERROR);
+        }
+    };
+    let listeners = match plan.bind().await {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let _ = db.stop().await;
+            return ExitCode::from(EXIT_DB_ERROR);
+        }
+    };
+    let served = server::serve(db.clone(), listeners, plan.config, stop_signal()).await;
+    let stopped = db.stop().await;
+    match (served, stopped) {
+        (Ok(()), Ok(())) => ExitCode::SUCCESS,
+        (Err(e), _) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_DB_ERROR)
+        }
+        (_, Err(e)) => {
+            eprintln!("error: stopping the instance: {e}");
+            ExitCode::from(EXIT_DB_ERROR)
+        }
+    }
+}

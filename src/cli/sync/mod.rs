@@ -1,0 +1,235 @@
+//! `pglite-cache sync`: keep a local cache of a remote database and serve it.
+//!
+//! Order of work: check the flags (exit 2), check the remote (exit 2 for
+//! what an operator must fix; retry with backoff while it is unreachable),
+//! open the cache, start replication, serve clients (refused with 57P03
+//! until the initial copy is consistent), report progress, and on
+//! SIGINT/SIGTERM finish the transaction being applied, send final
+//! feedback, close clients and exit 0.
+
+mod preflight;
+pub mod report;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use pglite_cache::replication::{
+    ErrorKind, Phase, PublicationSpec, Replication, ReplicationConfig, SlotLostPolicy, SourceConfig, Status, store,
+};
+use pglite_cache::server::{self, Admission};
+use pglite_cache::{Error, Instance, InstanceOptions};
+use tokio::sync::watch;
+
+use super::listen::{ListenArgs, stop_signal};
+use crate::cli::status_file;
+
+/// Exit status for configuration problems (bad flags, remote prerequisites).
+pub const EXIT_CONFIG: u8 = 2;
+
+/// Raw `sync` flags.
+#[derive(Debug, clap::Args)]
+pub struct SyncArgs {
+    /// The remote: `postgres://user:password@host:port/db` or `host=... dbname=...`.
+    #[arg(long, value_name = "URL")]
+    source: String,
+    /// The cache's data directory (created on first start, resumed later).
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Replicate an existing publication.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["tables", "schema"])]
+    publication: Option<String>,
+    /// Replicate these tables (`schema.table` or `table`); a publication is created and owned.
+    #[arg(long, value_name = "T1,T2", value_delimiter = ',', conflicts_with = "schema")]
+    tables: Vec<String>,
+    /// Replicate every table of this schema (as it is at first start); a publication is created and owned.
+    #[arg(long, value_name = "SCHEMA")]
+    schema: Option<String>,
+    /// The logical replication slot on the remote.
+    #[arg(long, value_name = "NAME", default_value = "pglite_cache")]
+    slot: String,
+    #[command(flatten)]
+    listen: ListenArgs,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<SocketAddr>,
+    /// When the slot is missing or invalidated: stop with an error, or copy everything again.
+    #[arg(long, value_enum, default_value_t = OnInvalidSlot::Error)]
+    on_invalid_slot: OnInvalidSlot,
+    /// Seconds between status lines while streaming.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    status_interval: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnInvalidSlot {
+    Error,
+    Resync,
+}
+
+/// What the flags ask for, checked.
+struct Plan {
+    data: PathBuf,
+    config: ReplicationConfig,
+    schema: Option<String>,
+    listen: super::listen::ListenPlan,
+    metrics: Option<SocketAddr>,
+    status_interval: std::time::Duration,
+}
+
+fn plan(args: SyncArgs) -> Result<Plan, String> {
+    let source: SourceConfig = args.source.parse().map_err(|e| format!("--source: {e}"))?;
+    let owned_name = format!("{}_pub", args.slot);
+    let publication = match (args.publication, args.tables.is_empty(), &args.schema) {
+        (Some(name), true, None) => PublicationSpec::Existing(name),
+        (None, false, None) => PublicationSpec::Owned { name: owned_name, tables: args.tables },
+        // Resolved to its tables once the remote is reachable.
+        (None, true, Some(_)) => PublicationSpec::Owned { name: owned_name, tables: Vec::new() },
+        _ => return Err("say what to replicate: one of --publication NAME, --tables T1,T2 or --schema NAME".into()),
+    };
+    let config = ReplicationConfig::new(source, publication)
+        .slot_name(args.slot)
+        .on_slot_lost(match args.on_invalid_slot {
+            OnInvalidSlot::Error => SlotLostPolicy::Halt,
+            OnInvalidSlot::Resync => SlotLostPolicy::Resync,
+        });
+    if args.status_interval == 0 {
+        return Err("--status-interval must be at least 1 second".into());
+    }
+    Ok(Plan {
+        data: args.data,
+        config,
+        schema: args.schema,
+        listen: args.listen.plan(5433)?,
+        metrics: args.metrics,
+        status_interval: std::time::Duration::from_secs(args.status_interval),
+    })
+}
+
+fn config_error(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+pub async fn run(args: SyncArgs) -> ExitCode {
+    let mut plan = match plan(args) {
+        Ok(plan) => plan,
+        Err(e) => return config_error(e),
+    };
+    let remote = tokio::select! {
+        checked = preflight::check(&plan.config, plan.schema.as_deref()) => checked,
+        () = stop_signal() => return ExitCode::SUCCESS,
+    };
+    let remote = match remote {
+        Ok(remote) => remote,
+        Err(e) => return config_error(e),
+    };
+    if let Some(tables) = remote.schema_tables.clone()
+        && let PublicationSpec::Owned { tables: t, .. } = &mut plan.config.publication
+    {
+        *t = tables;
+    }
+
+    let instance = match Instance::start(InstanceOptions::persistent(&plan.data).name("cache")).await {
+        Ok(instance) => instance,
+        Err(e @ Error::DataDirInUse(_)) => return config_error(format!("{e}; is another `pglite-cache sync` running?")),
+        Err(e) => {
+            eprintln!("error: opening the cache: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = serve_and_sync(&instance, plan, remote).await;
+    if let Err(e) = instance.stop().await {
+        eprintln!("error: closing the cache: {e}");
+        return ExitCode::FAILURE;
+    }
+    code
+}
+
+async fn serve_and_sync(instance: &Instance, plan: Plan, remote: preflight::Remote) -> ExitCode {
+    // A cache that finished its initial copy before serves at once, also
+    // while the remote is away.
+    if let Err(e) = store::init(instance).await {
+        eprintln!("error: preparing the cache: {e}");
+        return ExitCode::FAILURE;
+    }
+    let consistent_at_start = matches!(store::load(instance).await, Ok(Some(s)) if s.phase == "streaming");
+    let replication = match Replication::start(instance.clone(), plan.config.clone()) {
+        Ok(handle) => Arc::new(handle),
+        Err(e) => return config_error(e),
+    };
+    let status = replication.watch_status();
+
+    let listeners = match plan.listen.bind().await {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            let _ = replication.stop().await;
+            return config_error(e);
+        }
+    };
+    let server_config = plan.listen.config.clone().with_admission(admission(status.clone(), consistent_at_start));
+    let (stop_server, server_stopped) = watch::channel(false);
+    let server = tokio::spawn(server::serve(instance.clone(), listeners, server_config, async move {
+        let mut stopped = server_stopped;
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+
+    let counters = report::Counters::start(&replication);
+    let reporter = report::Reporter::new(&plan, &remote, counters.clone());
+    let (stop_reports, reports_stopped) = watch::channel(false);
+    let reports = tokio::spawn(reporter.run(status.clone(), reports_stopped));
+
+    let halted = tokio::select! {
+        biased;
+        () = stop_signal() => false,
+        () = wait_halted(status.clone()) => true,
+    };
+    let result = replication.stop().await;
+    let _ = stop_server.send(true);
+    let _ = stop_reports.send(true);
+    let _ = server.await;
+    let _ = reports.await;
+    status_file::write(&plan.data, &status_file::StatusReport::from_status(&status.borrow(), &plan.config, &counters, false));
+    match result {
+        Ok(()) if !halted => {
+            eprintln!("stopped: everything received was applied and confirmed");
+            ExitCode::SUCCESS
+        }
+        Ok(()) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: replication halted: {}", e.message());
+            if let Some(hint) = e.hint() {
+                eprintln!("hint: {hint}");
+            }
+            match e.kind() {
+                ErrorKind::NeedsOperator => ExitCode::from(EXIT_CONFIG),
+                ErrorKind::Transient | ErrorKind::Fatal => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+/// Admits clients once the cache is consistent; before that, says how far
+/// the copy is.
+fn admission(status: watch::Receiver<Status>, consistent_at_start: bool) -> Admission {
+    let seen_streaming = Arc::new(std::sync::atomic::AtomicBool::new(consistent_at_start));
+    Admission::new(move || {
+        use std::sync::atomic::Ordering;
+        let s = status.borrow();
+        if seen_streaming.load(Ordering::Relaxed) || s.phase == Phase::Streaming {
+            seen_streaming.store(true, Ordering::Relaxed);
+            return Ok(());
+        }
+        let done = s.tables.iter().filter(|t| t.state == pglite_cache::replication::TableState::Ready).count();
+        let rows: u64 = s.tables.iter().map(|t| t.rows_copied).sum();
+        Err(format!(
+            "the cache is not consistent yet: initial copy in progress ({done} of {} tables done, {rows} rows copied)",
+            s.tables.len()
+        ))
+    })
+}
+
+async fn wait_halted(mut status: watch::Receiver<Status>) {
+    let _ = status.wait_for(|s| matches!(s.phase, Phase::Halted { .. } | Phase::Stopped)).await;
+}

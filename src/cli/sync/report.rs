@@ -1,0 +1,254 @@
+//! What the daemon tells its operator: progress bars (or log lines) during
+//! the initial copy, a status line while streaming, the status file, and the
+//! Prometheus endpoint.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use pglite_cache::metrics::{self, MetricKind, MetricsText};
+use pglite_cache::replication::{Phase, ReplicationConfig, ReplicationHandle, Status, TableState};
+use tokio::sync::{broadcast, watch};
+
+use super::Plan;
+use super::preflight::Remote;
+use crate::cli::status_file::{self, StatusReport, phase_name};
+
+/// Running totals the status does not carry.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Remote transactions applied since start.
+    pub transactions: AtomicU64,
+    /// Changes applied since start.
+    pub changes: AtomicU64,
+    /// Times the connection was lost and retried.
+    pub reconnects: AtomicU64,
+    /// Halts since start, by kind of error (needs operator or fatal: the
+    /// status does not say which, so one counter).
+    pub halts: AtomicU64,
+}
+
+impl Counters {
+    /// Counts applied transactions from the replication's change feed.
+    pub fn start(replication: &ReplicationHandle) -> Arc<Counters> {
+        let counters = Arc::new(Counters::default());
+        let mut feed = replication.subscribe();
+        let c = counters.clone();
+        tokio::spawn(async move {
+            loop {
+                match feed.recv().await {
+                    Ok(txn) => {
+                        c.transactions.fetch_add(1, Ordering::Relaxed);
+                        c.changes.fetch_add(txn.change_count, Ordering::Relaxed);
+                    }
+                    // Missed while we were slow: the transactions still count.
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        c.transactions.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        counters
+    }
+}
+
+/// The reporting task's state.
+pub struct Reporter {
+    data: std::path::PathBuf,
+    config: ReplicationConfig,
+    estimates: HashMap<String, u64>,
+    counters: Arc<Counters>,
+    metrics: Option<std::net::SocketAddr>,
+    status_interval: Duration,
+}
+
+impl Reporter {
+    pub(super) fn new(plan: &Plan, remote: &Remote, counters: Arc<Counters>) -> Reporter {
+        Reporter {
+            data: plan.data.clone(),
+            config: plan.config.clone(),
+            estimates: remote.estimates.clone(),
+            counters,
+            metrics: plan.metrics,
+            status_interval: plan.status_interval,
+        }
+    }
+
+    /// Reports until `stop` turns true.
+    pub async fn run(self, mut status: watch::Receiver<Status>, mut stop: watch::Receiver<bool>) {
+        let this = Arc::new(self);
+        if let Some(addr) = this.metrics {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    eprintln!("metrics at http://{addr}/metrics");
+                    let (page, status) = (this.clone(), status.clone());
+                    let mut stopped = stop.clone();
+                    tokio::spawn(metrics::serve(listener, move || page.metrics(&status.borrow()), async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    }));
+                }
+                Err(e) => tracing::error!(%addr, error = %e, "cannot serve metrics"),
+            }
+        }
+        let mut bars = Bars::new(std::io::stderr().is_terminal());
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut last_line = Instant::now();
+        let mut last_txns = 0;
+        let mut last_phase = String::new();
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                _ = tick.tick() => {}
+                changed = status.changed() => if changed.is_err() { break },
+            }
+            let s = status.borrow_and_update().clone();
+            let (phase, error) = phase_name(&s.phase);
+            if phase != last_phase {
+                bars.finish();
+                if phase == "reconnecting" {
+                    this.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                }
+                if phase == "halted" {
+                    this.counters.halts.fetch_add(1, Ordering::Relaxed);
+                }
+                match &error {
+                    Some(e) => tracing::warn!(phase, error = %e, "replication phase changed"),
+                    None => tracing::info!(phase, "replication phase changed"),
+                }
+                last_phase = phase.to_string();
+            }
+            status_file::write(&this.data, &StatusReport::from_status(&s, &this.config, &this.counters, true));
+            if s.phase == Phase::Copying {
+                bars.show(&s, &this.estimates);
+            } else if s.phase == Phase::Streaming && last_line.elapsed() >= this.status_interval {
+                let txns = this.counters.transactions.load(Ordering::Relaxed);
+                let rate = (txns - last_txns) as f64 / last_line.elapsed().as_secs_f64();
+                tracing::info!(
+                    "streaming: applied {} ({}), lag {} B / {:.1} ms, {:.1} txn/s, {} reconnects",
+                    s.applied_lsn,
+                    s.applied_commit_time.map(status_file::rfc3339).unwrap_or_else(|| "no commit yet".into()),
+                    s.lag_bytes,
+                    s.lag.as_secs_f64() * 1e3,
+                    rate,
+                    this.counters.reconnects.load(Ordering::Relaxed),
+                );
+                last_line = Instant::now();
+                last_txns = txns;
+            }
+        }
+        bars.finish();
+    }
+
+    /// The Prometheus page.
+    fn metrics(&self, s: &Status) -> String {
+        let mut m = MetricsText::new();
+        let (current, _) = phase_name(&s.phase);
+        m.family("pglite_cache_phase", MetricKind::Gauge, "1 for the replication's current phase.");
+        for phase in ["starting", "copying", "streaming", "reconnecting", "halted", "stopped"] {
+            m.sample("pglite_cache_phase", &[("phase", phase)], f64::from(u8::from(phase == current)));
+        }
+        m.single("pglite_cache_lag_bytes", MetricKind::Gauge, "WAL bytes between the remote and what is applied.", s.lag_bytes as f64);
+        m.single(
+            "pglite_cache_lag_seconds",
+            MetricKind::Gauge,
+            "Remote commit to local commit of the last applied transaction.",
+            s.lag.as_secs_f64(),
+        );
+        m.single("pglite_cache_applied_lsn", MetricKind::Gauge, "Everything up to this LSN is applied.", s.applied_lsn.0 as f64);
+        let c = &self.counters;
+        m.single(
+            "pglite_cache_applied_transactions_total",
+            MetricKind::Counter,
+            "Remote transactions applied since start.",
+            c.transactions.load(Ordering::Relaxed) as f64,
+        );
+        m.single(
+            "pglite_cache_applied_rows_total",
+            MetricKind::Counter,
+            "Row changes applied since start.",
+            c.changes.load(Ordering::Relaxed) as f64,
+        );
+        m.family("pglite_cache_table_rows_copied", MetricKind::Gauge, "Rows copied by the initial sync, per table.");
+        for t in &s.tables {
+            m.sample("pglite_cache_table_rows_copied", &[("table", &format!("{}.{}", t.schema, t.name))], t.rows_copied as f64);
+        }
+        m.family("pglite_cache_table_rows_applied_total", MetricKind::Counter, "Rows applied by streaming, per table and operation.");
+        for t in &s.tables {
+            let table = format!("{}.{}", t.schema, t.name);
+            for (op, n) in [("insert", t.inserted), ("update", t.updated), ("delete", t.deleted)] {
+                m.sample("pglite_cache_table_rows_applied_total", &[("table", &table), ("op", op)], n as f64);
+            }
+        }
+        m.single(
+            "pglite_cache_reconnects_total",
+            MetricKind::Counter,
+            "Times the remote connection was lost and retried.",
+            c.reconnects.load(Ordering::Relaxed) as f64,
+        );
+        m.family("pglite_cache_errors_total", MetricKind::Counter, "Replication errors by class.");
+        m.sample("pglite_cache_errors_total", &[("class", "transient")], c.reconnects.load(Ordering::Relaxed) as f64);
+        m.sample("pglite_cache_errors_total", &[("class", "halting")], c.halts.load(Ordering::Relaxed) as f64);
+        m.finish()
+    }
+}
+
+/// Per-table progress during the initial copy: bars on a terminal, log
+/// lines every few seconds otherwise.
+struct Bars {
+    terminal: bool,
+    multi: MultiProgress,
+    bars: HashMap<String, ProgressBar>,
+    last_log: Option<Instant>,
+}
+
+impl Bars {
+    fn new(terminal: bool) -> Bars {
+        Bars { terminal, multi: MultiProgress::new(), bars: HashMap::new(), last_log: None }
+    }
+
+    fn show(&mut self, s: &Status, estimates: &HashMap<String, u64>) {
+        if !self.terminal {
+            if self.last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                for t in &s.tables {
+                    let name = format!("{}.{}", t.schema, t.name);
+                    let of = estimates.get(&name).map(|n| format!(" of ~{n}")).unwrap_or_default();
+                    tracing::info!("copying {name}: {:?}, {} rows{of}, {} bytes", t.state, t.rows_copied, t.bytes_copied);
+                }
+                self.last_log = Some(Instant::now());
+            }
+            return;
+        }
+        let style = ProgressStyle::with_template("{prefix:>28} {bar:30} {pos:>10}/{len:10} rows {per_sec:>12} ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+        for t in &s.tables {
+            let name = format!("{}.{}", t.schema, t.name);
+            let bar = self.bars.entry(name.clone()).or_insert_with(|| {
+                let bar = self.multi.add(ProgressBar::new(estimates.get(&name).copied().unwrap_or(0)));
+                bar.set_style(style.clone());
+                bar.set_prefix(name.clone());
+                bar
+            });
+            if bar.length().is_some_and(|len| t.rows_copied > len) {
+                bar.set_length(t.rows_copied);
+            }
+            bar.set_position(t.rows_copied);
+            if t.state == TableState::Ready && !bar.is_finished() {
+                bar.set_length(t.rows_copied);
+                bar.finish();
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        for bar in self.bars.values() {
+            if !bar.is_finished() {
+                bar.finish();
+            }
+        }
+    }
+}

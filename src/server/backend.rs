@@ -1,0 +1,143 @@
+//! Encoders for the backend messages the server writes itself (the engine
+//! writes all the others). Plain functions over a byte buffer.
+
+use bytes::{BufMut, BytesMut};
+
+fn message(tag: u8, out: &mut BytesMut, body: impl FnOnce(&mut BytesMut)) {
+    let start = out.len();
+    out.put_u8(tag);
+    out.put_i32(0);
+    body(out);
+    let len = (out.len() - start - 1) as i32;
+    out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+}
+
+fn cstr(out: &mut BytesMut, s: &str) {
+    out.put_slice(s.as_bytes());
+    out.put_u8(0);
+}
+
+/// `ErrorResponse` (or `NoticeResponse` with `tag = b'N'`) with severity,
+/// SQLSTATE and message.
+pub(crate) fn error_response(severity: &str, code: &str, text: &str, out: &mut BytesMut) {
+    message(b'E', out, |out| {
+        for (field, value) in [(b'S', severity), (b'V', severity), (b'C', code), (b'M', text)] {
+            out.put_u8(field);
+            cstr(out, value);
+        }
+        out.put_u8(0);
+    });
+}
+
+/// `Authentication*` with its subtype and payload.
+pub(crate) fn authentication(kind: i32, payload: &[u8], out: &mut BytesMut) {
+    message(b'R', out, |out| {
+        out.put_i32(kind);
+        out.put_slice(payload);
+    });
+}
+
+/// `ParameterStatus`.
+pub(crate) fn parameter_status(name: &str, value: &str, out: &mut BytesMut) {
+    message(b'S', out, |out| {
+        cstr(out, name);
+        cstr(out, value);
+    });
+}
+
+/// `BackendKeyData`.
+pub(crate) fn backend_key_data(pid: i32, key: i32, out: &mut BytesMut) {
+    message(b'K', out, |out| {
+        out.put_i32(pid);
+        out.put_i32(key);
+    });
+}
+
+/// `ReadyForQuery` with status `I`, `T` or `E`.
+pub(crate) fn ready_for_query(status: u8, out: &mut BytesMut) {
+    message(b'Z', out, |out| out.put_u8(status));
+}
+
+/// `CommandComplete`.
+pub(crate) fn command_complete(tag: &str, out: &mut BytesMut) {
+    message(b'C', out, |out| cstr(out, tag));
+}
+
+/// `NegotiateProtocolVersion`: the newest minor version supported and the
+/// protocol options (`_pq_.*`) that were not recognized.
+pub(crate) fn negotiate_protocol_version(minor: i32, unrecognized: &[String], out: &mut BytesMut) {
+    message(b'v', out, |out| {
+        out.put_i32(minor);
+        out.put_i32(unrecognized.len() as i32);
+        for option in unrecognized {
+            cstr(out, option);
+        }
+    });
+}
+
+/// Frontend `CopyFail`: what the server sends the engine to end a COPY it
+/// must not leave waiting for data.
+pub(crate) fn copy_fail(reason: &str, out: &mut BytesMut) {
+    message(b'f', out, |out| cstr(out, reason));
+}
+
+/// Frontend `Sync`.
+pub(crate) fn sync(out: &mut BytesMut) {
+    message(b'S', out, |_| {});
+}
+
+/// Frontend simple `Query`.
+pub(crate) fn query(sql: &str, out: &mut BytesMut) {
+    message(b'Q', out, |out| cstr(out, sql));
+}
+
+/// Frontend `Close` of a statement (`S`) or portal (`P`) by its engine name.
+pub(crate) fn close(kind: u8, engine_name: &[u8], out: &mut BytesMut) {
+    message(b'C', out, |out| {
+        out.put_u8(kind);
+        out.put_slice(engine_name);
+        out.put_u8(0);
+    });
+}
+
+/// Walks the framing of backend bytes: yields `(tag, whole message)`.
+/// Stops at the first incomplete message.
+pub(crate) fn messages(bytes: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut rest = bytes;
+    std::iter::from_fn(move || {
+        if rest.len() < 5 {
+            return None;
+        }
+        let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]);
+        if len < 4 || rest.len() < 1 + len as usize {
+            return None;
+        }
+        let (message, tail) = rest.split_at(1 + len as usize);
+        rest = tail;
+        Some((message[0], message))
+    })
+}
+
+/// The status byte of the last `ReadyForQuery` in `bytes`, if any.
+pub(crate) fn last_ready_status(bytes: &[u8]) -> Option<u8> {
+    messages(bytes)
+        .filter(|(tag, _)| *tag == b'Z')
+        .last()
+        .map(|(_, m)| m[5])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walks_backend_messages() {
+        let mut out = BytesMut::new();
+        command_complete("SELECT 1", &mut out);
+        ready_for_query(b'T', &mut out);
+        let tags: Vec<u8> = messages(&out).map(|(t, _)| t).collect();
+        assert_eq!(tags, b"CZ");
+        assert_eq!(last_ready_status(&out), Some(b'T'));
+        assert_eq!(last_ready_status(&out[..out.len() - 1]), None);
+    }
+}

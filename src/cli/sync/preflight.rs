@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pglite_cache::replication::{PublicationSpec, ReplicationConfig, error::backoff};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// What we learned about the remote.
 #[derive(Debug, Clone, Default)]
@@ -118,7 +118,8 @@ async fn query_one(client: &Client, sql: &str) -> Result<String, String> {
 async fn connect(config: &ReplicationConfig) -> Result<Client, String> {
     let mut attempt = 0;
     loop {
-        match config.source.postgres_config().connect(NoTls).await {
+        let tls = config.source.tls_connector().map_err(|e| e.to_string())?;
+        match config.source.postgres_config().connect(tls).await {
             Ok((client, connection)) => {
                 tokio::spawn(connection);
                 return Ok(client);

@@ -95,8 +95,12 @@ fn direct_api(ops: usize) -> (Duration, Duration) {
     pg.exec(SCHEMA, None).unwrap();
     let t = Instant::now();
     for i in 0..ops {
-        pg.query("INSERT INTO bench VALUES ($1, $2, $3)", &[json!(i), json!(format!("name {i}")), json!(i % 100)], None)
-            .unwrap();
+        pg.query(
+            "INSERT INTO bench VALUES ($1, $2, $3)",
+            &[json!(i), json!(format!("name {i}")), json!(i % 100)],
+            None,
+        )
+        .unwrap();
     }
     let insert = t.elapsed() / ops as u32;
     let t = Instant::now();
@@ -158,7 +162,9 @@ fn rss_child(n: usize) {
         let mut v = Vec::new();
         for _ in 0..n {
             let db = Instance::start(InstanceOptions::in_memory()).await.unwrap();
-            db.exec("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 1000)").await.unwrap();
+            db.exec("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 1000)")
+                .await
+                .unwrap();
             v.push(db);
         }
         v

@@ -42,14 +42,8 @@ async fn connect(config: &str) -> Client {
 
 /// Inserts then selects `ids` on one connection.
 async fn wire_workload(client: &Client, table: &str, ids: std::ops::Range<i32>) -> (Duration, Duration) {
-    let insert = client
-        .prepare(&format!("INSERT INTO {table} (id, name) VALUES ($1, $2)"))
-        .await
-        .unwrap();
-    let select = client
-        .prepare(&format!("SELECT name FROM {table} WHERE id = $1"))
-        .await
-        .unwrap();
+    let insert = client.prepare(&format!("INSERT INTO {table} (id, name) VALUES ($1, $2)")).await.unwrap();
+    let select = client.prepare(&format!("SELECT name FROM {table} WHERE id = $1")).await.unwrap();
     let started = Instant::now();
     for id in ids.clone() {
         client.execute(&insert, &[&id, &format!("name {id}")]).await.unwrap();
@@ -73,11 +67,7 @@ async fn one_connection(url: &str, rows: i32) -> Timing {
         .unwrap();
     wire_workload(&client, "warm", 0..200).await; // warm-up: plans, caches
     let (insert, select) = wire_workload(&client, "bench", 0..rows).await;
-    Timing {
-        insert,
-        select,
-        ops: rows as u32,
-    }
+    Timing { insert, select, ops: rows as u32 }
 }
 
 async fn in_process(db: &Instance, rows: i32) -> Timing {
@@ -85,15 +75,11 @@ async fn in_process(db: &Instance, rows: i32) -> Timing {
         .await
         .unwrap();
     for id in 0..200 {
-        db.query("INSERT INTO warm_api VALUES ($1, $2)", &[&id, &format!("name {id}")])
-            .await
-            .unwrap();
+        db.query("INSERT INTO warm_api VALUES ($1, $2)", &[&id, &format!("name {id}")]).await.unwrap();
     }
     let started = Instant::now();
     for id in 0..rows {
-        db.query("INSERT INTO api VALUES ($1, $2)", &[&id, &format!("name {id}")])
-            .await
-            .unwrap();
+        db.query("INSERT INTO api VALUES ($1, $2)", &[&id, &format!("name {id}")]).await.unwrap();
     }
     let insert = started.elapsed();
     let started = Instant::now();
@@ -101,29 +87,19 @@ async fn in_process(db: &Instance, rows: i32) -> Timing {
         let r = db.query("SELECT name FROM api WHERE id = $1", &[&id]).await.unwrap();
         assert_eq!(r.rows[0].get::<String>(0), format!("name {id}"));
     }
-    Timing {
-        insert,
-        select: started.elapsed(),
-        ops: rows as u32,
-    }
+    Timing { insert, select: started.elapsed(), ops: rows as u32 }
 }
 
 /// `rows` split over `connections` clients running at once.
 async fn parallel(url: &str, rows: i32, connections: i32) -> Timing {
     let setup = connect(url).await;
-    setup
-        .batch_execute("CREATE TABLE par (id int PRIMARY KEY, name text)")
-        .await
-        .unwrap();
+    setup.batch_execute("CREATE TABLE par (id int PRIMARY KEY, name text)").await.unwrap();
     let clients: Vec<Client> = futures_util::future::join_all((0..connections).map(|_| connect(url))).await;
     let per = rows / connections;
     // Each client prepares first so that timing covers only the workload.
-    let inserts = futures_util::future::join_all(
-        clients
-            .iter()
-            .map(|c| c.prepare("INSERT INTO par (id, name) VALUES ($1, $2)")),
-    )
-    .await;
+    let inserts =
+        futures_util::future::join_all(clients.iter().map(|c| c.prepare("INSERT INTO par (id, name) VALUES ($1, $2)")))
+            .await;
     let selects =
         futures_util::future::join_all(clients.iter().map(|c| c.prepare("SELECT name FROM par WHERE id = $1"))).await;
     let started = Instant::now();
@@ -150,16 +126,8 @@ async fn parallel(url: &str, rows: i32, connections: i32) -> Timing {
     .await;
     let select = started.elapsed();
     let n: i64 = setup.query_one("SELECT count(*) FROM par", &[]).await.unwrap().get(0);
-    assert_eq!(
-        n,
-        i64::from(per * connections),
-        "every row of every connection is there"
-    );
-    Timing {
-        insert,
-        select,
-        ops: (per * connections) as u32,
-    }
+    assert_eq!(n, i64::from(per * connections), "every row of every connection is there");
+    Timing { insert, select, ops: (per * connections) as u32 }
 }
 
 /// Best (lowest) per-op times over several rounds: the machine is shared,
@@ -167,11 +135,7 @@ async fn parallel(url: &str, rows: i32, connections: i32) -> Timing {
 fn best(timings: &[Timing]) -> Timing {
     let insert = timings.iter().map(|t| t.insert).min().unwrap();
     let select = timings.iter().map(|t| t.select).min().unwrap();
-    Timing {
-        insert,
-        select,
-        ops: timings[0].ops,
-    }
+    Timing { insert, select, ops: timings[0].ops }
 }
 
 fn main() {
@@ -179,16 +143,8 @@ fn main() {
     let rounds: usize = std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(3);
     // The clients' runtime; servers run on their own threads, as they would
     // in another process.
-    let clients = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let clients = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let server_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
 
     let mut peer_runs = Vec::new();
     let mut tcp_runs = Vec::new();
@@ -209,14 +165,10 @@ fn main() {
                 let tcp = Listener::bind_tcp("127.0.0.1:0").await.unwrap();
                 let addr = tcp.local_addr().unwrap();
                 let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-                let served = tokio::spawn(server::serve(
-                    db.clone(),
-                    vec![unix, tcp],
-                    ServerConfig::default(),
-                    async move {
+                let served =
+                    tokio::spawn(server::serve(db.clone(), vec![unix, tcp], ServerConfig::default(), async move {
                         let _ = stopped.await;
-                    },
-                ));
+                    }));
                 (db, dir, addr, stop, served)
             });
             let tcp_url = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", addr.port());
@@ -262,8 +214,5 @@ fn main() {
     row("pglite-cache server, 1 conn (TCP)", &best(&tcp_runs));
     row("pglite-cache server, 1 conn (Unix socket)", &best(&unix_runs));
     row("in-process `Instance::query`", &best(&api_runs));
-    row(
-        "pglite-cache server, 8 conns in parallel (TCP), total",
-        &best(&par_runs),
-    );
+    row("pglite-cache server, 8 conns in parallel (TCP), total", &best(&par_runs));
 }

@@ -35,9 +35,7 @@ const HUGE_TXN_ROWS: i32 = 1_000_000;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .init();
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
     let args: Vec<String> = std::env::args().collect();
     let rows: i32 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
     let txn_rows: i32 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200_000);
@@ -58,15 +56,8 @@ async fn main() {
         .await
         .unwrap();
     remote.batch_execute("VACUUM ANALYZE bench").await.unwrap();
-    let size: i64 = remote
-        .query_one("SELECT pg_total_relation_size('bench')", &[])
-        .await
-        .unwrap()
-        .get(0);
-    println!(
-        "publisher: {rows} rows, {:.0} MiB with indexes",
-        size as f64 / (1 << 20) as f64
-    );
+    let size: i64 = remote.query_one("SELECT pg_total_relation_size('bench')", &[]).await.unwrap().get(0);
+    println!("publisher: {rows} rows, {:.0} MiB with indexes", size as f64 / (1 << 20) as f64);
 
     // Native subscriber.
     let native = subscriber.client(&db).await;
@@ -84,10 +75,7 @@ async fn main() {
         .unwrap();
     let started = Instant::now();
     native
-        .batch_execute(&format!(
-            "CREATE SUBSCRIPTION sub CONNECTION '{}' PUBLICATION pub",
-            publisher.conninfo(&db)
-        ))
+        .batch_execute(&format!("CREATE SUBSCRIPTION sub CONNECTION '{}' PUBLICATION pub", publisher.conninfo(&db)))
         .await
         .unwrap();
     loop {
@@ -106,20 +94,14 @@ async fn main() {
     // pglite-cache.
     // Extra instance settings, e.g. BENCH_SETTINGS="wal_level=minimal,max_wal_senders=0".
     let mut options = InstanceOptions::in_memory();
-    for kv in std::env::var("BENCH_SETTINGS")
-        .unwrap_or_default()
-        .split(',')
-        .filter(|s| !s.is_empty())
-    {
+    for kv in std::env::var("BENCH_SETTINGS").unwrap_or_default().split(',').filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').expect("BENCH_SETTINGS is name=value,name=value");
         options = options.setting(k, v);
     }
     let local = Instance::start(options).await.unwrap();
-    let config = ReplicationConfig::new(
-        publisher.conninfo(&db).parse().unwrap(),
-        PublicationSpec::Existing("pub".into()),
-    )
-    .slot_name("cache");
+    let config =
+        ReplicationConfig::new(publisher.conninfo(&db).parse().unwrap(), PublicationSpec::Existing("pub".into()))
+            .slot_name("cache");
     let started = Instant::now();
     let handle = Replication::start(local.clone(), config.clone()).unwrap();
     handle.wait_streaming().await.unwrap();
@@ -142,10 +124,7 @@ async fn main() {
             format!("UPDATE of the {txn_rows} rows"),
             format!("UPDATE bench SET n = n + 1, label = 'updated' WHERE id > {rows}"),
         ),
-        (
-            format!("DELETE of the {txn_rows} rows"),
-            format!("DELETE FROM bench WHERE id > {rows}"),
-        ),
+        (format!("DELETE of the {txn_rows} rows"), format!("DELETE FROM bench WHERE id > {rows}")),
     ];
     // Each workload is measured for one subscriber at a time (they would
     // compete for the 2 cores otherwise): native first while ours is
@@ -159,18 +138,10 @@ async fn main() {
         }
         remote.batch_execute(sql).await.unwrap();
         let committed = Instant::now();
-        remote
-            .batch_execute(&format!("INSERT INTO marker VALUES ({marker})"))
-            .await
-            .unwrap();
+        remote.batch_execute(&format!("INSERT INTO marker VALUES ({marker})")).await.unwrap();
         let marker = marker as i32;
         loop {
-            if !native
-                .query("SELECT 1 FROM marker WHERE id = $1", &[&marker])
-                .await
-                .unwrap()
-                .is_empty()
-            {
+            if !native.query("SELECT 1 FROM marker WHERE id = $1", &[&marker]).await.unwrap().is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -180,13 +151,7 @@ async fn main() {
         let restarted = Instant::now();
         let h = Replication::start(local.clone(), config.clone()).unwrap();
         loop {
-            if !local
-                .query("SELECT 1 FROM marker WHERE id = $1", &[&marker])
-                .await
-                .unwrap()
-                .rows
-                .is_empty()
-            {
+            if !local.query("SELECT 1 FROM marker WHERE id = $1", &[&marker]).await.unwrap().rows.is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -218,12 +183,7 @@ async fn main() {
         let (tps, from, to) = run_load(&publisher, &db).await;
         let done = committed_marker(&remote, 100).await;
         loop {
-            if !native
-                .query("SELECT 1 FROM marker WHERE id = 100", &[])
-                .await
-                .unwrap()
-                .is_empty()
-            {
+            if !native.query("SELECT 1 FROM marker WHERE id = 100", &[]).await.unwrap().is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -250,13 +210,7 @@ async fn main() {
             .iter()
             .filter_map(|r| committed.get(&r.get::<_, i64>(0)).map(|c| r.get::<_, f64>(1) - c))
             .collect();
-        lag_rows.push((
-            "native subscriber",
-            tps,
-            percentile(&mut lags, 0.5),
-            percentile(&mut lags, 0.99),
-            catch_up,
-        ));
+        lag_rows.push(("native subscriber", tps, percentile(&mut lags, 0.5), percentile(&mut lags, 0.99), catch_up));
     }
     {
         native.batch_execute("ALTER SUBSCRIPTION sub DISABLE").await.unwrap();
@@ -292,13 +246,7 @@ async fn main() {
         let done = committed_marker(&remote, 101).await;
         let mut lags = collector.await.unwrap();
         let catch_up = done.elapsed();
-        lag_rows.push((
-            "pglite-cache",
-            tps,
-            percentile(&mut lags, 0.5),
-            percentile(&mut lags, 0.99),
-            catch_up,
-        ));
+        lag_rows.push(("pglite-cache", tps, percentile(&mut lags, 0.5), percentile(&mut lags, 0.99), catch_up));
 
         // One huge transaction: memory must not grow with it.
         let before = peak_rss_mib();
@@ -399,13 +347,7 @@ async fn run_load(publisher: &pg::PgCluster, db: &str) -> (f64, i64, i64) {
         total += c.await.unwrap();
     }
     let tps = total as f64 / started.elapsed().as_secs_f64();
-    let last: i64 = publisher
-        .client(db)
-        .await
-        .query_one("SELECT max(hid) FROM history", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let last: i64 = publisher.client(db).await.query_one("SELECT max(hid) FROM history", &[]).await.unwrap().get(0);
     (tps, first, last)
 }
 

@@ -67,11 +67,7 @@ impl FromValue for String {
 impl FromValue for Vec<u8> {
     fn from_value(type_oid: u32, text: Option<&str>) -> Result<Self, String> {
         let text = non_null(text)?;
-        if type_oid == oid::BYTEA {
-            decode_bytea(text)
-        } else {
-            Ok(text.as_bytes().to_vec())
-        }
+        if type_oid == oid::BYTEA { decode_bytea(text) } else { Ok(text.as_bytes().to_vec()) }
     }
 }
 
@@ -100,8 +96,7 @@ mod chrono_values {
 
     impl FromValue for chrono::NaiveDateTime {
         fn from_value(_: u32, text: Option<&str>) -> Result<Self, String> {
-            chrono::NaiveDateTime::parse_from_str(non_null(text)?, "%Y-%m-%d %H:%M:%S%.f")
-                .map_err(|e| e.to_string())
+            chrono::NaiveDateTime::parse_from_str(non_null(text)?, "%Y-%m-%d %H:%M:%S%.f").map_err(|e| e.to_string())
         }
     }
 
@@ -118,16 +113,12 @@ mod chrono_values {
 
 /// Decodes `bytea` in the server's default `hex` output format (`\x0aff...`).
 pub fn decode_bytea(text: &str) -> Result<Vec<u8>, String> {
-    let hex = text
-        .strip_prefix("\\x")
-        .ok_or_else(|| "bytea is not in hex format (bytea_output = 'hex')".to_string())?;
+    let hex =
+        text.strip_prefix("\\x").ok_or_else(|| "bytea is not in hex format (bytea_output = 'hex')".to_string())?;
     if hex.len() % 2 != 0 {
         return Err("odd number of hex digits in bytea".into());
     }
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(|e| e.to_string()))
-        .collect()
+    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(|e| e.to_string())).collect()
 }
 
 /// Converts a value to JSON by its type: booleans, integers and finite floats
@@ -148,9 +139,9 @@ pub fn to_json(type_oid: u32, text: Option<&str>) -> Json {
             .map_or_else(|| Json::String(text.into()), Json::Number),
         oid::JSON | oid::JSONB => serde_json::from_str(text).unwrap_or_else(|_| Json::String(text.into())),
         other => match oid::array_element(other) {
-            Some(element) => parse_array(text)
-                .map(|a| array_to_json(&a, element))
-                .unwrap_or_else(|_| Json::String(text.into())),
+            Some(element) => {
+                parse_array(text).map(|a| array_to_json(&a, element)).unwrap_or_else(|_| Json::String(text.into()))
+            }
             None => Json::String(text.into()),
         },
     }
@@ -255,7 +246,10 @@ mod tests {
     #[test]
     fn arrays_parse_with_quotes_nulls_and_nesting() {
         assert_eq!(to_json(1007, Some("{1,NULL,3}")), json!([1, null, 3]));
-        assert_eq!(to_json(1009, Some(r#"{"a b","q\"x","NULL",NULL,c\\d}"#)), json!(["a b", "q\"x", "NULL", null, "c\\d"]));
+        assert_eq!(
+            to_json(1009, Some(r#"{"a b","q\"x","NULL",NULL,c\\d}"#)),
+            json!(["a b", "q\"x", "NULL", null, "c\\d"])
+        );
         assert_eq!(to_json(1007, Some("{{1,2},{3,4}}")), json!([[1, 2], [3, 4]]));
         assert_eq!(to_json(1007, Some("{}")), json!([]));
         assert_eq!(to_json(1007, Some("[0:1]={5,6}")), json!([5, 6]));

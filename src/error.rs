@@ -6,8 +6,8 @@
 
 use std::fmt;
 
-use postgres_protocol::message::backend::ErrorFields;
 use fallible_iterator::FallibleIterator;
+use postgres_protocol::message::backend::ErrorFields;
 
 /// The SQLSTATE of a database error. This is `tokio-postgres`'s generated
 /// type, re-exported so both sides of the wire share one vocabulary.

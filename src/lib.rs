@@ -56,8 +56,8 @@ pub struct ReadmeDoctests;
 pub use convert::FromValue;
 pub use error::{DbError, Error, Result, SqlState};
 pub use instance::{
-    DEFAULT_SETTINGS, HEALTH_CHECK_TIMEOUT, Health, Instance, InstanceOptions, RawSession, Registry, RestartPolicy, Storage,
-    Transaction,
+    DEFAULT_SETTINGS, HEALTH_CHECK_TIMEOUT, Health, Instance, InstanceOptions, RawSession, Registry, RestartPolicy,
+    Storage, Transaction,
 };
 pub use params::{Param, ToParam};
 pub use rows::{Column, ColumnIndex, QueryResult, Row};

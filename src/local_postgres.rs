@@ -179,13 +179,11 @@ fn find_bin_dir() -> Result<PathBuf, LocalPostgresError> {
     if let Some(path) = std::env::var_os("PATH") {
         candidates.extend(std::env::split_paths(&path));
     }
-    candidates
-        .iter()
-        .find(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file())
-        .cloned()
-        .ok_or_else(|| LocalPostgresError::MissingBinaries {
+    candidates.iter().find(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file()).cloned().ok_or_else(
+        || LocalPostgresError::MissingBinaries {
             searched: candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-        })
+        },
+    )
 }
 
 /// `Some((uid, gid))` of the user to run the server as when we are root.
@@ -208,4 +206,3 @@ fn unprivileged_user() -> Result<Option<(u32, u32)>, LocalPostgresError> {
         }),
     }
 }
-

@@ -151,9 +151,7 @@ pub fn decode(bytes: &[u8]) -> Result<Reply> {
                 let raw = body.buffer();
                 let values = body
                     .ranges()
-                    .map(|range| {
-                        Ok(range.map(|r| String::from_utf8_lossy(&raw[r]).into_owned()))
-                    })
+                    .map(|range| Ok(range.map(|r| String::from_utf8_lossy(&raw[r]).into_owned())))
                     .collect()
                     .map_err(io_err)?;
                 rows.push(Row::new(columns.clone(), values));

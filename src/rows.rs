@@ -81,13 +81,10 @@ impl Row {
 
     /// The value of a column converted to `T`, or why it cannot be.
     pub fn try_get<T: FromValue>(&self, idx: impl ColumnIndex) -> Result<T> {
-        let i = idx
-            .index_in(&self.columns)
-            .ok_or_else(|| Error::ColumnNotFound(idx.describe()))?;
+        let i = idx.index_in(&self.columns).ok_or_else(|| Error::ColumnNotFound(idx.describe()))?;
         let column = &self.columns[i];
-        T::from_value(column.type_oid, self.values[i].as_deref()).map_err(|reason| {
-            Error::Conversion { column: format!("{} ({})", idx.describe(), column.name), reason }
-        })
+        T::from_value(column.type_oid, self.values[i].as_deref())
+            .map_err(|reason| Error::Conversion { column: format!("{} ({})", idx.describe(), column.name), reason })
     }
 
     /// The raw text of a column (`None` for NULL or a missing column).
@@ -97,21 +94,12 @@ impl Row {
 
     /// The row's values as JSON, in column order (see [`crate::convert::to_json`]).
     pub fn to_json_array(&self) -> Vec<serde_json::Value> {
-        self.columns
-            .iter()
-            .zip(&self.values)
-            .map(|(c, v)| to_json(c.type_oid, v.as_deref()))
-            .collect()
+        self.columns.iter().zip(&self.values).map(|(c, v)| to_json(c.type_oid, v.as_deref())).collect()
     }
 
     /// The row as a JSON object keyed by column name.
     pub fn to_json(&self) -> serde_json::Value {
-        let map = self
-            .columns
-            .iter()
-            .zip(self.to_json_array())
-            .map(|(c, v)| (c.name.clone(), v))
-            .collect();
+        let map = self.columns.iter().zip(self.to_json_array()).map(|(c, v)| (c.name.clone(), v)).collect();
         serde_json::Value::Object(map)
     }
 }

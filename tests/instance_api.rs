@@ -138,7 +138,8 @@ async fn many_data_types_convert_to_rust_and_json() {
 #[tokio::test]
 async fn typed_parameters_keep_their_type() {
     let db = db().await;
-    let r = db.query("SELECT $1 AS a, $2 AS b, $3 AS c, upper($4) AS d", &[&7_i64, &2.5_f64, &false, &"x"]).await.unwrap();
+    let r =
+        db.query("SELECT $1 AS a, $2 AS b, $3 AS c, upper($4) AS d", &[&7_i64, &2.5_f64, &false, &"x"]).await.unwrap();
     let types: Vec<u32> = r.columns.iter().map(|c| c.type_oid).collect();
     assert_eq!(types, vec![oid::INT8, oid::FLOAT8, oid::BOOL, oid::TEXT]);
     assert_eq!(r.rows[0].get::<String>("d"), "X");

@@ -165,7 +165,11 @@ async fn a_second_open_of_a_directory_is_refused() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("already in use"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already in use"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     db.health_check().await.expect("the holder is unaffected");
     db.stop().await.unwrap();
@@ -247,7 +251,8 @@ fn persistence_across_processes_through_the_cli() {
 #[test]
 fn cli_prints_tables_errors_and_exit_codes() {
     let bin = env!("CARGO_BIN_EXE_pglite-cache");
-    let out = std::process::Command::new(bin).args(["query", "SELECT 1 AS n, 'x' AS s", "SELECT 2 AS n"]).output().unwrap();
+    let out =
+        std::process::Command::new(bin).args(["query", "SELECT 1 AS n, 'x' AS s", "SELECT 2 AS n"]).output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout, " n | s\n---+---\n 1 | x\n(1 row)\n\n n\n---\n 2\n(1 row)\n\n");

@@ -23,19 +23,13 @@ async fn instance() -> Instance {
 }
 
 fn config(pg: &PgCluster, db: &str, publication: &str) -> ReplicationConfig {
-    ReplicationConfig::new(
-        pg.conninfo(db).parse().unwrap(),
-        PublicationSpec::Existing(publication.into()),
-    )
-    .slot_name(format!("slot_{db}"))
-    .status_interval(Duration::from_secs(1))
+    ReplicationConfig::new(pg.conninfo(db).parse().unwrap(), PublicationSpec::Existing(publication.into()))
+        .slot_name(format!("slot_{db}"))
+        .status_interval(Duration::from_secs(1))
 }
 
 async fn remote_lsn(client: &tokio_postgres::Client) -> Lsn {
-    let row = client
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .unwrap();
+    let row = client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap();
     row.get::<_, String>(0).parse().unwrap()
 }
 
@@ -53,18 +47,11 @@ const HASH: &str = "SELECT count(*)::text, md5(coalesce(string_agg(t::text, E'\\
 /// Compares a table's full contents on both sides (row count and an ordered
 /// hash of every row's text form).
 async fn assert_same(client: &tokio_postgres::Client, local: &Instance, table: &str) {
-    client
-        .batch_execute("SET TimeZone = 'UTC'; SET extra_float_digits = 1")
-        .await
-        .unwrap();
+    client.batch_execute("SET TimeZone = 'UTC'; SET extra_float_digits = 1").await.unwrap();
     let remote = client.query_one(&format!("{HASH}{table} t"), &[]).await.unwrap();
     let remote: (String, String) = (remote.get(0), remote.get(1));
-    let result = local
-        .exec(&format!(
-            "SET TimeZone = 'UTC'; SET extra_float_digits = 1; {HASH}{table} t"
-        ))
-        .await
-        .unwrap();
+    let result =
+        local.exec(&format!("SET TimeZone = 'UTC'; SET extra_float_digits = 1; {HASH}{table} t")).await.unwrap();
     let row = &result.last().unwrap().rows[0];
     let local_pair: (String, String) = (row.get(0), row.get(1));
     if remote != local_pair {
@@ -75,22 +62,14 @@ async fn assert_same(client: &tokio_postgres::Client, local: &Instance, table: &
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let l = local
-            .query(&format!("SELECT t::text FROM {table} t ORDER BY 1 LIMIT 20"), &[])
-            .await
-            .unwrap();
+        let l = local.query(&format!("SELECT t::text FROM {table} t ORDER BY 1 LIMIT 20"), &[]).await.unwrap();
         let l: Vec<String> = l.rows.iter().map(|r| r.get(0)).collect();
         panic!("{table} differs: remote {remote:?} local {local_pair:?}\nremote rows: {r:#?}\nlocal rows: {l:#?}");
     }
 }
 
 async fn local_count(local: &Instance, table: &str) -> i64 {
-    local
-        .query(&format!("SELECT count(*) FROM {table}"), &[])
-        .await
-        .unwrap()
-        .rows[0]
-        .get(0)
+    local.query(&format!("SELECT count(*) FROM {table}"), &[]).await.unwrap().rows[0].get(0)
 }
 
 const SCHEMA: &str = r#"
@@ -133,19 +112,13 @@ async fn copies_then_streams_every_operation_and_type() {
 
     let local = instance().await;
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
     for t in ["items", "pairs", "logs", "docs"] {
         assert_same(&remote, &local, t).await;
     }
     let status = handle.status();
     assert_eq!(status.phase, Phase::Streaming);
-    assert_eq!(
-        status.tables.iter().find(|t| t.name == "pairs").unwrap().rows_copied,
-        100
-    );
+    assert_eq!(status.tables.iter().find(|t| t.name == "pairs").unwrap().rows_copied, 100);
 
     let mut changes = handle.subscribe();
     remote
@@ -195,16 +168,10 @@ async fn copies_then_streams_every_operation_and_type() {
     assert_eq!(local_count(&local, "pairs").await, 1);
 
     // Replicated tables are read-only locally.
-    let err = local
-        .query("INSERT INTO pairs VALUES (2, 'x', 'y')", &[])
-        .await
-        .unwrap_err();
+    let err = local.query("INSERT INTO pairs VALUES (2, 'x', 'y')", &[]).await.unwrap_err();
     assert!(err.to_string().contains("read-only"), "{err}");
     // Secondary indexes came along.
-    let idx = local
-        .query("SELECT count(*) FROM pg_indexes WHERE indexname = 'items_t'", &[])
-        .await
-        .unwrap();
+    let idx = local.query("SELECT count(*) FROM pg_indexes WHERE indexname = 'items_t'", &[]).await.unwrap();
     assert_eq!(idx.rows[0].get::<i64>(0), 1);
 
     handle.stop().await.unwrap();
@@ -247,17 +214,11 @@ async fn snapshot_copy_under_concurrent_writes_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let local = instance().await;
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let writes = writer.await.unwrap();
-    assert!(
-        writes > 10,
-        "the writer should have run during the copy ({writes} transactions)"
-    );
+    assert!(writes > 10, "the writer should have run during the copy ({writes} transactions)");
     catch_up(&handle, &remote).await;
     assert_same(&remote, &local, "events").await;
     handle.stop().await.unwrap();
@@ -279,10 +240,7 @@ async fn restart_resumes_exactly_and_transactions_are_atomic() {
     let local = instance().await;
     let cfg = config(&pg, &db, "pub");
     let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
 
     // Transfers keep the total constant: a reader that saw half of one
     // would see another total.
@@ -292,10 +250,7 @@ async fn restart_resumes_exactly_and_transactions_are_atomic() {
     let reader = tokio::spawn(async move {
         let mut checks = 0;
         while reading2.load(std::sync::atomic::Ordering::Relaxed) {
-            let r = reader_local
-                .query("SELECT sum(balance)::int8 FROM accounts", &[])
-                .await
-                .unwrap();
+            let r = reader_local.query("SELECT sum(balance)::int8 FROM accounts", &[]).await.unwrap();
             assert_eq!(r.rows[0].get::<i64>(0), 10_000, "a reader saw half of a transaction");
             checks += 1;
         }
@@ -332,26 +287,16 @@ async fn restart_resumes_exactly_and_transactions_are_atomic() {
         .unwrap();
     let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
     catch_up(&handle, &remote).await;
-    assert!(
-        handle.status().applied_lsn > stopped_at,
-        "{:?} vs stopped at {stopped_at}",
-        handle.status()
-    );
+    assert!(handle.status().applied_lsn > stopped_at, "{:?} vs stopped at {stopped_at}", handle.status());
     assert_same(&remote, &local, "accounts").await;
-    let stored = local
-        .query("SELECT applied_lsn::text FROM pglite_cache.replication", &[])
-        .await
-        .unwrap();
+    let stored = local.query("SELECT applied_lsn::text FROM pglite_cache.replication", &[]).await.unwrap();
     let stored: Lsn = stored.rows[0].get::<String>(0).parse().unwrap();
     assert_eq!(stored, handle.status().applied_lsn);
 
     // The slot's confirmed position never runs ahead of what is stored.
     handle.stop().await.unwrap();
     let confirmed = remote
-        .query_one(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&cfg.slot_name],
-        )
+        .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&cfg.slot_name])
         .await
         .unwrap();
     let confirmed: Lsn = confirmed.get::<_, String>(0).parse().unwrap();
@@ -361,12 +306,7 @@ async fn restart_resumes_exactly_and_transactions_are_atomic() {
     handle.decommission().await.unwrap();
     let slots = remote.query("SELECT 1 FROM pg_replication_slots", &[]).await.unwrap();
     assert!(slots.is_empty());
-    assert!(
-        local
-            .query("SELECT 1 FROM pglite_cache.replication", &[])
-            .await
-            .is_err()
-    );
+    assert!(local.query("SELECT 1 FROM pglite_cache.replication", &[]).await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -384,10 +324,7 @@ async fn large_transactions_apply_in_pieces_and_atomically() {
     let local = instance().await;
     // A small buffer forces the piecewise path (an open local transaction).
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub").max_buffered_bytes(256 << 10)).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
 
     let reader_local = local.clone();
     let reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -395,10 +332,7 @@ async fn large_transactions_apply_in_pieces_and_atomically() {
     let reader = tokio::spawn(async move {
         let mut seen = std::collections::BTreeSet::new();
         while reading2.load(std::sync::atomic::Ordering::Relaxed) {
-            let r = reader_local
-                .query("SELECT count(*), coalesce(sum(n), 0)::int8 FROM big", &[])
-                .await
-                .unwrap();
+            let r = reader_local.query("SELECT count(*), coalesce(sum(n), 0)::int8 FROM big", &[]).await.unwrap();
             seen.insert((r.rows[0].get::<i64>(0), r.rows[0].get::<i64>(1)));
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -406,9 +340,7 @@ async fn large_transactions_apply_in_pieces_and_atomically() {
     });
     const N: i64 = 100_000;
     remote
-        .batch_execute(&format!(
-            "INSERT INTO big SELECT i, md5(i::text), 1 FROM generate_series(1, {N}) i"
-        ))
+        .batch_execute(&format!("INSERT INTO big SELECT i, md5(i::text), 1 FROM generate_series(1, {N}) i"))
         .await
         .unwrap();
     catch_up(&handle, &remote).await;
@@ -423,10 +355,7 @@ async fn large_transactions_apply_in_pieces_and_atomically() {
     let seen = reader.await.unwrap();
     // Only states between whole transactions were visible.
     let allowed = [(0, 0), (N, N), (N, 2 * N), (N / 2, N)];
-    assert!(
-        seen.iter().all(|s| allowed.contains(s)),
-        "a reader saw a partial transaction: {seen:?}"
-    );
+    assert!(seen.iter().all(|s| allowed.contains(s)), "a reader saw a partial transaction: {seen:?}");
     let status = handle.status();
     let t = &status.tables[0];
     assert_eq!((t.inserted, t.updated, t.deleted), (N as u64, N as u64, N as u64 / 2));
@@ -448,10 +377,7 @@ async fn survives_walsender_termination_and_remote_restart() {
     let local = instance().await;
     let cfg = config(&pg, &db, "pub");
     let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
 
     // The walsender is terminated: reconnect, resume.
     let killed = remote
@@ -462,10 +388,7 @@ async fn survives_walsender_termination_and_remote_restart() {
         .await
         .unwrap();
     assert_eq!(killed.len(), 1);
-    remote
-        .batch_execute("INSERT INTO t VALUES (11, 11); UPDATE t SET v = 0 WHERE id = 1;")
-        .await
-        .unwrap();
+    remote.batch_execute("INSERT INTO t VALUES (11, 11); UPDATE t SET v = 0 WHERE id = 1;").await.unwrap();
     catch_up(&handle, &remote).await;
     assert_same(&remote, &local, "t").await;
 
@@ -473,10 +396,7 @@ async fn survives_walsender_termination_and_remote_restart() {
     let mut statuses = handle.watch_status();
     pg.restart();
     let remote = pg.client(&db).await;
-    remote
-        .batch_execute("INSERT INTO t VALUES (12, 12); DELETE FROM t WHERE id = 2;")
-        .await
-        .unwrap();
+    remote.batch_execute("INSERT INTO t VALUES (12, 12); DELETE FROM t WHERE id = 2;").await.unwrap();
     catch_up(&handle, &remote).await;
     assert_same(&remote, &local, "t").await;
     // It went through Reconnecting at least once.
@@ -494,17 +414,11 @@ async fn slot_dropped_behind_our_back_halts_with_a_hint() {
     let pg = PgCluster::start();
     let db = pg.create_database("slotgone").await;
     let remote = pg.client(&db).await;
-    remote
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE t;")
-        .await
-        .unwrap();
+    remote.batch_execute("CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE t;").await.unwrap();
     let local = instance().await;
     let cfg = config(&pg, &db, "pub");
     let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
     // Terminate the walsender and drop the slot before we reconnect.
     let deadline = std::time::Instant::now() + WAIT;
     loop {
@@ -515,11 +429,7 @@ async fn slot_dropped_behind_our_back_halts_with_a_hint() {
             )
             .await
             .unwrap();
-        if remote
-            .execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot_name])
-            .await
-            .is_ok()
-        {
+        if remote.execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot_name]).await.is_ok() {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "could not drop the slot");
@@ -554,10 +464,7 @@ async fn columns_added_upstream_are_added_locally() {
         .unwrap();
     let local = instance().await;
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
     remote
         .batch_execute(
             "ALTER TABLE t ADD COLUMN plain int; ALTER TABLE t ADD COLUMN with_default text NOT NULL DEFAULT 'd'; \
@@ -569,10 +476,7 @@ async fn columns_added_upstream_are_added_locally() {
     assert_same(&remote, &local, "t").await;
 
     // A dropped column halts with an operator error; resync() fixes it.
-    remote
-        .batch_execute("ALTER TABLE t DROP COLUMN plain; UPDATE t SET v = 'after drop' WHERE id = 2;")
-        .await
-        .unwrap();
+    remote.batch_execute("ALTER TABLE t DROP COLUMN plain; UPDATE t SET v = 'after drop' WHERE id = 2;").await.unwrap();
     let mut status = handle.watch_status();
     let halted = tokio::time::timeout(WAIT, status.wait_for(|s| matches!(s.phase, Phase::Halted { .. })))
         .await
@@ -584,14 +488,8 @@ async fn columns_added_upstream_are_added_locally() {
         other => panic!("{other:?}"),
     }
     handle.resync().await.unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming())
-        .await
-        .unwrap()
-        .unwrap();
-    remote
-        .batch_execute("INSERT INTO t VALUES (4, 'd', 'y')")
-        .await
-        .unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    remote.batch_execute("INSERT INTO t VALUES (4, 'd', 'y')").await.unwrap();
     catch_up(&handle, &remote).await;
     assert_same(&remote, &local, "t").await;
     handle.stop().await.unwrap();
@@ -613,32 +511,17 @@ async fn owned_publication_over_a_unix_socket_and_decommission() {
     let local = instance().await;
     let cfg = ReplicationConfig::new(
         pg.unix_url(&db).parse().unwrap(),
-        PublicationSpec::Owned {
-            name: "cache_pub".into(),
-            tables: vec!["shop.orders".into()],
-        },
+        PublicationSpec::Owned { name: "cache_pub".into(), tables: vec!["shop.orders".into()] },
     )
     .slot_name("owned_slot");
     let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming())
-        .await
-        .unwrap()
-        .unwrap();
-    remote
-        .batch_execute("INSERT INTO shop.orders VALUES (2, 1.5); INSERT INTO other VALUES (2);")
-        .await
-        .unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    remote.batch_execute("INSERT INTO shop.orders VALUES (2, 1.5); INSERT INTO other VALUES (2);").await.unwrap();
     catch_up(&handle, &remote).await;
     assert_same(&remote, &local, "shop.orders").await;
-    assert!(
-        local.query("SELECT 1 FROM other", &[]).await.is_err(),
-        "unpublished tables are not copied"
-    );
+    assert!(local.query("SELECT 1 FROM other", &[]).await.is_err(), "unpublished tables are not copied");
     handle.decommission().await.unwrap();
-    let pubs = remote
-        .query("SELECT 1 FROM pg_publication WHERE pubname = 'cache_pub'", &[])
-        .await
-        .unwrap();
+    let pubs = remote.query("SELECT 1 FROM pg_publication WHERE pubname = 'cache_pub'", &[]).await.unwrap();
     assert!(pubs.is_empty());
     // The local copy stays, now writable.
     local.query("INSERT INTO shop.orders VALUES (3, 0)", &[]).await.unwrap();
@@ -660,10 +543,7 @@ async fn tables_added_to_the_publication_are_backfilled() {
         .unwrap();
     let local = instance().await;
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
 
     // Added, then changed right away: copied at a point consistent with the stream.
     remote
@@ -677,18 +557,8 @@ async fn tables_added_to_the_publication_are_backfilled() {
     catch_up(&handle, &remote).await;
     // The backfill happens right after the transaction that revealed it.
     let deadline = std::time::Instant::now() + WAIT;
-    while local
-        .query("SELECT 1 FROM pglite_cache.tables WHERE table_name = 'b'", &[])
-        .await
-        .unwrap()
-        .rows
-        .is_empty()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "b was not backfilled: {:?}",
-            handle.status()
-        );
+    while local.query("SELECT 1 FROM pglite_cache.tables WHERE table_name = 'b'", &[]).await.unwrap().rows.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "b was not backfilled: {:?}", handle.status());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     catch_up(&handle, &remote).await;
@@ -698,34 +568,18 @@ async fn tables_added_to_the_publication_are_backfilled() {
     // Added without any change: found by the periodic publication check.
     remote.batch_execute("ALTER PUBLICATION pub ADD TABLE c").await.unwrap();
     let deadline = std::time::Instant::now() + WAIT;
-    while local
-        .query("SELECT 1 FROM pglite_cache.tables WHERE table_name = 'c'", &[])
-        .await
-        .unwrap()
-        .rows
-        .is_empty()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "c was not backfilled: {:?}",
-            handle.status()
-        );
+    while local.query("SELECT 1 FROM pglite_cache.tables WHERE table_name = 'c'", &[]).await.unwrap().rows.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "c was not backfilled: {:?}", handle.status());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    remote
-        .batch_execute("INSERT INTO c VALUES (11); DELETE FROM c WHERE id = 1;")
-        .await
-        .unwrap();
+    remote.batch_execute("INSERT INTO c VALUES (11); DELETE FROM c WHERE id = 1;").await.unwrap();
     catch_up(&handle, &remote).await;
     assert_same(&remote, &local, "c").await;
     assert_eq!(handle.status().tables.len(), 3);
 
     // Survives a restart (the tables and their LSNs are stored).
     handle.stop().await.unwrap();
-    remote
-        .batch_execute("INSERT INTO b VALUES (6000, 'y'); INSERT INTO c VALUES (12);")
-        .await
-        .unwrap();
+    remote.batch_execute("INSERT INTO b VALUES (6000, 'y'); INSERT INTO c VALUES (12);").await.unwrap();
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
     catch_up(&handle, &remote).await;
     assert_same(&remote, &local, "b").await;
@@ -733,10 +587,7 @@ async fn tables_added_to_the_publication_are_backfilled() {
 
     // A table removed from the publication stops receiving changes; its
     // local rows stay as they were.
-    remote
-        .batch_execute("ALTER PUBLICATION pub DROP TABLE c; INSERT INTO c VALUES (13);")
-        .await
-        .unwrap();
+    remote.batch_execute("ALTER PUBLICATION pub DROP TABLE c; INSERT INTO c VALUES (13);").await.unwrap();
     catch_up(&handle, &remote).await;
     assert_eq!(local_count(&local, "c").await, 11);
     handle.stop().await.unwrap();
@@ -761,41 +612,21 @@ async fn stop_during_the_initial_copy_then_start_again() {
     cfg.copy_batch_bytes = 256 << 10; // many batches, so there is a middle
     let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
     let mut status = handle.watch_status();
-    tokio::time::timeout(WAIT, status.wait_for(|s| s.tables.iter().any(|t| t.rows_copied > 0)))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(WAIT, status.wait_for(|s| s.tables.iter().any(|t| t.rows_copied > 0))).await.unwrap().unwrap();
     handle.stop().await.unwrap();
-    assert_ne!(
-        handle.status().tables[0].rows_copied,
-        300_000,
-        "stopped too late to test a stop mid-copy"
-    );
+    assert_ne!(handle.status().tables[0].rows_copied, 300_000, "stopped too late to test a stop mid-copy");
     // Nothing half-copied is left behind.
     assert!(local.query("SELECT 1 FROM big", &[]).await.is_err());
 
-    remote
-        .batch_execute("INSERT INTO big VALUES (300001, 'after'); DELETE FROM small WHERE id = 1;")
-        .await
-        .unwrap();
+    remote.batch_execute("INSERT INTO big VALUES (300001, 'after'); DELETE FROM small WHERE id = 1;").await.unwrap();
     let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming())
-        .await
-        .unwrap()
-        .unwrap();
-    remote
-        .batch_execute("UPDATE big SET v = 'x' WHERE id < 100")
-        .await
-        .unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    remote.batch_execute("UPDATE big SET v = 'x' WHERE id < 100").await.unwrap();
     catch_up(&handle, &remote).await;
     assert_same(&remote, &local, "big").await;
     assert_same(&remote, &local, "small").await;
     // One slot: the interrupted copy's slot was replaced.
-    let slots: i64 = remote
-        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let slots: i64 = remote.query_one("SELECT count(*) FROM pg_replication_slots", &[]).await.unwrap().get(0);
     assert_eq!(slots, 1);
     handle.stop().await.unwrap();
 }
@@ -815,10 +646,7 @@ async fn slot_lost_with_resync_policy_copies_again() {
     let local = instance().await;
     let cfg = config(&pg, &db, "pub").on_slot_lost(pglite_cache::replication::SlotLostPolicy::Resync);
     let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         remote
@@ -828,30 +656,18 @@ async fn slot_lost_with_resync_policy_copies_again() {
             )
             .await
             .unwrap();
-        if remote
-            .execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot_name])
-            .await
-            .is_ok()
-        {
+        if remote.execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot_name]).await.is_ok() {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "could not drop the slot");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Changes made while no slot existed are only in a new copy.
-    remote
-        .batch_execute("UPDATE t SET v = -v WHERE id <= 50; DELETE FROM t WHERE id > 90;")
-        .await
-        .unwrap();
+    remote.batch_execute("UPDATE t SET v = -v WHERE id <= 50; DELETE FROM t WHERE id > 90;").await.unwrap();
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let slot = remote
-            .query(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&cfg.slot_name],
-            )
-            .await
-            .unwrap();
+        let slot =
+            remote.query("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&cfg.slot_name]).await.unwrap();
         if !slot.is_empty() && handle.status().phase == Phase::Streaming {
             break;
         }
@@ -866,20 +682,11 @@ async fn slot_lost_with_resync_policy_copies_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_remote_is_retried_until_stopped() {
     // Nothing listens on this port.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let source = format!("host=127.0.0.1 port={port} user=postgres dbname=x")
-        .parse()
-        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let source = format!("host=127.0.0.1 port={port} user=postgres dbname=x").parse().unwrap();
     let local = instance().await;
-    let handle = Replication::start(
-        local,
-        ReplicationConfig::new(source, PublicationSpec::Existing("p".into())),
-    )
-    .unwrap();
+    let handle =
+        Replication::start(local, ReplicationConfig::new(source, PublicationSpec::Existing("p".into()))).unwrap();
     let mut status = handle.watch_status();
     let reconnecting = tokio::time::timeout(
         WAIT,
@@ -918,10 +725,7 @@ async fn partitions_row_filters_column_lists_and_writable_opt_out() {
         .unwrap();
     let local = instance().await;
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub").read_only(false)).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
     remote
         .batch_execute(
             "INSERT INTO measures VALUES (3, '2024-06-01', 3.5); UPDATE measures SET v = 0 WHERE id = 1; \
@@ -935,25 +739,12 @@ async fn partitions_row_filters_column_lists_and_writable_opt_out() {
     // The partitioned table replicates as one local table.
     assert_same(&remote, &local, "measures").await;
     // Only published columns, only rows matching the filter.
-    let users = local
-        .query("SELECT id, email, active FROM users ORDER BY id", &[])
-        .await
-        .unwrap();
+    let users = local.query("SELECT id, email, active FROM users ORDER BY id", &[]).await.unwrap();
     let rows: Vec<(i32, String, bool)> = users.rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
-    assert_eq!(
-        rows,
-        vec![
-            (2, "y@x".into(), true),
-            (3, "c@x".into(), true),
-            (4, "d@x".into(), false)
-        ]
-    );
+    assert_eq!(rows, vec![(2, "y@x".into(), true), (3, "c@x".into(), true), (4, "d@x".into(), false)]);
     assert!(local.query("SELECT secret FROM users", &[]).await.is_err());
     // read_only(false): local writes are allowed.
-    local
-        .query("INSERT INTO users VALUES (100, 'local', true)", &[])
-        .await
-        .unwrap();
+    local.query("INSERT INTO users VALUES (100, 'local', true)", &[]).await.unwrap();
     handle.stop().await.unwrap();
 }
 
@@ -971,10 +762,7 @@ async fn tls_require_and_verify_full() {
         .unwrap();
     let ca = pg.path().join("ca.crt");
     for (n, source) in [
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname={db} sslmode=require",
-            pg.port
-        ),
+        format!("host=127.0.0.1 port={} user=postgres dbname={db} sslmode=require", pg.port),
         format!(
             "postgres://postgres@localhost:{}/{db}?sslmode=verify-full&sslrootcert={}",
             pg.port,
@@ -989,14 +777,8 @@ async fn tls_require_and_verify_full() {
             .slot_name(format!("tls_{n}"))
             .status_interval(Duration::from_secs(1));
         let handle = Replication::start(local.clone(), cfg).unwrap();
-        tokio::time::timeout(WAIT, handle.wait_streaming())
-            .await
-            .unwrap()
-            .unwrap();
-        remote
-            .batch_execute(&format!("INSERT INTO t VALUES ({}, 'tls')", n + 10))
-            .await
-            .unwrap();
+        tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+        remote.batch_execute(&format!("INSERT INTO t VALUES ({}, 'tls')", n + 10)).await.unwrap();
         catch_up(&handle, &remote).await;
         assert_same(&remote, &local, "t").await;
         let encrypted: i64 = remote

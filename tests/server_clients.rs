@@ -15,10 +15,7 @@ use sqlx::postgres::PgPoolOptions;
 async fn tokio_postgres_prepared_statements_pipelining_errors_and_copy() {
     let server = TestServer::start(ServerConfig::default()).await;
     let client = server.connect().await;
-    client
-        .batch_execute("CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL)")
-        .await
-        .unwrap();
+    client.batch_execute("CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL)").await.unwrap();
 
     // Prepared statements, executed many times.
     let insert = client.prepare("INSERT INTO items VALUES ($1, $2)").await.unwrap();
@@ -46,17 +43,11 @@ async fn tokio_postgres_prepared_statements_pipelining_errors_and_copy() {
     let sink = client.copy_in("COPY items FROM STDIN").await.unwrap();
     futures_util::pin_mut!(sink);
     for chunk in 0..10 {
-        let rows: String = (0..1000)
-            .map(|i| format!("{}\tcopied {}\n", 1000 + chunk * 1000 + i, i))
-            .collect();
+        let rows: String = (0..1000).map(|i| format!("{}\tcopied {}\n", 1000 + chunk * 1000 + i, i)).collect();
         sink.send(Bytes::from(rows)).await.unwrap();
     }
     assert_eq!(sink.finish().await.unwrap(), 10_000);
-    let count: i64 = client
-        .query_one("SELECT count(*) FROM items", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let count: i64 = client.query_one("SELECT count(*) FROM items", &[]).await.unwrap().get(0);
     assert_eq!(count, 10_050);
 
     // COPY with bad data fails cleanly and changes nothing.
@@ -64,58 +55,30 @@ async fn tokio_postgres_prepared_statements_pipelining_errors_and_copy() {
     futures_util::pin_mut!(sink);
     sink.send(Bytes::from_static(b"not-a-number\tx\n")).await.unwrap();
     let err = sink.finish().await.unwrap_err();
-    assert_eq!(
-        err.code(),
-        Some(&tokio_postgres::error::SqlState::INVALID_TEXT_REPRESENTATION)
-    );
-    let count: i64 = client
-        .query_one("SELECT count(*) FROM items", &[])
-        .await
-        .unwrap()
-        .get(0);
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::INVALID_TEXT_REPRESENTATION));
+    let count: i64 = client.query_one("SELECT count(*) FROM items", &[]).await.unwrap().get(0);
     assert_eq!(count, 10_050);
 
     // COPY inside a transaction, then rolled back.
     client.batch_execute("BEGIN").await.unwrap();
-    let sink = client
-        .copy_in("COPY items (id, name) FROM STDIN WITH (FORMAT csv)")
-        .await
-        .unwrap();
+    let sink = client.copy_in("COPY items (id, name) FROM STDIN WITH (FORMAT csv)").await.unwrap();
     futures_util::pin_mut!(sink);
     sink.send(Bytes::from_static(b"99999,in tx\n")).await.unwrap();
     assert_eq!(sink.finish().await.unwrap(), 1);
-    let seen: i64 = client
-        .query_one("SELECT count(*) FROM items WHERE id = 99999", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let seen: i64 = client.query_one("SELECT count(*) FROM items WHERE id = 99999", &[]).await.unwrap().get(0);
     assert_eq!(seen, 1, "the transaction sees its own COPY");
     client.batch_execute("ROLLBACK").await.unwrap();
-    let seen: i64 = client
-        .query_one("SELECT count(*) FROM items WHERE id = 99999", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let seen: i64 = client.query_one("SELECT count(*) FROM items WHERE id = 99999", &[]).await.unwrap().get(0);
     assert_eq!(seen, 0);
 
     // COPY TO STDOUT.
-    let stream = client
-        .copy_out("COPY (SELECT id, name FROM items WHERE id < 3 ORDER BY id) TO STDOUT")
-        .await
-        .unwrap();
+    let stream = client.copy_out("COPY (SELECT id, name FROM items WHERE id < 3 ORDER BY id) TO STDOUT").await.unwrap();
     let chunks: Vec<Bytes> = stream.try_collect().await.unwrap();
     assert_eq!(chunks.concat(), b"0\titem 0\n1\titem 1\n2\titem 2\n");
 
     // Notices reach the connection that raised them.
-    let messages = client
-        .simple_query("DO $$ BEGIN RAISE NOTICE 'hello'; END $$")
-        .await
-        .unwrap();
-    assert!(
-        messages
-            .iter()
-            .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::CommandComplete(_)))
-    );
+    let messages = client.simple_query("DO $$ BEGIN RAISE NOTICE 'hello'; END $$").await.unwrap();
+    assert!(messages.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::CommandComplete(_))));
     server.shutdown().await;
 }
 
@@ -123,27 +86,12 @@ async fn tokio_postgres_prepared_statements_pipelining_errors_and_copy() {
 async fn same_statement_names_on_different_connections_stay_apart() {
     let server = TestServer::start(ServerConfig::default()).await;
     // sqlx names prepared statements sqlx_s_1, sqlx_s_2, ... on every connection.
-    let a = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&server.url())
-        .await
-        .unwrap();
-    let b = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&server.url())
-        .await
-        .unwrap();
+    let a = PgPoolOptions::new().max_connections(1).connect(&server.url()).await.unwrap();
+    let b = PgPoolOptions::new().max_connections(1).connect(&server.url()).await.unwrap();
     for round in 0..3 {
-        let x: String = sqlx::query_scalar("SELECT 'a' || $1::text")
-            .bind(round.to_string())
-            .fetch_one(&a)
-            .await
-            .unwrap();
-        let y: i32 = sqlx::query_scalar("SELECT 100 + $1::int")
-            .bind(round)
-            .fetch_one(&b)
-            .await
-            .unwrap();
+        let x: String =
+            sqlx::query_scalar("SELECT 'a' || $1::text").bind(round.to_string()).fetch_one(&a).await.unwrap();
+        let y: i32 = sqlx::query_scalar("SELECT 100 + $1::int").bind(round).fetch_one(&b).await.unwrap();
         assert_eq!((x, y), (format!("a{round}"), 100 + round));
     }
     a.close().await;
@@ -157,25 +105,14 @@ async fn sqlx_pool_of_8_runs_concurrent_transfers_without_interleaving() {
     const TASKS: i32 = 8;
     const TRANSFERS: i32 = 40;
     let server = TestServer::start(ServerConfig::default()).await;
-    let pool = PgPoolOptions::new()
-        .max_connections(8)
-        .min_connections(8)
-        .connect(&server.url())
-        .await
-        .unwrap();
-    sqlx::query("CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let pool = PgPoolOptions::new().max_connections(8).min_connections(8).connect(&server.url()).await.unwrap();
+    sqlx::query("CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL)").execute(&pool).await.unwrap();
     sqlx::query("INSERT INTO accounts SELECT g, 1000 FROM generate_series(1, $1) g")
         .bind(ACCOUNTS)
         .execute(&pool)
         .await
         .unwrap();
-    sqlx::query("CREATE TABLE transfers (task int, n int, amount bigint)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query("CREATE TABLE transfers (task int, n int, amount bigint)").execute(&pool).await.unwrap();
 
     let workers = (0..TASKS).map(|task| {
         let pool = pool.clone();
@@ -207,11 +144,7 @@ async fn sqlx_pool_of_8_runs_concurrent_transfers_without_interleaving() {
                     .fetch_one(&mut *tx)
                     .await
                     .unwrap();
-                assert_eq!(
-                    after,
-                    before - amount,
-                    "a transaction sees its own write, and only its own"
-                );
+                assert_eq!(after, before - amount, "a transaction sees its own write, and only its own");
                 sqlx::query("UPDATE accounts SET balance = balance + $2 WHERE id = $1")
                     .bind(to)
                     .bind(amount)
@@ -219,10 +152,8 @@ async fn sqlx_pool_of_8_runs_concurrent_transfers_without_interleaving() {
                     .await
                     .unwrap();
                 // ...while the total inside the transaction is still constant.
-                let total: i64 = sqlx::query_scalar("SELECT sum(balance)::bigint FROM accounts")
-                    .fetch_one(&mut *tx)
-                    .await
-                    .unwrap();
+                let total: i64 =
+                    sqlx::query_scalar("SELECT sum(balance)::bigint FROM accounts").fetch_one(&mut *tx).await.unwrap();
                 assert_eq!(total, i64::from(ACCOUNTS) * 1000);
                 sqlx::query("INSERT INTO transfers VALUES ($1, $2, $3)")
                     .bind(task)
@@ -243,15 +174,9 @@ async fn sqlx_pool_of_8_runs_concurrent_transfers_without_interleaving() {
         tokio::spawn(async move {
             let mut reads = 0;
             for _ in 0..100 {
-                let total: i64 = sqlx::query_scalar("SELECT sum(balance)::bigint FROM accounts")
-                    .fetch_one(&pool)
-                    .await
-                    .unwrap();
-                assert_eq!(
-                    total,
-                    i64::from(ACCOUNTS) * 1000,
-                    "no uncommitted write of another connection is visible"
-                );
+                let total: i64 =
+                    sqlx::query_scalar("SELECT sum(balance)::bigint FROM accounts").fetch_one(&pool).await.unwrap();
+                assert_eq!(total, i64::from(ACCOUNTS) * 1000, "no uncommitted write of another connection is visible");
                 reads += 1;
             }
             reads
@@ -262,23 +187,11 @@ async fn sqlx_pool_of_8_runs_concurrent_transfers_without_interleaving() {
         committed += worker.await.unwrap();
     }
     assert_eq!(reader.await.unwrap(), 100);
-    let total: i64 = sqlx::query_scalar("SELECT sum(balance)::bigint FROM accounts")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let total: i64 = sqlx::query_scalar("SELECT sum(balance)::bigint FROM accounts").fetch_one(&pool).await.unwrap();
     assert_eq!(total, i64::from(ACCOUNTS) * 1000);
-    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM transfers")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert!(
-        committed > i64::from(TASKS * TRANSFERS) / 2,
-        "most transfers ran: {committed}"
-    );
-    assert_eq!(
-        logged, committed,
-        "every committed transfer, and only those, is recorded"
-    );
+    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM transfers").fetch_one(&pool).await.unwrap();
+    assert!(committed > i64::from(TASKS * TRANSFERS) / 2, "most transfers ran: {committed}");
+    assert_eq!(logged, committed, "every committed transfer, and only those, is recorded");
     // Each account's balance is exactly what the log says it should be.
     let mismatches: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM accounts a WHERE a.balance <> 1000 + coalesce((SELECT sum(CASE WHEN ((t.task * 3 + t.n * 7 + 1) % $1) + 1 = a.id THEN t.amount ELSE 0 END) - sum(CASE WHEN ((t.task + t.n) % $1) + 1 = a.id THEN t.amount ELSE 0 END) FROM transfers t), 0)",
@@ -297,28 +210,17 @@ async fn settings_of_one_client_do_not_leak_to_others() {
     let server = TestServer::start(ServerConfig::default()).await;
     let a = server.connect().await;
     let b = server.connect().await;
-    a.batch_execute("SET TimeZone = 'Asia/Tokyo'; SET work_mem = '7MB'")
-        .await
-        .unwrap();
+    a.batch_execute("SET TimeZone = 'Asia/Tokyo'; SET work_mem = '7MB'").await.unwrap();
     assert_eq!(show(&b, "TimeZone").await, "UTC");
     assert_eq!(show(&b, "work_mem").await, "4MB");
     assert_eq!(show(&a, "TimeZone").await, "Asia/Tokyo");
     assert_eq!(show(&a, "work_mem").await, "7MB");
     // The Rust API sees the defaults too.
-    let rows = server
-        .db
-        .query("SELECT current_setting('TimeZone') AS tz", &[])
-        .await
-        .unwrap()
-        .rows;
+    let rows = server.db.query("SELECT current_setting('TimeZone') AS tz", &[]).await.unwrap().rows;
     assert_eq!(rows[0].get::<String>("tz"), "UTC");
     // A setting made inside a transaction is kept after COMMIT, dropped on ROLLBACK.
-    b.batch_execute("BEGIN; SET statement_timeout = '5s'; COMMIT")
-        .await
-        .unwrap();
-    b.batch_execute("BEGIN; SET lock_timeout = '3s'; ROLLBACK")
-        .await
-        .unwrap();
+    b.batch_execute("BEGIN; SET statement_timeout = '5s'; COMMIT").await.unwrap();
+    b.batch_execute("BEGIN; SET lock_timeout = '3s'; ROLLBACK").await.unwrap();
     assert_eq!(show(&b, "statement_timeout").await, "5s");
     assert_eq!(show(&b, "lock_timeout").await, "0");
     assert_eq!(show(&a, "statement_timeout").await, "0");
@@ -338,17 +240,9 @@ async fn settings_of_one_client_do_not_leak_to_others() {
 
     // Inside a script, or through the extended protocol, they would hit every client: refused.
     let err = a.batch_execute("SELECT 1; DISCARD ALL").await.unwrap_err();
-    assert_eq!(
-        err.code(),
-        Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED),
-        "{err}"
-    );
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED), "{err}");
     let err = a.execute("DEALLOCATE ALL", &[]).await.unwrap_err();
-    assert_eq!(
-        err.code(),
-        Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED),
-        "{err}"
-    );
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED), "{err}");
     assert_eq!(b.query_one(&stmt, &[]).await.unwrap().get::<_, i32>(0), 1);
 
     // Settings from the startup packet (PGOPTIONS) belong to that connection.
@@ -362,11 +256,7 @@ async fn settings_of_one_client_do_not_leak_to_others() {
 }
 
 async fn show(client: &tokio_postgres::Client, name: &str) -> String {
-    client
-        .query_one(&format!("SELECT current_setting('{name}')"), &[])
-        .await
-        .unwrap()
-        .get(0)
+    client.query_one(&format!("SELECT current_setting('{name}')"), &[]).await.unwrap().get(0)
 }
 
 fn psql() -> &'static str {
@@ -420,16 +310,7 @@ async fn psql_meta_commands_copy_and_errors() {
     let server = TestServer::start(ServerConfig::default()).await;
     let s = &server;
     let (out, err, ok) = tokio::task::block_in_place(|| {
-        run_psql(
-            s,
-            &[
-                "-c",
-                "CREATE TABLE people (id int PRIMARY KEY, name text NOT NULL)",
-                "-c",
-                "\\d people",
-            ],
-            None,
-        )
+        run_psql(s, &["-c", "CREATE TABLE people (id int PRIMARY KEY, name text NOT NULL)", "-c", "\\d people"], None)
     });
     assert!(ok, "psql failed: {err}");
     assert!(out.contains("Table \"public.people\""), "{out}");
@@ -462,10 +343,7 @@ async fn psql_meta_commands_copy_and_errors() {
 /// A tokio-postgres client whose notifications are collected.
 async fn listening_client(
     server: &TestServer,
-) -> (
-    tokio_postgres::Client,
-    tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
-) {
+) -> (tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>) {
     let (client, mut connection) = server.tcp_config().connect(tokio_postgres::NoTls).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -497,9 +375,7 @@ async fn notifications_reach_the_listening_connections_only() {
 
     // A's UNLISTEN does not stop B from hearing; A hears no more.
     a.batch_execute("UNLISTEN orders").await.unwrap();
-    c.batch_execute("BEGIN; NOTIFY orders, 'second'; NOTIFY \"Other\", 'x'; COMMIT")
-        .await
-        .unwrap();
+    c.batch_execute("BEGIN; NOTIFY orders, 'second'; NOTIFY \"Other\", 'x'; COMMIT").await.unwrap();
     let n = tokio::time::timeout(wait, b_rx.recv()).await.unwrap().unwrap();
     assert_eq!(n.payload(), "second");
     let n = tokio::time::timeout(wait, b_rx.recv()).await.unwrap().unwrap();
@@ -530,17 +406,9 @@ async fn copy_from_stdin_pipelined_behind_a_query_with_a_named_statement() {
     let mut buf = BytesMut::new();
     frontend::query("SELECT 41 + 1", &mut buf).unwrap();
     frontend::parse("copy_stmt", "COPY t FROM STDIN", [], &mut buf).unwrap();
-    frontend::bind(
-        "",
-        "copy_stmt",
-        [],
-        [],
-        |_: (), _| Ok(postgres_protocol::IsNull::No),
-        [],
-        &mut buf,
-    )
-    .map_err(|_| ())
-    .unwrap();
+    frontend::bind("", "copy_stmt", [], [], |_: (), _| Ok(postgres_protocol::IsNull::No), [], &mut buf)
+        .map_err(|_| ())
+        .unwrap();
     frontend::execute("", 0, &mut buf).unwrap();
     frontend::sync(&mut buf);
     raw.send(&buf).await;
@@ -554,9 +422,7 @@ async fn copy_from_stdin_pipelined_behind_a_query_with_a_named_statement() {
     assert_eq!(tags, b"12G", "ParseComplete, BindComplete, CopyInResponse");
 
     let mut buf = BytesMut::new();
-    frontend::CopyData::new(&b"1\tone\n2\ttwo\n"[..])
-        .unwrap()
-        .write(&mut buf);
+    frontend::CopyData::new(&b"1\tone\n2\ttwo\n"[..]).unwrap().write(&mut buf);
     frontend::copy_done(&mut buf);
     frontend::sync(&mut buf);
     raw.send(&buf).await;
@@ -567,17 +433,9 @@ async fn copy_from_stdin_pipelined_behind_a_query_with_a_named_statement() {
 
     // The named statement exists once (created by the replay, not the probe).
     let mut buf = BytesMut::new();
-    frontend::bind(
-        "",
-        "copy_stmt",
-        [],
-        [],
-        |_: (), _| Ok(postgres_protocol::IsNull::No),
-        [],
-        &mut buf,
-    )
-    .map_err(|_| ())
-    .unwrap();
+    frontend::bind("", "copy_stmt", [], [], |_: (), _| Ok(postgres_protocol::IsNull::No), [], &mut buf)
+        .map_err(|_| ())
+        .unwrap();
     frontend::execute("", 0, &mut buf).unwrap();
     frontend::sync(&mut buf);
     raw.send(&buf).await;
@@ -590,13 +448,7 @@ async fn copy_from_stdin_pipelined_behind_a_query_with_a_named_statement() {
     raw.send(&buf).await;
     let tags: Vec<u8> = raw.read_until_ready().await.iter().map(|m| m.0).collect();
     assert_eq!(tags, b"CZ");
-    let n = server
-        .db
-        .query("SELECT count(*)::int AS n FROM t", &[])
-        .await
-        .unwrap()
-        .rows[0]
-        .get::<i32>("n");
+    let n = server.db.query("SELECT count(*)::int AS n FROM t", &[]).await.unwrap().rows[0].get::<i32>("n");
     assert_eq!(n, 3);
     server.shutdown().await;
 }

@@ -15,14 +15,11 @@ use tokio::time::timeout;
 use common::PATIENCE;
 
 async fn count(client: &tokio_postgres::Client, table: &str) -> i64 {
-    timeout(
-        PATIENCE,
-        client.query_one(&format!("SELECT count(*) FROM {table}"), &[]),
-    )
-    .await
-    .expect("not blocked by a departed client")
-    .unwrap()
-    .get(0)
+    timeout(PATIENCE, client.query_one(&format!("SELECT count(*) FROM {table}"), &[]))
+        .await
+        .expect("not blocked by a departed client")
+        .unwrap()
+        .get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,11 +73,7 @@ async fn garbage_bad_versions_and_ssl_requests_never_hurt_the_instance() {
     packet.extend_from_slice(b"user\0postgres\0\0");
     raw.send(&packet).await;
     let messages = raw.read_until_ready().await;
-    assert_eq!(
-        messages.first().map(|m| m.0),
-        Some(b'v'),
-        "NegotiateProtocolVersion first"
-    );
+    assert_eq!(messages.first().map(|m| m.0), Some(b'v'), "NegotiateProtocolVersion first");
     assert_eq!(&messages[0].1[..4], &0_i32.to_be_bytes(), "minor version 0 offered");
     assert_eq!(messages.last().map(|m| m.0), Some(b'Z'));
 
@@ -116,9 +109,7 @@ async fn garbage_bad_versions_and_ssl_requests_never_hurt_the_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_messages_and_copies_are_refused() {
-    let config = ServerConfig::default()
-        .with_max_message_size(64 * 1024)
-        .with_max_copy_size(64 * 1024);
+    let config = ServerConfig::default().with_max_message_size(64 * 1024).with_max_copy_size(64 * 1024);
     let server = TestServer::start(config).await;
     let healthy = server.connect().await;
     healthy.batch_execute("CREATE TABLE blobs (v text)").await.unwrap();
@@ -130,10 +121,7 @@ async fn oversized_messages_and_copies_are_refused() {
     raw.send(&header).await;
     assert_eq!(error_code(&raw.read_to_eof().await).as_deref(), Some("08P01"));
     let big = server.connect().await;
-    let err = big
-        .execute(&format!("INSERT INTO blobs VALUES ('{}')", "x".repeat(100_000)), &[])
-        .await
-        .unwrap_err();
+    let err = big.execute(&format!("INSERT INTO blobs VALUES ('{}')", "x".repeat(100_000)), &[]).await.unwrap_err();
     assert!(err.is_closed() || err.as_db_error().is_some(), "{err}");
 
     // A COPY over the limit fails, the connection survives.
@@ -141,22 +129,11 @@ async fn oversized_messages_and_copies_are_refused() {
     let sink = client.copy_in("COPY blobs FROM STDIN").await.unwrap();
     futures_util::pin_mut!(sink);
     for _ in 0..10 {
-        sink.send(Bytes::from(format!("{}\n", "y".repeat(10_000))))
-            .await
-            .unwrap();
+        sink.send(Bytes::from(format!("{}\n", "y".repeat(10_000)))).await.unwrap();
     }
     let err = sink.finish().await.unwrap_err();
-    assert_eq!(
-        err.code(),
-        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
-        "{err}"
-    );
-    assert!(
-        err.as_db_error()
-            .unwrap()
-            .message()
-            .contains("exceeds the server's limit")
-    );
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{err}");
+    assert!(err.as_db_error().unwrap().message().contains("exceeds the server's limit"));
     assert_eq!(count(&client, "blobs").await, 0);
     assert_eq!(count(&healthy, "blobs").await, 0);
     server.shutdown().await;
@@ -179,17 +156,7 @@ async fn a_client_leaving_in_any_state_rolls_back_and_blocks_nobody() {
     let mut raw = Raw::connect(&server).await;
     let mut buf = BytesMut::new();
     frontend::parse("", "INSERT INTO t VALUES (2)", [], &mut buf).unwrap();
-    frontend::bind(
-        "",
-        "",
-        [],
-        [],
-        |_: (), _| Ok(postgres_protocol::IsNull::No),
-        [],
-        &mut buf,
-    )
-    .map_err(|_| ())
-    .unwrap();
+    frontend::bind("", "", [], [], |_: (), _| Ok(postgres_protocol::IsNull::No), [], &mut buf).map_err(|_| ()).unwrap();
     frontend::execute("", 0, &mut buf).unwrap();
     frontend::flush(&mut buf);
     raw.send(&buf).await;
@@ -240,9 +207,7 @@ async fn shutdown_lets_transactions_finish_and_closes_idle_clients() {
     let mut server = TestServer::start(ServerConfig::default()).await;
     let idle = server.connect().await;
     let busy = server.connect().await;
-    busy.batch_execute("CREATE TABLE t (id int); BEGIN; INSERT INTO t VALUES (1)")
-        .await
-        .unwrap();
+    busy.batch_execute("CREATE TABLE t (id int); BEGIN; INSERT INTO t VALUES (1)").await.unwrap();
 
     let stopped = server.begin_shutdown();
     // The idle client is told to go, without having to ask anything.
@@ -255,28 +220,13 @@ async fn shutdown_lets_transactions_finish_and_closes_idle_clients() {
     .expect("the server closes idle connections at shutdown");
     assert!(idle.query_one("SELECT 1", &[]).await.is_err());
     // No new connections.
-    assert!(
-        timeout(PATIENCE, common::connect(server.tcp_config()))
-            .await
-            .unwrap()
-            .is_err()
-    );
+    assert!(timeout(PATIENCE, common::connect(server.tcp_config())).await.unwrap().is_err());
     // The busy one finishes its transaction.
     busy.batch_execute("INSERT INTO t VALUES (2); COMMIT").await.unwrap();
-    timeout(PATIENCE, stopped)
-        .await
-        .expect("server stops once the transaction is done")
-        .unwrap()
-        .unwrap();
+    timeout(PATIENCE, stopped).await.expect("server stops once the transaction is done").unwrap().unwrap();
     assert!(!server.socket_dir.join(".s.PGSQL.5432").exists(), "socket file removed");
     // The instance outlives its server.
-    let n = server
-        .db
-        .query("SELECT count(*)::int AS n FROM t", &[])
-        .await
-        .unwrap()
-        .rows[0]
-        .get::<i32>("n");
+    let n = server.db.query("SELECT count(*)::int AS n FROM t", &[]).await.unwrap().rows[0].get::<i32>("n");
     assert_eq!(n, 2);
 }
 
@@ -287,20 +237,10 @@ async fn shutdown_timeout_rolls_back_what_is_still_open() {
     busy.batch_execute("CREATE TABLE t (id int)").await.unwrap();
     busy.batch_execute("BEGIN; INSERT INTO t VALUES (1)").await.unwrap();
     let started = std::time::Instant::now();
-    timeout(PATIENCE, server.begin_shutdown())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    timeout(PATIENCE, server.begin_shutdown()).await.unwrap().unwrap().unwrap();
     assert!(started.elapsed() >= Duration::from_millis(300));
     assert!(busy.batch_execute("COMMIT").await.is_err(), "the connection was closed");
-    let n = server
-        .db
-        .query("SELECT count(*)::int AS n FROM t", &[])
-        .await
-        .unwrap()
-        .rows[0]
-        .get::<i32>("n");
+    let n = server.db.query("SELECT count(*)::int AS n FROM t", &[]).await.unwrap().rows[0].get::<i32>("n");
     assert_eq!(n, 0, "the open transaction was rolled back");
 }
 
@@ -315,23 +255,12 @@ async fn scram_password_on_tcp_trust_on_unix_socket() {
     let mut wrong = server.tcp_config();
     wrong.password("guess");
     let err = common::connect(wrong).await.unwrap_err();
-    assert_eq!(
-        err.code(),
-        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
-        "{err}"
-    );
-    assert!(
-        common::connect(server.tcp_config()).await.is_err(),
-        "no password, no connection"
-    );
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD), "{err}");
+    assert!(common::connect(server.tcp_config()).await.is_err(), "no password, no connection");
 
     // sqlx speaks SCRAM too.
     let url = format!("postgres://postgres:s3cret%20pass@{}/postgres", server.addr);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&url)
-        .await
-        .unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
     let two: i32 = sqlx::query_scalar("SELECT 2").fetch_one(&pool).await.unwrap();
     assert_eq!(two, 2);
     pool.close().await;
@@ -340,11 +269,7 @@ async fn scram_password_on_tcp_trust_on_unix_socket() {
     assert_eq!(unix.query_one("SELECT 3", &[]).await.unwrap().get::<_, i32>(0), 3);
     let mode = std::fs::metadata(&server.socket_dir).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        mode.permissions().mode() & 0o777,
-        0o700,
-        "socket directory is owner-only"
-    );
+    assert_eq!(mode.permissions().mode() & 0o777, 0o700, "socket directory is owner-only");
     server.shutdown().await;
 }
 
@@ -357,11 +282,7 @@ async fn connections_beyond_the_cap_wait_for_a_free_slot() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!third.is_finished(), "the third connection waits");
     drop(first);
-    let third = timeout(PATIENCE, third)
-        .await
-        .expect("served once a slot is free")
-        .unwrap()
-        .unwrap();
+    let third = timeout(PATIENCE, third).await.expect("served once a slot is free").unwrap().unwrap();
     assert_eq!(third.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
     server.shutdown().await;
 }
@@ -380,34 +301,18 @@ async fn cancel_withdraws_a_waiting_statement_of_that_connection_only() {
     let waiting = tokio::spawn(async move { waiter.batch_execute("INSERT INTO t VALUES (2)").await });
     let queued = tokio::spawn(async move { bystander.batch_execute("INSERT INTO t VALUES (3)").await });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        !waiting.is_finished() && !queued.is_finished(),
-        "both wait for the transaction"
-    );
+    assert!(!waiting.is_finished() && !queued.is_finished(), "both wait for the transaction");
 
     // Cancel one of them: it returns at once, while the transaction is still open.
     cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    let err = timeout(PATIENCE, waiting)
-        .await
-        .expect("cancelled promptly")
-        .unwrap()
-        .unwrap_err();
-    assert_eq!(
-        err.code(),
-        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
-        "{err}"
-    );
+    let err = timeout(PATIENCE, waiting).await.expect("cancelled promptly").unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{err}");
     assert!(!queued.is_finished(), "the other waiter is not cancelled");
 
     holder.batch_execute("COMMIT").await.unwrap();
     timeout(PATIENCE, queued).await.unwrap().unwrap().unwrap();
-    let ids: Vec<i32> = holder
-        .query("SELECT id FROM t ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids: Vec<i32> =
+        holder.query("SELECT id FROM t ORDER BY id", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(ids, vec![1, 3], "the cancelled statement never ran");
 
     // A cancel with nothing waiting is a no-op (and does not hit a later statement).
@@ -429,11 +334,8 @@ async fn a_client_vanishing_mid_transaction_leaves_no_settings_behind() {
     let row = reply.iter().find(|m| m.0 == b'D').unwrap();
     assert!(row.1.ends_with(b"9MB"), "{row:?}");
     drop(raw); // ...and it vanishes inside the transaction.
-    let work_mem: String = timeout(PATIENCE, other.query_one("SELECT current_setting('work_mem')", &[]))
-        .await
-        .unwrap()
-        .unwrap()
-        .get(0);
+    let work_mem: String =
+        timeout(PATIENCE, other.query_one("SELECT current_setting('work_mem')", &[])).await.unwrap().unwrap().get(0);
     assert_eq!(work_mem, "4MB", "the departed client's settings were reset");
     server.shutdown().await;
 }
@@ -448,18 +350,9 @@ async fn invalid_startup_settings_are_refused() {
         Err(e) => Err(e),
     };
     let err = outcome.unwrap_err();
-    assert!(
-        err.code() == Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE) || err.is_closed(),
-        "{err}"
-    );
+    assert!(err.code() == Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE) || err.is_closed(), "{err}");
     let fine = server.connect().await;
-    assert_eq!(
-        fine.query_one("SELECT current_setting('TimeZone')", &[])
-            .await
-            .unwrap()
-            .get::<_, String>(0),
-        "UTC"
-    );
+    assert_eq!(fine.query_one("SELECT current_setting('TimeZone')", &[]).await.unwrap().get::<_, String>(0), "UTC");
     server.shutdown().await;
 }
 
@@ -471,17 +364,7 @@ async fn a_client_vanishing_after_an_error_without_sync_does_not_confuse_the_nex
     let mut raw = Raw::connect(&server).await;
     let mut buf = BytesMut::new();
     frontend::parse("", "INSERT INTO t VALUES (1)", [], &mut buf).unwrap();
-    frontend::bind(
-        "",
-        "",
-        [],
-        [],
-        |_: (), _| Ok(postgres_protocol::IsNull::No),
-        [],
-        &mut buf,
-    )
-    .map_err(|_| ())
-    .unwrap();
+    frontend::bind("", "", [], [], |_: (), _| Ok(postgres_protocol::IsNull::No), [], &mut buf).map_err(|_| ()).unwrap();
     frontend::execute("", 0, &mut buf).unwrap();
     frontend::parse("", "SELEC broken", [], &mut buf).unwrap();
     frontend::flush(&mut buf);
@@ -505,21 +388,10 @@ async fn a_crashed_instance_fails_clients_fast_and_shutdown_still_works() {
     let server = TestServer::start(ServerConfig::default()).await;
     let client = server.connect().await;
     assert!(server.db.inject_crash().await.is_err());
-    let err = timeout(PATIENCE, client.query_one("SELECT 1", &[]))
-        .await
-        .expect("no hang")
-        .unwrap_err();
-    assert!(
-        err.is_closed() || err.as_db_error().is_some_and(|e| e.message().contains("crashed")),
-        "{err}"
-    );
+    let err = timeout(PATIENCE, client.query_one("SELECT 1", &[])).await.expect("no hang").unwrap_err();
+    assert!(err.is_closed() || err.as_db_error().is_some_and(|e| e.message().contains("crashed")), "{err}");
     let late = server.connect().await;
-    assert!(
-        timeout(PATIENCE, late.query_one("SELECT 1", &[]))
-            .await
-            .expect("no hang")
-            .is_err()
-    );
+    assert!(timeout(PATIENCE, late.query_one("SELECT 1", &[])).await.expect("no hang").is_err());
     timeout(PATIENCE, server.shutdown()).await.expect("shutdown completes");
 }
 
@@ -537,17 +409,9 @@ async fn messages_between_a_copy_and_its_data_fail_the_copy_not_the_instance() {
     // PostgreSQL fails the COPY; the PGlite backend would exit.
     let mut buf = BytesMut::new();
     for _ in 0..2 {
-        frontend::bind(
-            "",
-            "c",
-            [],
-            [],
-            |_: (), _| Ok(postgres_protocol::IsNull::No),
-            [],
-            &mut buf,
-        )
-        .map_err(|_| ())
-        .unwrap();
+        frontend::bind("", "c", [], [], |_: (), _| Ok(postgres_protocol::IsNull::No), [], &mut buf)
+            .map_err(|_| ())
+            .unwrap();
         frontend::execute("", 0, &mut buf).unwrap();
     }
     frontend::sync(&mut buf);

@@ -236,7 +236,8 @@ async fn syncs_serves_survives_kill9_and_stops_cleanly() {
     assert!(body.contains("pglite_cache_table_rows_copied{table=\"public.accounts\"}"), "{body}");
 
     // Status, both ways, while running.
-    let by_socket = status(&["--socket-dir", &daemon.socket_dir.display().to_string(), "--port", &daemon.port.to_string()]);
+    let by_socket =
+        status(&["--socket-dir", &daemon.socket_dir.display().to_string(), "--port", &daemon.port.to_string()]);
     assert_eq!(by_socket["phase"], "streaming");
     assert_eq!(by_socket["tables"].as_array().unwrap().len(), 2);
     let by_dir = status(&["--data", &data.display().to_string()]);
@@ -295,7 +296,8 @@ async fn http_get(port: u16, path: &str) -> String {
 }
 
 fn run_sync(args: &[&str], wait: Duration) -> (Option<i32>, String) {
-    let mut child = Command::new(BIN).arg("sync").args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child =
+        Command::new(BIN).arg("sync").args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let start = Instant::now();
     while start.elapsed() < wait {
         if child.try_wait().unwrap().is_some() {
@@ -320,12 +322,18 @@ async fn bad_configurations_get_one_clear_message() {
     assert!(err.contains("one of --publication NAME, --tables T1,T2 or --schema NAME"), "{err}");
     let (code, _) = run_sync(&["--data", &data, "--tables", "t"], Duration::from_secs(10));
     assert_eq!(code, Some(2));
-    let (code, err) = run_sync(&["--source", "postgres://x/db?sslmode=bogus", "--data", &data, "--tables", "t"], Duration::from_secs(10));
+    let (code, err) = run_sync(
+        &["--source", "postgres://x/db?sslmode=bogus", "--data", &data, "--tables", "t"],
+        Duration::from_secs(10),
+    );
     assert_eq!(code, Some(2), "{err}");
 
     // A remote without wal_level = logical.
     let replica_only = LocalPostgres::start(&[("wal_level", "replica")]).unwrap();
-    let (code, err) = run_sync(&["--source", &replica_only.url("postgres"), "--data", &data, "--tables", "t"], Duration::from_secs(30));
+    let (code, err) = run_sync(
+        &["--source", &replica_only.url("postgres"), "--data", &data, "--tables", "t"],
+        Duration::from_secs(30),
+    );
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("wal_level = logical"), "{err}");
     drop(replica_only);
@@ -339,10 +347,16 @@ async fn bad_configurations_get_one_clear_message() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("ALTER ROLE plain REPLICATION"), "{err}");
     // A publication that does not exist; a table that does not exist.
-    let (code, err) = run_sync(&["--source", &remote.url("postgres"), "--data", &data, "--publication", "nope"], Duration::from_secs(30));
+    let (code, err) = run_sync(
+        &["--source", &remote.url("postgres"), "--data", &data, "--publication", "nope"],
+        Duration::from_secs(30),
+    );
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("publication \"nope\" does not exist"), "{err}");
-    let (code, err) = run_sync(&["--source", &remote.url("postgres"), "--data", &data, "--tables", "missing"], Duration::from_secs(30));
+    let (code, err) = run_sync(
+        &["--source", &remote.url("postgres"), "--data", &data, "--tables", "missing"],
+        Duration::from_secs(30),
+    );
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("table missing does not exist"), "{err}");
     // Non-loopback listening without --allow-remote.

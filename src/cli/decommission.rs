@@ -66,7 +66,9 @@ async fn decommission(instance: &Instance, source: SourceConfig, yes: bool) -> E
     } else {
         format!("replication slot {:?}", stored.slot_name)
     };
-    if !yes && !confirm(&format!("Drop {drops} on the remote and this cache's bookkeeping? The copied tables stay. [y/N] ")) {
+    if !yes
+        && !confirm(&format!("Drop {drops} on the remote and this cache's bookkeeping? The copied tables stay. [y/N] "))
+    {
         eprintln!("aborted");
         return ExitCode::FAILURE;
     }

@@ -106,9 +106,11 @@ async fn demo(remote: &LocalPostgres, cache_dir: &std::path::Path) -> Result<(),
     client.batch_execute(SCHEMA).await.map_err(|e| e.to_string())?;
 
     step(&format!("syncing into a new cache at {}", cache_dir.display()));
-    let cache = Instance::start(InstanceOptions::persistent(cache_dir).name("demo-cache")).await.map_err(|e| e.to_string())?;
+    let cache =
+        Instance::start(InstanceOptions::persistent(cache_dir).name("demo-cache")).await.map_err(|e| e.to_string())?;
     let source = remote.url("postgres").parse().map_err(|e| format!("{e}"))?;
-    let spec = PublicationSpec::Owned { name: "demo_pub".into(), tables: TABLES.iter().map(|t| t.to_string()).collect() };
+    let spec =
+        PublicationSpec::Owned { name: "demo_pub".into(), tables: TABLES.iter().map(|t| t.to_string()).collect() };
     let config = ReplicationConfig::new(source, spec).slot_name("demo_slot");
     let replication = Replication::start(cache.clone(), config).map_err(|e| e.to_string())?;
     let started = Instant::now();
@@ -118,7 +120,10 @@ async fn demo(remote: &LocalPostgres, cache_dir: &std::path::Path) -> Result<(),
         let rows: u64 = s.tables.iter().map(|t| t.rows_copied).sum();
         match s.phase {
             Phase::Streaming => {
-                println!("    initial copy done: {rows} rows in {:.2} s; now streaming", started.elapsed().as_secs_f64());
+                println!(
+                    "    initial copy done: {rows} rows in {:.2} s; now streaming",
+                    started.elapsed().as_secs_f64()
+                );
                 break;
             }
             Phase::Halted { error } => return Err(format!("replication halted: {error}")),
@@ -148,8 +153,10 @@ async fn demo(remote: &LocalPostgres, cache_dir: &std::path::Path) -> Result<(),
             applied += 1;
         }
         // The cache first: then it can only be behind the remote, never ahead.
-        let cache_orders: i64 = wire.query_one("SELECT count(*) FROM orders", &[]).await.map_err(|e| e.to_string())?.get(0);
-        let remote_orders: i64 = client.query_one("SELECT count(*) FROM orders", &[]).await.map_err(|e| e.to_string())?.get(0);
+        let cache_orders: i64 =
+            wire.query_one("SELECT count(*) FROM orders", &[]).await.map_err(|e| e.to_string())?.get(0);
+        let remote_orders: i64 =
+            client.query_one("SELECT count(*) FROM orders", &[]).await.map_err(|e| e.to_string())?.get(0);
         let s = replication.status();
         println!(
             "    t={:>4.1}s  orders: remote {remote_orders:>6}  cache {cache_orders:>6}  | applied {applied:>4} txns, lag {} B / {:.1} ms",
@@ -171,7 +178,10 @@ async fn demo(remote: &LocalPostgres, cache_dir: &std::path::Path) -> Result<(),
         let (n, remote_hash) = table_hash_remote(&client, table).await?;
         let (m, cache_hash) = table_hash_cache(&cache, table).await?;
         let same = n == m && remote_hash == cache_hash;
-        println!("    {table:<18} remote {n:>7} rows  cache {m:>7} rows  {}", if same { "identical" } else { "DIFFERENT" });
+        println!(
+            "    {table:<18} remote {n:>7} rows  cache {m:>7} rows  {}",
+            if same { "identical" } else { "DIFFERENT" }
+        );
         if !same {
             return Err(format!("{table} differs between remote and cache"));
         }
@@ -217,11 +227,8 @@ async fn write_load(client: Client, duration: Duration) -> Result<u64, String> {
 }
 
 async fn current_lsn(client: &Client) -> Result<Lsn, String> {
-    let text: String = client
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .map_err(|e| e.to_string())?
-        .get(0);
+    let text: String =
+        client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.map_err(|e| e.to_string())?.get(0);
     text.parse().map_err(|e| format!("{e}"))
 }
 
@@ -237,7 +244,10 @@ async fn read_your_writes(client: &Client, replication: &ReplicationHandle, cach
     let waited = committed.elapsed();
     let row = cache.query("SELECT name FROM customers WHERE id = $1", &[&id]).await.map_err(|e| e.to_string())?;
     let name: String = row.rows.first().ok_or("the write is not in the cache")?.get(0);
-    println!("    inserted customer {id} on the remote; readable in the cache {:.1} ms after the INSERT was sent (wait_for_lsn({lsn})); the cache says: {name}", waited.as_secs_f64() * 1e3);
+    println!(
+        "    inserted customer {id} on the remote; readable in the cache {:.1} ms after the INSERT was sent (wait_for_lsn({lsn})); the cache says: {name}",
+        waited.as_secs_f64() * 1e3
+    );
     Ok(())
 }
 

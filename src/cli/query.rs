@@ -31,11 +31,8 @@ async fn run_statements(db: &Instance, json: bool, sql: &[String]) -> ExitCode {
         match db.exec(text).await {
             Ok(results) => {
                 for result in results.iter().filter(|r| !r.command.is_empty()) {
-                    let written = if json {
-                        writeln!(out, "{}", result.to_json())
-                    } else {
-                        table::write(&mut out, result)
-                    };
+                    let written =
+                        if json { writeln!(out, "{}", result.to_json()) } else { table::write(&mut out, result) };
                     if written.is_err() {
                         return ExitCode::SUCCESS; // stdout closed (e.g. piped into `head`)
                     }

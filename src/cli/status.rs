@@ -28,7 +28,8 @@ pub struct StatusArgs {
 
 const STATUS_SQL: &str =
     "SELECT phase, slot_name, publication, applied_lsn::text, applied_commit_time::text FROM pglite_cache.status";
-const TABLES_SQL: &str = "SELECT schema_name || '.' || table_name, state, rows_copied::text FROM pglite_cache.tables ORDER BY 1";
+const TABLES_SQL: &str =
+    "SELECT schema_name || '.' || table_name, state, rows_copied::text FROM pglite_cache.tables ORDER BY 1";
 
 pub async fn run(args: StatusArgs) -> ExitCode {
     let report = match (&args.data, &args.socket_dir) {
@@ -81,7 +82,9 @@ async fn read_store(instance: &Instance) -> Result<(Head, TableRows), String> {
         r.rows.iter().map(|row| (0..row.len()).map(|i| row.get_text(i).map(str::to_owned)).collect()).collect()
     };
     let head = instance.query(STATUS_SQL, &[]).await.map_err(|e| match e.code() {
-        Some(c) if *c == pglite_cache::SqlState::UNDEFINED_TABLE => "no replication is set up in this directory".to_string(),
+        Some(c) if *c == pglite_cache::SqlState::UNDEFINED_TABLE => {
+            "no replication is set up in this directory".to_string()
+        }
         _ => e.to_string(),
     })?;
     let head = text_rows(head).into_iter().next().ok_or("no replication is set up in this directory")?;

@@ -15,11 +15,8 @@ pub fn write(out: &mut impl Write, result: &QueryResult) -> io::Result<()> {
     if !result.has_rows() {
         return writeln!(out, "{}", result.command);
     }
-    let cells: Vec<Vec<&str>> = result
-        .rows
-        .iter()
-        .map(|row| (0..row.len()).map(|i| row.get_text(i).unwrap_or("")).collect())
-        .collect();
+    let cells: Vec<Vec<&str>> =
+        result.rows.iter().map(|row| (0..row.len()).map(|i| row.get_text(i).unwrap_or("")).collect()).collect();
     let widths: Vec<usize> = result
         .columns
         .iter()
@@ -35,9 +32,7 @@ pub fn write(out: &mut impl Write, result: &QueryResult) -> io::Result<()> {
             .iter()
             .zip(&widths)
             .zip(result.columns.iter())
-            .map(|((cell, w), c)| {
-                if is_numeric(c.type_oid) { format!("{cell:>w$}") } else { format!("{cell:<w$}") }
-            })
+            .map(|((cell, w), c)| if is_numeric(c.type_oid) { format!("{cell:>w$}") } else { format!("{cell:<w$}") })
             .collect();
         writeln!(out, " {}", line.join(" | ").trim_end())?;
     }

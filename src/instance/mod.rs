@@ -133,7 +133,9 @@ impl Instance {
     pub async fn health_check(&self) -> Result<Health> {
         match self.shared.state() {
             State::Running => {}
-            State::Restarting => return Err(Error::Usage(format!("instance {} is restarting after a crash", self.label()))),
+            State::Restarting => {
+                return Err(Error::Usage(format!("instance {} is restarting after a crash", self.label())));
+            }
             State::Stopped | State::Crashed(_) => return Err(self.shared.closed_error()),
         }
         let started = Instant::now();
@@ -203,7 +205,5 @@ fn results(output: Output) -> Result<Vec<QueryResult>> {
 }
 
 fn single(output: Output) -> Result<QueryResult> {
-    results(output)?
-        .pop()
-        .ok_or_else(|| Error::Protocol("no result for the statement".into()))
+    results(output)?.pop().ok_or_else(|| Error::Protocol("no result for the statement".into()))
 }

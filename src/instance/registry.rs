@@ -72,10 +72,8 @@ impl Registry {
     /// Stops every instance (in parallel) and forgets them; returns the first
     /// error, after trying them all.
     pub async fn stop_all(&self) -> Result<()> {
-        let instances: Vec<(String, Instance)> = std::mem::take(&mut *self.lock())
-            .into_iter()
-            .filter_map(|(n, i)| i.map(|i| (n, i)))
-            .collect();
+        let instances: Vec<(String, Instance)> =
+            std::mem::take(&mut *self.lock()).into_iter().filter_map(|(n, i)| i.map(|i| (n, i))).collect();
         let stops = instances.iter().map(|(_, i)| i.stop());
         let mut first_error = None;
         for result in futures_util::future::join_all(stops).await {

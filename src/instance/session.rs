@@ -6,9 +6,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::Instance;
 use super::handoff::{self, Route};
 use super::worker::{Claim, Command, Job, Output, Request};
-use std::sync::Arc;
 use crate::error::Result;
 use crate::protocol::TxStatus;
+use std::sync::Arc;
 
 /// A client session that sends frontend protocol bytes to the engine as they
 /// are and gets the backend's bytes back.

@@ -124,20 +124,18 @@ impl Shared {
         match self.state() {
             State::Stopped => Error::Stopped(self.label.clone()),
             State::Crashed(reason) => Error::Crashed { name: self.label.clone(), reason },
-            State::Running | State::Restarting => Error::Crashed {
-                name: self.label.clone(),
-                reason: "the worker died while running this call".into(),
-            },
+            State::Running | State::Restarting => {
+                Error::Crashed { name: self.label.clone(), reason: "the worker died while running this call".into() }
+            }
         }
     }
 }
 
 /// Starts a worker thread and waits until its engine answers queries.
-pub(crate) async fn spawn(
-    options: InstanceOptions,
-) -> Result<(mpsc::UnboundedSender<Command>, Arc<Shared>)> {
+pub(crate) async fn spawn(options: InstanceOptions) -> Result<(mpsc::UnboundedSender<Command>, Arc<Shared>)> {
     let label = options.label();
-    let shared = Arc::new(Shared { label: label.clone(), state: Mutex::new(State::Running), in_flight: Default::default() });
+    let shared =
+        Arc::new(Shared { label: label.clone(), state: Mutex::new(State::Running), in_flight: Default::default() });
     let (tx, rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = oneshot::channel();
     let worker_shared = shared.clone();
@@ -152,8 +150,7 @@ pub(crate) async fn spawn(
                 }
             };
             let _ = ready_tx.send(Ok(()));
-            Worker { engine: Some(engine), options, shared: worker_shared, restarts: Vec::new() }
-                .run(rx);
+            Worker { engine: Some(engine), options, shared: worker_shared, restarts: Vec::new() }.run(rx);
         })
         .map_err(|e| Error::Startup(format!("cannot spawn worker thread: {e}")))?;
     match ready_rx.await {
@@ -173,8 +170,8 @@ fn open(options: &InstanceOptions) -> Result<Pglite> {
     for (name, value) in &options.settings {
         builder = builder.postgres_config(name, value);
     }
-    let opened = catch_unwind(AssertUnwindSafe(|| builder.open()))
-        .map_err(|panic| Error::Startup(panic_message(&panic)))?;
+    let opened =
+        catch_unwind(AssertUnwindSafe(|| builder.open())).map_err(|panic| Error::Startup(panic_message(&panic)))?;
     let mut engine = opened.map_err(|e| {
         let text = format!("{e:#}");
         match &options.storage {
@@ -287,7 +284,11 @@ impl Worker {
     }
 
     /// Runs a job; also returns the receiving end of a lease the job opened.
-    fn run_job(&mut self, job: Job, leased: bool) -> Result<(Output, Option<mpsc::UnboundedReceiver<Request>>), Failure> {
+    fn run_job(
+        &mut self,
+        job: Job,
+        leased: bool,
+    ) -> Result<(Output, Option<mpsc::UnboundedReceiver<Request>>), Failure> {
         match job {
             Job::Panic => panic!("crash injected by a test"),
             Job::Raw(bytes, _) => {
@@ -327,9 +328,7 @@ impl Worker {
         let engine = self.engine.as_mut().ok_or_else(|| Failure::Crash("engine is not open".into()))?;
         // Database errors come back as ErrorResponse bytes; an `Err` here means
         // the engine itself failed (trap, I/O), and it cannot be trusted again.
-        engine
-            .exec_protocol_raw(bytes, ExecProtocolOptions::no_sync())
-            .map_err(|e| Failure::Crash(format!("{e:#}")))
+        engine.exec_protocol_raw(bytes, ExecProtocolOptions::no_sync()).map_err(|e| Failure::Crash(format!("{e:#}")))
     }
 
     /// Runs `sql` through the engine's simple-query API with `data` as
@@ -395,7 +394,8 @@ impl Worker {
         let now = Instant::now();
         self.restarts.retain(|t| now.duration_since(*t) < policy.within);
         if self.restarts.len() >= policy.max_restarts as usize {
-            let reason = format!("{reason} (restart limit of {} within {:?} reached)", policy.max_restarts, policy.within);
+            let reason =
+                format!("{reason} (restart limit of {} within {:?} reached)", policy.max_restarts, policy.within);
             self.shared.set_state(State::Crashed(reason));
             return false;
         }

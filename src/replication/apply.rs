@@ -114,9 +114,7 @@ impl Pending {
     /// Waits for the piece in flight; its error is the transaction's.
     async fn settle(&mut self) -> Result<(), ReplicationError> {
         if let Some(task) = self.in_flight.take() {
-            let took = task
-                .await
-                .map_err(|e| ReplicationError::fatal(format!("apply task failed: {e}")))??;
+            let took = task.await.map_err(|e| ReplicationError::fatal(format!("apply task failed: {e}")))??;
             self.busy += took;
         }
         Ok(())
@@ -270,9 +268,7 @@ impl Applier {
         let message = pgoutput::decode(data, false).map_err(|e| ReplicationError::fatal(e.to_string()))?;
         tracing::trace!(?message, committed = %self.committed, "pgoutput");
         match message {
-            LogicalMessage::Begin {
-                final_lsn, commit_time, ..
-            } => {
+            LogicalMessage::Begin { final_lsn, commit_time, .. } => {
                 let _ = commit_time; // the Commit message carries it too
                 let skip = final_lsn < self.committed;
                 if let Some(pending) = self.pending.as_mut() {
@@ -305,9 +301,7 @@ impl Applier {
                     last_end: None,
                 });
             }
-            LogicalMessage::Commit {
-                end_lsn, commit_time, ..
-            } => self.commit(end_lsn, commit_time).await?,
+            LogicalMessage::Commit { end_lsn, commit_time, .. } => self.commit(end_lsn, commit_time).await?,
             LogicalMessage::Relation(rel) => self.relation(rel).await?,
             LogicalMessage::Insert { relation, new } => {
                 self.change(relation, ChangeOp::Insert, None, Some(new)).await?
@@ -324,18 +318,14 @@ impl Applier {
             | LogicalMessage::StreamStop
             | LogicalMessage::StreamCommit { .. }
             | LogicalMessage::StreamAbort { .. } => {
-                return Err(ReplicationError::fatal(
-                    "streamed transaction message without streaming enabled",
-                ));
+                return Err(ReplicationError::fatal("streamed transaction message without streaming enabled"));
             }
         }
         Ok(())
     }
 
     fn pending(&mut self) -> Result<&mut Pending, ReplicationError> {
-        self.pending
-            .as_mut()
-            .ok_or_else(|| ReplicationError::fatal("change outside a transaction"))
+        self.pending.as_mut().ok_or_else(|| ReplicationError::fatal("change outside a transaction"))
     }
 
     /// Tables whose changes arrive but that were never copied.
@@ -363,12 +353,7 @@ impl Applier {
     }
 
     async fn relation(&mut self, rel: Relation) -> Result<(), ReplicationError> {
-        let Some(KnownTable {
-            schema,
-            name,
-            applies_from,
-        }) = self.tables.get(&rel.id).cloned()
-        else {
+        let Some(KnownTable { schema, name, applies_from }) = self.tables.get(&rel.id).cloned() else {
             tracing::info!(table = %format!("{}.{}", rel.namespace, rel.name), "changes for a table added to the publication; it will be copied");
             self.relations.remove(&rel.id);
             self.unknown.insert(rel.id, rel);
@@ -376,10 +361,7 @@ impl Applier {
         };
         if (schema.as_str(), name.as_str()) != (rel.namespace.as_str(), rel.name.as_str()) {
             return Err(ReplicationError::needs_operator(
-                format!(
-                    "table {schema}.{name} was renamed upstream to {}.{}",
-                    rel.namespace, rel.name
-                ),
+                format!("table {schema}.{name} was renamed upstream to {}.{}", rel.namespace, rel.name),
                 "call ReplicationHandle::resync() to copy it under its new name",
             ));
         }
@@ -396,14 +378,7 @@ impl Applier {
         let local: Vec<(String, String, u32, i32)> = result
             .rows
             .iter()
-            .map(|r| {
-                (
-                    r.get::<String>(0),
-                    r.get::<String>(1),
-                    r.get::<i64>(2) as u32,
-                    r.get::<i32>(3),
-                )
-            })
+            .map(|r| (r.get::<String>(0), r.get::<String>(1), r.get::<i64>(2) as u32, r.get::<i32>(3)))
             .collect();
         let mut columns = Vec::with_capacity(rel.columns.len());
         let mut added = Vec::new();
@@ -417,18 +392,12 @@ impl Applier {
                             "call ReplicationHandle::resync() to copy the table with its new type",
                         ));
                     }
-                    columns.push(LocalColumn {
-                        name: col.name.clone(),
-                        type_name: type_name.clone(),
-                    });
+                    columns.push(LocalColumn { name: col.name.clone(), type_name: type_name.clone() });
                 }
                 None => {
                     if col.type_oid >= 16384 {
                         return Err(ReplicationError::needs_operator(
-                            format!(
-                                "column {} of user-defined type was added to {schema}.{name} upstream",
-                                col.name
-                            ),
+                            format!("column {} of user-defined type was added to {schema}.{name} upstream", col.name),
                             "call ReplicationHandle::resync() to copy the table (only built-in types are added in place)",
                         ));
                     }
@@ -468,44 +437,23 @@ impl Applier {
                         super::source::quote_literal(&value)
                     );
                     self.push_statement(ddl, vec![]).await?;
-                    self.push_statement(
-                        format!("ALTER TABLE {qualified} ALTER COLUMN {column} DROP DEFAULT"),
-                        vec![],
-                    )
-                    .await?;
+                    self.push_statement(format!("ALTER TABLE {qualified} ALTER COLUMN {column} DROP DEFAULT"), vec![])
+                        .await?;
                 }
                 None => {
-                    self.push_statement(
-                        format!("ALTER TABLE {qualified} ADD COLUMN {column} {type_name}"),
-                        vec![],
-                    )
-                    .await?
+                    self.push_statement(format!("ALTER TABLE {qualified} ADD COLUMN {column} {type_name}"), vec![])
+                        .await?
                 }
             }
-            columns.push(LocalColumn {
-                name: col.name.clone(),
-                type_name,
-            });
+            columns.push(LocalColumn { name: col.name.clone(), type_name });
         }
         // Keep the Relation message's column order.
         let columns: Vec<LocalColumn> = rel
             .columns
             .iter()
-            .map(|c| {
-                columns
-                    .iter()
-                    .find(|l| l.name == c.name)
-                    .cloned()
-                    .expect("every column was matched or added")
-            })
+            .map(|c| columns.iter().find(|l| l.name == c.name).cloned().expect("every column was matched or added"))
             .collect();
-        let key: Vec<usize> = rel
-            .columns
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.is_key)
-            .map(|(i, _)| i)
-            .collect();
+        let key: Vec<usize> = rel.columns.iter().enumerate().filter(|(_, c)| c.is_key).map(|(i, _)| i).collect();
         let state = RelationState {
             column_names: columns.iter().map(|c| c.name.clone()).collect(),
             schema,
@@ -561,9 +509,7 @@ impl Applier {
             _ => 2,
         }] += 1;
         if subscribed && pending.changes.len() < MAX_SUBSCRIBED_CHANGES {
-            pending
-                .changes
-                .push(describe_change(&rel, op, old.as_ref(), new.as_ref()));
+            pending.changes.push(describe_change(&rel, op, old.as_ref(), new.as_ref()));
         }
 
         if rel.full_identity && op != ChangeOp::Insert {
@@ -621,19 +567,10 @@ impl Applier {
         if !same_group || repeated_key || isolate {
             self.flush_table(relation)?;
             let pending = self.pending()?;
-            pending.groups.push(Group {
-                relation,
-                kind: kind.clone(),
-                rows: Vec::new(),
-                keys: HashSet::new(),
-            });
+            pending.groups.push(Group { relation, kind: kind.clone(), rows: Vec::new(), keys: HashSet::new() });
         }
         let pending = self.pending()?;
-        let group = pending
-            .groups
-            .iter_mut()
-            .find(|g| g.relation == relation)
-            .expect("group was just ensured");
+        let group = pending.groups.iter_mut().find(|g| g.relation == relation).expect("group was just ensured");
         if matches!(kind, GroupKind::Update(_)) {
             group.keys.insert(row[..rel.key.len()].to_vec());
         }
@@ -672,26 +609,15 @@ impl Applier {
             let pending = self.pending()?;
             pending.change_count += 1;
             if subscribed && pending.changes.len() < MAX_SUBSCRIBED_CHANGES {
-                pending.changes.push(Change {
-                    schema,
-                    table: name,
-                    op: ChangeOp::Truncate,
-                    key: vec![],
-                    new: None,
-                });
+                pending.changes.push(Change { schema, table: name, op: ChangeOp::Truncate, key: vec![], new: None });
             }
         }
-        let restart = if options & pgoutput::TRUNCATE_RESTART_IDENTITY != 0 {
-            " RESTART IDENTITY"
-        } else {
-            ""
-        };
+        let restart = if options & pgoutput::TRUNCATE_RESTART_IDENTITY != 0 { " RESTART IDENTITY" } else { "" };
         if names.is_empty() {
             return Ok(());
         }
         self.flush_group()?;
-        self.push_statement(format!("TRUNCATE {}{restart}", names.join(", ")), vec![])
-            .await
+        self.push_statement(format!("TRUNCATE {}{restart}", names.join(", ")), vec![]).await
     }
 
     /// Turns every open group into steps.
@@ -725,9 +651,7 @@ impl Applier {
         if group.rows.is_empty() {
             return Ok(());
         }
-        let rel = relations
-            .get(&group.relation)
-            .ok_or_else(|| ReplicationError::fatal("group of unknown relation"))?;
+        let rel = relations.get(&group.relation).ok_or_else(|| ReplicationError::fatal("group of unknown relation"))?;
         pending.steps.extend(group_steps(rel, &group));
         Ok(())
     }
@@ -908,16 +832,10 @@ fn describe_change(rel: &RelationState, op: ChangeOp, old: Option<&OldTuple>, ne
         _ => None,
     };
     let key = match key_source {
-        Some(values) if !rel.key.is_empty() => rel
-            .key
-            .iter()
-            .map(|&i| (names[i].clone(), value_text(&values[i])))
-            .collect(),
-        Some(values) => names
-            .iter()
-            .zip(values)
-            .map(|(n, v)| (n.clone(), value_text(v)))
-            .collect(),
+        Some(values) if !rel.key.is_empty() => {
+            rel.key.iter().map(|&i| (names[i].clone(), value_text(&values[i]))).collect()
+        }
+        Some(values) => names.iter().zip(values).map(|(n, v)| (n.clone(), value_text(v))).collect(),
         None => vec![],
     };
     let new = new.map(|t| {
@@ -928,11 +846,5 @@ fn describe_change(rel: &RelationState, op: ChangeOp, old: Option<&OldTuple>, ne
             .map(|(n, v)| (n.clone(), value_text(v)))
             .collect()
     });
-    Change {
-        schema: rel.schema.clone(),
-        table: rel.name.clone(),
-        op,
-        key,
-        new,
-    }
+    Change { schema: rel.schema.clone(), table: rel.name.clone(), op, key, new }
 }

@@ -76,10 +76,7 @@ impl SourceConfig {
 
     /// How long to wait for a connection (default 10 s).
     pub fn connect_timeout(&self) -> Duration {
-        self.inner
-            .get_connect_timeout()
-            .copied()
-            .unwrap_or(Duration::from_secs(10))
+        self.inner.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10))
     }
 
     /// How TLS is used.
@@ -89,9 +86,7 @@ impl SourceConfig {
 
     /// The TLS connector for ordinary connections (used as `sslmode` says).
     pub fn tls_connector(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, ReplicationError> {
-        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(
-            (*self.tls.client_config()?).clone(),
-        ))
+        Ok(tokio_postgres_rustls::MakeRustlsConnect::new((*self.tls.client_config()?).clone()))
     }
 
     /// Checks the options (the TLS configuration can be built).
@@ -230,10 +225,7 @@ impl ReplicationConfig {
     pub(crate) fn validate(&self) -> Result<(), ReplicationError> {
         self.source.validate()?;
         let ok_name = |s: &str| {
-            !s.is_empty()
-                && s.len() < 64
-                && s.chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            !s.is_empty() && s.len() < 64 && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         };
         if !ok_name(&self.slot_name) {
             return Err(ReplicationError::needs_operator(
@@ -251,19 +243,14 @@ mod tests {
 
     #[test]
     fn parses_urls_and_key_value_strings() {
-        let c: SourceConfig = "postgres://ada:s%40cret@db.example:6543/shop?sslmode=disable"
-            .parse()
-            .unwrap();
+        let c: SourceConfig = "postgres://ada:s%40cret@db.example:6543/shop?sslmode=disable".parse().unwrap();
         assert_eq!(c.user(), "ada");
         assert_eq!(c.password(), Some(&b"s@cret"[..]));
         assert_eq!(c.dbname(), "shop");
         assert_eq!(c.addresses(), vec![SourceAddress::Tcp("db.example".into(), 6543)]);
 
         let c: SourceConfig = "host=/var/run/postgresql port=5433 user=app dbname=x".parse().unwrap();
-        assert_eq!(
-            c.addresses(),
-            vec![SourceAddress::Unix("/var/run/postgresql".into(), 5433)]
-        );
+        assert_eq!(c.addresses(), vec![SourceAddress::Unix("/var/run/postgresql".into(), 5433)]);
 
         let c: SourceConfig = "postgres://h/db?sslmode=require".parse().unwrap();
         assert_eq!(c.tls(), &TlsMode::Require);

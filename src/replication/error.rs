@@ -51,12 +51,7 @@ pub struct ReplicationError {
 impl ReplicationError {
     /// A transient error (reconnect and resume).
     pub fn transient(message: impl Into<String>) -> Self {
-        ReplicationError {
-            kind: ErrorKind::Transient,
-            message: message.into(),
-            hint: None,
-            code: None,
-        }
+        ReplicationError { kind: ErrorKind::Transient, message: message.into(), hint: None, code: None }
     }
 
     /// An error that needs an operator.
@@ -71,12 +66,7 @@ impl ReplicationError {
 
     /// A fatal error.
     pub fn fatal(message: impl Into<String>) -> Self {
-        ReplicationError {
-            kind: ErrorKind::Fatal,
-            message: message.into(),
-            hint: None,
-            code: None,
-        }
+        ReplicationError { kind: ErrorKind::Fatal, message: message.into(), hint: None, code: None }
     }
 
     /// Adds (or replaces) the hint.
@@ -124,12 +114,7 @@ impl ReplicationError {
     pub(crate) fn from_remote(code: SqlState, message: String, hint: Option<String>) -> Self {
         let kind = classify_remote(&code);
         let hint = hint.or_else(|| default_hint(&code, &message));
-        ReplicationError {
-            kind,
-            message,
-            hint,
-            code: Some(code),
-        }
+        ReplicationError { kind, message, hint, code: Some(code) }
     }
 }
 
@@ -137,10 +122,8 @@ impl ReplicationError {
 /// many instances don't reconnect in lockstep.
 pub fn backoff(attempt: u32) -> Duration {
     let base_ms = 500u64.saturating_mul(1u64 << attempt.min(6)).min(30_000);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     let jitter = (u64::from(nanos) % (base_ms / 2 + 1)) as i64 - (base_ms / 4) as i64;
     Duration::from_millis((base_ms as i64 + jitter).max(50) as u64)
 }

@@ -271,15 +271,7 @@ impl Replication {
             shutdown: shutdown_rx,
         };
         let task = tokio::spawn(supervisor.run());
-        Ok(ReplicationHandle {
-            status,
-            status_tx,
-            changes,
-            shutdown,
-            task: Mutex::new(Some(task)),
-            instance,
-            config,
-        })
+        Ok(ReplicationHandle { status, status_tx, changes, shutdown, task: Mutex::new(Some(task)), instance, config })
     }
 
     /// Removes everything a replication left behind: the slot, the
@@ -299,10 +291,7 @@ impl Replication {
         };
         if owned {
             client
-                .batch_execute(&format!(
-                    "DROP PUBLICATION IF EXISTS {}",
-                    quote_ident(config.publication.name())
-                ))
+                .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(config.publication.name())))
                 .await?;
         }
         store::drop_all(instance).await
@@ -365,9 +354,7 @@ impl ReplicationHandle {
         self.shutdown.send_replace(true);
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
         match task {
-            Some(task) => task
-                .await
-                .map_err(|e| ReplicationError::fatal(format!("replication task failed: {e}")))?,
+            Some(task) => task.await.map_err(|e| ReplicationError::fatal(format!("replication task failed: {e}")))?,
             None => Ok(()),
         }
     }

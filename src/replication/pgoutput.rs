@@ -210,21 +210,11 @@ pub fn decode(data: &Bytes, in_stream: bool) -> Result<LogicalMessage> {
     let mut r = Reader(data.clone());
     let tag = r.u8()?;
     let msg = match tag {
-        b'B' => LogicalMessage::Begin {
-            final_lsn: r.lsn()?,
-            commit_time: r.i64()?,
-            xid: r.u32()?,
-        },
-        b'C' => LogicalMessage::Commit {
-            flags: r.u8()?,
-            commit_lsn: r.lsn()?,
-            end_lsn: r.lsn()?,
-            commit_time: r.i64()?,
-        },
-        b'O' => LogicalMessage::Origin {
-            lsn: r.lsn()?,
-            name: r.cstr()?,
-        },
+        b'B' => LogicalMessage::Begin { final_lsn: r.lsn()?, commit_time: r.i64()?, xid: r.u32()? },
+        b'C' => {
+            LogicalMessage::Commit { flags: r.u8()?, commit_lsn: r.lsn()?, end_lsn: r.lsn()?, commit_time: r.i64()? }
+        }
+        b'O' => LogicalMessage::Origin { lsn: r.lsn()?, name: r.cstr()? },
         b'R' => {
             if in_stream {
                 r.u32()?;
@@ -243,23 +233,13 @@ pub fn decode(data: &Bytes, in_stream: bool) -> Result<LogicalMessage> {
                     type_modifier: r.i32()?,
                 });
             }
-            LogicalMessage::Relation(Relation {
-                id,
-                namespace,
-                name,
-                replica_identity,
-                columns,
-            })
+            LogicalMessage::Relation(Relation { id, namespace, name, replica_identity, columns })
         }
         b'Y' => {
             if in_stream {
                 r.u32()?;
             }
-            LogicalMessage::Type {
-                id: r.u32()?,
-                namespace: r.cstr()?,
-                name: r.cstr()?,
-            }
+            LogicalMessage::Type { id: r.u32()?, namespace: r.cstr()?, name: r.cstr()? }
         }
         b'I' => {
             if in_stream {
@@ -267,10 +247,7 @@ pub fn decode(data: &Bytes, in_stream: bool) -> Result<LogicalMessage> {
             }
             let relation = r.u32()?;
             expect(r.u8()?, b'N', "Insert")?;
-            LogicalMessage::Insert {
-                relation,
-                new: r.tuple()?,
-            }
+            LogicalMessage::Insert { relation, new: r.tuple()? }
         }
         b'U' => {
             if in_stream {
@@ -281,19 +258,11 @@ pub fn decode(data: &Bytes, in_stream: bool) -> Result<LogicalMessage> {
             let mut old = None;
             if kind == b'K' || kind == b'O' {
                 let tuple = r.tuple()?;
-                old = Some(if kind == b'K' {
-                    OldTuple::Key(tuple)
-                } else {
-                    OldTuple::Full(tuple)
-                });
+                old = Some(if kind == b'K' { OldTuple::Key(tuple) } else { OldTuple::Full(tuple) });
                 kind = r.u8()?;
             }
             expect(kind, b'N', "Update")?;
-            LogicalMessage::Update {
-                relation,
-                old,
-                new: r.tuple()?,
-            }
+            LogicalMessage::Update { relation, old, new: r.tuple()? }
         }
         b'D' => {
             if in_stream {
@@ -304,10 +273,7 @@ pub fn decode(data: &Bytes, in_stream: bool) -> Result<LogicalMessage> {
                 b'K' => OldTuple::Key(r.tuple()?),
                 b'O' => OldTuple::Full(r.tuple()?),
                 other => {
-                    return Err(DecodeError(format!(
-                        "Delete: unexpected tuple kind {:?}",
-                        other as char
-                    )));
+                    return Err(DecodeError(format!("Delete: unexpected tuple kind {:?}", other as char)));
                 }
             };
             LogicalMessage::Delete { relation, old }
@@ -329,40 +295,20 @@ pub fn decode(data: &Bytes, in_stream: bool) -> Result<LogicalMessage> {
             let lsn = r.lsn()?;
             let prefix = r.cstr()?;
             let len = r.u32()? as usize;
-            LogicalMessage::Message {
-                transactional,
-                lsn,
-                prefix,
-                content: r.bytes(len)?,
-            }
+            LogicalMessage::Message { transactional, lsn, prefix, content: r.bytes(len)? }
         }
-        b'S' => LogicalMessage::StreamStart {
-            xid: r.u32()?,
-            first: r.u8()? == 1,
-        },
+        b'S' => LogicalMessage::StreamStart { xid: r.u32()?, first: r.u8()? == 1 },
         b'E' => LogicalMessage::StreamStop,
         b'c' => {
             let xid = r.u32()?;
             r.u8()?; // flags
-            LogicalMessage::StreamCommit {
-                xid,
-                commit_lsn: r.lsn()?,
-                end_lsn: r.lsn()?,
-                commit_time: r.i64()?,
-            }
+            LogicalMessage::StreamCommit { xid, commit_lsn: r.lsn()?, end_lsn: r.lsn()?, commit_time: r.i64()? }
         }
-        b'A' => LogicalMessage::StreamAbort {
-            xid: r.u32()?,
-            subxid: r.u32()?,
-        },
+        b'A' => LogicalMessage::StreamAbort { xid: r.u32()?, subxid: r.u32()? },
         other => return Err(DecodeError(format!("unknown message type {:?}", other as char))),
     };
     if r.0.has_remaining() {
-        return Err(DecodeError(format!(
-            "{} trailing bytes after message {:?}",
-            r.0.remaining(),
-            tag as char
-        )));
+        return Err(DecodeError(format!("{} trailing bytes after message {:?}", r.0.remaining(), tag as char)));
     }
     Ok(msg)
 }
@@ -371,10 +317,7 @@ fn expect(got: u8, want: u8, what: &str) -> Result<()> {
     if got == want {
         Ok(())
     } else {
-        Err(DecodeError(format!(
-            "{what}: expected {:?}, got {:?}",
-            want as char, got as char
-        )))
+        Err(DecodeError(format!("{what}: expected {:?}, got {:?}", want as char, got as char)))
     }
 }
 
@@ -383,10 +326,7 @@ struct Reader(Bytes);
 impl Reader {
     fn need(&self, n: usize) -> Result<()> {
         if self.0.remaining() < n {
-            Err(DecodeError(format!(
-                "truncated: needed {n} more bytes, {} left",
-                self.0.remaining()
-            )))
+            Err(DecodeError(format!("truncated: needed {n} more bytes, {} left", self.0.remaining())))
         } else {
             Ok(())
         }
@@ -420,11 +360,7 @@ impl Reader {
         Ok(self.0.split_to(n))
     }
     fn cstr(&mut self) -> Result<String> {
-        let end = self
-            .0
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or_else(|| DecodeError("unterminated string".into()))?;
+        let end = self.0.iter().position(|&b| b == 0).ok_or_else(|| DecodeError("unterminated string".into()))?;
         let s = self.0.split_to(end);
         self.0.advance(1);
         String::from_utf8(s.to_vec()).map_err(|_| DecodeError("string is not UTF-8".into()))
@@ -458,12 +394,7 @@ mod tests {
     use super::*;
 
     fn hex(s: &str) -> Bytes {
-        Bytes::from(
-            (0..s.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-                .collect::<Vec<u8>>(),
-        )
+        Bytes::from((0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect::<Vec<u8>>())
     }
 
     fn text(s: &str) -> Value {
@@ -478,11 +409,7 @@ mod tests {
     fn begin_and_commit() {
         assert_eq!(
             one("420000000001532df0000304322d630fcd000002d5", false),
-            LogicalMessage::Begin {
-                final_lsn: "0/1532DF0".parse().unwrap(),
-                commit_time: 0x304322d630fcd,
-                xid: 725
-            }
+            LogicalMessage::Begin { final_lsn: "0/1532DF0".parse().unwrap(), commit_time: 0x304322d630fcd, xid: 725 }
         );
         assert_eq!(
             one("43000000000001532df00000000001533030000304322d630fcd", false),
@@ -507,20 +434,13 @@ mod tests {
             (rel.id, rel.namespace.as_str(), rel.name.as_str(), rel.replica_identity),
             (16384, "public", "t", b'd')
         );
-        let cols: Vec<(bool, &str, u32, i32)> = rel
-            .columns
-            .iter()
-            .map(|c| (c.is_key, c.name.as_str(), c.type_oid, c.type_modifier))
-            .collect();
-        assert_eq!(
-            cols,
-            vec![(true, "id", 23, -1), (false, "v", 25, -1), (false, "n", 23, -1)]
-        );
+        let cols: Vec<(bool, &str, u32, i32)> =
+            rel.columns.iter().map(|c| (c.is_key, c.name.as_str(), c.type_oid, c.type_modifier)).collect();
+        assert_eq!(cols, vec![(true, "id", 23, -1), (false, "v", 25, -1), (false, "n", 23, -1)]);
 
-        let LogicalMessage::Relation(full) = one(
-            "52000040077075626c696300660066000201610000000017ffffffff01620000000019ffffffff",
-            false,
-        ) else {
+        let LogicalMessage::Relation(full) =
+            one("52000040077075626c696300660066000201610000000017ffffffff01620000000019ffffffff", false)
+        else {
             panic!("not a Relation")
         };
         assert_eq!(full.replica_identity, b'f');
@@ -531,17 +451,11 @@ mod tests {
     fn insert_update_delete() {
         assert_eq!(
             one("49000040004e000374000000013174000000036127626e", false),
-            LogicalMessage::Insert {
-                relation: 16384,
-                new: vec![text("1"), text("a'b"), Value::Null]
-            }
+            LogicalMessage::Insert { relation: 16384, new: vec![text("1"), text("a'b"), Value::Null] }
         );
         // Key change: the old key comes first.
         assert_eq!(
-            one(
-                "55000040004b00037400000001316e6e4e00037400000001327400000001786e",
-                false
-            ),
+            one("55000040004b00037400000001316e6e4e00037400000001327400000001786e", false),
             LogicalMessage::Update {
                 relation: 16384,
                 old: Some(OldTuple::Key(vec![text("1"), Value::Null, Value::Null])),
@@ -550,17 +464,11 @@ mod tests {
         );
         assert_eq!(
             one("44000040004b00037400000001326e6e", false),
-            LogicalMessage::Delete {
-                relation: 16384,
-                old: OldTuple::Key(vec![text("2"), Value::Null, Value::Null])
-            }
+            LogicalMessage::Delete { relation: 16384, old: OldTuple::Key(vec![text("2"), Value::Null, Value::Null]) }
         );
         // REPLICA IDENTITY FULL: the whole old row.
         assert_eq!(
-            one(
-                "55000040074f00027400000001317400000001714e0002740000000131740000000172",
-                false
-            ),
+            one("55000040074f00027400000001317400000001714e0002740000000131740000000172", false),
             LogicalMessage::Update {
                 relation: 16391,
                 old: Some(OldTuple::Full(vec![text("1"), text("q")])),
@@ -569,10 +477,7 @@ mod tests {
         );
         assert_eq!(
             one("44000040074f0002740000000131740000000172", false),
-            LogicalMessage::Delete {
-                relation: 16391,
-                old: OldTuple::Full(vec![text("1"), text("r")])
-            }
+            LogicalMessage::Delete { relation: 16391, old: OldTuple::Full(vec![text("1"), text("r")]) }
         );
     }
 
@@ -580,10 +485,7 @@ mod tests {
     fn truncate_and_message() {
         assert_eq!(
             one("5400000002020000400000004007", false),
-            LogicalMessage::Truncate {
-                options: TRUNCATE_RESTART_IDENTITY,
-                relations: vec![16384, 16391]
-            }
+            LogicalMessage::Truncate { options: TRUNCATE_RESTART_IDENTITY, relations: vec![16384, 16391] }
         );
         assert_eq!(
             one("4d010000000001532df0706678000000000568656c6c6f", false),
@@ -598,10 +500,7 @@ mod tests {
 
     #[test]
     fn streamed_transactions() {
-        assert_eq!(
-            one("53000002d601", false),
-            LogicalMessage::StreamStart { xid: 726, first: true }
-        );
+        assert_eq!(one("53000002d601", false), LogicalMessage::StreamStart { xid: 726, first: true });
         assert_eq!(one("45", false), LogicalMessage::StreamStop);
         // Inside a stream, data messages carry the transaction id first.
         let LogicalMessage::Relation(rel) = one(
@@ -611,17 +510,13 @@ mod tests {
             panic!("not a Relation")
         };
         assert_eq!(rel.id, 16384);
-        let LogicalMessage::Insert { relation, new } = one(
-            "49000002d6000040004e0003740000000131740000000378787874000000023131",
-            true,
-        ) else {
+        let LogicalMessage::Insert { relation, new } =
+            one("49000002d6000040004e0003740000000131740000000378787874000000023131", true)
+        else {
             panic!("not an Insert")
         };
         assert_eq!((relation, new), (16384, vec![text("1"), text("xxx"), text("11")]));
-        assert_eq!(
-            one("41000002d6000002d7", false),
-            LogicalMessage::StreamAbort { xid: 726, subxid: 727 }
-        );
+        assert_eq!(one("41000002d6000002d7", false), LogicalMessage::StreamAbort { xid: 726, subxid: 727 });
         assert_eq!(
             one("63000002d60000000000016182a800000000016182d8000304322d8ded6c", false),
             LogicalMessage::StreamCommit {
@@ -635,15 +530,7 @@ mod tests {
 
     #[test]
     fn malformed_messages_are_errors_not_panics() {
-        for bad in [
-            "",
-            "42",
-            "49000040004e0003",
-            "5a",
-            "55000040004b0001",
-            "4900004000580000",
-            "45ff",
-        ] {
+        for bad in ["", "42", "49000040004e0003", "5a", "55000040004b0001", "4900004000580000", "45ff"] {
             assert!(decode(&hex(bad), false).is_err(), "{bad:?} should not decode");
         }
         // Every truncation of a valid message fails cleanly.

@@ -61,11 +61,7 @@ impl TableSchema {
 
     /// `"a", "b"`.
     pub fn column_list(&self) -> String {
-        self.columns
-            .iter()
-            .map(|c| quote_ident(&c.name))
-            .collect::<Vec<_>>()
-            .join(", ")
+        self.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ")
     }
 
     /// `CREATE TABLE` without constraints or indexes.
@@ -73,14 +69,7 @@ impl TableSchema {
         let cols: Vec<String> = self
             .columns
             .iter()
-            .map(|c| {
-                format!(
-                    "{} {}{}",
-                    quote_ident(&c.name),
-                    c.type_name,
-                    if c.not_null { " NOT NULL" } else { "" }
-                )
-            })
+            .map(|c| format!("{} {}{}", quote_ident(&c.name), c.type_name, if c.not_null { " NOT NULL" } else { "" }))
             .collect();
         format!("CREATE TABLE {} ({})", self.qualified(), cols.join(", "))
     }
@@ -94,28 +83,16 @@ impl TableSchema {
     /// The statement that reads the table's published rows on the remote.
     pub fn copy_out_sql(&self) -> String {
         let only = if self.relkind == b'p' as i8 { "" } else { "ONLY " };
-        let filter = self
-            .row_filter
-            .as_ref()
-            .map(|f| format!(" WHERE {f}"))
-            .unwrap_or_default();
+        let filter = self.row_filter.as_ref().map(|f| format!(" WHERE {f}")).unwrap_or_default();
         let format = if self.binary_copy() { " (FORMAT binary)" } else { "" };
-        format!(
-            "COPY (SELECT {} FROM {only}{}{filter}) TO STDOUT{format}",
-            self.column_list(),
-            self.qualified()
-        )
+        format!("COPY (SELECT {} FROM {only}{}{filter}) TO STDOUT{format}", self.column_list(), self.qualified())
     }
 
     /// The statement that bulk-loads a batch locally (into a table created
     /// in the same transaction, hence `FREEZE`).
     pub fn copy_in_sql(&self) -> String {
         let format = if self.binary_copy() { ", FORMAT binary" } else { "" };
-        format!(
-            "COPY {} ({}) FROM '/dev/blob' WITH (FREEZE{format})",
-            self.qualified(),
-            self.column_list()
-        )
+        format!("COPY {} ({}) FROM '/dev/blob' WITH (FREEZE{format})", self.qualified(), self.column_list())
     }
 }
 
@@ -142,9 +119,7 @@ pub async fn describe_publication(
     client: &impl GenericClient,
     publication: &str,
 ) -> Result<(Vec<TypeSchema>, Vec<TableSchema>), ReplicationError> {
-    let exists = client
-        .query("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
-        .await?;
+    let exists = client.query("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication]).await?;
     if exists.is_empty() {
         return Err(ReplicationError::needs_operator(
             format!("publication {publication:?} does not exist on the remote"),
@@ -236,16 +211,7 @@ async fn describe_table(
         .filter(|r| !r.get::<_, bool>(2) || r.get::<_, Vec<String>>(1).iter().all(|c| published(c)))
         .map(|r| r.get::<_, String>(0))
         .collect();
-    Ok(TableSchema {
-        remote_oid: oid,
-        schema,
-        name,
-        relkind,
-        columns,
-        row_filter,
-        constraints,
-        indexes,
-    })
+    Ok(TableSchema { remote_oid: oid, schema, name, relkind, columns, row_filter, constraints, indexes })
 }
 
 async fn column_type_oids(client: &impl GenericClient, oid: u32) -> Result<Vec<u32>, ReplicationError> {
@@ -328,11 +294,7 @@ async fn collect_type(
         // Base types from extensions, ranges, multiranges: not created here.
         _ => return Ok(()),
     };
-    out.push(TypeSchema {
-        schema,
-        name,
-        create_sql,
-    });
+    out.push(TypeSchema { schema, name, create_sql });
     Ok(())
 }
 
@@ -340,11 +302,8 @@ async fn collect_type(
 /// by one, each in the transaction that loads it).
 pub fn create_script(types: &[TypeSchema], tables: &[TableSchema]) -> String {
     let mut sql = String::new();
-    let mut schemas: Vec<&str> = types
-        .iter()
-        .map(|t| t.schema.as_str())
-        .chain(tables.iter().map(|t| t.schema.as_str()))
-        .collect();
+    let mut schemas: Vec<&str> =
+        types.iter().map(|t| t.schema.as_str()).chain(tables.iter().map(|t| t.schema.as_str())).collect();
     schemas.sort_unstable();
     schemas.dedup();
     for s in schemas {
@@ -370,13 +329,7 @@ pub fn constraint_statements(table: &TableSchema) -> Vec<String> {
     table
         .constraints
         .iter()
-        .map(|(name, def)| {
-            format!(
-                "ALTER TABLE {} ADD CONSTRAINT {} {def}",
-                table.qualified(),
-                quote_ident(name)
-            )
-        })
+        .map(|(name, def)| format!("ALTER TABLE {} ADD CONSTRAINT {} {def}", table.qualified(), quote_ident(name)))
         .collect()
 }
 
@@ -403,27 +356,14 @@ mod tests {
             name: "Odd \"name\"".into(),
             relkind: b'r' as i8,
             columns: vec![
-                ColumnSchema {
-                    name: "id".into(),
-                    type_name: "integer".into(),
-                    not_null: true,
-                    binary_safe: true,
-                },
-                ColumnSchema {
-                    name: "v".into(),
-                    type_name: "mood[]".into(),
-                    not_null: false,
-                    binary_safe: false,
-                },
+                ColumnSchema { name: "id".into(), type_name: "integer".into(), not_null: true, binary_safe: true },
+                ColumnSchema { name: "v".into(), type_name: "mood[]".into(), not_null: false, binary_safe: false },
             ],
             row_filter: Some("(id > 10)".into()),
             constraints: vec![("t_pkey".into(), "PRIMARY KEY (id)".into())],
             indexes: vec![],
         };
-        assert_eq!(
-            t.create_table_sql(),
-            r#"CREATE TABLE "public"."Odd ""name""" ("id" integer NOT NULL, "v" mood[])"#
-        );
+        assert_eq!(t.create_table_sql(), r#"CREATE TABLE "public"."Odd ""name""" ("id" integer NOT NULL, "v" mood[])"#);
         assert_eq!(
             t.copy_out_sql(),
             r#"COPY (SELECT "id", "v" FROM ONLY "public"."Odd ""name""" WHERE (id > 10)) TO STDOUT"#

@@ -45,21 +45,14 @@ const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 /// Now, in PostgreSQL's microseconds since 2000-01-01.
 pub fn pg_now_micros() -> i64 {
-    let unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
+    let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
     unix - PG_EPOCH_OFFSET_MICROS
 }
 
 /// A PostgreSQL timestamp (microseconds since 2000-01-01) as a `SystemTime`.
 pub fn pg_time(micros: i64) -> SystemTime {
     let unix = micros + PG_EPOCH_OFFSET_MICROS;
-    if unix >= 0 {
-        UNIX_EPOCH + Duration::from_micros(unix as u64)
-    } else {
-        UNIX_EPOCH
-    }
+    if unix >= 0 { UNIX_EPOCH + Duration::from_micros(unix as u64) } else { UNIX_EPOCH }
 }
 
 /// What `IDENTIFY_SYSTEM` reports.
@@ -126,12 +119,7 @@ impl StreamMessage {
                 let wal_start = Lsn(buf.get_u64());
                 let wal_end = Lsn(buf.get_u64());
                 let send_time = buf.get_i64();
-                Ok(StreamMessage::XLogData {
-                    wal_start,
-                    wal_end,
-                    send_time,
-                    data: buf,
-                })
+                Ok(StreamMessage::XLogData { wal_start, wal_end, send_time, data: buf })
             }
             b'k' => {
                 if buf.len() < 17 {
@@ -140,11 +128,7 @@ impl StreamMessage {
                 let wal_end = Lsn(buf.get_u64());
                 let send_time = buf.get_i64();
                 let reply_requested = buf.get_u8() != 0;
-                Ok(StreamMessage::Keepalive {
-                    wal_end,
-                    send_time,
-                    reply_requested,
-                })
+                Ok(StreamMessage::Keepalive { wal_end, send_time, reply_requested })
             }
             other => Err(bad(&format!("unknown tag {:?}", other as char))),
         }
@@ -175,9 +159,7 @@ pub struct SourceConnection {
 
 impl std::fmt::Debug for SourceConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SourceConnection")
-            .field("streaming", &self.streaming)
-            .finish()
+        f.debug_struct("SourceConnection").field("streaming", &self.streaming).finish()
     }
 }
 
@@ -196,9 +178,7 @@ impl SourceConnection {
                 // TLS refused or misconfigured: another address won't fix it.
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
-                    last_err = Some(ReplicationError::transient(format!(
-                        "timed out connecting to {address:?}"
-                    )));
+                    last_err = Some(ReplicationError::transient(format!("timed out connecting to {address:?}")));
                     continue;
                 }
             };
@@ -278,9 +258,8 @@ impl SourceConnection {
                         self.flush().await?;
                     }
                     Message::AuthenticationSaslFinal(body) => {
-                        let s = scram
-                            .as_mut()
-                            .ok_or_else(|| ReplicationError::fatal("SASL final without SASL start"))?;
+                        let s =
+                            scram.as_mut().ok_or_else(|| ReplicationError::fatal("SASL final without SASL start"))?;
                         s.finish(body.data()).map_err(|e| auth_failed(&e.to_string()))?;
                     }
                     _ => {
@@ -332,16 +311,12 @@ impl SourceConnection {
     /// `IDENTIFY_SYSTEM`.
     pub async fn identify_system(&mut self) -> Result<SystemId, ReplicationError> {
         let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
-        let row = rows
-            .first()
-            .ok_or_else(|| ReplicationError::fatal("IDENTIFY_SYSTEM returned no row"))?;
+        let row = rows.first().ok_or_else(|| ReplicationError::fatal("IDENTIFY_SYSTEM returned no row"))?;
         let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
         Ok(SystemId {
             system_id: col(0),
             timeline: col(1).parse().unwrap_or(0),
-            xlogpos: col(2)
-                .parse()
-                .map_err(|e| ReplicationError::fatal(format!("IDENTIFY_SYSTEM: {e}")))?,
+            xlogpos: col(2).parse().map_err(|e| ReplicationError::fatal(format!("IDENTIFY_SYSTEM: {e}")))?,
         })
     }
 
@@ -355,9 +330,7 @@ impl SourceConnection {
                 if temporary { " TEMPORARY" } else { "" }
             ))
             .await?;
-        let row = rows
-            .first()
-            .ok_or_else(|| ReplicationError::fatal("CREATE_REPLICATION_SLOT returned no row"))?;
+        let row = rows.first().ok_or_else(|| ReplicationError::fatal("CREATE_REPLICATION_SLOT returned no row"))?;
         let col = |i: usize| row.get(i).cloned().flatten();
         Ok(CreatedSlot {
             name: col(0).unwrap_or_default(),
@@ -463,9 +436,7 @@ impl SourceConnection {
             }
             let n = self.socket.read_buf(&mut self.read).await?;
             if n == 0 {
-                return Err(ReplicationError::transient(
-                    "the remote closed the replication connection",
-                ));
+                return Err(ReplicationError::transient("the remote closed the replication connection"));
             }
         }
     }
@@ -522,9 +493,7 @@ async fn open_socket(address: &SourceAddress, tls: &TlsMode) -> Result<Box<dyn S
                     format!("{host}:{port} does not accept TLS"),
                     "enable ssl on the server, or use sslmode=prefer/disable",
                 )),
-                other => Err(ReplicationError::fatal(format!(
-                    "unexpected answer {other:#x} to SSLRequest"
-                ))),
+                other => Err(ReplicationError::fatal(format!("unexpected answer {other:#x} to SSLRequest"))),
             }
         }
         // No TLS over Unix sockets (as libpq).
@@ -544,11 +513,7 @@ fn remote_error(frame: Bytes) -> Result<ReplicationError, ReplicationError> {
     match parse(frame)? {
         Message::ErrorResponse(body) => {
             let db = crate::DbError::from_fields(body.fields())?;
-            Ok(ReplicationError::from_remote(
-                db.code,
-                format!("remote: {}", db.message),
-                db.hint,
-            ))
+            Ok(ReplicationError::from_remote(db.code, format!("remote: {}", db.message), db.hint))
         }
         _ => Err(ReplicationError::fatal("expected an ErrorResponse")),
     }
@@ -588,12 +553,7 @@ mod tests {
         w.extend(7i64.to_be_bytes());
         w.extend(b"B...");
         match StreamMessage::decode(Bytes::from(w)).unwrap() {
-            StreamMessage::XLogData {
-                wal_start,
-                wal_end,
-                send_time,
-                data,
-            } => {
+            StreamMessage::XLogData { wal_start, wal_end, send_time, data } => {
                 assert_eq!(wal_start.to_string(), "1/10");
                 assert_eq!(wal_end.to_string(), "1/20");
                 assert_eq!(send_time, 7);
@@ -607,11 +567,7 @@ mod tests {
         k.push(1);
         assert_eq!(
             StreamMessage::decode(Bytes::from(k)).unwrap(),
-            StreamMessage::Keepalive {
-                wal_end: Lsn(0x20),
-                send_time: 9,
-                reply_requested: true
-            }
+            StreamMessage::Keepalive { wal_end: Lsn(0x20), send_time: 9, reply_requested: true }
         );
         assert!(StreamMessage::decode(Bytes::from_static(b"k\0")).is_err());
     }

@@ -17,9 +17,7 @@ use super::source::quote_ident;
 
 /// Types without an equality operator: matched on their text form (FULL
 /// identity only).
-pub(super) const NO_EQUALITY: &[&str] = &[
-    "json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle",
-];
+pub(super) const NO_EQUALITY: &[&str] = &["json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"];
 
 /// A local column.
 #[derive(Debug, Clone)]
@@ -198,10 +196,7 @@ pub(super) fn group_steps(rel: &RelationState, group: &Group) -> Vec<Step> {
     match &group.kind {
         GroupKind::Insert if big => {
             let rows: Vec<&[Value]> = group.rows.iter().map(Vec::as_slice).collect();
-            vec![Step::Copy {
-                sql: copy_sql,
-                data: copy_data(&rows),
-            }]
+            vec![Step::Copy { sql: copy_sql, data: copy_data(&rows) }]
         }
         GroupKind::Update(mask) if big && nkey > 0 && mask.iter().all(|&m| m) => {
             let keys = Group {
@@ -212,13 +207,7 @@ pub(super) fn group_steps(rel: &RelationState, group: &Group) -> Vec<Step> {
             };
             let (sql, params) = group_statement(rel, &keys);
             let rows: Vec<&[Value]> = group.rows.iter().map(|r| &r[nkey..]).collect();
-            vec![
-                Step::Sql(sql, params),
-                Step::Copy {
-                    sql: copy_sql,
-                    data: copy_data(&rows),
-                },
-            ]
+            vec![Step::Sql(sql, params), Step::Copy { sql: copy_sql, data: copy_data(&rows) }]
         }
         _ => {
             let (sql, params) = group_statement(rel, group);
@@ -233,11 +222,7 @@ pub(super) fn group_statement(rel: &RelationState, group: &Group) -> (String, Ve
     match &group.kind {
         GroupKind::Insert => {
             let names: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
-            let casts: Vec<String> = cols
-                .iter()
-                .enumerate()
-                .map(|(j, c)| format!("u.c{j}::{}", c.type_name))
-                .collect();
+            let casts: Vec<String> = cols.iter().enumerate().map(|(j, c)| format!("u.c{j}::{}", c.type_name)).collect();
             let sql = format!(
                 "INSERT INTO {} ({}) SELECT {} FROM {}",
                 rel.qualified,
@@ -254,14 +239,7 @@ pub(super) fn group_statement(rel: &RelationState, group: &Group) -> (String, Ve
             let sets: Vec<String> = set_cols
                 .iter()
                 .enumerate()
-                .map(|(k, &i)| {
-                    format!(
-                        "{} = u.c{}::{}",
-                        quote_ident(&cols[i].name),
-                        nkey + k,
-                        cols[i].type_name
-                    )
-                })
+                .map(|(k, &i)| format!("{} = u.c{}::{}", quote_ident(&cols[i].name), nkey + k, cols[i].type_name))
                 .collect();
             let conds: Vec<String> = rel
                 .key
@@ -297,12 +275,8 @@ pub(super) fn group_statement(rel: &RelationState, group: &Group) -> (String, Ve
                 .enumerate()
                 .map(|(k, &i)| format!("t.{} = u.c{k}::{}", quote_ident(&cols[i].name), cols[i].type_name))
                 .collect();
-            let sql = format!(
-                "DELETE FROM {} AS t USING {} WHERE {}",
-                rel.qualified,
-                unnest(nkey, 1),
-                conds.join(" AND ")
-            );
+            let sql =
+                format!("DELETE FROM {} AS t USING {} WHERE {}", rel.qualified, unnest(nkey, 1), conds.join(" AND "));
             (sql, column_arrays(&group.rows, nkey))
         }
     }
@@ -337,11 +311,7 @@ pub(super) fn full_identity_statement(
     let locate = format!(
         "ctid = (SELECT ctid FROM {} WHERE {} LIMIT 1)",
         rel.qualified,
-        if conds.is_empty() {
-            "true".into()
-        } else {
-            conds.join(" AND ")
-        }
+        if conds.is_empty() { "true".into() } else { conds.join(" AND ") }
     );
     match (op, new) {
         (ChangeOp::Update, Some(new)) => {
@@ -355,10 +325,7 @@ pub(super) fn full_identity_statement(
                     }
                 }
             }
-            (
-                format!("UPDATE {} SET {} WHERE {locate}", rel.qualified, sets.join(", ")),
-                params,
-            )
+            (format!("UPDATE {} SET {} WHERE {locate}", rel.qualified, sets.join(", ")), params)
         }
         _ => (format!("DELETE FROM {} WHERE {locate}", rel.qualified), params),
     }
@@ -375,12 +342,7 @@ mod tests {
 
     #[test]
     fn array_literals_quote_everything() {
-        let rows = vec![
-            vec![text(r#"a"b\c"#)],
-            vec![Value::Null],
-            vec![text("{x,y}")],
-            vec![text("NULL")],
-        ];
+        let rows = vec![vec![text(r#"a"b\c"#)], vec![Value::Null], vec![text("{x,y}")], vec![text("NULL")]];
         let params = column_arrays(&rows, 1);
         assert_eq!(params[0], Param::Untyped(r#"{"a\"b\\c",NULL,"{x,y}","NULL"}"#.into()));
     }
@@ -391,14 +353,8 @@ mod tests {
             name: "t".into(),
             qualified: "\"public\".\"t\"".into(),
             columns: vec![
-                LocalColumn {
-                    name: "id".into(),
-                    type_name: "integer".into(),
-                },
-                LocalColumn {
-                    name: "v".into(),
-                    type_name: "text".into(),
-                },
+                LocalColumn { name: "id".into(), type_name: "integer".into() },
+                LocalColumn { name: "v".into(), type_name: "text".into() },
             ],
             key: vec![0],
             full_identity: false,
@@ -433,12 +389,7 @@ mod tests {
             sql,
             r#"UPDATE "public"."t" AS t SET "v" = u.c1::text FROM unnest($1::text[], $2::text[]) AS u(c0, c1) WHERE t."id" = u.c0::integer"#
         );
-        let g = Group {
-            relation: 1,
-            kind: GroupKind::Delete,
-            rows: vec![vec![text("1")]],
-            keys: HashSet::new(),
-        };
+        let g = Group { relation: 1, kind: GroupKind::Delete, rows: vec![vec![text("1")]], keys: HashSet::new() };
         let (sql, _) = group_statement(&r, &g);
         assert_eq!(sql, r#"DELETE FROM "public"."t" WHERE "id" = ANY($1::integer[])"#);
         // Composite keys join on unnest.
@@ -462,35 +413,16 @@ mod tests {
         let data = copy_data(&[&[text("a\tb\\c\nd\re"), Value::Null], &[text("x"), text("")]]);
         assert_eq!(data, b"a\\tb\\\\c\\nd\\re\t\\N\nx\t\n".to_vec());
         let r = rel();
-        let rows: Vec<Vec<Value>> = (0..COPY_MIN_ROWS)
-            .map(|i| vec![text(&i.to_string()), text("v")])
-            .collect();
-        let g = Group {
-            relation: 1,
-            kind: GroupKind::Insert,
-            rows: rows.clone(),
-            keys: HashSet::new(),
-        };
+        let rows: Vec<Vec<Value>> = (0..COPY_MIN_ROWS).map(|i| vec![text(&i.to_string()), text("v")]).collect();
+        let g = Group { relation: 1, kind: GroupKind::Insert, rows: rows.clone(), keys: HashSet::new() };
         assert!(matches!(group_steps(&r, &g)[..], [Step::Copy { .. }]));
         // Whole-row updates: delete the keys, copy the rows.
-        let upd: Vec<Vec<Value>> = rows
-            .iter()
-            .map(|row| [vec![row[0].clone()], row.clone()].concat())
-            .collect();
-        let g = Group {
-            relation: 1,
-            kind: GroupKind::Update(vec![true, true]),
-            rows: upd.clone(),
-            keys: HashSet::new(),
-        };
+        let upd: Vec<Vec<Value>> = rows.iter().map(|row| [vec![row[0].clone()], row.clone()].concat()).collect();
+        let g =
+            Group { relation: 1, kind: GroupKind::Update(vec![true, true]), rows: upd.clone(), keys: HashSet::new() };
         assert!(matches!(group_steps(&r, &g)[..], [Step::Sql(..), Step::Copy { .. }]));
         // An unchanged TOAST column keeps the UPDATE.
-        let g = Group {
-            relation: 1,
-            kind: GroupKind::Update(vec![true, false]),
-            rows: upd,
-            keys: HashSet::new(),
-        };
+        let g = Group { relation: 1, kind: GroupKind::Update(vec![true, false]), rows: upd, keys: HashSet::new() };
         assert!(matches!(group_steps(&r, &g)[..], [Step::Sql(..)]));
     }
 

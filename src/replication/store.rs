@@ -159,10 +159,7 @@ pub fn table_state_statement(
 
 /// Marks the initial copy complete.
 pub fn streaming_statement() -> (String, Vec<Param>) {
-    (
-        "UPDATE pglite_cache.replication SET phase = 'streaming', updated_at = now()".into(),
-        vec![],
-    )
+    ("UPDATE pglite_cache.replication SET phase = 'streaming', updated_at = now()".into(), vec![])
 }
 
 /// Advances the applied position; part of every applied transaction.

@@ -72,12 +72,7 @@ impl Supervisor {
                     RetryPolicy::RetryAfter(delay) => {
                         tracing::warn!(error = %e, ?delay, attempt, "replication interrupted; reconnecting");
                         attempt += 1;
-                        self.status.send_modify(|s| {
-                            s.phase = Phase::Reconnecting {
-                                error: e.to_string(),
-                                attempt,
-                            }
-                        });
+                        self.status.send_modify(|s| s.phase = Phase::Reconnecting { error: e.to_string(), attempt });
                         tokio::select! {
                             biased;
                             _ = self.shutdown.changed() => break Ok(()),
@@ -86,8 +81,7 @@ impl Supervisor {
                     }
                     RetryPolicy::ManualIntervention | RetryPolicy::NoRetry => {
                         tracing::error!(error = %e, "replication halted");
-                        self.status
-                            .send_modify(|s| s.phase = Phase::Halted { error: e.to_string() });
+                        self.status.send_modify(|s| s.phase = Phase::Halted { error: e.to_string() });
                         return Err(e);
                     }
                 },
@@ -135,13 +129,7 @@ impl Supervisor {
         let tables = self.stored_tables().await?;
         conn.start_replication(&self.config.slot_name, start, self.config.publication.name())
             .await
-            .map_err(|e| {
-                if e.is_slot_lost() {
-                    e.with_hint(slot_lost_hint())
-                } else {
-                    e
-                }
-            })?;
+            .map_err(|e| if e.is_slot_lost() { e.with_hint(slot_lost_hint()) } else { e })?;
         self.status.send_modify(|s| {
             s.phase = Phase::Streaming;
             s.applied_lsn = start;
@@ -240,10 +228,7 @@ impl Supervisor {
             )
             .await?;
         let slot = conn.create_slot(&self.config.slot_name, false).await?;
-        let snapshot = slot
-            .snapshot
-            .clone()
-            .ok_or_else(|| ReplicationError::fatal("the slot exported no snapshot"))?;
+        let snapshot = slot.snapshot.clone().ok_or_else(|| ReplicationError::fatal("the slot exported no snapshot"))?;
         tracing::info!(slot = %slot.name, consistent_point = %slot.consistent_point, "slot created");
         client
             .batch_execute(&format!(
@@ -268,15 +253,7 @@ impl Supervisor {
         )
         .await?;
         self.status.send_modify(|s| s.tables.clear());
-        copy_tables(
-            &self.instance,
-            &self.config,
-            &self.status,
-            &client,
-            &tables,
-            slot.consistent_point,
-        )
-        .await?;
+        copy_tables(&self.instance, &self.config, &self.status, &client, &tables, slot.consistent_point).await?;
         client.batch_execute("COMMIT").await?;
         let (sql, params) = store::streaming_statement();
         self.instance.query_params(&sql, params).await?;
@@ -288,10 +265,7 @@ impl Supervisor {
         let PublicationSpec::Owned { name, tables } = &self.config.publication else {
             return Ok(false);
         };
-        let exists = !client
-            .query("SELECT 1 FROM pg_publication WHERE pubname = $1", &[name])
-            .await?
-            .is_empty();
+        let exists = !client.query("SELECT 1 FROM pg_publication WHERE pubname = $1", &[name]).await?.is_empty();
         if !exists {
             let list: Vec<String> = tables
                 .iter()
@@ -301,11 +275,7 @@ impl Supervisor {
                 })
                 .collect();
             client
-                .batch_execute(&format!(
-                    "CREATE PUBLICATION {} FOR TABLE {}",
-                    quote_ident(name),
-                    list.join(", ")
-                ))
+                .batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(name), list.join(", ")))
                 .await?;
         }
         Ok(true)
@@ -328,14 +298,7 @@ impl Supervisor {
                     .get::<String>(3)
                     .parse()
                     .map_err(|e| ReplicationError::fatal(format!("stored table LSN: {e}")))?;
-                Ok((
-                    r.get::<i64>(0) as u32,
-                    apply::KnownTable {
-                        schema: r.get(1),
-                        name: r.get(2),
-                        applies_from,
-                    },
-                ))
+                Ok((r.get::<i64>(0) as u32, apply::KnownTable { schema: r.get(1), name: r.get(2), applies_from }))
             })
             .collect()
     }
@@ -371,10 +334,7 @@ impl Supervisor {
             let mut temp = SourceConnection::connect(&self.config.source, "pglite-cache backfill").await?;
             let name = format!("{}_backfill_{}", self.config.slot_name, std::process::id());
             let slot = temp.create_slot(&name, true).await?;
-            let snapshot = slot
-                .snapshot
-                .clone()
-                .ok_or_else(|| ReplicationError::fatal("no exported snapshot"))?;
+            let snapshot = slot.snapshot.clone().ok_or_else(|| ReplicationError::fatal("no exported snapshot"))?;
             client
                 .batch_execute(&format!(
                     "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
@@ -385,25 +345,14 @@ impl Supervisor {
             let new: Vec<schema::TableSchema> = tables.into_iter().filter(|t| !known.contains(&t.remote_oid)).collect();
             tracing::info!(tables = ?new.iter().map(|t| t.qualified()).collect::<Vec<_>>(), at = %slot.consistent_point, "backfilling tables added to the publication");
             self.instance.exec(&schema::create_script(&types, &new)).await?;
-            copy_tables(
-                &self.instance,
-                &self.config,
-                &self.status,
-                &client,
-                &new,
-                slot.consistent_point,
-            )
-            .await?;
+            copy_tables(&self.instance, &self.config, &self.status, &client, &new, slot.consistent_point).await?;
             client.batch_execute("COMMIT").await?;
             temp.finish().await?; // drops the temporary slot
             Ok(new
                 .into_iter()
                 .map(|t| {
-                    let known = apply::KnownTable {
-                        schema: t.schema,
-                        name: t.name,
-                        applies_from: slot.consistent_point,
-                    };
+                    let known =
+                        apply::KnownTable { schema: t.schema, name: t.name, applies_from: slot.consistent_point };
                     (t.remote_oid, known)
                 })
                 .collect())
@@ -422,10 +371,7 @@ impl Supervisor {
     async fn load_table_status(&self) -> Result<(), ReplicationError> {
         let result = self
             .instance
-            .query(
-                "SELECT schema_name, table_name, rows_copied FROM pglite_cache.tables ORDER BY 1, 2",
-                &[],
-            )
+            .query("SELECT schema_name, table_name, rows_copied FROM pglite_cache.tables ORDER BY 1, 2", &[])
             .await?;
         let tables: Vec<TableStatus> = result
             .rows

@@ -138,11 +138,7 @@ pub fn split_tls_options(s: &str) -> Result<(String, Option<TlsMode>), Replicati
         if mode.is_some() {
             kept.push("sslmode=require");
         }
-        if kept.is_empty() {
-            base.to_owned()
-        } else {
-            format!("{base}?{}", kept.join("&"))
-        }
+        if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) }
     } else {
         let mut kept = Vec::new();
         for word in s.split_whitespace() {
@@ -205,10 +201,7 @@ mod tests {
         let (rest, mode) = split_tls_options("host=h sslmode=verify-full sslrootcert=/ca.pem").unwrap();
         assert_eq!(rest, "host=h sslmode=require");
         assert_eq!(mode, Some(TlsMode::VerifyFull("/ca.pem".into())));
-        assert_eq!(
-            split_tls_options("host=h sslmode=require").unwrap(),
-            ("host=h sslmode=require".into(), None)
-        );
+        assert_eq!(split_tls_options("host=h sslmode=require").unwrap(), ("host=h sslmode=require".into(), None));
         assert!(split_tls_options("host=h sslmode=verify-full").is_err());
         assert!(split_tls_options("host=h sslmode=verify-ca sslrootcert=/x").is_err());
     }

@@ -120,10 +120,7 @@ pub(crate) fn messages(bytes: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
 
 /// The status byte of the last `ReadyForQuery` in `bytes`, if any.
 pub(crate) fn last_ready_status(bytes: &[u8]) -> Option<u8> {
-    messages(bytes)
-        .filter(|(tag, _)| *tag == b'Z')
-        .last()
-        .map(|(_, m)| m[5])
+    messages(bytes).filter(|(tag, _)| *tag == b'Z').last().map(|(_, m)| m[5])
 }
 
 #[cfg(test)]

@@ -44,10 +44,7 @@ pub(crate) struct FrameReader {
 
 impl FrameReader {
     pub fn new(max_message_size: usize) -> Self {
-        FrameReader {
-            buf: BytesMut::with_capacity(16 * 1024),
-            max_message_size,
-        }
+        FrameReader { buf: BytesMut::with_capacity(16 * 1024), max_message_size }
     }
 
     /// The next complete message already buffered, if any. The length is
@@ -75,10 +72,7 @@ impl FrameReader {
             self.buf.reserve((total - self.buf.len()).min(1 << 20));
             return Ok(None);
         }
-        Ok(Some(Frame {
-            tag,
-            bytes: self.buf.split_to(total),
-        }))
+        Ok(Some(Frame { tag, bytes: self.buf.split_to(total) }))
     }
 
     /// Reads more bytes from the client; `Ok(0)` means the client closed.

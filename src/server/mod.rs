@@ -134,14 +134,8 @@ pub async fn serve(
 
     let accept = async {
         loop {
-            let permit = limit
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("the semaphore is never closed");
-            let accepts = listeners
-                .iter()
-                .map(|l| Box::pin(async move { (l.accept().await, l.is_trusted()) }));
+            let permit = limit.clone().acquire_owned().await.expect("the semaphore is never closed");
+            let accepts = listeners.iter().map(|l| Box::pin(async move { (l.accept().await, l.is_trusted()) }));
             let ((accepted, trusted), _, _) = select_all(accepts).await;
             while tasks.try_join_next().is_some() {}
             let stream = match accepted {
@@ -225,9 +219,7 @@ impl Client {
                 let session = self.instance.raw_session();
                 let pid = self.id as i32;
                 let cancel = self.cancels.register(pid, greeting.key);
-                Connection::new(stream, self.id, session, settings, self.config, self.hub, cancel)
-                    .run(stop)
-                    .await;
+                Connection::new(stream, self.id, session, settings, self.config, self.hub, cancel).run(stop).await;
                 self.cancels.unregister(pid);
                 tracing::debug!(id = self.id, "client disconnected");
             }
@@ -242,18 +234,13 @@ impl Client {
 
 /// The engine's values of the reported parameters.
 async fn server_parameters(instance: &Instance) -> io::Result<Vec<(String, String)>> {
-    let columns: Vec<String> = REPORTED
-        .iter()
-        .map(|name| format!("pg_catalog.current_setting('{name}', true)"))
-        .collect();
+    let columns: Vec<String> =
+        REPORTED.iter().map(|name| format!("pg_catalog.current_setting('{name}', true)")).collect();
     let result = instance
         .query(&format!("SELECT {}", columns.join(", ")), &[])
         .await
         .map_err(|e| io::Error::other(format!("reading server parameters: {e}")))?;
-    let row = result
-        .rows
-        .first()
-        .ok_or_else(|| io::Error::other("no server parameters"))?;
+    let row = result.rows.first().ok_or_else(|| io::Error::other("no server parameters"))?;
     Ok(REPORTED
         .iter()
         .enumerate()

@@ -61,11 +61,7 @@ impl<'a> Named<'a> {
             b'B' => {
                 let (portal, rest) = cstr(body, "Bind")?;
                 let (statement, rest) = cstr(rest, "Bind")?;
-                Named::Bind {
-                    portal,
-                    statement,
-                    rest,
-                }
+                Named::Bind { portal, statement, rest }
             }
             b'E' => {
                 let (portal, rest) = cstr(body, "Execute")?;
@@ -97,9 +93,7 @@ pub(crate) struct Namer {
 impl Namer {
     /// Names for connection `id`.
     pub fn new(id: u32) -> Self {
-        Namer {
-            prefix: format!("pgc{id}_"),
-        }
+        Namer { prefix: format!("pgc{id}_") }
     }
 
     /// The engine's name for a client's name: the prefix plus the name, or,
@@ -130,11 +124,7 @@ impl Namer {
                 out.put_u8(0);
                 out.put_slice(rest);
             }
-            Named::Bind {
-                portal,
-                statement,
-                rest,
-            } => {
+            Named::Bind { portal, statement, rest } => {
                 self.put_name(portal, out);
                 self.put_name(statement, out);
                 out.put_slice(rest);
@@ -160,9 +150,7 @@ impl Namer {
 
 /// FNV-1a, 64 bits: stable across runs and platforms (unlike `DefaultHasher`).
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 #[cfg(test)]

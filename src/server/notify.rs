@@ -27,10 +27,7 @@ impl Hub {
     }
 
     pub fn listen(&self, channel: &str, id: u32, tx: &mpsc::UnboundedSender<Bytes>) {
-        self.lock()
-            .entry(channel.to_owned())
-            .or_default()
-            .insert(id, tx.clone());
+        self.lock().entry(channel.to_owned()).or_default().insert(id, tx.clone());
     }
 
     pub fn unlisten(&self, channel: &str, id: u32) {

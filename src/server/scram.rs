@@ -26,9 +26,7 @@ pub struct ScramVerifier {
 
 impl fmt::Debug for ScramVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ScramVerifier")
-            .field("iterations", &self.iterations)
-            .finish_non_exhaustive()
+        f.debug_struct("ScramVerifier").field("iterations", &self.iterations).finish_non_exhaustive()
     }
 }
 
@@ -58,11 +56,7 @@ impl std::str::FromStr for ScramVerifier {
         let (iterations, salt) = params.split_once(':').ok_or(InvalidVerifier)?;
         let (stored, server) = keys.split_once(':').ok_or(InvalidVerifier)?;
         let key = |b64: &str| -> Result<[u8; 32], InvalidVerifier> {
-            STANDARD
-                .decode(b64)
-                .map_err(|_| InvalidVerifier)?
-                .try_into()
-                .map_err(|_| InvalidVerifier)
+            STANDARD.decode(b64).map_err(|_| InvalidVerifier)?.try_into().map_err(|_| InvalidVerifier)
         };
         Ok(ScramVerifier {
             iterations: iterations.parse().map_err(|_| InvalidVerifier)?,
@@ -99,9 +93,7 @@ impl<'a> Exchange<'a> {
     pub fn start(verifier: &'a ScramVerifier, client_first: &[u8]) -> Result<(Exchange<'a>, String), ScramError> {
         let client_first = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         // gs2-header: cbind-flag "," [authzid] ","
-        let (flag, rest) = client_first
-            .split_once(',')
-            .ok_or(ScramError::Malformed("no gs2 header"))?;
+        let (flag, rest) = client_first.split_once(',').ok_or(ScramError::Malformed("no gs2 header"))?;
         match flag {
             "n" | "y" => {}
             f if f.starts_with("p=") => return Err(ScramError::ChannelBinding),
@@ -117,11 +109,7 @@ impl<'a> Exchange<'a> {
         let mut random = [0u8; 18];
         rand::rng().fill_bytes(&mut random);
         let nonce = format!("{client_nonce}{}", STANDARD.encode(random));
-        let server_first = format!(
-            "r={nonce},s={},i={}",
-            STANDARD.encode(&verifier.salt),
-            verifier.iterations
-        );
+        let server_first = format!("r={nonce},s={},i={}", STANDARD.encode(&verifier.salt), verifier.iterations);
         let exchange = Exchange {
             verifier,
             gs2_header,
@@ -136,9 +124,7 @@ impl<'a> Exchange<'a> {
     /// message (`v=<ServerSignature>`).
     pub fn finish(self, client_final: &[u8]) -> Result<String, ScramError> {
         let client_final = std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
-        let (without_proof, proof) = client_final
-            .rsplit_once(",p=")
-            .ok_or(ScramError::Malformed("no proof"))?;
+        let (without_proof, proof) = client_final.rsplit_once(",p=").ok_or(ScramError::Malformed("no proof"))?;
         let mut binding = None;
         let mut nonce = None;
         for attr in without_proof.split(',') {
@@ -154,11 +140,8 @@ impl<'a> Exchange<'a> {
         if nonce != Some(self.nonce.as_str()) {
             return Err(ScramError::Malformed("nonce does not match"));
         }
-        let proof: [u8; 32] = STANDARD
-            .decode(proof)
-            .ok()
-            .and_then(|p| p.try_into().ok())
-            .ok_or(ScramError::Malformed("bad proof"))?;
+        let proof: [u8; 32] =
+            STANDARD.decode(proof).ok().and_then(|p| p.try_into().ok()).ok_or(ScramError::Malformed("bad proof"))?;
         let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
         let client_signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
         let mut client_key = proof;
@@ -195,9 +178,7 @@ mod tests {
         let (exchange, server_first) = Exchange::start(&verifier, client.message())?;
         client.update(server_first.as_bytes()).unwrap();
         let server_final = exchange.finish(client.message())?;
-        client
-            .finish(server_final.as_bytes())
-            .expect("client accepts the server signature");
+        client.finish(server_final.as_bytes()).expect("client accepts the server signature");
         Ok(())
     }
 

@@ -42,18 +42,10 @@ impl SessionSettings {
     /// in a way that matters (`application_name` is only reported, and
     /// `extra_float_digits > 0` all mean "shortest exact" since PostgreSQL 12).
     pub fn from_startup(settings: &[(String, String)], defaults: &[(String, String)]) -> SessionSettings {
-        let default = |name: &str| {
-            defaults
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
-        };
+        let default = |name: &str| defaults.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
         let same = |a: &str, b: &str| {
             let norm = |s: &str| {
-                s.chars()
-                    .filter(|c| !c.is_whitespace() && *c != '-')
-                    .collect::<String>()
-                    .to_ascii_lowercase()
+                s.chars().filter(|c| !c.is_whitespace() && *c != '-').collect::<String>().to_ascii_lowercase()
             };
             norm(a) == norm(b)
         };
@@ -119,12 +111,7 @@ impl SessionSettings {
         let results = crate::protocol::decode(&reply)?.into_results()?;
         self.saved = results
             .first()
-            .map(|r| {
-                r.rows
-                    .iter()
-                    .map(|row| (row.get::<String>(0), row.get::<String>(1)))
-                    .collect()
-            })
+            .map(|r| r.rows.iter().map(|row| (row.get::<String>(0), row.get::<String>(1))).collect())
             .unwrap_or_default();
         self.applied = false;
         Ok(())
@@ -146,11 +133,7 @@ mod tests {
 
     #[test]
     fn startup_defaults_do_not_make_a_connection_stateful() {
-        let defaults = pairs(&[
-            ("DateStyle", "ISO, MDY"),
-            ("TimeZone", "UTC"),
-            ("client_encoding", "UTF8"),
-        ]);
+        let defaults = pairs(&[("DateStyle", "ISO, MDY"), ("TimeZone", "UTC"), ("client_encoding", "UTF8")]);
         let s = SessionSettings::from_startup(
             &pairs(&[
                 ("client_encoding", "utf-8"),

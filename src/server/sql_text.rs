@@ -34,10 +34,7 @@ fn statements(sql: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// The first word of a statement, after whitespace and comments.
 pub(crate) fn first_word(stmt: &[u8]) -> &[u8] {
     let rest = skip_space_and_comments(stmt);
-    let end = rest
-        .iter()
-        .position(|b| !b.is_ascii_alphanumeric() && *b != b'_')
-        .unwrap_or(rest.len());
+    let end = rest.iter().position(|b| !b.is_ascii_alphanumeric() && *b != b'_').unwrap_or(rest.len());
     &rest[..end]
 }
 
@@ -45,15 +42,9 @@ fn skip_space_and_comments(mut s: &[u8]) -> &[u8] {
     loop {
         let trimmed = s.trim_ascii_start();
         if let Some(rest) = trimmed.strip_prefix(b"--") {
-            s = rest
-                .iter()
-                .position(|&b| b == b'\n')
-                .map_or(&[][..], |i| &rest[i + 1..]);
+            s = rest.iter().position(|&b| b == b'\n').map_or(&[][..], |i| &rest[i + 1..]);
         } else if let Some(rest) = trimmed.strip_prefix(b"/*") {
-            s = rest
-                .windows(2)
-                .position(|w| w == b"*/")
-                .map_or(&[][..], |i| &rest[i + 2..]);
+            s = rest.windows(2).position(|w| w == b"*/").map_or(&[][..], |i| &rest[i + 2..]);
         } else {
             return trimmed;
         }
@@ -112,11 +103,7 @@ pub(crate) fn listen_commands(sql: &[u8]) -> Vec<Listening> {
                 return Some(Listening::UnlistenAll);
             }
             let channel = identifier(rest)?;
-            Some(if listen {
-                Listening::Listen(channel)
-            } else {
-                Listening::Unlisten(channel)
-            })
+            Some(if listen { Listening::Listen(channel) } else { Listening::Unlisten(channel) })
         })
         .collect()
 }
@@ -180,11 +167,7 @@ mod tests {
     fn finds_listen_and_unlisten() {
         assert_eq!(
             listen_commands(b"LISTEN Orders; unlisten \"Mixed\"\"Case\"; UNLISTEN *; SELECT 1"),
-            vec![
-                Listening::Listen("orders".into()),
-                Listening::Unlisten("Mixed\"Case".into()),
-                Listening::UnlistenAll
-            ]
+            vec![Listening::Listen("orders".into()), Listening::Unlisten("Mixed\"Case".into()), Listening::UnlistenAll]
         );
         assert!(listen_commands(b"SELECT 'listen x'").is_empty());
         assert_eq!(quote_identifier("a\"b"), "\"a\"\"b\"");

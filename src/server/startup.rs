@@ -79,20 +79,12 @@ where
             return refuse(stream, "0A000", &text).await;
         }
         let Some(params) = parse_params(&packet[4..]) else {
-            return refuse(
-                stream,
-                "08P01",
-                "invalid startup packet layout: expected terminator as last byte",
-            )
-            .await;
+            return refuse(stream, "08P01", "invalid startup packet layout: expected terminator as last byte").await;
         };
         // Newer minor versions and protocol extensions are declined the way
         // PostgreSQL does: NegotiateProtocolVersion, then carry on with 3.0.
-        let unrecognized: Vec<String> = params
-            .iter()
-            .filter(|(k, _)| k.starts_with("_pq_."))
-            .map(|(k, _)| k.clone())
-            .collect();
+        let unrecognized: Vec<String> =
+            params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
         if minor > 0 || !unrecognized.is_empty() {
             backend::negotiate_protocol_version(0, &unrecognized, &mut out);
         }
@@ -130,11 +122,7 @@ where
     }
     backend::authentication(0, &[], &mut out); // AuthenticationOk
     for (name, value) in greeting.parameters {
-        let client_value = startup
-            .settings
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v);
+        let client_value = startup.settings.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v);
         let value = match name.as_str() {
             "application_name" => client_value.unwrap_or(value),
             "session_authorization" => &startup.user,
@@ -183,10 +171,7 @@ fn parse_params(body: &[u8]) -> Option<Vec<(String, String)>> {
             break;
         }
         let value = fields.next()?;
-        params.push((
-            String::from_utf8_lossy(name).into_owned(),
-            String::from_utf8_lossy(value).into_owned(),
-        ));
+        params.push((String::from_utf8_lossy(name).into_owned(), String::from_utf8_lossy(value).into_owned()));
     }
     Some(params)
 }
@@ -217,9 +202,7 @@ fn command_line_settings(options: &str) -> Vec<(String, String)> {
         let pair = if word == "-c" {
             words.next()
         } else {
-            word.strip_prefix("-c")
-                .or_else(|| word.strip_prefix("--"))
-                .map(str::to_owned)
+            word.strip_prefix("-c").or_else(|| word.strip_prefix("--")).map(str::to_owned)
         };
         if let Some((name, value)) = pair.as_deref().and_then(|p| p.split_once('=')) {
             settings.push((name.replace('-', "_"), value.to_owned()));
@@ -257,12 +240,7 @@ where
         return Ok(false);
     };
     if mechanism != b"SCRAM-SHA-256" || rest.len() < 4 {
-        refuse(
-            stream,
-            "28000",
-            "client selected an invalid SASL authentication mechanism",
-        )
-        .await?;
+        refuse(stream, "28000", "client selected an invalid SASL authentication mechanism").await?;
         return Ok(false);
     }
     let exchange = match Exchange::start(verifier, &rest[4..]) {
@@ -334,10 +312,7 @@ mod tests {
     #[test]
     fn parses_startup_parameters() {
         let params = parse_params(b"user\0ada\0database\0app\0\0").unwrap();
-        assert_eq!(
-            params,
-            vec![("user".into(), "ada".into()), ("database".into(), "app".into())]
-        );
+        assert_eq!(params, vec![("user".into(), "ada".into()), ("database".into(), "app".into())]);
         assert!(parse_params(b"user\0ada").is_none());
     }
 

@@ -37,9 +37,7 @@ impl TestServer {
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
             .with_test_writer()
             .try_init();
-        let db = Instance::start(InstanceOptions::in_memory())
-            .await
-            .expect("instance starts");
+        let db = Instance::start(InstanceOptions::in_memory()).await.expect("instance starts");
         let dir = tempfile::tempdir().unwrap();
         let socket_dir = dir.path().join("sockets");
         let unix = Listener::bind_unix(&socket_dir, SOCKET_PORT).unwrap();
@@ -49,14 +47,7 @@ impl TestServer {
         let task = tokio::spawn(server::serve(db.clone(), vec![unix, tcp], config, async move {
             let _ = stopped.await;
         }));
-        TestServer {
-            db,
-            addr,
-            socket_dir,
-            _dir: dir,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        TestServer { db, addr, socket_dir, _dir: dir, stop: Some(stop), task: Some(task) }
     }
 
     pub fn url(&self) -> String {
@@ -65,21 +56,13 @@ impl TestServer {
 
     pub fn tcp_config(&self) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
-        config
-            .host("127.0.0.1")
-            .port(self.addr.port())
-            .user("postgres")
-            .dbname("postgres");
+        config.host("127.0.0.1").port(self.addr.port()).user("postgres").dbname("postgres");
         config
     }
 
     pub fn unix_config(&self) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
-        config
-            .host_path(&self.socket_dir)
-            .port(SOCKET_PORT)
-            .user("postgres")
-            .dbname("postgres");
+        config.host_path(&self.socket_dir).port(SOCKET_PORT).user("postgres").dbname("postgres");
         config
     }
 
@@ -116,9 +99,7 @@ pub struct Raw {
 
 impl Raw {
     pub async fn open(server: &TestServer) -> Raw {
-        Raw {
-            stream: TcpStream::connect(server.addr).await.unwrap(),
-        }
+        Raw { stream: TcpStream::connect(server.addr).await.unwrap() }
     }
 
     /// Connects and completes the startup.
@@ -128,11 +109,7 @@ impl Raw {
         frontend::startup_message([("user", "postgres"), ("database", "postgres")], &mut buf).unwrap();
         raw.send(&buf).await;
         let messages = raw.read_until_ready().await;
-        assert_eq!(
-            messages.last().map(|m| m.0),
-            Some(b'Z'),
-            "startup ends with ReadyForQuery"
-        );
+        assert_eq!(messages.last().map(|m| m.0), Some(b'Z'), "startup ends with ReadyForQuery");
         raw
     }
 
@@ -150,16 +127,10 @@ impl Raw {
     /// Reads one message, or `None` at EOF.
     pub async fn read_message(&mut self) -> Option<(u8, Vec<u8>)> {
         let mut header = [0u8; 5];
-        timeout(PATIENCE, self.stream.read_exact(&mut header))
-            .await
-            .expect("server answers")
-            .ok()?;
+        timeout(PATIENCE, self.stream.read_exact(&mut header)).await.expect("server answers").ok()?;
         let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
         let mut body = vec![0u8; len - 4];
-        timeout(PATIENCE, self.stream.read_exact(&mut body))
-            .await
-            .expect("server answers")
-            .ok()?;
+        timeout(PATIENCE, self.stream.read_exact(&mut body)).await.expect("server answers").ok()?;
         Some((header[0], body))
     }
 
@@ -187,7 +158,5 @@ impl Raw {
 /// The SQLSTATE of the first ErrorResponse.
 pub fn error_code(messages: &[(u8, Vec<u8>)]) -> Option<String> {
     let (_, body) = messages.iter().find(|m| m.0 == b'E')?;
-    body.split(|&b| b == 0)
-        .find_map(|f| f.strip_prefix(b"C"))
-        .map(|c| String::from_utf8_lossy(c).into_owned())
+    body.split(|&b| b == 0).find_map(|f| f.strip_prefix(b"C")).map(|c| String::from_utf8_lossy(c).into_owned())
 }

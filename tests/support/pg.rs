@@ -36,33 +36,22 @@ fn bindir() -> PathBuf {
         versions.reverse();
         candidates.extend(versions);
     }
-    candidates
-        .into_iter()
-        .find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists())
-        .unwrap_or_else(|| {
-            panic!(
-                "PostgreSQL server binaries (initdb, pg_ctl) not found via pg_config or /usr/lib/postgresql/*/bin. \
+    candidates.into_iter().find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists()).unwrap_or_else(|| {
+        panic!(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found via pg_config or /usr/lib/postgresql/*/bin. \
                  Install them: apt-get install -y postgresql"
-            )
-        })
+        )
+    })
 }
 
 fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
 fn ensure_user() {
     static USER: Once = Once::new();
     USER.call_once(|| {
-        let exists = Command::new("id")
-            .arg(RUN_AS)
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
+        let exists = Command::new("id").arg(RUN_AS).output().map(|o| o.status.success()).unwrap_or(false);
         if !exists {
             let out = Command::new("useradd")
                 .args(["--system", "--no-create-home", "--shell", "/bin/false", RUN_AS])
@@ -70,11 +59,7 @@ fn ensure_user() {
             match out {
                 Ok(o) if o.status.success() => {}
                 // Another test process may have created it in the meantime.
-                _ if Command::new("id")
-                    .arg(RUN_AS)
-                    .output()
-                    .map(|o| o.status.success())
-                    .unwrap_or(false) => {}
+                _ if Command::new("id").arg(RUN_AS).output().map(|o| o.status.success()).unwrap_or(false) => {}
                 other => panic!("cannot create user {RUN_AS} to run PostgreSQL (it refuses to run as root): {other:?}"),
             }
         }
@@ -82,11 +67,7 @@ fn ensure_user() {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn check(what: &str, out: std::io::Result<Output>) -> Output {
@@ -124,36 +105,16 @@ impl PgCluster {
             None
         };
         let dir = tempfile::Builder::new().prefix("pglite-cache-pg-").tempdir().unwrap();
-        let cluster = PgCluster {
-            dir,
-            bindir,
-            port: free_port(),
-            run_as,
-        };
+        let cluster = PgCluster { dir, bindir, port: free_port(), run_as };
         std::fs::create_dir_all(cluster.socket_dir()).unwrap();
         if let Some(user) = run_as {
-            check(
-                "chown",
-                Command::new("chown")
-                    .args(["-R", user])
-                    .arg(cluster.dir.path())
-                    .output(),
-            );
+            check("chown", Command::new("chown").args(["-R", user]).arg(cluster.dir.path()).output());
         }
         check(
             "initdb",
             cluster
                 .command("initdb")
-                .args([
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "-E",
-                    "UTF8",
-                    "--no-locale",
-                    "--no-sync",
-                    "-D",
-                ])
+                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync", "-D"])
                 .arg(cluster.data_dir())
                 .output(),
         );
@@ -175,10 +136,7 @@ impl PgCluster {
             if let Some(user) = run_as {
                 check("chown", Command::new("chown").args(["-R", user]).arg(extra).output());
             }
-            check(
-                "chmod",
-                Command::new("chmod").args(["-R", "go-rwx"]).arg(extra).output(),
-            );
+            check("chmod", Command::new("chmod").args(["-R", "go-rwx"]).arg(extra).output());
             check("chmod", Command::new("chmod").args(["o+x"]).arg(extra).output());
         }
         cluster.pg_ctl("start");
@@ -189,16 +147,9 @@ impl PgCluster {
     /// [`PgCluster::path`]) signs the server certificate for `localhost`
     /// and `127.0.0.1`.
     pub fn start_with_tls() -> PgCluster {
-        let certs = tempfile::Builder::new()
-            .prefix("pglite-cache-tls-")
-            .tempdir()
-            .unwrap()
-            .keep();
+        let certs = tempfile::Builder::new().prefix("pglite-cache-tls-").tempdir().unwrap().keep();
         let run = |args: &[&str]| {
-            check(
-                &format!("openssl {args:?}"),
-                Command::new("openssl").args(args).current_dir(&certs).output(),
-            )
+            check(&format!("openssl {args:?}"), Command::new("openssl").args(args).current_dir(&certs).output())
         };
         run(&[
             "req",
@@ -227,11 +178,8 @@ impl PgCluster {
             "-out",
             "server.csr",
         ]);
-        std::fs::write(
-            certs.join("ext.cnf"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-        )
-        .unwrap();
+        std::fs::write(certs.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+            .unwrap();
         run(&[
             "x509",
             "-req",
@@ -252,10 +200,8 @@ impl PgCluster {
         let cert = certs.join("server.crt");
         let key = certs.join("server.key");
         let (cert_s, key_s) = (format!("'{}'", cert.display()), format!("'{}'", key.display()));
-        let cluster = Self::start_with_files(
-            &[("ssl", "on"), ("ssl_cert_file", &cert_s), ("ssl_key_file", &key_s)],
-            &certs,
-        );
+        let cluster =
+            Self::start_with_files(&[("ssl", "on"), ("ssl_cert_file", &cert_s), ("ssl_key_file", &key_s)], &certs);
         std::fs::copy(certs.join("ca.crt"), cluster.path().join("ca.crt")).unwrap();
         std::fs::copy(&cert, cluster.path().join("server.crt")).unwrap();
         let _ = std::fs::remove_dir_all(&certs);
@@ -305,19 +251,12 @@ impl PgCluster {
 
     /// A key=value connection string over TCP.
     pub fn conninfo(&self, db: &str) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname={db} sslmode=disable",
-            self.port
-        )
+        format!("host=127.0.0.1 port={} user=postgres dbname={db} sslmode=disable", self.port)
     }
 
     /// A `postgres://` URL over the Unix socket.
     pub fn unix_url(&self, db: &str) -> String {
-        format!(
-            "postgres://postgres@{}:{}/{db}",
-            percent(self.socket_dir().to_str().unwrap()),
-            self.port
-        )
+        format!("postgres://postgres@{}:{}/{db}", percent(self.socket_dir().to_str().unwrap()), self.port)
     }
 
     /// Connects with tokio-postgres.

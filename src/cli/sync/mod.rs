@@ -88,9 +88,8 @@ fn plan(args: SyncArgs) -> Result<Plan, String> {
         (None, true, Some(_)) => PublicationSpec::Owned { name: owned_name, tables: Vec::new() },
         _ => return Err("say what to replicate: one of --publication NAME, --tables T1,T2 or --schema NAME".into()),
     };
-    let config = ReplicationConfig::new(source, publication)
-        .slot_name(args.slot)
-        .on_slot_lost(match args.on_invalid_slot {
+    let config =
+        ReplicationConfig::new(source, publication).slot_name(args.slot).on_slot_lost(match args.on_invalid_slot {
             OnInvalidSlot::Error => SlotLostPolicy::Halt,
             OnInvalidSlot::Resync => SlotLostPolicy::Resync,
         });
@@ -133,7 +132,9 @@ pub async fn run(args: SyncArgs) -> ExitCode {
 
     let instance = match Instance::start(InstanceOptions::persistent(&plan.data).name("cache")).await {
         Ok(instance) => instance,
-        Err(e @ Error::DataDirInUse(_)) => return config_error(format!("{e}; is another `pglite-cache sync` running?")),
+        Err(e @ Error::DataDirInUse(_)) => {
+            return config_error(format!("{e}; is another `pglite-cache sync` running?"));
+        }
         Err(e) => {
             eprintln!("error: opening the cache: {e}");
             return ExitCode::FAILURE;
@@ -190,7 +191,10 @@ async fn serve_and_sync(instance: &Instance, plan: Plan, remote: preflight::Remo
     let _ = stop_reports.send(true);
     let _ = server.await;
     let _ = reports.await;
-    status_file::write(&plan.data, &status_file::StatusReport::from_status(&status.borrow(), &plan.config, &counters, false));
+    status_file::write(
+        &plan.data,
+        &status_file::StatusReport::from_status(&status.borrow(), &plan.config, &counters, false),
+    );
     match result {
         Ok(()) if !halted => {
             eprintln!("stopped: everything received was applied and confirmed");

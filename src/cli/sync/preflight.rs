@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use pglite_cache::replication::{PublicationSpec, ReplicationConfig, error::backoff};
-use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
 
 /// What we learned about the remote.
 #[derive(Debug, Clone, Default)]
@@ -30,7 +30,10 @@ pub async fn check(config: &ReplicationConfig, schema: Option<&str>) -> Result<R
         ));
     }
     let row = client
-        .query_one("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .query_one(
+            "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
         .await
         .map_err(|e| format!("checking the role: {e}"))?;
     let (user, can_replicate): (String, bool) = (row.get(0), row.get(1));

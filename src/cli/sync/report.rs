@@ -152,14 +152,24 @@ impl Reporter {
         for phase in ["starting", "copying", "streaming", "reconnecting", "halted", "stopped"] {
             m.sample("pglite_cache_phase", &[("phase", phase)], f64::from(u8::from(phase == current)));
         }
-        m.single("pglite_cache_lag_bytes", MetricKind::Gauge, "WAL bytes between the remote and what is applied.", s.lag_bytes as f64);
+        m.single(
+            "pglite_cache_lag_bytes",
+            MetricKind::Gauge,
+            "WAL bytes between the remote and what is applied.",
+            s.lag_bytes as f64,
+        );
         m.single(
             "pglite_cache_lag_seconds",
             MetricKind::Gauge,
             "Remote commit to local commit of the last applied transaction.",
             s.lag.as_secs_f64(),
         );
-        m.single("pglite_cache_applied_lsn", MetricKind::Gauge, "Everything up to this LSN is applied.", s.applied_lsn.0 as f64);
+        m.single(
+            "pglite_cache_applied_lsn",
+            MetricKind::Gauge,
+            "Everything up to this LSN is applied.",
+            s.applied_lsn.0 as f64,
+        );
         let c = &self.counters;
         m.single(
             "pglite_cache_applied_transactions_total",
@@ -175,9 +185,17 @@ impl Reporter {
         );
         m.family("pglite_cache_table_rows_copied", MetricKind::Gauge, "Rows copied by the initial sync, per table.");
         for t in &s.tables {
-            m.sample("pglite_cache_table_rows_copied", &[("table", &format!("{}.{}", t.schema, t.name))], t.rows_copied as f64);
+            m.sample(
+                "pglite_cache_table_rows_copied",
+                &[("table", &format!("{}.{}", t.schema, t.name))],
+                t.rows_copied as f64,
+            );
         }
-        m.family("pglite_cache_table_rows_applied_total", MetricKind::Counter, "Rows applied by streaming, per table and operation.");
+        m.family(
+            "pglite_cache_table_rows_applied_total",
+            MetricKind::Counter,
+            "Rows applied by streaming, per table and operation.",
+        );
         for t in &s.tables {
             let table = format!("{}.{}", t.schema, t.name);
             for (op, n) in [("insert", t.inserted), ("update", t.updated), ("delete", t.deleted)] {
@@ -217,14 +235,20 @@ impl Bars {
                 for t in &s.tables {
                     let name = format!("{}.{}", t.schema, t.name);
                     let of = estimates.get(&name).map(|n| format!(" of ~{n}")).unwrap_or_default();
-                    tracing::info!("copying {name}: {:?}, {} rows{of}, {} bytes", t.state, t.rows_copied, t.bytes_copied);
+                    tracing::info!(
+                        "copying {name}: {:?}, {} rows{of}, {} bytes",
+                        t.state,
+                        t.rows_copied,
+                        t.bytes_copied
+                    );
                 }
                 self.last_log = Some(Instant::now());
             }
             return;
         }
-        let style = ProgressStyle::with_template("{prefix:>28} {bar:30} {pos:>10}/{len:10} rows {per_sec:>12} ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let style =
+            ProgressStyle::with_template("{prefix:>28} {bar:30} {pos:>10}/{len:10} rows {per_sec:>12} ETA {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
         for t in &s.tables {
             let name = format!("{}.{}", t.schema, t.name);
             let bar = self.bars.entry(name.clone()).or_insert_with(|| {

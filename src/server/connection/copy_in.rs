@@ -79,11 +79,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub(super) async fn start_copy(&mut self, start: BytesMut, kind: CopyKind) -> Result<()> {
         if self.status == b'E' {
             // A failed transaction runs nothing: the engine answers with an error.
-            let mut batch = Batch {
-                bytes: start,
-                boundary: true,
-                ..Batch::default()
-            };
+            let mut batch = Batch { bytes: start, boundary: true, ..Batch::default() };
             return self.send_batch(&mut batch).await;
         }
         self.begin_busy(false).await?;
@@ -122,11 +118,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     backend::sync(&mut close);
                     self.session.round_trip(close).await?;
                 }
-                self.copy = Some(CopyIn {
-                    data_start: start.len(),
-                    replay: start,
-                    over_limit: false,
-                });
+                self.copy = Some(CopyIn { data_start: start.len(), replay: start, over_limit: false });
             }
             None => {
                 if kind == CopyKind::Extended && reply.len() >= 6 && reply[reply.len() - 6] == b'Z' {
@@ -161,10 +153,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 let end = if copy.over_limit {
                     let mut fail = BytesMut::new();
                     let limit = self.config.max_copy_size;
-                    backend::copy_fail(
-                        &format!("COPY data exceeds the server's limit of {limit} bytes"),
-                        &mut fail,
-                    );
+                    backend::copy_fail(&format!("COPY data exceeds the server's limit of {limit} bytes"), &mut fail);
                     fail
                 } else {
                     frame.bytes
@@ -177,10 +166,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             other => {
                 // Any other message aborts the COPY (as in PostgreSQL), then runs.
                 let mut fail = BytesMut::new();
-                backend::copy_fail(
-                    &format!("unexpected message type 0x{other:02X} during COPY from stdin"),
-                    &mut fail,
-                );
+                backend::copy_fail(&format!("unexpected message type 0x{other:02X} during COPY from stdin"), &mut fail);
                 self.finish_copy(fail).await?;
                 return Box::pin(self.on_frame(frame, batch)).await;
             }
@@ -194,10 +180,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         replay.extend_from_slice(&end);
         // A second COPY FROM STDIN in the same query would wait for data
         // that cannot come within this call: fail it. (Ignored otherwise.)
-        backend::copy_fail(
-            "only one COPY FROM STDIN per query is supported by this server",
-            &mut replay,
-        );
+        backend::copy_fail("only one COPY FROM STDIN per query is supported by this server", &mut replay);
         self.begin_busy(false).await?;
         let reply = self.session.round_trip(replay).await?;
         // The client already has the CopyInResponse (and what came before
@@ -205,10 +188,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let skip = after_copy_in_response(&reply).unwrap_or(0);
         let rest = &reply[skip..];
         if backend::messages(rest).any(|(tag, _)| tag == b'G') {
-            let kept: Vec<u8> = backend::messages(rest)
-                .filter(|(tag, _)| *tag != b'G')
-                .flat_map(|(_, m)| m.iter().copied())
-                .collect();
+            let kept: Vec<u8> =
+                backend::messages(rest).filter(|(tag, _)| *tag != b'G').flat_map(|(_, m)| m.iter().copied()).collect();
             self.forward(&kept).await?;
         } else {
             self.forward(rest).await?;

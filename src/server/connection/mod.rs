@@ -144,10 +144,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         // A client that vanishes while holding the engine must not leave its
         // settings behind: roll back, and restore the defaults.
         let mut cleanup = BytesMut::new();
-        backend::query(
-            "ROLLBACK; RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE",
-            &mut cleanup,
-        );
+        backend::query("ROLLBACK; RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE", &mut cleanup);
         session.on_drop(cleanup);
         Connection {
             id,
@@ -191,10 +188,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 // A database error here comes from the client's startup
                 // settings (e.g. an invalid TimeZone): keep its SQLSTATE.
                 let code = e.code().map_or("XX000", |c| c.code());
-                Some((
-                    code,
-                    e.as_db_error().map_or_else(|| e.to_string(), |db| db.message.clone()),
-                ))
+                Some((code, e.as_db_error().map_or_else(|| e.to_string(), |db| db.message.clone())))
             }
         };
         if let Some((code, text)) = fatal {
@@ -250,12 +244,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     async fn say_goodbye(&mut self) -> Result<()> {
         let mut out = BytesMut::new();
-        backend::error_response(
-            "FATAL",
-            "57P01",
-            "terminating connection due to administrator command",
-            &mut out,
-        );
+        backend::error_response("FATAL", "57P01", "terminating connection due to administrator command", &mut out);
         self.stream.write_all(&out).await?;
         Ok(())
     }
@@ -310,18 +299,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 batch.boundary = true;
                 if batch.copy_candidate {
                     let group = batch.bytes.split_off(batch.group_start);
-                    let execute_end = batch
-                        .copy_execute_end
-                        .take()
-                        .map_or(group.len(), |end| end - batch.group_start);
+                    let execute_end = batch.copy_execute_end.take().map_or(group.len(), |end| end - batch.group_start);
                     batch.copy_candidate = false;
                     self.send_batch(batch).await?;
                     // During COPY IN only data, Sync and Flush may follow; any
                     // other message would make the engine exit (PostgreSQL
                     // fails the COPY instead, which is done here).
-                    let intruder = backend::messages(&group[execute_end..])
-                        .map(|(t, _)| t)
-                        .find(|t| !matches!(t, b'S' | b'H'));
+                    let intruder =
+                        backend::messages(&group[execute_end..]).map(|(t, _)| t).find(|t| !matches!(t, b'S' | b'H'));
                     match intruder {
                         None => self.start_copy(group, CopyKind::Extended).await?,
                         Some(tag) => {
@@ -331,11 +316,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                                 &mut bytes,
                             );
                             bytes.extend_from_slice(&group[execute_end..]);
-                            let mut batch = Batch {
-                                bytes,
-                                boundary: true,
-                                ..Batch::default()
-                            };
+                            let mut batch = Batch { bytes, boundary: true, ..Batch::default() };
                             self.send_batch(&mut batch).await?;
                         }
                     }
@@ -416,10 +397,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             // it cannot wait for. Outside COPY, CopyFail is ignored. (Every
             // COPY FROM STDIN names STDIN in its text, so batches without a
             // candidate cannot start one.)
-            backend::copy_fail(
-                "COPY FROM STDIN must be followed by Sync or Flush on this server",
-                &mut bytes,
-            );
+            backend::copy_fail("COPY FROM STDIN must be followed by Sync or Flush on this server", &mut bytes);
         }
         // Listen before the batch runs, so that its own NOTIFYs find it.
         for listen in &listens {
@@ -434,11 +412,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             // listened to again, so that no NOTIFY slips in between.
             self.session.hold().await?;
         }
-        tracing::trace!(
-            bytes = bytes.len(),
-            holds = self.session.holds_engine(),
-            "batch to engine"
-        );
+        tracing::trace!(bytes = bytes.len(), holds = self.session.holds_engine(), "batch to engine");
         let reply = if cancellable(&bytes) && !self.session.holds_engine() {
             let cancel = self.cancel.clone();
             let cancelled = cancel.notified();
@@ -484,10 +458,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         let wanted = self.hub.channels();
         if unlistened && !wanted.is_empty() {
-            let sql: Vec<String> = wanted
-                .iter()
-                .map(|c| format!("LISTEN {}", sql_text::quote_identifier(c)))
-                .collect();
+            let sql: Vec<String> = wanted.iter().map(|c| format!("LISTEN {}", sql_text::quote_identifier(c))).collect();
             self.internal(&sql.join("; ")).await?;
         }
         Ok(())

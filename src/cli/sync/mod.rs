@@ -57,6 +57,10 @@ pub struct SyncArgs {
     /// When the slot is missing or invalidated: stop with an error, or copy everything again.
     #[arg(long, value_enum, default_value_t = OnInvalidSlot::Error)]
     on_invalid_slot: OnInvalidSlot,
+    /// Let clients write to replicated tables (by default they are read-only;
+    /// local writes conflict with later changes from the remote).
+    #[arg(long)]
+    allow_local_writes: bool,
     /// Seconds between status lines while streaming.
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     status_interval: u64,
@@ -88,11 +92,14 @@ fn plan(args: SyncArgs) -> Result<Plan, String> {
         (None, true, Some(_)) => PublicationSpec::Owned { name: owned_name, tables: Vec::new() },
         _ => return Err("say what to replicate: one of --publication NAME, --tables T1,T2 or --schema NAME".into()),
     };
-    let config =
-        ReplicationConfig::new(source, publication).slot_name(args.slot).on_slot_lost(match args.on_invalid_slot {
-            OnInvalidSlot::Error => SlotLostPolicy::Halt,
-            OnInvalidSlot::Resync => SlotLostPolicy::Resync,
-        });
+    let on_slot_lost = match args.on_invalid_slot {
+        OnInvalidSlot::Error => SlotLostPolicy::Halt,
+        OnInvalidSlot::Resync => SlotLostPolicy::Resync,
+    };
+    let config = ReplicationConfig::new(source, publication)
+        .slot_name(args.slot)
+        .on_slot_lost(on_slot_lost)
+        .read_only(!args.allow_local_writes);
     if args.status_interval == 0 {
         return Err("--status-interval must be at least 1 second".into());
     }

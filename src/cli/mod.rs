@@ -3,6 +3,7 @@
 mod decommission;
 mod demo;
 mod listen;
+pub mod logs;
 mod query;
 mod serve;
 mod status;

@@ -70,6 +70,12 @@ async fn from_data_dir(data: &std::path::Path) -> Result<StatusReport, String> {
     if let Some(last) = status_file::read(data) {
         report.lag_bytes = last.lag_bytes;
         report.lag_seconds = last.lag_seconds;
+        report.transactions_applied = last.transactions_applied;
+        for table in &mut report.tables {
+            if let Some(seen) = last.tables.iter().find(|t| t.table == table.table) {
+                table.rows_applied = seen.rows_applied;
+            }
+        }
     }
     Ok(report)
 }

@@ -92,14 +92,22 @@ pub async fn check(config: &ReplicationConfig, schema: Option<&str>) -> Result<R
             tables.clone()
         }
     };
+    // Keyed `schema.table` as the replication status names tables.
     for table in &tables {
-        let estimate: Option<f32> = client
-            .query_one("SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)", &[table])
+        let row = client
+            .query_opt(
+                "SELECT n.nspname::text || '.' || c.relname::text, c.reltuples FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
+                &[table],
+            )
             .await
             .ok()
-            .and_then(|r| r.get(0));
-        if let Some(n) = estimate.filter(|n| *n > 0.0) {
-            remote.estimates.insert(table.trim_matches('"').to_string(), n as u64);
+            .flatten();
+        if let Some(row) = row {
+            let (name, estimate): (String, f32) = (row.get(0), row.get(1));
+            if estimate > 0.0 {
+                remote.estimates.insert(name, estimate as u64);
+            }
         }
     }
     Ok(remote)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pglite_cache::metrics::{self, MetricKind, MetricsText};
 use pglite_cache::replication::{Phase, ReplicationConfig, ReplicationHandle, Status, TableState};
 use tokio::sync::{broadcast, watch};
@@ -219,14 +219,15 @@ impl Reporter {
 /// lines every few seconds otherwise.
 struct Bars {
     terminal: bool,
-    multi: MultiProgress,
-    bars: HashMap<String, ProgressBar>,
+    multi: &'static MultiProgress,
+    /// Each table's bar and when its copy was first seen.
+    bars: HashMap<String, (ProgressBar, Instant)>,
     last_log: Option<Instant>,
 }
 
 impl Bars {
     fn new(terminal: bool) -> Bars {
-        Bars { terminal, multi: MultiProgress::new(), bars: HashMap::new(), last_log: None }
+        Bars { terminal, multi: crate::cli::logs::progress(), bars: HashMap::new(), last_log: None }
     }
 
     fn show(&mut self, s: &Status, estimates: &HashMap<String, u64>) {
@@ -246,33 +247,51 @@ impl Bars {
             }
             return;
         }
-        let style =
-            ProgressStyle::with_template("{prefix:>28} {bar:30} {pos:>10}/{len:10} rows {per_sec:>12} ETA {eta}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar());
+        // Rates are ours (rows since the table's copy was first seen):
+        // indicatif's `{per_sec}` prints unrounded fractions for plain counts.
+        let style = ProgressStyle::with_template(
+            "{prefix:>28} {bar:30} {human_pos:>11}/{human_len:11} rows {msg:>14} ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
         for t in &s.tables {
             let name = format!("{}.{}", t.schema, t.name);
-            let bar = self.bars.entry(name.clone()).or_insert_with(|| {
+            if self.bars.is_empty() {
+                self.multi.set_draw_target(ProgressDrawTarget::stderr());
+            }
+            let (bar, started) = self.bars.entry(name.clone()).or_insert_with(|| {
                 let bar = self.multi.add(ProgressBar::new(estimates.get(&name).copied().unwrap_or(0)));
                 bar.set_style(style.clone());
                 bar.set_prefix(name.clone());
-                bar
+                (bar, Instant::now())
             });
+            if bar.is_finished() {
+                continue;
+            }
             if bar.length().is_some_and(|len| t.rows_copied > len) {
                 bar.set_length(t.rows_copied);
             }
             bar.set_position(t.rows_copied);
-            if t.state == TableState::Ready && !bar.is_finished() {
+            let rate = t.rows_copied as f64 / started.elapsed().as_secs_f64().max(0.001);
+            bar.set_message(format!("{rate:.0} rows/s"));
+            if t.state == TableState::Ready {
                 bar.set_length(t.rows_copied);
                 bar.finish();
             }
         }
     }
 
+    /// Leaves the finished bars on screen and stops redrawing them, so later
+    /// log lines go below them.
     fn finish(&mut self) {
-        for bar in self.bars.values() {
+        if self.bars.is_empty() {
+            return;
+        }
+        for (bar, _) in self.bars.values() {
             if !bar.is_finished() {
                 bar.finish();
             }
         }
+        self.multi.set_draw_target(ProgressDrawTarget::hidden());
+        self.bars.clear();
     }
 }

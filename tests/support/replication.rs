@@ -1,0 +1,71 @@
+//! Helpers shared by the replication test files: an instance, a config,
+//! waiting for the remote's position, and full-table comparisons.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use pglite_cache::replication::{Lsn, PublicationSpec, ReplicationConfig, ReplicationHandle};
+use pglite_cache::{Instance, InstanceOptions};
+
+use super::pg::PgCluster;
+
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub async fn instance() -> Instance {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    Instance::start(InstanceOptions::in_memory()).await.unwrap()
+}
+
+pub fn config(pg: &PgCluster, db: &str, publication: &str) -> ReplicationConfig {
+    ReplicationConfig::new(pg.conninfo(db).parse().unwrap(), PublicationSpec::Existing(publication.into()))
+        .slot_name(format!("slot_{db}"))
+        .status_interval(Duration::from_secs(1))
+}
+
+pub async fn remote_lsn(client: &tokio_postgres::Client) -> Lsn {
+    let row = client.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap();
+    row.get::<_, String>(0).parse().unwrap()
+}
+
+/// Waits until everything written on the remote so far is applied.
+pub async fn catch_up(handle: &ReplicationHandle, client: &tokio_postgres::Client) {
+    let lsn = remote_lsn(client).await;
+    tokio::time::timeout(WAIT, handle.wait_for_lsn(lsn))
+        .await
+        .unwrap_or_else(|_| panic!("not caught up with {lsn} within {WAIT:?}: {:?}", handle.status()))
+        .unwrap();
+}
+
+pub const HASH: &str = "SELECT count(*)::text, md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM ";
+
+/// Compares a table's full contents on both sides (row count and an ordered
+/// hash of every row's text form).
+pub async fn assert_same(client: &tokio_postgres::Client, local: &Instance, table: &str) {
+    client.batch_execute("SET TimeZone = 'UTC'; SET extra_float_digits = 1").await.unwrap();
+    let remote = client.query_one(&format!("{HASH}{table} t"), &[]).await.unwrap();
+    let remote: (String, String) = (remote.get(0), remote.get(1));
+    let result =
+        local.exec(&format!("SET TimeZone = 'UTC'; SET extra_float_digits = 1; {HASH}{table} t")).await.unwrap();
+    let row = &result.last().unwrap().rows[0];
+    let local_pair: (String, String) = (row.get(0), row.get(1));
+    if remote != local_pair {
+        let r: Vec<String> = client
+            .query(&format!("SELECT t::text FROM {table} t ORDER BY 1 LIMIT 20"), &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let l = local.query(&format!("SELECT t::text FROM {table} t ORDER BY 1 LIMIT 20"), &[]).await.unwrap();
+        let l: Vec<String> = l.rows.iter().map(|r| r.get(0)).collect();
+        panic!("{table} differs: remote {remote:?} local {local_pair:?}\nremote rows: {r:#?}\nlocal rows: {l:#?}");
+    }
+}
+
+pub async fn local_count(local: &Instance, table: &str) -> i64 {
+    local.query(&format!("SELECT count(*) FROM {table}"), &[]).await.unwrap().rows[0].get(0)
+}

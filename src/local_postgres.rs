@@ -50,19 +50,28 @@ impl LocalPostgres {
     /// Creates and starts a cluster on a free loopback port, trust auth,
     /// `wal_level = logical`, plus any `extra_settings` (`name`, `value`).
     pub fn start(extra_settings: &[(&str, &str)]) -> Result<LocalPostgres, LocalPostgresError> {
+        let mut pg = LocalPostgres::create(extra_settings)?;
+        pg.start_server()?;
+        Ok(pg)
+    }
+
+    /// Like [`start`](Self::start) but leaves the server stopped, so that
+    /// files it needs at startup (e.g. TLS keys, see
+    /// [`write_file`](Self::write_file)) can be put in place first.
+    pub fn create(extra_settings: &[(&str, &str)]) -> Result<LocalPostgres, LocalPostgresError> {
         let bin = find_bin_dir()?;
         let dir = tempfile::Builder::new().prefix("pglite-cache-pg-").tempdir()?;
         let run_as = unprivileged_user()?;
-        if let Some((uid, gid)) = run_as {
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))?;
-        }
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let mut pg = LocalPostgres { bin, dir, port, run_as, running: false };
+        let pg = LocalPostgres { bin, dir, port, run_as, running: false };
+        pg.give_to_server(pg.dir.path())?;
         std::fs::create_dir(pg.socket_dir())?;
-        if let Some((uid, gid)) = run_as {
-            std::os::unix::fs::chown(pg.socket_dir(), Some(uid), Some(gid))?;
-        }
-        pg.run("initdb", &["-D", &pg.data_dir_str(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])?;
+        pg.give_to_server(&pg.socket_dir())?;
+        // `--no-locale`: C collation, so text sorts the same as in PGlite.
+        pg.run(
+            "initdb",
+            &["-D", &pg.data_dir_str(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync"],
+        )?;
         let mut conf = format!(
             "\nlisten_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\n\
              wal_level = logical\nmax_wal_senders = 20\nmax_replication_slots = 20\n\
@@ -77,8 +86,30 @@ impl LocalPostgres {
         let mut existing = std::fs::read_to_string(&conf_path)?;
         existing.push_str(&conf);
         std::fs::write(&conf_path, existing)?;
-        pg.start_server()?;
         Ok(pg)
+    }
+
+    /// Writes a file the server can read (owned by its user, mode 0600) at
+    /// `relative` inside the cluster's directory; returns its path.
+    pub fn write_file(&self, relative: &str, contents: &[u8]) -> Result<PathBuf, LocalPostgresError> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.path().join(relative);
+        std::fs::write(&path, contents)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        self.give_to_server(&path)?;
+        Ok(path)
+    }
+
+    fn give_to_server(&self, path: &std::path::Path) -> Result<(), LocalPostgresError> {
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+        }
+        Ok(())
+    }
+
+    /// The cluster's directory (data, socket directory, log).
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// The TCP port (on 127.0.0.1).
@@ -125,6 +156,12 @@ impl LocalPostgres {
         self.run("pg_ctl", &["start", "-D", &self.data_dir_str(), "-l", &log, "-w", "-t", "60"])?;
         self.running = true;
         Ok(())
+    }
+
+    /// Restarts the server (connections are dropped).
+    pub fn restart(&mut self) -> Result<(), LocalPostgresError> {
+        self.stop()?;
+        self.start_server()
     }
 
     /// The server's log so far (for failure messages).

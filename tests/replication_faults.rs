@@ -12,7 +12,7 @@ use support::replication::{WAIT, assert_same, catch_up, config, instance};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survives_walsender_termination_and_remote_restart() {
-    let pg = PgCluster::start();
+    let mut pg = PgCluster::start();
     let db = pg.create_database("faults").await;
     let remote = pg.client(&db).await;
     remote

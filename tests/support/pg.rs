@@ -1,157 +1,69 @@
-//! A throwaway PostgreSQL cluster for tests: `initdb` in a temp dir with
-//! `wal_level=logical`, a free TCP port on 127.0.0.1 plus its own Unix
-//! socket directory, trust authentication; stopped and removed on drop.
-//!
-//! PostgreSQL refuses to run as root: when the tests run as root, the
-//! cluster runs as the unprivileged user `pgtest` (created if missing).
-//! If the server binaries are missing, this panics with the install command:
-//! tests fail, they never skip.
+//! A throwaway PostgreSQL cluster per test: the crate's `LocalPostgres`
+//! (`wal_level=logical`, free port on 127.0.0.1, own Unix socket directory,
+//! trust authentication, run as an unprivileged user when the tests run as
+//! root, stopped and removed on drop) with test-friendly settings, a TLS
+//! variant and client helpers. If the server binaries are missing this panics
+//! with the install command: tests fail, they never skip.
 
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::Once;
+use std::process::Command;
 
-const RUN_AS: &str = "pgtest";
+use pglite_cache::local_postgres::LocalPostgres;
+
+/// Faster, quieter settings for tests (durability does not matter here).
+const TEST_SETTINGS: &[(&str, &str)] = &[
+    ("synchronous_commit", "off"),
+    ("full_page_writes", "off"),
+    ("shared_buffers", "128MB"),
+    ("max_connections", "50"),
+    ("log_min_messages", "warning"),
+];
 
 pub struct PgCluster {
-    dir: tempfile::TempDir,
-    bindir: PathBuf,
+    pg: LocalPostgres,
     pub port: u16,
-    run_as: Option<&'static str>,
-}
-
-fn bindir() -> PathBuf {
-    let from_pg_config = Command::new("pg_config")
-        .arg("--bindir")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
-    let mut candidates: Vec<PathBuf> = from_pg_config.into_iter().collect();
-    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
-        let mut versions: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect();
-        versions.sort();
-        versions.reverse();
-        candidates.extend(versions);
-    }
-    candidates.into_iter().find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists()).unwrap_or_else(|| {
-        panic!(
-            "PostgreSQL server binaries (initdb, pg_ctl) not found via pg_config or /usr/lib/postgresql/*/bin. \
-                 Install them: apt-get install -y postgresql"
-        )
-    })
-}
-
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
-}
-
-fn ensure_user() {
-    static USER: Once = Once::new();
-    USER.call_once(|| {
-        let exists = Command::new("id").arg(RUN_AS).output().map(|o| o.status.success()).unwrap_or(false);
-        if !exists {
-            let out = Command::new("useradd")
-                .args(["--system", "--no-create-home", "--shell", "/bin/false", RUN_AS])
-                .output();
-            match out {
-                Ok(o) if o.status.success() => {}
-                // Another test process may have created it in the meantime.
-                _ if Command::new("id").arg(RUN_AS).output().map(|o| o.status.success()).unwrap_or(false) => {}
-                other => panic!("cannot create user {RUN_AS} to run PostgreSQL (it refuses to run as root): {other:?}"),
-            }
-        }
-    });
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn check(what: &str, out: std::io::Result<Output>) -> Output {
-    let out = out.unwrap_or_else(|e| panic!("{what}: {e}"));
-    if !out.status.success() {
-        panic!(
-            "{what} failed ({}):\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    out
 }
 
 impl PgCluster {
     /// Starts a fresh cluster.
     pub fn start() -> PgCluster {
-        Self::start_with(&[])
+        Self::started(Self::create(&[]))
     }
 
     /// Starts a fresh cluster with extra `postgresql.conf` settings.
     pub fn start_with(settings: &[(&str, &str)]) -> PgCluster {
-        Self::start_with_files(settings, Path::new(""))
+        Self::started(Self::create(settings))
     }
 
-    /// `extra` (if not empty) is a directory the server must be able to
-    /// read (its key files), handed to the server's user before it starts.
-    fn start_with_files(settings: &[(&str, &str)], extra: &Path) -> PgCluster {
-        let bindir = bindir();
-        let run_as = if is_root() {
-            ensure_user();
-            Some(RUN_AS)
-        } else {
-            None
-        };
-        let dir = tempfile::Builder::new().prefix("pglite-cache-pg-").tempdir().unwrap();
-        let cluster = PgCluster { dir, bindir, port: free_port(), run_as };
-        std::fs::create_dir_all(cluster.socket_dir()).unwrap();
-        if let Some(user) = run_as {
-            check("chown", Command::new("chown").args(["-R", user]).arg(cluster.dir.path()).output());
+    fn create(extra: &[(&str, &str)]) -> LocalPostgres {
+        let settings: Vec<(&str, &str)> = TEST_SETTINGS.iter().chain(extra).copied().collect();
+        LocalPostgres::create(&settings).unwrap_or_else(|e| panic!("test PostgreSQL: {e}"))
+    }
+
+    fn started(mut pg: LocalPostgres) -> PgCluster {
+        if let Err(e) = pg.start_server() {
+            panic!("starting test PostgreSQL: {e}\n{}", pg.log());
         }
-        check(
-            "initdb",
-            cluster
-                .command("initdb")
-                .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync", "-D"])
-                .arg(cluster.data_dir())
-                .output(),
-        );
-        let mut conf = format!(
-            "\nlisten_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\nwal_level = logical\n\
-             max_wal_senders = 20\nmax_replication_slots = 20\nfsync = off\nsynchronous_commit = off\n\
-             full_page_writes = off\nshared_buffers = 128MB\nmax_connections = 50\nlog_min_messages = warning\n",
-            cluster.port,
-            cluster.socket_dir().display()
-        );
-        for (k, v) in settings {
-            conf.push_str(&format!("{k} = {v}\n"));
-        }
-        let conf_path = cluster.data_dir().join("postgresql.conf");
-        let mut existing = std::fs::read_to_string(&conf_path).unwrap();
-        existing.push_str(&conf);
-        std::fs::write(&conf_path, existing).unwrap();
-        if !extra.as_os_str().is_empty() {
-            if let Some(user) = run_as {
-                check("chown", Command::new("chown").args(["-R", user]).arg(extra).output());
-            }
-            check("chmod", Command::new("chmod").args(["-R", "go-rwx"]).arg(extra).output());
-            check("chmod", Command::new("chmod").args(["o+x"]).arg(extra).output());
-        }
-        cluster.pg_ctl("start");
-        cluster
+        let port = pg.port();
+        PgCluster { pg, port }
     }
 
     /// Starts a fresh cluster with TLS on: a test CA (`ca.crt` in
     /// [`PgCluster::path`]) signs the server certificate for `localhost`
-    /// and `127.0.0.1`.
+    /// and `127.0.0.1` (`server.crt` there too).
     pub fn start_with_tls() -> PgCluster {
-        let certs = tempfile::Builder::new().prefix("pglite-cache-tls-").tempdir().unwrap().keep();
-        let run = |args: &[&str]| {
-            check(&format!("openssl {args:?}"), Command::new("openssl").args(args).current_dir(&certs).output())
+        let certs = tempfile::Builder::new().prefix("pglite-cache-tls-").tempdir().unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(certs.path())
+                .output()
+                .unwrap_or_else(|e| panic!("openssl (apt-get install -y openssl): {e}"));
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         };
-        run(&[
+        openssl(&[
             "req",
             "-x509",
             "-newkey",
@@ -166,7 +78,7 @@ impl PgCluster {
             "-out",
             "ca.crt",
         ]);
-        run(&[
+        openssl(&[
             "req",
             "-newkey",
             "rsa:2048",
@@ -178,9 +90,12 @@ impl PgCluster {
             "-out",
             "server.csr",
         ]);
-        std::fs::write(certs.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
-            .unwrap();
-        run(&[
+        std::fs::write(
+            certs.path().join("ext.cnf"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        openssl(&[
             "x509",
             "-req",
             "-in",
@@ -197,66 +112,40 @@ impl PgCluster {
             "-out",
             "server.crt",
         ]);
-        let cert = certs.join("server.crt");
-        let key = certs.join("server.key");
-        let (cert_s, key_s) = (format!("'{}'", cert.display()), format!("'{}'", key.display()));
-        let cluster =
-            Self::start_with_files(&[("ssl", "on"), ("ssl_cert_file", &cert_s), ("ssl_key_file", &key_s)], &certs);
-        std::fs::copy(certs.join("ca.crt"), cluster.path().join("ca.crt")).unwrap();
-        std::fs::copy(&cert, cluster.path().join("server.crt")).unwrap();
-        let _ = std::fs::remove_dir_all(&certs);
-        cluster
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let path = self.bindir.join(program);
-        match self.run_as {
-            Some(user) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", user, "--"]).arg(path);
-                c
-            }
-            None => Command::new(path),
-        }
-    }
-
-    fn pg_ctl(&self, action: &str) {
-        let log = self.dir.path().join("server.log");
-        let out = self
-            .command("pg_ctl")
-            .args(["-w", "-t", "60", "-m", "fast", "-D"])
-            .arg(self.data_dir())
-            .arg("-l")
-            .arg(&log)
-            .arg(action)
-            .output();
-        if out.as_ref().map(|o| !o.status.success()).unwrap_or(true) {
-            let log = std::fs::read_to_string(&log).unwrap_or_default();
-            check(&format!("pg_ctl {action} (server log:\n{log})"), out);
-        }
+        // Relative paths resolve against the data directory.
+        let pg = Self::create(&[("ssl", "on"), ("ssl_cert_file", "server.crt"), ("ssl_key_file", "server.key")]);
+        let read = |name: &str| std::fs::read(certs.path().join(name)).unwrap();
+        pg.write_file("data/server.crt", &read("server.crt")).unwrap();
+        pg.write_file("data/server.key", &read("server.key")).unwrap();
+        pg.write_file("server.crt", &read("server.crt")).unwrap();
+        pg.write_file("ca.crt", &read("ca.crt")).unwrap();
+        Self::started(pg)
     }
 
     /// Restarts the server (connections are dropped).
-    pub fn restart(&self) {
-        self.pg_ctl("restart");
+    pub fn restart(&mut self) {
+        if let Err(e) = self.pg.restart() {
+            panic!("restarting test PostgreSQL: {e}\n{}", self.pg.log());
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.pg.data_dir()
     }
 
     pub fn socket_dir(&self) -> PathBuf {
-        self.dir.path().join("sock")
+        self.pg.socket_dir()
     }
 
     /// A key=value connection string over TCP.
     pub fn conninfo(&self, db: &str) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={db} sslmode=disable", self.port)
+        format!("{} sslmode=disable", self.pg.conninfo(db))
     }
 
     /// A `postgres://` URL over the Unix socket.
     pub fn unix_url(&self, db: &str) -> String {
-        format!("postgres://postgres@{}:{}/{db}", percent(self.socket_dir().to_str().unwrap()), self.port)
+        let dir = self.socket_dir().display().to_string().replace('/', "%2F");
+        format!("postgres://postgres@{dir}:{}/{db}", self.port)
     }
 
     /// Connects with tokio-postgres.
@@ -278,21 +167,6 @@ impl PgCluster {
     }
 
     pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-fn percent(s: &str) -> String {
-    s.replace('/', "%2F")
-}
-
-impl Drop for PgCluster {
-    fn drop(&mut self) {
-        let _ = self
-            .command("pg_ctl")
-            .args(["-w", "-t", "30", "-m", "immediate", "-D"])
-            .arg(self.data_dir())
-            .arg("stop")
-            .output();
+        self.pg.path()
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use pglite_cache::replication::{ChangeOp, Lsn, Phase, PublicationSpec, Replication, ReplicationConfig};
 use support::pg::PgCluster;
-use support::replication::{WAIT, assert_same, catch_up, config, instance, local_count};
+use support::replication::{WAIT, assert_same, catch_up, config, instance, local_count, wait_streaming};
 
 const SCHEMA: &str = r#"
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
@@ -52,7 +52,7 @@ async fn copies_then_streams_every_operation_and_type() {
 
     let local = instance().await;
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    wait_streaming(&handle).await;
     for t in ["items", "pairs", "logs", "docs"] {
         assert_same(&remote, &local, t).await;
     }
@@ -154,7 +154,7 @@ async fn snapshot_copy_under_concurrent_writes_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let local = instance().await;
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    wait_streaming(&handle).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let writes = writer.await.unwrap();
@@ -180,7 +180,7 @@ async fn restart_resumes_exactly_and_transactions_are_atomic() {
     let local = instance().await;
     let cfg = config(&pg, &db, "pub");
     let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    wait_streaming(&handle).await;
 
     // Transfers keep the total constant: a reader that saw half of one
     // would see another total.
@@ -264,7 +264,7 @@ async fn large_transactions_apply_in_pieces_and_atomically() {
     let local = instance().await;
     // A small buffer forces the piecewise path (an open local transaction).
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub").max_buffered_bytes(256 << 10)).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    wait_streaming(&handle).await;
 
     let reader_local = local.clone();
     let reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -316,7 +316,7 @@ async fn columns_added_upstream_are_added_locally() {
         .unwrap();
     let local = instance().await;
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    wait_streaming(&handle).await;
     remote
         .batch_execute(
             "ALTER TABLE t ADD COLUMN plain int; ALTER TABLE t ADD COLUMN with_default text NOT NULL DEFAULT 'd'; \
@@ -340,7 +340,7 @@ async fn columns_added_upstream_are_added_locally() {
         other => panic!("{other:?}"),
     }
     handle.resync().await.unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    wait_streaming(&handle).await;
     remote.batch_execute("INSERT INTO t VALUES (4, 'd', 'y')").await.unwrap();
     catch_up(&handle, &remote).await;
     assert_same(&remote, &local, "t").await;
@@ -367,7 +367,7 @@ async fn owned_publication_over_a_unix_socket_and_decommission() {
     )
     .slot_name("owned_slot");
     let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    wait_streaming(&handle).await;
     remote.batch_execute("INSERT INTO shop.orders VALUES (2, 1.5); INSERT INTO other VALUES (2);").await.unwrap();
     catch_up(&handle, &remote).await;
     assert_same(&remote, &local, "shop.orders").await;
@@ -395,7 +395,7 @@ async fn tables_added_to_the_publication_are_backfilled() {
         .unwrap();
     let local = instance().await;
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    wait_streaming(&handle).await;
 
     // Added, then changed right away: copied at a point consistent with the stream.
     remote
@@ -466,7 +466,7 @@ async fn partitions_row_filters_column_lists_and_writable_opt_out() {
         .unwrap();
     let local = instance().await;
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub").read_only(false)).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    wait_streaming(&handle).await;
     remote
         .batch_execute(
             "INSERT INTO measures VALUES (3, '2024-06-01', 3.5); UPDATE measures SET v = 0 WHERE id = 1; \

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pglite_cache::replication::{Phase, PublicationSpec, Replication, ReplicationConfig};
 use support::pg::PgCluster;
-use support::replication::{WAIT, assert_same, catch_up, config, instance};
+use support::replication::{WAIT, assert_same, catch_up, config, drop_slot_behind_our_back, instance, wait_streaming};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survives_walsender_termination_and_remote_restart() {
@@ -25,7 +25,7 @@ async fn survives_walsender_termination_and_remote_restart() {
     let local = instance().await;
     let cfg = config(&pg, &db, "pub");
     let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    wait_streaming(&handle).await;
 
     // The walsender is terminated: reconnect, resume.
     let killed = remote
@@ -66,23 +66,9 @@ async fn slot_dropped_behind_our_back_halts_with_a_hint() {
     let local = instance().await;
     let cfg = config(&pg, &db, "pub");
     let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    wait_streaming(&handle).await;
     // Terminate the walsender and drop the slot before we reconnect.
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        remote
-            .execute(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                &[&cfg.slot_name],
-            )
-            .await
-            .unwrap();
-        if remote.execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot_name]).await.is_ok() {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "could not drop the slot");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    drop_slot_behind_our_back(&remote, &cfg.slot_name).await;
     let mut status = handle.watch_status();
     let halted = tokio::time::timeout(WAIT, status.wait_for(|s| matches!(s.phase, Phase::Halted { .. })))
         .await
@@ -125,7 +111,7 @@ async fn stop_during_the_initial_copy_then_start_again() {
 
     remote.batch_execute("INSERT INTO big VALUES (300001, 'after'); DELETE FROM small WHERE id = 1;").await.unwrap();
     let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+    wait_streaming(&handle).await;
     remote.batch_execute("UPDATE big SET v = 'x' WHERE id < 100").await.unwrap();
     catch_up(&handle, &remote).await;
     assert_same(&remote, &local, "big").await;
@@ -151,22 +137,8 @@ async fn slot_lost_with_resync_policy_copies_again() {
     let local = instance().await;
     let cfg = config(&pg, &db, "pub").on_slot_lost(pglite_cache::replication::SlotLostPolicy::Resync);
     let handle = Replication::start(local.clone(), cfg.clone()).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        remote
-            .execute(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                &[&cfg.slot_name],
-            )
-            .await
-            .unwrap();
-        if remote.execute("SELECT pg_drop_replication_slot($1)", &[&cfg.slot_name]).await.is_ok() {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "could not drop the slot");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_streaming(&handle).await;
+    drop_slot_behind_our_back(&remote, &cfg.slot_name).await;
     // Changes made while no slot existed are only in a new copy.
     remote.batch_execute("UPDATE t SET v = -v WHERE id <= 50; DELETE FROM t WHERE id > 90;").await.unwrap();
     let deadline = std::time::Instant::now() + WAIT;
@@ -238,7 +210,7 @@ async fn tls_require_and_verify_full() {
             .slot_name(format!("tls_{n}"))
             .status_interval(Duration::from_secs(1));
         let handle = Replication::start(local.clone(), cfg).unwrap();
-        tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+        wait_streaming(&handle).await;
         remote.batch_execute(&format!("INSERT INTO t VALUES ({}, 'tls')", n + 10)).await.unwrap();
         catch_up(&handle, &remote).await;
         assert_same(&remote, &local, "t").await;

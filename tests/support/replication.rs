@@ -69,3 +69,28 @@ pub async fn assert_same(client: &tokio_postgres::Client, local: &Instance, tabl
 pub async fn local_count(local: &Instance, table: &str) -> i64 {
     local.query(&format!("SELECT count(*) FROM {table}"), &[]).await.unwrap().rows[0].get(0)
 }
+
+/// Waits (at most [`WAIT`]) until the initial copy is done and changes stream.
+pub async fn wait_streaming(handle: &ReplicationHandle) {
+    tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap();
+}
+
+/// Drops a slot behind the replication's back: terminates its walsender
+/// (which reconnects) until the slot is free, then drops it.
+pub async fn drop_slot_behind_our_back(remote: &tokio_postgres::Client, slot: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        remote
+            .execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&slot],
+            )
+            .await
+            .unwrap();
+        if remote.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await.is_ok() {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "could not drop the slot");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

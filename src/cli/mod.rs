@@ -5,6 +5,7 @@ mod demo;
 mod listen;
 pub mod logs;
 mod query;
+mod resync;
 mod serve;
 mod status;
 mod status_file;
@@ -71,6 +72,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Drop a cache's slot (and owned publication) on the remote and its local bookkeeping.
     Decommission(decommission::DecommissionArgs),
+    /// Copy a cache's tables again (all, from a new slot, or --table T) while the old copies stay readable.
+    Resync(resync::ResyncArgs),
 }
 
 /// Exit status for a database error (bad usage exits with 2, as clap does).
@@ -85,5 +88,6 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Status(args) => status::run(args).await,
         Command::Demo => demo::run().await,
         Command::Decommission(args) => decommission::run(args).await,
+        Command::Resync(args) => resync::run(args).await,
     }
 }

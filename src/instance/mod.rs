@@ -166,6 +166,28 @@ impl Instance {
         RawSession::new(self.clone())
     }
 
+    /// The data directory of a persistent instance.
+    pub fn data_dir(&self) -> Option<&std::path::Path> {
+        self.shared.data_dir.as_deref()
+    }
+
+    /// Makes everything committed so far durable: `syncfs(2)` on the data
+    /// directory's filesystem. Needed because the engine's own `fsync`
+    /// reaches the host only as a flush of its buffered writes into the
+    /// page cache (wasmer's `fd_sync` on a host file), not as an `fsync`.
+    /// A no-op for in-memory instances.
+    pub async fn sync_to_disk(&self) -> std::io::Result<()> {
+        let Some(dir) = self.shared.data_dir.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || {
+            let dir = std::fs::File::open(&dir)?;
+            rustix::fs::syncfs(&dir).map_err(std::io::Error::from)
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
     /// True once the instance is stopped or crashed for good.
     pub fn is_closed(&self) -> bool {
         matches!(self.shared.state(), State::Stopped | State::Crashed(_))

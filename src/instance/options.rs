@@ -49,9 +49,13 @@ impl InstanceOptions {
         Self::new(Storage::Memory)
     }
 
-    /// A persistent instance in `dir`.
+    /// A persistent instance in `dir`, with `fsync = on` (the engine starts
+    /// with `-F`; this turns it back on so that a commit's writes have left
+    /// the engine when it returns; [`Instance::sync_to_disk`](crate::Instance::sync_to_disk)
+    /// then puts them on stable storage). `.setting("fsync", "off")` trades
+    /// that for speed.
     pub fn persistent(dir: impl Into<PathBuf>) -> Self {
-        Self::new(Storage::Directory(dir.into()))
+        Self::new(Storage::Directory(dir.into())).setting("fsync", "on")
     }
 
     fn new(storage: Storage) -> Self {

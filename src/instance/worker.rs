@@ -108,6 +108,8 @@ pub(crate) struct Shared {
     pub state: Mutex<State>,
     /// Calls sent and not yet answered (see `handoff::reply`).
     pub in_flight: std::sync::atomic::AtomicUsize,
+    /// The data directory of a persistent instance.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 impl Shared {
@@ -135,7 +137,15 @@ impl Shared {
 pub(crate) async fn spawn(options: InstanceOptions) -> Result<(mpsc::UnboundedSender<Command>, Arc<Shared>)> {
     let label = options.label();
     let shared =
-        Arc::new(Shared { label: label.clone(), state: Mutex::new(State::Running), in_flight: Default::default() });
+        Arc::new(Shared {
+        label: label.clone(),
+        state: Mutex::new(State::Running),
+        in_flight: Default::default(),
+        data_dir: match options.storage() {
+            crate::instance::options::Storage::Directory(dir) => Some(dir.clone()),
+            crate::instance::options::Storage::Memory => None,
+        },
+    });
     let (tx, rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = oneshot::channel();
     let worker_shared = shared.clone();

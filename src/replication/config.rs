@@ -18,6 +18,16 @@ use tokio_postgres::config::{Host, SslMode};
 use super::error::ReplicationError;
 use super::tls::{TlsMode, split_tls_options};
 
+/// The output format every remote connection uses (see [`SourceConfig::options`]).
+pub const PINNED_OPTIONS: &str = "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3";
+
+/// TCP keepalive: first probe after this much silence.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// TCP keepalive: between probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// TCP keepalive: unanswered probes before the connection is dead.
+pub const KEEPALIVE_RETRIES: u32 = 3;
+
 /// Where the remote is and how to log in.
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
@@ -35,10 +45,31 @@ pub enum SourceAddress {
 }
 
 impl SourceConfig {
-    /// The parsed `tokio_postgres` config for ordinary (non-replication)
-    /// connections: catalog queries and the snapshot copy.
-    pub fn postgres_config(&self) -> &tokio_postgres::Config {
-        &self.inner
+    /// The `tokio_postgres` config for ordinary (non-replication)
+    /// connections: catalog queries and the snapshot copy. The output
+    /// format is pinned ([`SourceConfig::options`]) and TCP keepalives
+    /// detect a dead peer within about a minute.
+    pub fn postgres_config(&self) -> tokio_postgres::Config {
+        let mut config = self.inner.clone();
+        config
+            .options(self.options())
+            .connect_timeout(self.connect_timeout())
+            .keepalives(true)
+            .keepalives_idle(KEEPALIVE_IDLE)
+            .keepalives_interval(KEEPALIVE_INTERVAL)
+            .keepalives_retries(KEEPALIVE_RETRIES);
+        config
+    }
+
+    /// The server options of every remote connection: the output format
+    /// pinned as PostgreSQL's own walreceiver does (values are parsed as
+    /// ISO dates, `postgres` intervals and exact floats whatever the
+    /// remote's defaults), then the source's own `options`.
+    pub fn options(&self) -> String {
+        match self.inner.get_options() {
+            Some(own) if !own.trim().is_empty() => format!("{PINNED_OPTIONS} {own}"),
+            _ => PINNED_OPTIONS.to_owned(),
+        }
     }
 
     /// The user name (default `postgres`).
@@ -174,6 +205,15 @@ pub struct ReplicationConfig {
     /// Rows per bulk-load batch size target in bytes for the initial copy
     /// (default 4 MiB).
     pub copy_batch_bytes: usize,
+    /// Reconnect when nothing arrives from the remote for this long, like
+    /// PostgreSQL's `wal_receiver_timeout` (default 60 s): after half of it
+    /// without a message, a status update asks the remote for a reply, so
+    /// an idle but healthy connection always answers in time.
+    pub receive_timeout: Duration,
+    /// How often to look for tables added to the publication while no
+    /// change names one (default 5 min; a change to an unknown table
+    /// triggers the look at once).
+    pub publication_check_interval: Duration,
 }
 
 impl ReplicationConfig {
@@ -188,6 +228,8 @@ impl ReplicationConfig {
             status_interval: Duration::from_secs(10),
             max_buffered_bytes: 8 << 20,
             copy_batch_bytes: 4 << 20,
+            receive_timeout: Duration::from_secs(60),
+            publication_check_interval: Duration::from_secs(300),
         }
     }
 
@@ -222,8 +264,26 @@ impl ReplicationConfig {
         self
     }
 
+    /// Sets the receive deadline (see [`ReplicationConfig::receive_timeout`]).
+    pub fn receive_timeout(mut self, timeout: Duration) -> Self {
+        self.receive_timeout = timeout;
+        self
+    }
+
+    /// Sets how often the publication is checked for added tables.
+    pub fn publication_check_interval(mut self, interval: Duration) -> Self {
+        self.publication_check_interval = interval;
+        self
+    }
+
     pub(crate) fn validate(&self) -> Result<(), ReplicationError> {
         self.source.validate()?;
+        if self.receive_timeout < Duration::from_secs(1) {
+            return Err(ReplicationError::needs_operator(
+                format!("receive timeout {:?} is too short", self.receive_timeout),
+                "use at least 1 second (PostgreSQL's wal_receiver_timeout is 60 s)",
+            ));
+        }
         let ok_name = |s: &str| {
             !s.is_empty() && s.len() < 64 && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         };
@@ -256,6 +316,10 @@ mod tests {
         assert_eq!(c.tls(), &TlsMode::Require);
         let c: SourceConfig = "host=h".parse().unwrap();
         assert_eq!(c.tls(), &TlsMode::Prefer);
+        assert_eq!(c.options(), PINNED_OPTIONS);
+        let c: SourceConfig = "host=h options='-c work_mem=8MB'".parse().unwrap();
+        assert_eq!(c.options(), format!("{PINNED_OPTIONS} -c work_mem=8MB"));
+        assert_eq!(c.postgres_config().get_options(), Some(c.options().as_str()));
         let e = "postgres://h/db?sslmode=verify-ca".parse::<SourceConfig>().unwrap_err();
         assert!(e.to_string().contains("sslmode"));
     }

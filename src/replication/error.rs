@@ -46,12 +46,15 @@ pub struct ReplicationError {
     hint: Option<String>,
     /// SQLSTATE when the remote or the local instance reported the error.
     code: Option<SqlState>,
+    /// The slot is gone: set where the error arose (`START_REPLICATION`),
+    /// from its SQLSTATE, never from message text (which is localized).
+    slot_lost: bool,
 }
 
 impl ReplicationError {
     /// A transient error (reconnect and resume).
     pub fn transient(message: impl Into<String>) -> Self {
-        ReplicationError { kind: ErrorKind::Transient, message: message.into(), hint: None, code: None }
+        ReplicationError { kind: ErrorKind::Transient, message: message.into(), hint: None, code: None, slot_lost: false }
     }
 
     /// An error that needs an operator.
@@ -61,12 +64,13 @@ impl ReplicationError {
             message: message.into(),
             hint: Some(hint.into()),
             code: None,
+            slot_lost: false,
         }
     }
 
     /// A fatal error.
     pub fn fatal(message: impl Into<String>) -> Self {
-        ReplicationError { kind: ErrorKind::Fatal, message: message.into(), hint: None, code: None }
+        ReplicationError { kind: ErrorKind::Fatal, message: message.into(), hint: None, code: None, slot_lost: false }
     }
 
     /// Adds (or replaces) the hint.
@@ -113,8 +117,41 @@ impl ReplicationError {
     /// Classifies an error reported by the remote by its SQLSTATE.
     pub(crate) fn from_remote(code: SqlState, message: String, hint: Option<String>) -> Self {
         let kind = classify_remote(&code);
-        let hint = hint.or_else(|| default_hint(&code, &message));
-        ReplicationError { kind, message, hint, code: Some(code) }
+        let hint = hint.or_else(|| default_hint(&code));
+        ReplicationError { kind, message, hint, code: Some(code), slot_lost: false }
+    }
+
+    /// Marks the error as "the slot is gone" (dropped, or invalidated by WAL
+    /// retention limits): needs an operator, or a resync by policy.
+    pub(crate) fn into_slot_lost(mut self, hint: impl Into<String>) -> Self {
+        self.slot_lost = true;
+        self.kind = ErrorKind::NeedsOperator;
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// The slot was dropped or invalidated on the remote.
+    pub fn is_slot_lost(&self) -> bool {
+        self.slot_lost
+    }
+
+    /// Another walsender still holds the slot (55006), e.g. the previous
+    /// connection's, lingering after a network drop until the remote notices.
+    pub fn is_slot_in_use(&self) -> bool {
+        self.code.as_ref() == Some(&SqlState::OBJECT_IN_USE)
+    }
+}
+
+/// Classifies an error that `START_REPLICATION` returned: by SQLSTATE in
+/// this context, a missing slot (42704) or one that can no longer be read
+/// (55000, invalidated) is lost; 55006 (held by another walsender) is
+/// transient.
+pub(crate) fn classify_start_replication(e: ReplicationError, hint: impl FnOnce() -> String) -> ReplicationError {
+    match e.code() {
+        Some(c) if *c == SqlState::UNDEFINED_OBJECT || *c == SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE => {
+            e.into_slot_lost(hint())
+        }
+        _ => e,
     }
 }
 
@@ -137,6 +174,9 @@ fn classify_remote(code: &SqlState) -> ErrorKind {
         "08" | "57" | "53" | "58" => ErrorKind::Transient,
         // serialization failures and deadlocks
         "40" => ErrorKind::Transient,
+        // object in use (the slot is still held by the previous walsender),
+        // lock not available
+        _ if *code == SqlState::OBJECT_IN_USE || *code == SqlState::LOCK_NOT_AVAILABLE => ErrorKind::Transient,
         // privileges, undefined objects (slot or publication missing),
         // prerequisite state (slot invalidated, wal_level), config
         "28" | "42" | "55" | "F0" => ErrorKind::NeedsOperator,
@@ -145,34 +185,21 @@ fn classify_remote(code: &SqlState) -> ErrorKind {
     }
 }
 
-fn default_hint(code: &SqlState, message: &str) -> Option<String> {
-    if message.contains("replication slot") && message.contains("does not exist") {
-        return Some(
-            "the replication slot was dropped on the remote: decommission this replication and start it again \
-             (a full resync), or set `on_slot_lost = Resync`"
-                .into(),
-        );
-    }
-    if message.contains("can no longer get changes from replication slot") || message.contains("invalidated") {
-        return Some(
-            "the slot was invalidated (WAL retention exceeded, e.g. max_slot_wal_keep_size): \
-             call `ReplicationHandle::resync()` (or decommission and start again) for a full resync, \
-             or set `on_slot_lost = Resync`"
-                .into(),
-        );
-    }
-    if message.contains("wal_level") {
-        return Some("set wal_level = logical on the remote and restart it".into());
-    }
-    if message.contains("publication") && message.contains("does not exist") {
-        return Some("create the publication on the remote, or let this tool own one by listing tables".into());
-    }
+/// A hint by SQLSTATE alone (message text is localized on the remote);
+/// errors whose meaning depends on where they arose get theirs there.
+fn default_hint(code: &SqlState) -> Option<String> {
     match code.code() {
         c if c.starts_with("28") => Some("check the user and password in the source URL and pg_hba.conf".into()),
         "42501" => {
             Some("the user needs the REPLICATION attribute (or superuser) and SELECT on the published tables".into())
         }
         "53400" => Some("raise max_replication_slots / max_wal_senders on the remote".into()),
+        "55006" => Some(
+            "another connection still holds the replication slot (usually the previous walsender, until the \
+             remote's wal_sender_timeout notices it is gone); retrying. If it persists, find it with \
+             SELECT active_pid FROM pg_replication_slots and end it with pg_terminate_backend(pid) on the remote"
+                .into(),
+        ),
         _ => None,
     }
 }
@@ -216,6 +243,7 @@ impl From<crate::Error> for ReplicationError {
                 message: format!("local instance: {db}"),
                 hint: db.hint.clone(),
                 code: Some(db.code.clone()),
+                slot_lost: false,
             },
             crate::Error::Stopped(_) | crate::Error::Crashed { .. } => {
                 ReplicationError::fatal(format!("local instance: {e}"))
@@ -240,14 +268,23 @@ mod tests {
     fn classifies_remote_errors() {
         let e = ReplicationError::from_remote(SqlState::ADMIN_SHUTDOWN, "terminating connection".into(), None);
         assert_eq!(e.kind(), ErrorKind::Transient);
-        let e = ReplicationError::from_remote(
-            SqlState::UNDEFINED_OBJECT,
-            "replication slot \"s\" does not exist".into(),
-            None,
-        );
+        // Classified by SQLSTATE and context, whatever the (localized) text.
+        let e = ReplicationError::from_remote(SqlState::UNDEFINED_OBJECT, "le slot n'existe pas".into(), None);
         assert_eq!(e.kind(), ErrorKind::NeedsOperator);
-        assert!(e.hint().unwrap().contains("decommission"));
+        assert!(!e.is_slot_lost());
+        let e = classify_start_replication(e, || "resync".into());
+        assert!(e.is_slot_lost());
+        assert_eq!(e.hint(), Some("resync"));
         assert_eq!(e.retry_policy(0), RetryPolicy::ManualIntervention);
+        let e = ReplicationError::from_remote(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, "invalidé".into(), None);
+        assert!(classify_start_replication(e, String::new).is_slot_lost());
+        // The slot still held by the previous walsender: retried.
+        let e = ReplicationError::from_remote(SqlState::OBJECT_IN_USE, "actif pour le PID 42".into(), None);
+        assert!(e.is_slot_in_use());
+        let e = classify_start_replication(e, String::new);
+        assert_eq!(e.kind(), ErrorKind::Transient);
+        assert!(!e.is_slot_lost());
+        assert!(matches!(e.retry_policy(2), RetryPolicy::RetryAfter(_)));
     }
 
     #[test]

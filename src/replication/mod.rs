@@ -269,8 +269,10 @@ impl Replication {
             status: status_tx.clone(),
             changes: changes.clone(),
             shutdown: shutdown_rx,
+            catalog: None,
+            durable: Lsn::ZERO,
         };
-        let task = tokio::spawn(supervisor.run());
+        let task = tokio::spawn(guarded(supervisor.run(), status_tx.clone()));
         Ok(ReplicationHandle { status, status_tx, changes, shutdown, task: Mutex::new(Some(task)), instance, config })
     }
 
@@ -359,14 +361,30 @@ impl ReplicationHandle {
         }
     }
 
-    /// Copies everything again from a new slot, e.g. after an operator
-    /// error about a table changed upstream: stops, forgets the position
-    /// (the old slot is replaced, the local tables are replaced as their
-    /// new copies are made), and starts again with the same handle.
+    /// Copies everything again from a new slot, e.g. after the slot was
+    /// lost: stops (finishing the transaction being applied), forgets the
+    /// position, and starts again with the same handle. Readers keep the
+    /// old tables until each new copy is swapped in (one local transaction
+    /// per table).
     pub async fn resync(&self) -> Result<(), ReplicationError> {
         let _ = self.stop().await; // a halting error is what we are fixing
-        store::init(&self.instance).await?;
-        self.instance.exec("DELETE FROM pglite_cache.replication").await?;
+        store::request_resync(&self.instance, None).await?;
+        self.respawn();
+        Ok(())
+    }
+
+    /// Copies these tables (`schema.table`, or `table` in `public`) again
+    /// from a snapshot taken now, while the others keep streaming: stops,
+    /// marks them, and starts again; the old copies stay readable until the
+    /// new ones are swapped in.
+    pub async fn resync_tables(&self, tables: &[String]) -> Result<(), ReplicationError> {
+        let _ = self.stop().await;
+        let marked = store::request_resync(&self.instance, Some(tables)).await;
+        self.respawn();
+        marked
+    }
+
+    fn respawn(&self) {
         self.shutdown.send_replace(false);
         let supervisor = Supervisor {
             instance: self.instance.clone(),
@@ -374,10 +392,12 @@ impl ReplicationHandle {
             status: self.status_tx.clone(),
             changes: self.changes.clone(),
             shutdown: self.shutdown.subscribe(),
+            catalog: None,
+            durable: Lsn::ZERO,
         };
-        self.status_tx.send_modify(|s| *s = Status::default());
-        *self.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::spawn(supervisor.run()));
-        Ok(())
+        self.status_tx.send_modify(|s| s.phase = Phase::Starting);
+        *self.task.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(tokio::spawn(guarded(supervisor.run(), self.status_tx.clone())));
     }
 
     /// Stops, then decommissions (see [`Replication::decommission`]).
@@ -393,6 +413,31 @@ impl Drop for ReplicationHandle {
     }
 }
 
+/// Runs the replication task so that a panic in it (a bug) becomes a halt
+/// with its cause, in the status like any other halting error, instead of a
+/// phase that says "streaming" while nothing is applied.
+async fn guarded(
+    task: impl std::future::Future<Output = Result<(), ReplicationError>>,
+    status: Arc<watch::Sender<Status>>,
+) -> Result<(), ReplicationError> {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(task).catch_unwind().await {
+        Ok(result) => result,
+        Err(panic) => {
+            let cause = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            let e = ReplicationError::fatal(format!("the replication task panicked: {cause}"))
+            .with_hint("a bug: please report it with the log. Restarting resumes from the last applied position");
+            tracing::error!(error = %e, "replication halted");
+            status.send_modify(|s| s.phase = Phase::Halted { error: e.to_string() });
+            Err(e)
+        }
+    }
+}
+
 pub(crate) async fn remote_client(source: &SourceConfig) -> Result<tokio_postgres::Client, ReplicationError> {
     let (client, connection) = source.postgres_config().connect(source.tls_connector()?).await?;
     tokio::spawn(async move {
@@ -401,4 +446,29 @@ pub(crate) async fn remote_client(source: &SourceConfig) -> Result<tokio_postgre
         }
     });
     Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_task_halts_with_its_cause() {
+        let (status, rx) = watch::channel(Status { phase: Phase::Streaming, ..Status::default() });
+        let status = Arc::new(status);
+        let seen = rx.clone();
+        let task = async move {
+            if seen.borrow().phase == Phase::Streaming {
+                panic!("applier invariant broken");
+            }
+            Ok(())
+        };
+        let e = tokio::spawn(guarded(task, status.clone())).await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Fatal);
+        assert!(e.message().contains("applier invariant broken"), "{e}");
+        match &rx.borrow().phase {
+            Phase::Halted { error } => assert!(error.contains("panicked"), "{error}"),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -188,7 +188,18 @@ impl SourceConnection {
                 write: BytesMut::new(),
                 streaming: false,
             };
-            conn.startup(config, application_name).await?;
+            // A remote that accepts the connection but never answers (stopped,
+            // overloaded) must not hang the startup.
+            match tokio::time::timeout(config.connect_timeout(), conn.startup(config, application_name)).await {
+                Ok(started) => started?,
+                Err(_) => {
+                    return Err(ReplicationError::transient(format!(
+                        "{address:?} accepted the connection but did not complete startup and authentication \
+                         within {:?}",
+                        config.connect_timeout()
+                    )));
+                }
+            }
             return Ok(conn);
         }
         Err(last_err.unwrap_or_else(|| {
@@ -197,12 +208,16 @@ impl SourceConnection {
     }
 
     async fn startup(&mut self, config: &SourceConfig, application_name: &str) -> Result<(), ReplicationError> {
+        let options = config.options();
         let params = [
             ("user", config.user()),
             ("database", config.dbname()),
             ("replication", "database"),
             ("application_name", application_name),
             ("client_encoding", "UTF8"),
+            // DateStyle, IntervalStyle, extra_float_digits pinned: pgoutput
+            // sends values in the walsender's output format.
+            ("options", options.as_str()),
         ];
         frontend::startup_message(params.iter().copied(), &mut self.write)?;
         self.flush().await?;
@@ -464,6 +479,13 @@ async fn open_socket(address: &SourceAddress, tls: &TlsMode) -> Result<Box<dyn S
         SourceAddress::Tcp(host, port) => {
             let mut stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
             stream.set_nodelay(true)?;
+            // A half-open connection (the remote's host gone, a middlebox
+            // dropping state) is detected by the kernel within about a minute.
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(super::config::KEEPALIVE_IDLE)
+                .with_interval(super::config::KEEPALIVE_INTERVAL)
+                .with_retries(super::config::KEEPALIVE_RETRIES);
+            socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
             if !tls.wanted() {
                 return Ok(Box::new(stream));
             }

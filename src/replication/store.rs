@@ -192,6 +192,41 @@ pub async fn run(
     Ok(())
 }
 
+/// Asks for a resync, carried out when replication (re)starts: of every
+/// table from a new slot (`tables` = `None`), or of these tables only
+/// (`schema.table`, or `table` in `public`), copied at the next start as
+/// tables added to the publication are. Fails, changing nothing, on a
+/// table this cache does not replicate.
+pub async fn request_resync(instance: &Instance, tables: Option<&[String]>) -> Result<(), ReplicationError> {
+    init(instance).await?;
+    let Some(tables) = tables else {
+        instance.exec("DELETE FROM pglite_cache.replication").await?;
+        return Ok(());
+    };
+    let mut statements = Vec::new();
+    for table in tables {
+        let (schema, name) = table.split_once('.').unwrap_or(("public", table));
+        let found = instance
+            .query(
+                "SELECT 1 FROM pglite_cache.tables WHERE schema_name = $1 AND table_name = $2",
+                &[&schema, &name],
+            )
+            .await?;
+        if found.rows.is_empty() {
+            return Err(ReplicationError::needs_operator(
+                format!("table {schema}.{name} is not replicated into this cache"),
+                "name a replicated table as schema.table (see `pglite-cache status`)",
+            ));
+        }
+        statements.push((
+            "DELETE FROM pglite_cache.tables WHERE schema_name = $1 AND table_name = $2".to_owned(),
+            vec![Param::Untyped(schema.to_owned()), Param::Untyped(name.to_owned())],
+        ));
+    }
+    instance.transaction(&statements).await?;
+    Ok(())
+}
+
 /// Removes the bookkeeping (decommission).
 pub async fn drop_all(instance: &Instance) -> Result<(), ReplicationError> {
     instance.exec("DROP SCHEMA IF EXISTS pglite_cache CASCADE").await?;

@@ -4,6 +4,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::{broadcast, watch};
 
@@ -11,12 +14,12 @@ use crate::Instance;
 
 use super::apply;
 use super::config::{PublicationSpec, ReplicationConfig, SlotLostPolicy};
-use super::error::{ReplicationError, RetryPolicy};
+use super::error::{ReplicationError, RetryPolicy, classify_start_replication};
 use super::lsn::Lsn;
 use super::schema;
 use super::source::{self, SourceConnection, StreamMessage, quote_ident, quote_literal};
 use super::store;
-use super::table_sync::copy_tables;
+use super::table_sync::{copy_tables, prepare_local};
 use super::{AppliedTransaction, Phase, Status, TableState, TableStatus, remote_client};
 
 pub(super) struct Supervisor {
@@ -25,6 +28,12 @@ pub(super) struct Supervisor {
     pub(super) status: Arc<watch::Sender<Status>>,
     pub(super) changes: broadcast::Sender<Arc<AppliedTransaction>>,
     pub(super) shutdown: watch::Receiver<bool>,
+    /// One connection for catalog queries and snapshot copies, kept open
+    /// between uses (reopened when it breaks).
+    pub(super) catalog: Option<tokio_postgres::Client>,
+    /// Everything up to here is on stable storage locally: the most that
+    /// may be confirmed to the remote.
+    pub(super) durable: Lsn,
 }
 
 /// How a session ended without error.
@@ -70,7 +79,12 @@ impl Supervisor {
                 }
                 Err(e) => match e.retry_policy(attempt) {
                     RetryPolicy::RetryAfter(delay) => {
-                        tracing::warn!(error = %e, ?delay, attempt, "replication interrupted; reconnecting");
+                        if attempt >= SLOT_IN_USE_PATIENCE && e.is_slot_in_use() {
+                            // Still held after a while: say what an operator can do (the hint).
+                            tracing::error!(error = %e, ?delay, attempt, "replication slot still in use; retrying");
+                        } else {
+                            tracing::warn!(error = %e, ?delay, attempt, "replication interrupted; reconnecting");
+                        }
                         attempt += 1;
                         self.status.send_modify(|s| s.phase = Phase::Reconnecting { error: e.to_string(), attempt });
                         tokio::select! {
@@ -124,18 +138,25 @@ impl Supervisor {
                 self.load_table_status().await?;
                 state.applied_lsn
             }
+            Some(state) if state.phase == "copying" && self.can_resume(&state, &system).await? => {
+                // An interrupted copy whose slot survived: the finished tables
+                // stay; the others are copied when streaming starts, as tables
+                // added to the publication are (consistent with the slot).
+                tracing::info!(slot = %state.slot_name, "resuming the interrupted initial copy");
+                self.status.send_modify(|s| s.phase = Phase::Copying);
+                self.load_table_status().await?;
+                state.applied_lsn
+            }
             _ => self.initial_sync(&mut conn, &system).await?,
         };
         let tables = self.stored_tables().await?;
         conn.start_replication(&self.config.slot_name, start, self.config.publication.name())
             .await
-            .map_err(|e| if e.is_slot_lost() { e.with_hint(slot_lost_hint()) } else { e })?;
-        self.status.send_modify(|s| {
-            s.phase = Phase::Streaming;
-            s.applied_lsn = start;
-        });
+            .map_err(|e| classify_start_replication(e, slot_lost_hint))?;
+        // What was read back from the instance is what its disk holds.
+        self.durable = start;
+        self.status.send_modify(|s| s.applied_lsn = start);
         *attempt = 0;
-        tracing::info!(slot = %self.config.slot_name, %start, "streaming");
         let mut applier = apply::Applier::new(
             self.instance.clone(),
             tables,
@@ -150,7 +171,8 @@ impl Supervisor {
 
     /// The apply loop. Arms in priority order: shutdown (finish the current
     /// transaction, then stop), the status timer (feedback is never starved
-    /// by a busy stream), the stream itself, and last, when the stream has
+    /// by a busy stream), the stream itself, the receive deadline (checked
+    /// only when nothing is ready to read), and last, when the stream has
     /// nothing ready, committing the transactions received so far.
     async fn stream(
         &mut self,
@@ -160,8 +182,15 @@ impl Supervisor {
         let mut timer = tokio::time::interval(self.config.status_interval);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping = *self.shutdown.borrow();
-        // Check the publication for added tables at once, then now and then.
+        // Check the publication for added tables at once (this also finishes
+        // an interrupted initial copy), then now and then.
         self.backfill(&mut conn, applier).await?;
+        let (sql, params) = store::streaming_statement();
+        self.instance.query_params(&sql, params).await?;
+        self.status.send_modify(|s| s.phase = Phase::Streaming);
+        tracing::info!(slot = %self.config.slot_name, start = %applier.committed(), "streaming");
+        let mut next_check = Instant::now() + self.config.publication_check_interval;
+        let mut deadline = ReceiveDeadline::new(self.config.receive_timeout);
         loop {
             if stopping && applier.between_transactions() {
                 applier.flush_deferred().await?;
@@ -174,29 +203,43 @@ impl Supervisor {
                 }
                 _ = timer.tick() => {
                     applier.advance_idle().await?;
-                    conn.send_status(applier.committed(), false).await?;
+                    self.confirm(&mut conn, applier.committed(), false).await?;
                     // Tables added to the publication (and without changes yet).
-                    if applier.idle() {
+                    if applier.idle() && Instant::now() >= next_check {
                         self.backfill(&mut conn, applier).await?;
+                        next_check = Instant::now() + self.config.publication_check_interval;
                     }
                 }
-                message = conn.recv() => match message? {
-                    None => return Err(ReplicationError::transient("the remote ended the replication stream")),
-                    Some(StreamMessage::XLogData { data, wal_end, .. }) => {
-                        applier.note_wal_end(wal_end);
-                        applier.handle(&data).await?;
-                        if applier.between_transactions() && applier.wants_backfill() {
-                            applier.flush_deferred().await?;
-                            self.backfill(&mut conn, applier).await?;
+                message = conn.recv() => {
+                    deadline.received();
+                    match message? {
+                        None => return Err(ReplicationError::transient("the remote ended the replication stream")),
+                        Some(StreamMessage::XLogData { data, wal_end, .. }) => {
+                            applier.note_wal_end(wal_end);
+                            applier.handle(&data).await?;
+                            if applier.between_transactions() && applier.wants_backfill() {
+                                applier.flush_deferred().await?;
+                                self.backfill(&mut conn, applier).await?;
+                                next_check = Instant::now() + self.config.publication_check_interval;
+                            }
+                        }
+                        Some(StreamMessage::Keepalive { wal_end, reply_requested, .. }) => {
+                            let before = applier.committed();
+                            applier.note_wal_end(wal_end);
+                            applier.advance_idle().await?;
+                            if reply_requested || applier.committed() > before {
+                                self.confirm(&mut conn, applier.committed(), false).await?;
+                            }
                         }
                     }
-                    Some(StreamMessage::Keepalive { wal_end, reply_requested, .. }) => {
-                        let before = applier.committed();
-                        applier.note_wal_end(wal_end);
-                        applier.advance_idle().await?;
-                        if reply_requested || applier.committed() > before {
-                            conn.send_status(applier.committed(), false).await?;
-                        }
+                }
+                () = tokio::time::sleep_until(deadline.next()) => match deadline.expired() {
+                    DeadlineAction::Ping => self.confirm(&mut conn, applier.committed(), true).await?,
+                    DeadlineAction::Reconnect => {
+                        return Err(ReplicationError::transient(format!(
+                            "nothing received from the remote for {:?} (receive timeout): the connection is presumed dead",
+                            self.config.receive_timeout
+                        )));
                     }
                 },
                 // Nothing more is waiting on the socket: commit the remote
@@ -205,9 +248,42 @@ impl Supervisor {
             }
         }
         applier.advance_idle().await?;
-        conn.send_status(applier.committed(), false).await?;
+        self.confirm(&mut conn, applier.committed(), false).await?;
         conn.finish().await?;
         Ok(Ended::Stopped)
+    }
+
+    /// Confirms `lsn` to the remote once it is on stable storage locally: a
+    /// persistent cache syncs its data directory first (the remote never
+    /// resends what was confirmed).
+    async fn confirm(
+        &mut self,
+        conn: &mut SourceConnection,
+        lsn: Lsn,
+        reply_requested: bool,
+    ) -> Result<(), ReplicationError> {
+        if lsn > self.durable {
+            self.instance.sync_to_disk().await.map_err(|e| {
+                ReplicationError::fatal(format!("syncing the cache's data directory to disk: {e}"))
+                    .with_hint("check the disk holding the data directory (full, read-only, failing)")
+            })?;
+            self.durable = lsn;
+        }
+        conn.send_status(self.durable, reply_requested).await
+    }
+
+    /// The catalog connection, opened if needed. Taken out while in use:
+    /// [`Supervisor::put_catalog`] gives it back once it is idle again, so a
+    /// connection left inside a failed transaction is never reused.
+    async fn take_catalog(&mut self) -> Result<tokio_postgres::Client, ReplicationError> {
+        match self.catalog.take() {
+            Some(client) if !client.is_closed() => Ok(client),
+            _ => remote_client(&self.config.source).await,
+        }
+    }
+
+    fn put_catalog(&mut self, client: tokio_postgres::Client) {
+        self.catalog = Some(client);
     }
 
     /// First start (or a start after an interrupted copy): create the slot,
@@ -218,16 +294,38 @@ impl Supervisor {
         system: &source::SystemId,
     ) -> Result<Lsn, ReplicationError> {
         self.status.send_modify(|s| s.phase = Phase::Copying);
-        let client = remote_client(&self.config.source).await?;
+        let client = self.take_catalog().await?;
         let owns_publication = self.ensure_publication(&client).await?;
-        // A slot of ours left by an interrupted copy is useless: its snapshot is gone.
+        // A slot of ours left by an earlier run is replaced (a resync, or a
+        // copy that cannot resume); one still held by a lingering walsender
+        // is retried.
+        let held = client
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&self.config.slot_name],
+            )
+            .await?;
+        if let Some(row) = held {
+            let pid: Option<i32> = row.get(0);
+            return Err(ReplicationError::from_remote(
+                tokio_postgres::error::SqlState::OBJECT_IN_USE,
+                format!("replication slot {} is still active for PID {}", self.config.slot_name, pid.unwrap_or(0)),
+                None,
+            ));
+        }
         client
             .execute(
                 "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
                 &[&self.config.slot_name],
             )
             .await?;
-        let slot = conn.create_slot(&self.config.slot_name, false).await?;
+        let slot = conn.create_slot(&self.config.slot_name, false).await.map_err(|e| {
+            if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE) {
+                e.with_hint("logical decoding needs wal_level = logical on the remote (then restart it)")
+            } else {
+                e
+            }
+        })?;
         let snapshot = slot.snapshot.clone().ok_or_else(|| ReplicationError::fatal("the slot exported no snapshot"))?;
         tracing::info!(slot = %slot.name, consistent_point = %slot.consistent_point, "slot created");
         client
@@ -237,7 +335,7 @@ impl Supervisor {
             ))
             .await?;
         let (types, tables) = schema::describe_publication(&client, self.config.publication.name()).await?;
-        self.instance.exec(&schema::create_script(&types, &tables)).await?;
+        prepare_local(&self.instance, &types, &tables).await?;
         store::begin_copy(
             &self.instance,
             &store::StoredState {
@@ -255,9 +353,30 @@ impl Supervisor {
         self.status.send_modify(|s| s.tables.clear());
         copy_tables(&self.instance, &self.config, &self.status, &client, &tables, slot.consistent_point).await?;
         client.batch_execute("COMMIT").await?;
-        let (sql, params) = store::streaming_statement();
-        self.instance.query_params(&sql, params).await?;
+        self.put_catalog(client);
         Ok(slot.consistent_point)
+    }
+
+    /// Whether an interrupted initial copy can resume: same remote, slot and
+    /// publication, and the slot still exists (its position is where the
+    /// finished tables were copied).
+    async fn can_resume(&mut self, state: &store::StoredState, system: &source::SystemId) -> Result<bool, ReplicationError> {
+        if state.system_identifier != system.system_id
+            || state.database != self.config.source.dbname()
+            || state.slot_name != self.config.slot_name
+            || state.publication != self.config.publication.name()
+        {
+            return Ok(false);
+        }
+        let client = self.take_catalog().await?;
+        let found = client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND database = $2 AND NOT temporary",
+                &[&state.slot_name, &state.database],
+            )
+            .await?;
+        self.put_catalog(client);
+        Ok(found.is_some())
     }
 
     /// Creates the owned publication if missing. Returns whether it is owned.
@@ -316,8 +435,9 @@ impl Supervisor {
     ) -> Result<(), ReplicationError> {
         let known: std::collections::HashSet<u32> = applier.known_tables().collect();
         let publication = self.config.publication.name().to_owned();
+        let client = self.take_catalog().await?;
+        let confirmed = self.durable;
         let work = async {
-            let client = remote_client(&self.config.source).await?;
             let published: Vec<u32> = client
                 .query(
                     "SELECT c.oid FROM pg_publication_tables pt JOIN pg_namespace n ON n.nspname = pt.schemaname \
@@ -329,7 +449,7 @@ impl Supervisor {
                 .map(|r| r.get(0))
                 .collect();
             if published.iter().all(|oid| known.contains(oid)) {
-                return Ok::<_, ReplicationError>(Vec::new());
+                return Ok::<_, ReplicationError>((client, Vec::new()));
             }
             let mut temp = SourceConnection::connect(&self.config.source, "pglite-cache backfill").await?;
             let name = format!("{}_backfill_{}", self.config.slot_name, std::process::id());
@@ -344,27 +464,31 @@ impl Supervisor {
             let (types, tables) = schema::describe_publication(&client, &publication).await?;
             let new: Vec<schema::TableSchema> = tables.into_iter().filter(|t| !known.contains(&t.remote_oid)).collect();
             tracing::info!(tables = ?new.iter().map(|t| t.qualified()).collect::<Vec<_>>(), at = %slot.consistent_point, "backfilling tables added to the publication");
-            self.instance.exec(&schema::create_script(&types, &new)).await?;
+            prepare_local(&self.instance, &types, &new).await?;
             copy_tables(&self.instance, &self.config, &self.status, &client, &new, slot.consistent_point).await?;
             client.batch_execute("COMMIT").await?;
             temp.finish().await?; // drops the temporary slot
-            Ok(new
+            let added = new
                 .into_iter()
                 .map(|t| {
                     let known =
                         apply::KnownTable { schema: t.schema, name: t.name, applies_from: slot.consistent_point };
                     (t.remote_oid, known)
                 })
-                .collect())
+                .collect();
+            Ok((client, added))
         };
-        let mut work = std::pin::pin!(work);
-        let mut timer = tokio::time::interval(self.config.status_interval);
-        let added = loop {
-            tokio::select! {
-                added = &mut work => break added?,
-                _ = timer.tick() => conn.send_status(applier.committed(), false).await?,
+        let (client, added) = {
+            let mut work = std::pin::pin!(work);
+            let mut timer = tokio::time::interval(self.config.status_interval);
+            loop {
+                tokio::select! {
+                    added = &mut work => break added?,
+                    _ = timer.tick() => conn.send_status(confirmed, false).await?,
+                }
             }
         };
+        self.put_catalog(client);
         applier.add_tables(added).await
     }
 
@@ -394,16 +518,75 @@ impl Supervisor {
 
 fn slot_lost_hint() -> String {
     "the replication slot is gone (dropped, or invalidated after exceeding max_slot_wal_keep_size): \
-     call ReplicationHandle::resync() (or decommission and start again) for a full resync, \
-     or set on_slot_lost = Resync"
+     copy everything again from a new slot: restart `pglite-cache sync` with `--on-invalid-slot resync`, \
+     or run `pglite-cache resync --data DIR` before starting it again \
+     (library: ReplicationHandle::resync() or SlotLostPolicy::Resync)"
         .into()
 }
 
-impl ReplicationError {
-    /// The slot was dropped or invalidated on the remote.
-    pub fn is_slot_lost(&self) -> bool {
-        let m = self.message();
-        (m.contains("replication slot") && m.contains("does not exist"))
-            || m.contains("can no longer get changes from replication slot")
+/// Consecutive "slot in use" failures before the hint is logged as an error.
+const SLOT_IN_USE_PATIENCE: u32 = 5;
+
+/// What to do when the receive deadline passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeadlineAction {
+    /// Half the timeout without a message: ask the remote for a reply.
+    Ping,
+    /// The whole timeout: the connection is dead.
+    Reconnect,
+}
+
+/// The receive deadline, as PostgreSQL's walreceiver keeps it: after half
+/// of `timeout` in silence, ask for a reply; after all of it, give up.
+#[derive(Debug)]
+struct ReceiveDeadline {
+    timeout: Duration,
+    last: Instant,
+    pinged: bool,
+}
+
+impl ReceiveDeadline {
+    fn new(timeout: Duration) -> ReceiveDeadline {
+        ReceiveDeadline { timeout, last: Instant::now(), pinged: false }
+    }
+
+    fn received(&mut self) {
+        self.received_at(Instant::now());
+    }
+
+    fn received_at(&mut self, now: Instant) {
+        self.last = now;
+        self.pinged = false;
+    }
+
+    fn next(&self) -> Instant {
+        self.last + if self.pinged { self.timeout } else { self.timeout / 2 }
+    }
+
+    fn expired(&mut self) -> DeadlineAction {
+        if self.pinged {
+            DeadlineAction::Reconnect
+        } else {
+            self.pinged = true;
+            DeadlineAction::Ping
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receive_deadline_pings_then_gives_up() {
+        let mut d = ReceiveDeadline::new(Duration::from_secs(60));
+        let start = d.last;
+        assert_eq!(d.next(), start + Duration::from_secs(30));
+        assert_eq!(d.expired(), DeadlineAction::Ping);
+        assert_eq!(d.next(), start + Duration::from_secs(60));
+        d.received_at(start + Duration::from_secs(40)); // the reply
+        assert_eq!(d.next(), start + Duration::from_secs(70));
+        assert_eq!(d.expired(), DeadlineAction::Ping);
+        assert_eq!(d.expired(), DeadlineAction::Reconnect);
     }
 }

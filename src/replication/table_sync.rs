@@ -175,6 +175,27 @@ impl Batcher {
     }
 }
 
+/// Where a copy is loaded: the local transaction that created the table
+/// (one commit, `COPY ... FREEZE`), or the instance itself, one batch per
+/// implicit transaction so that readers are served between batches (a
+/// shadow table during a resync).
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    /// Inside the transaction that created the table.
+    Transaction(&'a Transaction),
+    /// Batch by batch (the table is not visible to readers yet).
+    Instance(&'a Instance),
+}
+
+impl Target<'_> {
+    async fn copy_in(&self, sql: &str, data: Vec<u8>) -> crate::Result<u64> {
+        match self {
+            Target::Transaction(tx) => tx.copy_in(sql, data).await,
+            Target::Instance(instance) => instance.copy_in(sql, data).await,
+        }
+    }
+}
+
 /// Copies one table. `client` must be inside the snapshot transaction;
 /// `local` is the local transaction that created the table (so the load can
 /// use `COPY ... FREEZE`). `progress(rows, bytes)` is called after each
@@ -183,6 +204,18 @@ pub async fn copy_table(
     client: &tokio_postgres::Client,
     local: &Transaction,
     table: &TableSchema,
+    batch_bytes: usize,
+    progress: impl FnMut(u64, u64),
+) -> Result<u64, ReplicationError> {
+    copy_table_into(client, Target::Transaction(local), table, &table.copy_in_sql(), batch_bytes, progress).await
+}
+
+/// [`copy_table`] into any target with the given `COPY ... FROM` statement.
+pub async fn copy_table_into(
+    client: &tokio_postgres::Client,
+    local: Target<'_>,
+    table: &TableSchema,
+    sql: &str,
     batch_bytes: usize,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<u64, ReplicationError> {
@@ -204,7 +237,6 @@ pub async fn copy_table(
         }
         Ok::<_, ReplicationError>(())
     };
-    let sql = table.copy_in_sql();
     let loader = async {
         let (mut total_rows, mut total_bytes) = (0u64, 0u64);
         let mut busy = std::time::Duration::ZERO;
@@ -212,7 +244,7 @@ pub async fn copy_table(
             let bytes = data.len() as u64;
             let started = std::time::Instant::now();
             let loaded = local
-                .copy_in(&sql, data)
+                .copy_in(sql, data)
                 .await
                 .map_err(|e| ReplicationError::from(e).context(format!("loading {}", table.qualified())))?;
             busy += started.elapsed();
@@ -262,15 +294,30 @@ pub(crate) async fn copy_tables(
     for (n, table) in tables.iter().enumerate() {
         let i = first + n;
         status.send_modify(|s| s.tables[i].state = TableState::Copying);
-        let local = instance.begin().await?;
-        local.exec(&format!("{};", table.create_table_sql())).await?;
-        let rows = copy_table(client, &local, table, config.copy_batch_bytes, |rows, bytes| {
+        let progress = |rows, bytes| {
             status.send_modify(|s| {
                 s.tables[i].rows_copied = rows;
                 s.tables[i].bytes_copied = bytes;
             })
-        })
-        .await?;
+        };
+        let (local, rows) = if local_table_exists(instance, table).await? {
+            // A resync: readers keep the old copy until the new one is swapped in.
+            let shadow = shadow_of(table);
+            instance
+                .exec(&format!("DROP TABLE IF EXISTS {0}; {1};", shadow.qualified(), shadow.create_table_sql()))
+                .await?;
+            let sql = shadow_copy_in_sql(&shadow);
+            let target = Target::Instance(instance);
+            let rows = copy_table_into(client, target, &shadow, &sql, config.copy_batch_bytes, progress).await?;
+            let local = instance.begin().await?;
+            local.exec(&swap_sql(&shadow, table)).await?;
+            (local, rows)
+        } else {
+            let local = instance.begin().await?;
+            local.exec(&format!("{};", table.create_table_sql())).await?;
+            let rows = copy_table(client, &local, table, config.copy_batch_bytes, progress).await?;
+            (local, rows)
+        };
         let indexing = std::time::Instant::now();
         for sql in schema::constraint_statements(table) {
             local.exec(&sql).await?;
@@ -295,6 +342,64 @@ pub(crate) async fn copy_tables(
         tracing::info!(table = %table.qualified(), rows, indexing = ?indexing.elapsed(), "table copied");
     }
     Ok(())
+}
+
+/// Creates the schemas and types `tables` need, and makes room for the
+/// tables that do not exist locally yet; tables that exist stay readable
+/// until their new copy is swapped in.
+pub(crate) async fn prepare_local(
+    instance: &Instance,
+    types: &[schema::TypeSchema],
+    tables: &[TableSchema],
+) -> Result<(), ReplicationError> {
+    let mut missing = Vec::new();
+    for table in tables {
+        if !local_table_exists(instance, table).await? {
+            missing.push(table.clone());
+        }
+    }
+    let mut script = schema::create_script(types, &missing);
+    for table in tables {
+        script.push_str(&format!("CREATE SCHEMA IF NOT EXISTS {};\n", super::source::quote_ident(&table.schema)));
+    }
+    instance.exec(&script).await?;
+    Ok(())
+}
+
+/// Whether the table exists locally (a resync replaces it).
+async fn local_table_exists(instance: &Instance, table: &TableSchema) -> Result<bool, ReplicationError> {
+    let found = instance.query("SELECT to_regclass($1) IS NOT NULL", &[&table.qualified()]).await?;
+    Ok(found.rows[0].get::<bool>(0))
+}
+
+/// The table a resync loads before swapping it in: in the bookkeeping
+/// schema, named after the remote OID.
+pub fn shadow_of(table: &TableSchema) -> TableSchema {
+    let mut shadow = table.clone();
+    shadow.schema = "pglite_cache".into();
+    shadow.name = format!("shadow_{}", table.remote_oid);
+    shadow
+}
+
+/// Loading the shadow batch by batch: no `FREEZE` (each batch is its own
+/// transaction, not the one that created the table).
+fn shadow_copy_in_sql(shadow: &TableSchema) -> String {
+    let format = if shadow.binary_copy() { " WITH (FORMAT binary)" } else { "" };
+    format!("COPY {} ({}) FROM '/dev/blob'{format}", shadow.qualified(), shadow.column_list())
+}
+
+/// Replaces `table` by its loaded shadow (inside the transaction that then
+/// adds keys, indexes and the guard): readers see the old table or the new
+/// one, never neither.
+fn swap_sql(shadow: &TableSchema, table: &TableSchema) -> String {
+    format!(
+        "DROP TABLE {table}; ALTER TABLE {shadow} SET SCHEMA {schema}; ALTER TABLE {moved} RENAME TO {name};",
+        table = table.qualified(),
+        shadow = shadow.qualified(),
+        schema = super::source::quote_ident(&table.schema),
+        moved = schema::qualified(&table.schema, &shadow.name),
+        name = super::source::quote_ident(&table.name),
+    )
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ pub fn config(pg: &PgCluster, db: &str, publication: &str) -> ReplicationConfig 
     ReplicationConfig::new(pg.conninfo(db).parse().unwrap(), PublicationSpec::Existing(publication.into()))
         .slot_name(format!("slot_{db}"))
         .status_interval(Duration::from_secs(1))
+        .publication_check_interval(Duration::from_secs(2))
 }
 
 pub async fn remote_lsn(client: &tokio_postgres::Client) -> Lsn {

@@ -188,10 +188,32 @@ async fn serve_and_sync(instance: &Instance, plan: Plan, remote: preflight::Remo
     let (stop_reports, reports_stopped) = watch::channel(false);
     let reports = tokio::spawn(reporter.run(status.clone(), reports_stopped));
 
-    let halted = tokio::select! {
-        biased;
-        () = stop_signal() => false,
-        () = wait_halted(status.clone()) => true,
+    let halted = {
+        let stop = stop_signal();
+        let mut stop = std::pin::pin!(stop);
+        // `pglite-cache resync` leaves its request in the data directory.
+        let mut requests = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut stop => break false,
+                () = wait_halted(status.clone()) => break true,
+                _ = requests.tick() => {
+                    if let Some(tables) = crate::cli::resync::take_request(&plan.data) {
+                        let done = if tables.is_empty() {
+                            tracing::warn!("resync of every table requested");
+                            replication.resync().await
+                        } else {
+                            tracing::warn!(?tables, "resync requested");
+                            replication.resync_tables(&tables).await
+                        };
+                        if let Err(e) = done {
+                            tracing::error!(error = %e, "resync request refused");
+                        }
+                    }
+                }
+            }
+        }
     };
     let result = replication.stop().await;
     let _ = stop_server.send(true);

@@ -1,0 +1,124 @@
+//! A `pglite-cache` child process for daemon tests (optionally run under a
+//! wrapper such as strace), and what it publishes: its status file.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_pglite-cache");
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Daemon {
+    pub child: Child,
+    pub socket_dir: PathBuf,
+    pub port: u16,
+    pub data: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// `pglite-cache sync --source URL --data DIR` plus `extra`, run by
+    /// `wrapper` (e.g. `["strace", "-f", ...]`) if not empty.
+    pub fn spawn(wrapper: &[&str], source: &str, data: &Path, extra: &[&str]) -> Daemon {
+        let socket_dir = data.with_extension("sock");
+        let port = free_port();
+        let log = data.with_extension(format!("log{}", std::time::SystemTime::now().elapsed().unwrap().as_nanos()));
+        let stderr = std::fs::File::create(&log).unwrap();
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = command
+            .args(["sync", "--source", source, "--data"])
+            .arg(data)
+            .arg("--socket-dir")
+            .arg(&socket_dir)
+            .args(["--port", &port.to_string(), "--status-interval", "1"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        Daemon { child, socket_dir, port, data: data.to_owned(), log }
+    }
+
+    pub fn conninfo(&self) -> String {
+        format!("host={} port={} user=postgres dbname=postgres", self.socket_dir.display(), self.port)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The status file the daemon rewrites every half second.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(self.data.join("pglite-cache-status.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// A table's state in the status file (`pending`, `copying`, `ready`).
+    pub fn table_state(&self, table: &str) -> Option<String> {
+        let status = self.status()?;
+        status["tables"].as_array()?.iter().find(|t| t["table"] == table).map(|t| t["state"].as_str().unwrap().into())
+    }
+
+    /// Polls `condition` every 20 ms for at most `limit`; fails with the log.
+    pub async fn wait_until(&mut self, limit: Duration, what: &str, mut condition: impl FnMut(&Daemon) -> bool) {
+        let start = Instant::now();
+        while !condition(self) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("daemon exited with {status} waiting for {what}:\n{}", self.stderr());
+            }
+            assert!(start.elapsed() < limit, "not {what} within {limit:?}:\n{}", self.stderr());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn client(&mut self) -> tokio_postgres::Client {
+        let start = Instant::now();
+        loop {
+            if let Ok((client, connection)) = tokio_postgres::connect(&self.conninfo(), tokio_postgres::NoTls).await {
+                tokio::spawn(connection);
+                return client;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("daemon exited with {status}:\n{}", self.stderr());
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "not serving in time:\n{}", self.stderr());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn signal(&self, pid: u32, signal: &str) {
+        let ok = Command::new("kill").args([signal, &pid.to_string()]).status().unwrap().success();
+        assert!(ok, "kill {signal} {pid}");
+    }
+
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(start.elapsed() < limit, "daemon did not exit:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -33,7 +33,7 @@ async fn values_do_not_depend_on_the_remote_output_settings() {
     assert_eq!(shown, "SQL, DMY", "the database default applies to plain connections");
     let rows = "INSERT INTO t (d, ts, tstz, i, f4, f8, moods) VALUES \
         ('2024-03-04', '2024-03-04 05:06:07.891234', '2024-03-04 05:06:07.5+02', '1 year 2 mons 3 days 04:05:06.7', \
-         0.1, 0.1 + 0.2, '{happy,sad}'), \
+         0.1, 0.1::float8 + 0.2::float8, '{happy,sad}'), \
         ('1999-12-31', '1999-12-31 23:59:59', '1999-12-31 23:59:59-08', '-1 day +02:00:00', 3.4028235e38, \
          1.0 / 3.0, '{sad}'), \
         ('2000-01-13', '2000-01-13 00:00:00', '2000-01-13 00:00:00+00', '37 seconds', 1e-30, 2.718281828459045, NULL)";

@@ -210,7 +210,8 @@ pub async fn copy_table(
     copy_table_into(client, Target::Transaction(local), table, &table.copy_in_sql(), batch_bytes, progress).await
 }
 
-/// [`copy_table`] into any target with the given `COPY ... FROM` statement.
+/// [`copy_table`] into any target with the given `COPY ... FROM` statement
+/// (`table` is what is read on the remote).
 pub async fn copy_table_into(
     client: &tokio_postgres::Client,
     local: Target<'_>,
@@ -308,7 +309,7 @@ pub(crate) async fn copy_tables(
                 .await?;
             let sql = shadow_copy_in_sql(&shadow);
             let target = Target::Instance(instance);
-            let rows = copy_table_into(client, target, &shadow, &sql, config.copy_batch_bytes, progress).await?;
+            let rows = copy_table_into(client, target, table, &sql, config.copy_batch_bytes, progress).await?;
             let local = instance.begin().await?;
             local.exec(&swap_sql(&shadow, table)).await?;
             (local, rows)

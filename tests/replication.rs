@@ -45,10 +45,25 @@ async fn copies_then_streams_every_operation_and_type() {
         .batch_execute(
             "INSERT INTO pairs SELECT i, 'k' || i, 'v' FROM generate_series(1, 100) i; \
              INSERT INTO logs VALUES ('a', 1), ('a', 1), ('b', NULL); \
-             INSERT INTO docs SELECT i, repeat(md5(i::text), 2000), 0 FROM generate_series(1, 5) i;",
+             INSERT INTO docs SELECT i, (SELECT string_agg(md5(random()::text || i || g), '') \
+                 FROM generate_series(1, 250) g), 0 FROM generate_series(1, 5) i;",
         )
         .await
         .unwrap();
+
+    // docs.body: 8,000 random hex digits, which do not compress, so they are
+    // stored out of line (TOAST) and an UPDATE of another column does not
+    // resend them.
+    let out_of_line: bool = remote
+        .query_one(
+            "SELECT pg_relation_size(reltoastrelid) > 0 AND (SELECT bool_and(pg_column_compression(body) IS NULL \
+             AND octet_length(body) = 8000) FROM docs) FROM pg_class WHERE oid = 'docs'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(out_of_line, "docs.body should be stored out of line, uncompressed");
 
     let local = instance().await;
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
@@ -85,6 +100,11 @@ async fn copies_then_streams_every_operation_and_type() {
     for t in ["items", "pairs", "logs", "docs"] {
         assert_same(&remote, &local, t).await;
     }
+    // The three `rev` updates came with docs.body as "unchanged TOAST": the
+    // apply kept the local values (compared in full just above).
+    assert_eq!(handle.status().unchanged_toast_values, 3, "{:?}", handle.status());
+    let kept = local.query("SELECT count(*) FROM docs WHERE id <= 3 AND rev = 1 AND length(body) = 8000", &[]).await;
+    assert_eq!(kept.unwrap().rows[0].get::<i64>(0), 3);
 
     // Subscribers see committed transactions with their changes.
     let mut seen = Vec::new();
@@ -134,7 +154,8 @@ async fn snapshot_copy_under_concurrent_writes_loses_nothing() {
     // A writer that inserts, updates and deletes all through the copy.
     let writer_client = pg.client(&db).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop_writer = stop.clone();
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (stop_writer, written_by_writer) = (stop.clone(), written.clone());
     let writer = tokio::spawn(async move {
         let mut i = 0;
         while !stop_writer.load(std::sync::atomic::Ordering::Relaxed) {
@@ -148,14 +169,28 @@ async fn snapshot_copy_under_concurrent_writes_loses_nothing() {
                 ))
                 .await
                 .unwrap();
+            written_by_writer.store(i, std::sync::atomic::Ordering::Relaxed);
         }
         i
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Waits until the writer has committed `n` more transactions.
+    let writes_more = |n: u64| {
+        let written = written.clone();
+        async move {
+            let target = written.load(std::sync::atomic::Ordering::Relaxed) + n;
+            let deadline = std::time::Instant::now() + WAIT;
+            while written.load(std::sync::atomic::Ordering::Relaxed) < target {
+                assert!(std::time::Instant::now() < deadline, "the writer stalled");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    writes_more(20).await;
     let local = instance().await;
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
     wait_streaming(&handle).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Some writes also land after the copy, while streaming.
+    writes_more(20).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let writes = writer.await.unwrap();
     assert!(writes > 10, "the writer should have run during the copy ({writes} transactions)");

@@ -76,10 +76,36 @@ async fn tokio_postgres_prepared_statements_pipelining_errors_and_copy() {
     let chunks: Vec<Bytes> = stream.try_collect().await.unwrap();
     assert_eq!(chunks.concat(), b"0\titem 0\n1\titem 1\n2\titem 2\n");
 
-    // Notices reach the connection that raised them.
-    let messages = client.simple_query("DO $$ BEGIN RAISE NOTICE 'hello'; END $$").await.unwrap();
-    assert!(messages.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::CommandComplete(_))));
+    // Notices reach the connection that raised them, and only that one.
+    let (raiser, mut raiser_notices) = noticing_client(&server).await;
+    let (other, mut other_notices) = noticing_client(&server).await;
+    raiser.batch_execute("DO $$ BEGIN RAISE NOTICE 'hello from %', 'raiser'; END $$").await.unwrap();
+    // The notice precedes the statement's reply on the wire, so it is here by now.
+    let notice = raiser_notices.try_recv().expect("the raising connection got its notice");
+    assert_eq!((notice.severity(), notice.message()), ("NOTICE", "hello from raiser"));
+    // A round trip on the other connection delivers anything sent to it.
+    other.batch_execute("SELECT 1").await.unwrap();
+    assert!(other_notices.try_recv().is_err(), "another connection's notice leaked");
+    raiser.batch_execute("SELECT 1").await.unwrap();
+    assert!(raiser_notices.try_recv().is_err(), "the notice came once");
     server.shutdown().await;
+}
+
+/// A tokio-postgres client whose notices (NoticeResponse) are collected.
+async fn noticing_client(
+    server: &TestServer,
+) -> (tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::error::DbError>) {
+    let (client, mut connection) = server.tcp_config().connect(tokio_postgres::NoTls).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = futures_util::StreamExt::next(&mut messages).await {
+            if let tokio_postgres::AsyncMessage::Notice(n) = message {
+                let _ = tx.send(n);
+            }
+        }
+    });
+    (client, rx)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,7 +362,6 @@ async fn psql_meta_commands_copy_and_errors() {
     let (out, _, ok) = tokio::task::block_in_place(|| run_psql(s, &["-c", "\\dt"], None));
     assert!(ok);
     assert!(out.contains("people"), "{out}");
-    tokio::time::sleep(Duration::from_millis(10)).await;
     server.shutdown().await;
 }
 

@@ -213,7 +213,8 @@ async fn syncs_serves_survives_kill9_and_stops_cleanly() {
     // kill -9 at a few moments while streaming, restart, resume.
     drop(cache);
     for round in 0..3 {
-        tokio::time::sleep(Duration::from_millis(300 + round * 250)).await;
+        // Killed after it applied some of the stream (more each round).
+        wait_metric_at_least(&daemon, "pglite_cache_applied_transactions_total", 1.0 + 40.0 * round as f64).await;
         daemon.kill9();
         daemon = Daemon::spawn(&remote, &data, &["--tables", "accounts,public.events"]);
         let (cache, _) = daemon.wait_ready().await;
@@ -225,14 +226,25 @@ async fn syncs_serves_survives_kill9_and_stops_cleanly() {
     let written = load.await.unwrap();
     assert!(written > 50, "the workload ran ({written} transactions)");
     let (cache, _) = daemon.wait_ready().await;
+    // A known number of transactions, all after this process started.
+    const LAST: u64 = 25;
+    for i in 0..LAST {
+        admin.batch_execute(&format!("UPDATE accounts SET owner = 'last {i}' WHERE id = {}", 1 + i)).await.unwrap();
+    }
+    let remote_lsn: String = admin.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await.unwrap().get(0);
+    let remote_lsn = remote_lsn.parse::<pglite_cache::replication::Lsn>().unwrap().0 as f64;
     assert_in_sync(&admin, &cache, &["accounts", "events"]).await;
 
     // Metrics.
-    let body = http_get(daemon.metrics, "/metrics").await;
+    let body = wait_metric_at_least(&daemon, "pglite_cache_applied_lsn", remote_lsn).await;
     assert!(body.contains("pglite_cache_phase{phase=\"streaming\"} 1"), "{body}");
-    let lag: f64 = metric(&body, "pglite_cache_lag_bytes");
-    assert!(lag >= 0.0);
-    assert!(metric(&body, "pglite_cache_applied_transactions_total") >= 0.0);
+    let applied = metric(&body, "pglite_cache_applied_transactions_total");
+    assert!(applied >= LAST as f64, "applied {applied} of the {LAST} transactions committed since start");
+    // Caught up: what is left is at most background WAL, not the workload's.
+    let lag = metric(&body, "pglite_cache_lag_bytes");
+    assert!(lag < (1 << 20) as f64, "lag {lag} bytes after catching up");
+    let lag = metric(&body, "pglite_cache_lag_seconds");
+    assert!(lag > 0.0 && lag < 60.0, "commit-to-apply lag of the last transaction: {lag} s");
     assert!(body.contains("pglite_cache_table_rows_copied{table=\"public.accounts\"}"), "{body}");
 
     // Status, both ways, while running.
@@ -285,14 +297,28 @@ fn metric(body: &str, name: &str) -> f64 {
         .unwrap()
 }
 
-async fn http_get(port: u16, path: &str) -> String {
+/// Polls the metrics page until `name` reaches `value`; returns the page.
+async fn wait_metric_at_least(daemon: &Daemon, name: &str, value: f64) -> String {
+    let start = Instant::now();
+    loop {
+        if let Ok(body) = try_http_get(daemon.metrics, "/metrics").await
+            && metric(&body, name) >= value
+        {
+            return body;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{name} never reached {value}:\n{}", daemon.stderr());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn try_http_get(port: u16, path: &str) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await?;
     let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
+    s.read_to_string(&mut out).await?;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out.split("\r\n\r\n").nth(1).unwrap().to_owned()
+    Ok(out.split("\r\n\r\n").nth(1).unwrap().to_owned())
 }
 
 fn run_sync(args: &[&str], wait: Duration) -> (Option<i32>, String) {

@@ -176,6 +176,9 @@ pub struct Status {
     /// From commit on the remote to commit locally, for the last applied
     /// transaction.
     pub lag: Duration,
+    /// Column values of streamed UPDATEs that the remote sent as "unchanged
+    /// TOAST" (not resent) and that kept their local value, since start.
+    pub unchanged_toast_values: u64,
 }
 
 impl Default for Status {
@@ -188,6 +191,7 @@ impl Default for Status {
             server_wal_end: Lsn::ZERO,
             lag_bytes: 0,
             lag: Duration::ZERO,
+            unchanged_toast_values: 0,
         }
     }
 }

@@ -129,6 +129,20 @@ impl PgCluster {
         }
     }
 
+    /// Stops the server (connections are dropped), keeping its data.
+    pub fn stop(&mut self) {
+        if let Err(e) = self.pg.stop() {
+            panic!("stopping test PostgreSQL: {e}\n{}", self.pg.log());
+        }
+    }
+
+    /// Starts the server again after [`PgCluster::stop`].
+    pub fn start_again(&mut self) {
+        if let Err(e) = self.pg.start_server() {
+            panic!("starting test PostgreSQL again: {e}\n{}", self.pg.log());
+        }
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.pg.data_dir()
     }

@@ -102,6 +102,8 @@ struct Pending {
     change_count: u64,
     /// Inserted, updated, deleted rows per remote table OID.
     counts: HashMap<u32, [u64; 3]>,
+    /// Unchanged TOAST values kept from the local rows.
+    unchanged_toast: u64,
     /// When Begin arrived, and time spent waiting for the instance.
     started: std::time::Instant,
     busy: Duration,
@@ -253,6 +255,7 @@ impl Applier {
                     changes: Vec::new(),
                     change_count: 0,
                     counts: HashMap::new(),
+                    unchanged_toast: 0,
                     started: std::time::Instant::now(),
                     busy: Duration::ZERO,
                     done: Vec::new(),
@@ -367,6 +370,7 @@ impl Applier {
                 };
                 let mut row: Vec<Value> = rel.key.iter().map(|&i| key_source[i].clone()).collect();
                 let mask: Vec<bool> = new.iter().map(|v| !matches!(v, Value::Unchanged)).collect();
+                self.pending()?.unchanged_toast += mask.iter().filter(|&&m| !m).count() as u64;
                 if !mask.iter().any(|&m| m) {
                     return Ok(());
                 }
@@ -635,6 +639,7 @@ impl Applier {
             s.lag = delay;
             s.server_wal_end = wal_end;
             s.lag_bytes = end_lsn.distance_to(wal_end);
+            s.unchanged_toast_values += pending.unchanged_toast;
             for (relation, [i, u, d]) in &pending.counts {
                 let Some(KnownTable { schema, name, .. }) = tables.get(relation) else {
                     continue;

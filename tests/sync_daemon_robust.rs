@@ -95,9 +95,10 @@ fn count_calls(trace: &str, name: &str) -> usize {
 }
 
 /// The daemon confirms a position to the remote only after syncing the
-/// cache's filesystem: strace shows `syncfs` calls, and shows that the
-/// engine's own `fsync = on` never becomes an fsync(2) (wasmer maps it to a
-/// flush of its buffered writes), which is why the host syncs.
+/// cache's filesystem: strace shows the `syncfs` calls, and shows that the
+/// engine itself never calls fsync(2)/fdatasync(2) (it runs with
+/// `fsync = off`; its own fsync would be a no-op flush anyway), which is
+/// why the host syncs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmed_positions_are_synced_to_disk_first() {
     let strace = Command::new("strace").arg("-V").output();
@@ -136,6 +137,7 @@ async fn confirmed_positions_are_synced_to_disk_first() {
     let fsyncs = count_calls(&after, "fsync") + count_calls(&after, "fdatasync");
     eprintln!("while streaming 20 transactions: {syncs} syncfs; fsync/fdatasync over the whole run: {fsyncs}");
     assert!(syncs >= 1, "confirmed without syncing the cache's filesystem:\n{after}");
+    assert_eq!(fsyncs, 0, "the engine now fsyncs by itself; revisit the durability notes:\n{after}");
     // Stop the daemon (strace's child), then strace ends too.
     let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", daemon.child.id())).unwrap();
     let pid: u32 = children.split_whitespace().next().expect("the daemon under strace").parse().unwrap();

@@ -172,10 +172,9 @@ impl Instance {
     }
 
     /// Makes everything committed so far durable: `syncfs(2)` on the data
-    /// directory's filesystem. Needed because the engine's own `fsync`
-    /// reaches the host only as a flush of its buffered writes into the
-    /// page cache (wasmer's `fd_sync` on a host file), not as an `fsync`.
-    /// A no-op for in-memory instances.
+    /// directory's filesystem. The engine writes each commit's WAL to the
+    /// host file before the commit returns, but never `fsync`s it (see
+    /// [`InstanceOptions::persistent`]). A no-op for in-memory instances.
     pub async fn sync_to_disk(&self) -> std::io::Result<()> {
         let Some(dir) = self.shared.data_dir.clone() else {
             return Ok(());

@@ -49,13 +49,17 @@ impl InstanceOptions {
         Self::new(Storage::Memory)
     }
 
-    /// A persistent instance in `dir`, with `fsync = on` (the engine starts
-    /// with `-F`; this turns it back on so that a commit's writes have left
-    /// the engine when it returns; [`Instance::sync_to_disk`](crate::Instance::sync_to_disk)
-    /// then puts them on stable storage). `.setting("fsync", "off")` trades
-    /// that for speed.
+    /// A persistent instance in `dir`.
+    ///
+    /// The engine runs with `fsync = off` (started with `-F`), and turning
+    /// it on does not help: its writes go straight to the host file
+    /// (`pwrite`), its `fsync` becomes a no-op flush, and an `fsync` of a
+    /// directory fails with `EISDIR`, which makes PostgreSQL panic at the
+    /// next checkpoint. Commits are in the host's page cache when they
+    /// return; [`Instance::sync_to_disk`](crate::Instance::sync_to_disk)
+    /// puts them on stable storage.
     pub fn persistent(dir: impl Into<PathBuf>) -> Self {
-        Self::new(Storage::Directory(dir.into())).setting("fsync", "on")
+        Self::new(Storage::Directory(dir.into()))
     }
 
     fn new(storage: Storage) -> Self {

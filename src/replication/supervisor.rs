@@ -519,7 +519,8 @@ impl Supervisor {
 fn slot_lost_hint() -> String {
     "the replication slot is gone (dropped, or invalidated after exceeding max_slot_wal_keep_size): \
      copy everything again from a new slot: restart `pglite-cache sync` with `--on-invalid-slot resync`, \
-     or run `pglite-cache resync --data DIR` before starting it again \
+     or run `pglite-cache resync --data DIR` before starting it again, \
+     or `pglite-cache decommission` and start over \
      (library: ReplicationHandle::resync() or SlotLostPolicy::Resync)"
         .into()
 }

@@ -4,6 +4,7 @@ mod decommission;
 mod demo;
 mod listen;
 pub mod logs;
+mod password;
 mod query;
 mod resync;
 mod serve;

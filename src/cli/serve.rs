@@ -20,7 +20,7 @@ pub struct ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> ExitCode {
-    let plan = match args.listen.plan(5432) {
+    let mut plan = match args.listen.plan(5432, args.data.as_deref()) {
         Ok(plan) => plan,
         Err(e) => {
             eprintln!("error: {e}");

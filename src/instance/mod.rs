@@ -5,6 +5,7 @@ mod handoff;
 mod options;
 mod registry;
 mod session;
+mod side;
 mod transaction;
 mod worker;
 

@@ -5,7 +5,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Instance;
 use super::handoff::{self, Route};
-use super::worker::{Claim, Command, Job, Output, Request};
+use super::worker::{Claim, Command, Job, Output, RawJob, Request};
 use crate::error::Result;
 use crate::protocol::TxStatus;
 use std::sync::Arc;
@@ -33,11 +33,21 @@ pub struct RawSession {
     /// The engine reported an error in an extended-protocol batch and skips
     /// messages until `Sync`.
     skipping_to_sync: bool,
+    /// Others' side work may run inside this session's transactions.
+    shareable: bool,
 }
 
 impl RawSession {
     pub(super) fn new(instance: Instance) -> RawSession {
-        RawSession { instance, lease: None, held: false, idle: true, on_drop: None, skipping_to_sync: false }
+        RawSession {
+            instance,
+            lease: None,
+            held: false,
+            idle: true,
+            on_drop: None,
+            skipping_to_sync: false,
+            shareable: false,
+        }
     }
 
     /// Sends frontend messages and returns every backend message the engine
@@ -47,7 +57,8 @@ impl RawSession {
             Some(lease) => Route::Lease(lease.clone()),
             None => Route::Shared(self.instance.tx.clone()),
         };
-        match route.call(&self.instance.shared, Job::Raw(bytes, None)).await {
+        let job = Job::Raw(RawJob { bytes, claim: None, shareable: self.shareable });
+        match route.call(&self.instance.shared, job).await {
             Ok(output) => Ok(self.note(output)),
             Err(e) => {
                 self.lease = None; // a failed engine ends the lease
@@ -68,13 +79,55 @@ impl RawSession {
         if self.lease.is_some() {
             return self.round_trip(bytes).await.map(Some);
         }
-        let shared = self.instance.shared.clone();
+        let claim = Arc::new(Claim::default());
+        let job = Job::Raw(RawJob { bytes, claim: Some(claim.clone()), shareable: self.shareable });
+        let (reply, rx) = oneshot::channel();
+        self.instance.tx.send(Command::Run(Request { job, reply })).map_err(|_| self.instance.shared.closed_error())?;
+        self.await_or_withdraw(rx, claim, withdraw).await
+    }
+
+    /// Runs `Parse`/`Describe`/`Close` messages ending in one `Sync` (and
+    /// nothing else) while this session does not hold the engine and is not
+    /// in a transaction: if another session holds the engine inside a
+    /// transaction, they run there (in a savepoint, so their errors cannot
+    /// affect it) instead of waiting for it to end. Like
+    /// [`round_trip_or_withdraw`](Self::round_trip_or_withdraw) otherwise.
+    pub async fn side_trip_or_withdraw(
+        &mut self,
+        bytes: BytesMut,
+        withdraw: impl std::future::Future<Output = ()>,
+    ) -> Result<Option<Vec<u8>>> {
+        if self.lease.is_some() {
+            return self.round_trip(bytes).await.map(Some);
+        }
+        let shared = &self.instance.shared;
         let claim = Arc::new(Claim::default());
         let (reply, rx) = oneshot::channel();
-        self.instance
-            .tx
-            .send(Command::Run(Request { job: Job::Raw(bytes, Some(claim.clone())), reply }))
-            .map_err(|_| shared.closed_error())?;
+        let job = Job::Side(RawJob { bytes, claim: Some(claim.clone()), shareable: false });
+        let mut request = Some(Request { job, reply });
+        {
+            // Under the lock the worker takes to start and end leases.
+            let route = shared.lease_route.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(lease) = route.as_ref().and_then(|weak| weak.upgrade())
+                && let Some(r) = request.take()
+                && let Err(returned) = lease.send(r)
+            {
+                request = Some(returned.0);
+            }
+            if let Some(request) = request {
+                self.instance.tx.send(Command::Run(request)).map_err(|_| shared.closed_error())?;
+            }
+        }
+        self.await_or_withdraw(rx, claim, withdraw).await
+    }
+
+    async fn await_or_withdraw(
+        &mut self,
+        rx: oneshot::Receiver<Result<Output>>,
+        claim: Arc<Claim>,
+        withdraw: impl std::future::Future<Output = ()>,
+    ) -> Result<Option<Vec<u8>>> {
+        let shared = self.instance.shared.clone();
         let reply = handoff::reply(rx, &shared);
         tokio::pin!(reply);
         let output = tokio::select! {
@@ -136,13 +189,28 @@ impl RawSession {
         self.idle
     }
 
-    /// Frontend messages to run if the session is dropped while it holds the
-    /// engine (before the engine goes to others; the open transaction is
-    /// rolled back in any case). The wire server uses it to reset session
-    /// settings of a client that vanished mid-transaction. Their reply is
-    /// discarded.
+    /// Frontend messages to run when the session is dropped: on its lease
+    /// if it holds the engine (before the engine goes to others; the open
+    /// transaction is rolled back in any case), else queued like any call.
+    /// The wire server uses it to close what a client created and to reset
+    /// its settings. Their reply is discarded; they must leave the engine
+    /// idle (a transaction they leave open is rolled back).
     pub fn on_drop(&mut self, bytes: BytesMut) {
         self.on_drop = Some(bytes);
+    }
+
+    /// Whether the engine reported an error in an extended-protocol batch of
+    /// this session and skips its messages until the next `Sync`.
+    pub fn skipping_to_sync(&self) -> bool {
+        self.skipping_to_sync
+    }
+
+    /// Declares whether other sessions' side work (see
+    /// [`side_trip_or_withdraw`](Self::side_trip_or_withdraw)) may run inside
+    /// this session's transactions: only when it has no session settings in
+    /// force that could change how their statements are parsed.
+    pub fn set_shareable(&mut self, shareable: bool) {
+        self.shareable = shareable;
     }
 
     /// Whether this session currently holds the engine exclusively.
@@ -153,7 +221,16 @@ impl RawSession {
 
 impl Drop for RawSession {
     fn drop(&mut self) {
-        let Some(lease) = self.lease.take() else { return };
+        let Some(lease) = self.lease.take() else {
+            // Not holding the engine: the cleanup is queued like any call
+            // (the engine is idle when it runs); its reply is discarded.
+            if let Some(bytes) = self.on_drop.take() {
+                let (reply, _) = oneshot::channel();
+                let job = Job::Raw(RawJob { bytes, claim: None, shareable: false });
+                let _ = self.instance.tx.send(Command::Run(Request { job, reply }));
+            }
+            return;
+        };
         let mut bytes = BytesMut::new();
         if self.skipping_to_sync {
             // Else the engine would swallow the rollback (and the next
@@ -168,7 +245,8 @@ impl Drop for RawSession {
             // Queued on the lease before it closes, so it runs before the
             // worker's rollback and before anybody else.
             let (reply, _) = oneshot::channel();
-            let _ = lease.send(Request { job: Job::Raw(bytes, None), reply });
+            let job = Job::Raw(RawJob { bytes, claim: None, shareable: false });
+            let _ = lease.send(Request { job, reply });
         }
     }
 }

@@ -11,6 +11,7 @@
 //! interactive transaction (or, later, a wire-protocol session). When the lease
 //! is dropped with a transaction still open, the worker rolls it back.
 
+use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -48,9 +49,14 @@ pub(crate) enum Job {
     /// Frontend messages from a wire-protocol client, passed through as they
     /// are. If the engine is not idle afterwards (inside a transaction, a COPY,
     /// or an extended-protocol batch not yet synced), the caller gets a lease
-    /// and keeps the engine until it is idle again. With a [`Claim`], the
-    /// caller may withdraw the job while it is still queued.
-    Raw(BytesMut, Option<Arc<Claim>>),
+    /// and keeps the engine until it is idle again.
+    Raw(RawJob),
+    /// `Parse`/`Describe`/`Close` ending in one `Sync`, from a wire client
+    /// outside any transaction: work that need not wait for another
+    /// client's transaction. While a shareable lease holder is idle inside an
+    /// explicit transaction, it runs there, inside a savepoint (see
+    /// `side.rs`); otherwise it runs on its own, in turn.
+    Side(RawJob),
     /// `COPY ... FROM '/dev/blob'` (or a script containing one) with `data`
     /// as the contents of `/dev/blob`: the bulk-load path (pglite-oxide's
     /// `QueryOptions.blob`). The reply is shaped like a protocol reply: the
@@ -58,6 +64,17 @@ pub(crate) enum Job {
     CopyIn { sql: String, data: Vec<u8> },
     /// Test hook: make the worker panic, as a bug or trap in the engine would.
     Panic,
+}
+
+/// Protocol bytes of a wire client.
+pub(crate) struct RawJob {
+    pub bytes: BytesMut,
+    /// With a claim, the caller may withdraw the job while it is still queued.
+    pub claim: Option<Arc<Claim>>,
+    /// If the job leaves the caller holding the engine inside a transaction,
+    /// others' [`Job::Side`] work may run in that transaction (in a
+    /// savepoint) meanwhile: the caller has no session settings in force.
+    pub shareable: bool,
 }
 
 /// Lets the caller withdraw a queued job: whoever moves it out of "queued"
@@ -110,6 +127,11 @@ pub(crate) struct Shared {
     pub in_flight: std::sync::atomic::AtomicUsize,
     /// The data directory of a persistent instance.
     pub data_dir: Option<std::path::PathBuf>,
+    /// The lease being served, for [`Job::Side`] work: senders of side jobs
+    /// and the worker starting or ending a lease take this lock, so a side
+    /// job is either queued before the lease starts (and found there) or
+    /// sent to the lease.
+    pub lease_route: Mutex<Option<mpsc::WeakUnboundedSender<Request>>>,
 }
 
 impl Shared {
@@ -136,8 +158,7 @@ impl Shared {
 /// Starts a worker thread and waits until its engine answers queries.
 pub(crate) async fn spawn(options: InstanceOptions) -> Result<(mpsc::UnboundedSender<Command>, Arc<Shared>)> {
     let label = options.label();
-    let shared =
-        Arc::new(Shared {
+    let shared = Arc::new(Shared {
         label: label.clone(),
         state: Mutex::new(State::Running),
         in_flight: Default::default(),
@@ -145,6 +166,7 @@ pub(crate) async fn spawn(options: InstanceOptions) -> Result<(mpsc::UnboundedSe
             crate::instance::options::Storage::Directory(dir) => Some(dir.clone()),
             crate::instance::options::Storage::Memory => None,
         },
+        lease_route: Mutex::new(None),
     });
     let (tx, rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -160,7 +182,16 @@ pub(crate) async fn spawn(options: InstanceOptions) -> Result<(mpsc::UnboundedSe
                 }
             };
             let _ = ready_tx.send(Ok(()));
-            Worker { engine: Some(engine), options, shared: worker_shared, restarts: Vec::new() }.run(rx);
+            Worker {
+                engine: Some(engine),
+                options,
+                shared: worker_shared,
+                restarts: Vec::new(),
+                queue: rx,
+                backlog: VecDeque::new(),
+                side_found: Vec::new(),
+            }
+            .run();
         })
         .map_err(|e| Error::Startup(format!("cannot spawn worker thread: {e}")))?;
     match ready_rx.await {
@@ -222,13 +253,34 @@ struct Worker {
     shared: Arc<Shared>,
     /// When recent restarts happened, for the restart policy's window.
     restarts: Vec<Instant>,
+    queue: mpsc::UnboundedReceiver<Command>,
+    /// Commands taken off the queue at the start of a lease (to find the
+    /// side jobs among them), served in order before the queue.
+    backlog: VecDeque<Command>,
+    /// Side jobs found in the queue when the current lease started.
+    side_found: Vec<Request>,
+}
+
+/// What the worker knows of the lease holder's session.
+#[derive(Debug, Clone, Copy)]
+struct Holder {
+    /// Status after its last job (`None`: mid-batch or in COPY).
+    status: Option<TxStatus>,
+    shareable: bool,
 }
 
 impl Worker {
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
-        while let Some(command) = handoff::recv_blocking(&mut rx) {
+    fn next_command(&mut self) -> Option<Command> {
+        match self.backlog.pop_front() {
+            Some(command) => Some(command),
+            None => handoff::recv_blocking(&mut self.queue),
+        }
+    }
+
+    fn run(mut self) {
+        while let Some(command) = self.next_command() {
             let outcome = match command {
-                Command::Run(request) => self.serve(request, false),
+                Command::Run(request) => self.serve(request, None).map(drop),
                 Command::Lease(reply) => self.serve_lease(reply),
                 Command::Stop(reply) => {
                     let result = self.close();
@@ -252,38 +304,88 @@ impl Worker {
 
     fn serve_lease(&mut self, reply: oneshot::Sender<mpsc::UnboundedSender<Request>>) -> Result<(), Failure> {
         let (tx, rx) = mpsc::unbounded_channel();
+        self.publish_lease(&tx);
         if reply.send(tx).is_err() {
+            *self.shared.lease_route.lock().unwrap_or_else(|e| e.into_inner()) = None;
             return Ok(()); // the caller gave up waiting
         }
-        self.lease_loop(rx)
+        // A Rust API transaction: its settings are unknown, so it is not shared.
+        self.lease_loop(rx, Holder { status: Some(TxStatus::Idle), shareable: false })
     }
 
-    /// Serves only the lease holder until it drops its sender.
-    fn lease_loop(&mut self, mut rx: mpsc::UnboundedReceiver<Request>) -> Result<(), Failure> {
-        while let Some(request) = handoff::recv_blocking(&mut rx) {
-            self.serve(request, true)?;
+    /// Makes the lease the target of side jobs, and takes the side jobs
+    /// already queued (the rest of the queue waits in the backlog, in order).
+    fn publish_lease(&mut self, tx: &mpsc::UnboundedSender<Request>) {
+        let mut route = self.shared.lease_route.lock().unwrap_or_else(|e| e.into_inner());
+        *route = Some(tx.downgrade());
+        while let Ok(command) = self.queue.try_recv() {
+            match command {
+                Command::Run(request @ Request { job: Job::Side(_), .. }) => self.side_found.push(request),
+                other => self.backlog.push_back(other),
+            }
         }
-        // The holder is gone: never leave its transaction open for the next caller.
-        self.rollback_if_open()?;
+    }
+
+    /// Serves only the lease holder (and side jobs) until it drops its sender.
+    fn lease_loop(&mut self, mut rx: mpsc::UnboundedReceiver<Request>, mut holder: Holder) -> Result<(), Failure> {
+        let mut deferred = Vec::new();
+        for request in std::mem::take(&mut self.side_found) {
+            self.side_or_defer(request, holder, &mut deferred)?;
+        }
+        while let Some(request) = handoff::recv_blocking(&mut rx) {
+            if let Job::Side(_) = request.job {
+                self.side_or_defer(request, holder, &mut deferred)?;
+            } else if let Some(after) = self.serve(request, Some(holder))? {
+                holder = after;
+            }
+        }
+        *self.shared.lease_route.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // The holder is gone: never leave its transaction open for the next
+        // caller (when it left the engine idle there is nothing to undo).
+        if holder.status != Some(TxStatus::Idle) {
+            self.rollback()?;
+        }
+        // Side jobs that had to wait go first, before anything queued.
+        for request in deferred.into_iter().rev() {
+            self.backlog.push_front(Command::Run(request));
+        }
         Ok(())
     }
 
+    /// Runs a side job inside the holder's transaction if that is safe now,
+    /// else keeps it for when the lease ends.
+    fn side_or_defer(&mut self, request: Request, holder: Holder, deferred: &mut Vec<Request>) -> Result<(), Failure> {
+        let ready = holder.shareable && matches!(holder.status, Some(TxStatus::InTransaction | TxStatus::Idle));
+        if !ready {
+            deferred.push(request);
+            return Ok(());
+        }
+        self.serve(request, Some(holder)).map(drop)
+    }
+
     /// Runs one job; the reply is sent here, also when the engine fails.
-    fn serve(&mut self, request: Request, leased: bool) -> Result<(), Failure> {
+    /// `holder`: the lease this job runs under, if any; returns the holder's
+    /// state after it (for jobs of the holder).
+    fn serve(&mut self, request: Request, holder: Option<Holder>) -> Result<Option<Holder>, Failure> {
         let Request { job, reply } = request;
-        if let Job::Raw(_, Some(claim)) = &job
+        if let Job::Raw(RawJob { claim: Some(claim), .. }) | Job::Side(RawJob { claim: Some(claim), .. }) = &job
             && !claim.start()
         {
-            return Ok(()); // withdrawn while queued: it never runs
+            return Ok(None); // withdrawn while queued: it never runs
         }
-        let result = catch_unwind(AssertUnwindSafe(|| self.run_job(job, leased)))
+        let result = catch_unwind(AssertUnwindSafe(|| self.run_job(job, holder)))
             .unwrap_or_else(|panic| Err(Failure::Crash(panic_message(&panic))));
         match result {
-            Ok((output, hold)) => {
+            Ok((output, after, hold)) => {
                 let _ = reply.send(Ok(output));
                 match hold {
-                    Some(rx) => self.lease_loop(rx),
-                    None => Ok(()),
+                    Some((tx, rx)) => {
+                        self.publish_lease(&tx);
+                        drop(tx); // the caller has its clone (or gave up: then the lease ends at once)
+                        self.lease_loop(rx, after.expect("a job that opens a lease reports its state"))?;
+                        Ok(None)
+                    }
+                    None => Ok(after),
                 }
             }
             Err(Failure::Crash(reason)) => {
@@ -293,32 +395,47 @@ impl Worker {
         }
     }
 
-    /// Runs a job; also returns the receiving end of a lease the job opened.
+    /// Runs a job. Also returns the lease holder's state after it (for the
+    /// holder's own jobs, and for a job that opens a lease), and both ends of
+    /// a lease the job opened.
+    #[allow(clippy::type_complexity)]
     fn run_job(
         &mut self,
         job: Job,
-        leased: bool,
-    ) -> Result<(Output, Option<mpsc::UnboundedReceiver<Request>>), Failure> {
+        holder: Option<Holder>,
+    ) -> Result<
+        (Output, Option<Holder>, Option<(mpsc::UnboundedSender<Request>, mpsc::UnboundedReceiver<Request>)>),
+        Failure,
+    > {
+        let leased = holder.is_some();
         match job {
             Job::Panic => panic!("crash injected by a test"),
-            Job::Raw(bytes, _) => {
+            Job::Raw(RawJob { bytes, shareable, .. }) => {
                 let out = self.round_trip(&bytes)?;
+                let status = ready_status(&out);
                 let mut output = Output { bytes: out, rolled_back_open_transaction: false, lease: None };
-                if !leased && ready_status(&output.bytes) != Some(TxStatus::Idle) {
+                let after = Holder { status, shareable };
+                if !leased && status != Some(TxStatus::Idle) {
                     let (tx, rx) = mpsc::unbounded_channel();
-                    output.lease = Some(tx);
-                    return Ok((output, Some(rx)));
+                    output.lease = Some(tx.clone());
+                    return Ok((output, Some(after), Some((tx, rx))));
                 }
-                Ok((output, None))
+                Ok((output, leased.then_some(after), None))
+            }
+            Job::Side(RawJob { bytes, .. }) => {
+                let in_transaction = holder.is_some_and(|h| h.status == Some(TxStatus::InTransaction));
+                let out = self.run_side(&bytes, in_transaction)?;
+                Ok((Output { bytes: out, rolled_back_open_transaction: false, lease: None }, None, None))
             }
             Job::CopyIn { sql, data } => {
                 let out = self.copy_in(&sql, data)?;
                 let mut rolled_back_open_transaction = false;
                 if !leased && ready_status(&out) != Some(TxStatus::Idle) {
-                    self.rollback_if_open()?;
+                    self.rollback()?;
                     rolled_back_open_transaction = true;
                 }
-                Ok((Output { bytes: out, rolled_back_open_transaction, lease: None }, None))
+                let after = holder.map(|h| Holder { status: ready_status(&out), ..h });
+                Ok((Output { bytes: out, rolled_back_open_transaction, lease: None }, after, None))
             }
             Job::Protocol(bytes) => {
                 // `protocol` ends every API batch with a CopyFail guard, so a
@@ -326,10 +443,11 @@ impl Worker {
                 let out = self.round_trip(&bytes)?;
                 let mut rolled_back_open_transaction = false;
                 if !leased && ready_status(&out) != Some(TxStatus::Idle) {
-                    self.rollback_if_open()?;
+                    self.rollback()?;
                     rolled_back_open_transaction = true;
                 }
-                Ok((Output { bytes: out, rolled_back_open_transaction, lease: None }, None))
+                let after = holder.map(|h| Holder { status: ready_status(&out), ..h });
+                Ok((Output { bytes: out, rolled_back_open_transaction, lease: None }, after, None))
             }
         }
     }
@@ -368,9 +486,32 @@ impl Worker {
         Ok(out.to_vec())
     }
 
-    fn rollback_if_open(&mut self) -> Result<(), Failure> {
+    /// A side job: inside the holder's open transaction (in a savepoint), or
+    /// on its own when nobody is in a transaction.
+    fn run_side(&mut self, bytes: &[u8], in_transaction: bool) -> Result<Vec<u8>, Failure> {
+        if !in_transaction {
+            let out = self.round_trip(bytes)?;
+            if ready_status(&out) != Some(TxStatus::Idle) {
+                self.rollback()?;
+            }
+            return Ok(out);
+        }
+        let out = self.round_trip(&super::side::wrap(bytes))?;
+        // The savepoint steps cannot fail in a healthy transaction.
+        Ok(super::side::unwrap_reply(&out).unwrap_or_else(|e| {
+            tracing::error!(instance = %self.shared.label, error = %e, "side job inside a transaction");
+            let mut out = BytesMut::new();
+            let body =
+                format!("SERROR\0VERROR\0CXX000\0Minternal error running a statement beside a transaction: {e}\0\0");
+            put_message(&mut out, b'E', body.as_bytes());
+            put_message(&mut out, b'Z', b"I");
+            out.to_vec()
+        }))
+    }
+
+    /// Rolls back the open transaction.
+    fn rollback(&mut self) -> Result<(), Failure> {
         let mut buf = BytesMut::new();
-        // Harmless when idle (a WARNING); cheaper than tracking status here.
         let _ = protocol::simple_query("ROLLBACK", &mut buf);
         self.round_trip(&buf).map(drop)
     }

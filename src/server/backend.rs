@@ -123,6 +123,21 @@ pub(crate) fn last_ready_status(bytes: &[u8]) -> Option<u8> {
     messages(bytes).filter(|(tag, _)| *tag == b'Z').last().map(|(_, m)| m[5])
 }
 
+/// `bytes` without its first `n` `CloseComplete` messages (the answers to
+/// `Close` messages the server put in front of a client's batch).
+pub(crate) fn without_first_close_completes(bytes: Vec<u8>, n: usize) -> Vec<u8> {
+    let mut left = n;
+    let mut kept = Vec::with_capacity(bytes.len());
+    for (tag, message) in messages(&bytes) {
+        if tag == b'3' && left > 0 {
+            left -= 1;
+        } else {
+            kept.extend_from_slice(message);
+        }
+    }
+    kept
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

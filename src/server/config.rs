@@ -28,6 +28,25 @@ pub struct ServerConfig {
     pub password: Option<ScramVerifier>,
     /// Decides whether a new connection is admitted (see [`Admission`]).
     pub admission: Option<Admission>,
+    /// A client that holds the engine (inside a transaction, or an
+    /// extended-protocol batch not yet synced) and sends nothing for this long
+    /// is disconnected with `FATAL 25P03` and its transaction rolled back,
+    /// like PostgreSQL's `idle_in_transaction_session_timeout`. Default 30 s:
+    /// while it idles every other client and the replication apply wait, so
+    /// PostgreSQL's default (off) does not fit a shared backend; 30 s leaves
+    /// a person in `psql` time between the statements of a transaction and
+    /// stays below the 60 s default `wal_sender_timeout` of a remote whose
+    /// changes the apply must take in. `None` disables it.
+    pub idle_in_transaction_timeout: Option<Duration>,
+    /// How long a statement may wait for the engine behind other clients
+    /// before it is withdrawn and answered with `ERROR 57014` (like
+    /// PgBouncer's `query_wait_timeout`, whose default of 120 s it shares).
+    /// Applies to batches that end with `Sync` or a simple `Query` (what
+    /// drivers send); `None` waits for ever.
+    pub queue_wait_timeout: Option<Duration>,
+    /// A client that holds the engine and takes no bytes of its reply for
+    /// this long is disconnected (its transaction rolled back). Default 30 s.
+    pub write_timeout: Option<Duration>,
 }
 
 /// Decides, for each new connection, whether it is admitted now. A refusal
@@ -63,6 +82,9 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(10),
             password: None,
             admission: None,
+            idle_in_transaction_timeout: Some(Duration::from_secs(30)),
+            queue_wait_timeout: Some(Duration::from_secs(120)),
+            write_timeout: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -101,6 +123,24 @@ impl ServerConfig {
     /// Admits new connections only while `admission` says so.
     pub fn with_admission(mut self, admission: Admission) -> Self {
         self.admission = Some(admission);
+        self
+    }
+
+    /// Sets (or with `None` disables) the idle-in-transaction timeout.
+    pub fn with_idle_in_transaction_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_in_transaction_timeout = timeout;
+        self
+    }
+
+    /// Sets (or with `None` disables) the limit on waiting for the engine.
+    pub fn with_queue_wait_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.queue_wait_timeout = timeout;
+        self
+    }
+
+    /// Sets (or with `None` disables) the write timeout.
+    pub fn with_write_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.write_timeout = timeout;
         self
     }
 

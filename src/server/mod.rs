@@ -84,6 +84,11 @@ use listener::ClientStreamObj;
 use settings::SessionSettings;
 use startup::{Greeting, Startup};
 
+/// Connection ids, unique in the process (so also per instance, across
+/// restarts of `serve` on the same instance): statement names and cancel keys
+/// derive from them.
+static NEXT_CONNECTION_ID: AtomicU32 = AtomicU32::new(1);
+
 /// A client that does not finish its startup in this time is dropped.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -127,7 +132,6 @@ pub async fn serve(
     let config = Arc::new(config);
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let next_id = AtomicU32::new(1);
     let hub = Arc::new(notify::Hub::default());
     let cancels = Arc::new(cancel::Cancels::default());
     let mut tasks = JoinSet::new();
@@ -147,7 +151,7 @@ pub async fn serve(
                     continue;
                 }
             };
-            let id = next_id.fetch_add(1, Ordering::Relaxed);
+            let id = NEXT_CONNECTION_ID.fetch_add(1, Ordering::Relaxed);
             let client = Client {
                 instance: instance.clone(),
                 config: config.clone(),

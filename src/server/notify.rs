@@ -40,12 +40,19 @@ impl Hub {
         }
     }
 
-    pub fn unlisten_all(&self, id: u32) {
+    /// Forgets every channel of `id`; returns those nobody listens on any more.
+    pub fn unlisten_all(&self, id: u32) -> Vec<String> {
         let mut channels = self.lock();
-        channels.retain(|_, listeners| {
-            listeners.remove(&id);
-            !listeners.is_empty()
+        let mut abandoned = Vec::new();
+        channels.retain(|channel, listeners| {
+            let was = listeners.remove(&id).is_some();
+            let keep = !listeners.is_empty();
+            if was && !keep {
+                abandoned.push(channel.clone());
+            }
+            keep
         });
+        abandoned
     }
 
     /// Channels somebody listens on.

@@ -135,6 +135,47 @@ fn identifier(s: &[u8]) -> Option<String> {
     (end > 0).then(|| String::from_utf8_lossy(&s[..end]).to_lowercase())
 }
 
+/// A SQL-level prepared statement or cursor that a script creates or drops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SqlName {
+    Prepare(String),
+    Deallocate(String),
+    /// `DECLARE name ... WITH HOLD` (others end with their transaction).
+    DeclareHold(String),
+    Close(String),
+}
+
+/// The `PREPARE`, `DEALLOCATE`, `DECLARE ... WITH HOLD` and `CLOSE`
+/// statements of a script, with their names as PostgreSQL folds them
+/// (`DEALLOCATE ALL` and `CLOSE ALL` are not names).
+pub(crate) fn sql_names(sql: &[u8]) -> Vec<SqlName> {
+    statements(sql)
+        .filter_map(|stmt| {
+            let word = first_word(stmt).to_ascii_lowercase();
+            let kind = match word.as_slice() {
+                b"prepare" | b"deallocate" | b"declare" | b"close" => word,
+                _ => return None,
+            };
+            let rest = skip_space_and_comments(stmt);
+            let mut rest = skip_space_and_comments(&rest[kind.len()..]);
+            if kind == b"deallocate" && first_word(rest).eq_ignore_ascii_case(b"prepare") {
+                rest = skip_space_and_comments(&rest[7..]);
+            }
+            let name = identifier(rest)?;
+            if (kind == b"deallocate" || kind == b"close") && name == "all" && !rest.starts_with(b"\"") {
+                return None;
+            }
+            Some(match kind.as_slice() {
+                b"prepare" => SqlName::Prepare(name),
+                b"deallocate" => SqlName::Deallocate(name),
+                b"declare" if contains_ignore_case(stmt, b"hold") => SqlName::DeclareHold(name),
+                b"declare" => return None,
+                _ => SqlName::Close(name),
+            })
+        })
+        .collect()
+}
+
 /// `name` as a quoted identifier.
 pub(crate) fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -171,6 +212,20 @@ mod tests {
         );
         assert!(listen_commands(b"SELECT 'listen x'").is_empty());
         assert_eq!(quote_identifier("a\"b"), "\"a\"\"b\"");
+    }
+
+    #[test]
+    fn finds_sql_level_statement_and_cursor_names() {
+        assert_eq!(
+            sql_names(b"PREPARE Foo (int) AS SELECT $1; EXECUTE foo(1); DEALLOCATE PREPARE \"X\"; DEALLOCATE ALL"),
+            vec![SqlName::Prepare("foo".into()), SqlName::Deallocate("X".into())]
+        );
+        assert_eq!(
+            sql_names(
+                b"DECLARE c1 CURSOR FOR SELECT 1; declare \"c2\" cursor with hold for select 2; CLOSE c2; close all"
+            ),
+            vec![SqlName::DeclareHold("c2".into()), SqlName::Close("c2".into())]
+        );
     }
 
     #[test]

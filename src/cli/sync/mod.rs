@@ -103,11 +103,12 @@ fn plan(args: SyncArgs) -> Result<Plan, String> {
     if args.status_interval == 0 {
         return Err("--status-interval must be at least 1 second".into());
     }
+    let listen = args.listen.plan(5433, Some(&args.data))?;
     Ok(Plan {
         data: args.data,
         config,
         schema: args.schema,
-        listen: args.listen.plan(5433)?,
+        listen,
         metrics: args.metrics,
         status_interval: std::time::Duration::from_secs(args.status_interval),
     })
@@ -155,7 +156,7 @@ pub async fn run(args: SyncArgs) -> ExitCode {
     code
 }
 
-async fn serve_and_sync(instance: &Instance, plan: Plan, remote: preflight::Remote) -> ExitCode {
+async fn serve_and_sync(instance: &Instance, mut plan: Plan, remote: preflight::Remote) -> ExitCode {
     // A cache that finished its initial copy before serves at once, also
     // while the remote is away.
     if let Err(e) = store::init(instance).await {
@@ -215,8 +216,10 @@ async fn serve_and_sync(instance: &Instance, plan: Plan, remote: preflight::Remo
             }
         }
     };
-    let result = replication.stop().await;
+    // The server first: it closes clients idle in a transaction at once, so
+    // the apply gets the engine to finish its last transaction.
     let _ = stop_server.send(true);
+    let result = replication.stop().await;
     let _ = stop_reports.send(true);
     let _ = server.await;
     let _ = reports.await;

@@ -12,7 +12,7 @@
 //! the real execution and its reply is the answer.
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Batch, Connection, Flow, Result};
 use crate::server::backend;
@@ -82,7 +82,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let mut batch = Batch { bytes: start, boundary: true, ..Batch::default() };
             return self.send_batch(&mut batch).await;
         }
-        self.begin_busy(false).await?;
+        self.begin_busy(false, None).await?;
         self.session.hold().await?;
         let in_transaction = self.status == b'T';
         if in_transaction {
@@ -96,8 +96,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let mut reply = self.session.round_trip(probe).await?;
         match after_copy_in_response(&reply) {
             Some(end) => {
-                self.stream.write_all(&reply[..end]).await?;
-                self.stream.flush().await?;
+                self.write_out(&reply[..end]).await?;
                 let after = backend::last_ready_status(&reply);
                 if in_transaction {
                     self.internal(&format!(
@@ -181,7 +180,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         // A second COPY FROM STDIN in the same query would wait for data
         // that cannot come within this call: fail it. (Ignored otherwise.)
         backend::copy_fail("only one COPY FROM STDIN per query is supported by this server", &mut replay);
-        self.begin_busy(false).await?;
+        self.begin_busy(false, None).await?;
         let reply = self.session.round_trip(replay).await?;
         // The client already has the CopyInResponse (and what came before
         // it); a second one would only announce the COPY failed above.

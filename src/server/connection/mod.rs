@@ -25,7 +25,7 @@ use super::frame::{Frame, FrameError, FrameReader};
 use super::names::{Malformed, Named, Namer};
 use super::notify::{self, Hub};
 use super::settings::SessionSettings;
-use super::sql_text::{self, Listening};
+use super::sql_text::{self, Listening, SqlName};
 use crate::{Error, RawSession};
 use copy_in::{CopyIn, CopyKind};
 
@@ -52,6 +52,8 @@ pub(crate) enum ConnectionError {
     Malformed(#[from] Malformed),
     #[error("engine: {0}")]
     Engine(#[from] Error),
+    #[error("the client took none of its reply for {0:?}")]
+    WriteTimeout(std::time::Duration),
 }
 
 type Result<T, E = ConnectionError> = std::result::Result<T, E>;
@@ -72,27 +74,82 @@ struct Batch {
     copy_execute_end: Option<usize>,
     /// `LISTEN`/`UNLISTEN` statements in it.
     listens: Vec<Listening>,
+    /// SQL-level `PREPARE`/`DECLARE ... WITH HOLD` and their ends in it.
+    sql_names: Vec<SqlName>,
 }
 
-/// Whether a batch can be answered with a cancellation error if it is
-/// withdrawn before it runs: it must end with its only `Sync` or `Query` (so
-/// that `ErrorResponse` + `ReadyForQuery` is exactly what the client expects
-/// from a batch whose first statement was cancelled).
-fn cancellable(batch: &[u8]) -> bool {
-    let mut boundaries = 0;
+/// How many statement groups (ended by `Sync` or `Query`) a batch has, if it
+/// can be answered without running when it is withdrawn before it runs: it
+/// must end with a `Sync` or `Query`, so that an `ErrorResponse` and
+/// `ReadyForQuery` per group is exactly what the client expects from groups
+/// whose first statement failed. 0 if it cannot.
+fn withdrawable_groups(batch: &[u8]) -> usize {
+    let mut groups = 0;
     let mut last = 0;
     for (tag, _) in backend::messages(batch) {
-        if matches!(tag, b'S' | b'Q' | b'H') {
-            boundaries += 1;
+        if matches!(tag, b'S' | b'Q') {
+            groups += 1;
         }
         last = tag;
     }
-    boundaries == 1 && matches!(last, b'S' | b'Q')
+    if matches!(last, b'S' | b'Q') { groups } else { 0 }
+}
+
+/// Whether a batch is only `Parse`, `Describe` of a statement and `Close`,
+/// ending in its one `Sync`: work that can run beside another client's
+/// transaction.
+fn is_side_work(batch: &[u8]) -> bool {
+    let mut last = 0;
+    for (tag, message) in backend::messages(batch) {
+        let ok = match tag {
+            b'P' | b'C' => true,
+            b'D' => message.get(5) == Some(&b'S'),
+            b'S' => last != b'S',
+            _ => false,
+        };
+        if !ok || last == b'S' {
+            return false;
+        }
+        last = tag;
+    }
+    last == b'S'
+}
+
+/// Why a batch was withdrawn before it ran.
+#[derive(Debug, Clone, Copy)]
+enum Withdrawn {
+    Cancelled,
+    QueueTimeout(std::time::Duration),
+}
+
+/// The answer to a withdrawn batch: an error and `ReadyForQuery` per group
+/// (the connection does not hold the engine, so it is idle).
+fn withdrawn_answer(groups: usize, why: Withdrawn) -> Vec<u8> {
+    let mut reply = BytesMut::new();
+    for _ in 0..groups {
+        match why {
+            Withdrawn::Cancelled => {
+                backend::error_response("ERROR", "57014", "canceling statement due to user request", &mut reply)
+            }
+            Withdrawn::QueueTimeout(limit) => backend::error_response(
+                "ERROR",
+                "57014",
+                &format!(
+                    "canceling statement due to queue wait timeout: waited {limit:?} for the engine \
+                     behind other clients' transactions (queue_wait_timeout)"
+                ),
+                &mut reply,
+            ),
+        }
+        backend::ready_for_query(b'I', &mut reply);
+    }
+    reply.to_vec()
 }
 
 /// What woke an idle connection.
 enum Event {
     Shutdown,
+    IdleInTransaction,
     Notification(Bytes),
     Read(usize),
 }
@@ -112,12 +169,14 @@ pub(crate) struct Connection<S> {
     namer: Namer,
     config: Arc<ServerConfig>,
     settings: SessionSettings,
-    /// Client names of the named statements it prepared.
-    statements: HashSet<Vec<u8>>,
     /// Client names of statements (and portals bound from them) whose SQL
     /// mentions `stdin`.
     stdin_statements: HashSet<Vec<u8>>,
     stdin_portals: HashSet<Vec<u8>>,
+    /// SQL-level prepared statements and `WITH HOLD` cursors it created
+    /// (closed when it leaves).
+    sql_statements: HashSet<String>,
+    sql_cursors: HashSet<String>,
     /// The last `ReadyForQuery` status the client saw.
     status: u8,
     copy: Option<CopyIn>,
@@ -140,12 +199,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         cancel: Arc<Notify>,
     ) -> Self {
         let (notify_tx, notify_rx) = mpsc::unbounded_channel();
-        let mut session = session;
-        // A client that vanishes while holding the engine must not leave its
-        // settings behind: roll back, and restore the defaults.
-        let mut cleanup = BytesMut::new();
-        backend::query("ROLLBACK; RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE", &mut cleanup);
-        session.on_drop(cleanup);
         Connection {
             id,
             stream,
@@ -154,9 +207,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             namer: Namer::new(id),
             config,
             settings,
-            statements: HashSet::new(),
             stdin_statements: HashSet::new(),
             stdin_portals: HashSet::new(),
+            sql_statements: HashSet::new(),
+            sql_cursors: HashSet::new(),
             status: b'I',
             copy: None,
             hub,
@@ -172,12 +226,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// an open transaction.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let outcome = self.serve(&mut shutdown).await;
-        self.hub.unlisten_all(self.id);
         let fatal = match &outcome {
             Ok(()) => None,
             Err(ConnectionError::Io(e)) => {
                 tracing::debug!(error = %e, "client connection lost");
                 None
+            }
+            Err(e @ ConnectionError::WriteTimeout(_)) => {
+                tracing::info!(error = %e, "closing connection");
+                return; // it does not read: no goodbye (dropping rolls back)
             }
             Err(e @ (ConnectionError::Frame(_) | ConnectionError::Malformed(_))) => {
                 tracing::info!(error = %e, "closing connection");
@@ -194,7 +251,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if let Some((code, text)) = fatal {
             let mut out = BytesMut::new();
             backend::error_response("FATAL", code, &text, &mut out);
-            let _ = self.stream.write_all(&out).await;
+            let _ = self.write_out(&out).await;
         }
         let _ = self.stream.shutdown().await;
     }
@@ -218,23 +275,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 self.send_batch(&mut batch).await?;
             }
             let idle = batch.bytes.is_empty() && self.copy.is_none() && !self.session.holds_engine();
+            // At shutdown, a client that the server waits for is closed at
+            // once, also inside a transaction (rolled back, as PostgreSQL's
+            // fast shutdown does); only a COPY upload gets the grace period.
+            let closable = self.copy.is_none() || !self.session.holds_engine();
             let stopping = *shutdown.borrow();
-            if idle && stopping {
+            if closable && stopping {
                 return self.say_goodbye().await;
             }
             // Notifications wait until the client is idle outside a transaction.
             let deliver = idle && self.status == b'I';
+            // Holding the engine while the client is silent stalls everybody.
+            let idle_limit = self.config.idle_in_transaction_timeout.filter(|_| self.session.holds_engine());
+            let idle_timer = async move {
+                match idle_limit {
+                    Some(limit) => tokio::time::sleep(limit).await,
+                    None => std::future::pending().await,
+                }
+            };
             let event = tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|stop| *stop), if idle => Event::Shutdown,
+                _ = shutdown.wait_for(|stop| *stop), if closable => Event::Shutdown,
+                () = idle_timer => Event::IdleInTransaction,
                 Some(message) = self.notify_rx.recv(), if deliver => Event::Notification(message),
                 read = self.reader.fill(&mut self.stream) => Event::Read(read?),
             };
             match event {
                 Event::Shutdown => return self.say_goodbye().await,
+                Event::IdleInTransaction => {
+                    tracing::info!(id = self.id, "closing a connection idle in a transaction");
+                    let mut out = BytesMut::new();
+                    backend::error_response(
+                        "FATAL",
+                        "25P03",
+                        "terminating connection due to idle-in-transaction timeout",
+                        &mut out,
+                    );
+                    let _ = self.write_out(&out).await;
+                    return Ok(());
+                }
                 Event::Notification(message) => {
-                    self.stream.write_all(&message).await?;
-                    self.stream.flush().await?;
+                    self.write_out(&message).await?;
                 }
                 Event::Read(0) => return Ok(()), // the client left
                 Event::Read(_) => {}
@@ -245,7 +326,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     async fn say_goodbye(&mut self) -> Result<()> {
         let mut out = BytesMut::new();
         backend::error_response("FATAL", "57P01", "terminating connection due to administrator command", &mut out);
-        self.stream.write_all(&out).await?;
+        self.write_out(&out).await
+    }
+
+    /// Writes to the client and flushes; with a write timeout, a client that
+    /// takes no bytes for that long ends the connection.
+    pub(super) async fn write_out(&mut self, bytes: &[u8]) -> Result<()> {
+        let Some(limit) = self.config.write_timeout else {
+            self.stream.write_all(bytes).await?;
+            self.stream.flush().await?;
+            return Ok(());
+        };
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let written = tokio::time::timeout(limit, self.stream.write(rest))
+                .await
+                .map_err(|_| ConnectionError::WriteTimeout(limit))??;
+            if written == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+            }
+            rest = &rest[written..];
+        }
+        tokio::time::timeout(limit, self.stream.flush()).await.map_err(|_| ConnectionError::WriteTimeout(limit))??;
         Ok(())
     }
 
@@ -290,6 +392,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
                 batch.may_change_settings |= sql_text::may_change_settings(sql);
                 batch.listens.extend(sql_text::listen_commands(sql));
+                batch.sql_names.extend(sql_text::sql_names(sql));
                 batch.bytes.extend_from_slice(&frame.bytes);
                 batch.boundary = true;
                 batch.group_start = batch.bytes.len();
@@ -350,9 +453,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     fn track(&mut self, tag: u8, named: &Named<'_>, batch: &mut Batch) {
         match *named {
             Named::Parse { statement, sql, .. } => {
-                if !statement.is_empty() {
-                    self.statements.insert(statement.to_vec());
-                }
                 if sql_text::mentions_stdin(sql) {
                     self.stdin_statements.insert(statement.to_vec());
                 } else {
@@ -360,6 +460,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
                 batch.may_change_settings |= sql_text::may_change_settings(sql);
                 batch.listens.extend(sql_text::listen_commands(sql));
+                batch.sql_names.extend(sql_text::sql_names(sql));
             }
             Named::Bind { portal, statement, .. } => {
                 if self.stdin_statements.contains(statement) {
@@ -374,7 +475,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
             }
             Named::Target { kind: b'S', name } if tag == b'C' => {
-                self.statements.remove(name);
                 self.stdin_statements.remove(name);
             }
             Named::Target { .. } => {}
@@ -390,7 +490,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let may_change = batch.may_change_settings;
         let copy_candidate = batch.copy_candidate;
         let listens = std::mem::take(&mut batch.listens);
-        let mut bytes = std::mem::take(batch).bytes;
+        let sql_names = std::mem::take(&mut batch.sql_names);
+        let client_bytes = std::mem::take(batch).bytes;
+        // Unnamed statements/portals this connection replaced earlier are
+        // closed first (their CloseComplete is not for the client). Not while
+        // the engine skips to a Sync after an error: they would be skipped.
+        let mut bytes = BytesMut::new();
+        let closes = if self.session.skipping_to_sync() { 0 } else { self.namer.take_obsolete(&mut bytes) };
+        bytes.extend_from_slice(&client_bytes);
+        drop(client_bytes);
         if copy_candidate {
             // A possible COPY FROM STDIN sent without the probe (a spilled
             // batch): fail it rather than leave the engine waiting for data
@@ -405,38 +513,111 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 self.hub.listen(channel, self.id, &self.notify_tx);
             }
         }
-        self.begin_busy(may_change).await?;
-        let unlistens = listens.iter().any(|l| !matches!(l, Listening::Listen(_)));
-        if unlistens {
-            // Keep the engine until the channels others still want are
-            // listened to again, so that no NOTIFY slips in between.
-            self.session.hold().await?;
-        }
-        tracing::trace!(bytes = bytes.len(), holds = self.session.holds_engine(), "batch to engine");
-        let reply = if cancellable(&bytes) && !self.session.holds_engine() {
-            let cancel = self.cancel.clone();
-            let cancelled = cancel.notified();
-            tokio::pin!(cancelled);
-            cancelled.as_mut().enable(); // a cancel from now on counts
-            match self.session.round_trip_or_withdraw(bytes, cancelled).await? {
-                Some(reply) => reply,
-                None => {
-                    // Withdrawn before the engine started it: nothing ran.
-                    let mut reply = BytesMut::new();
-                    backend::error_response("ERROR", "57014", "canceling statement due to user request", &mut reply);
-                    backend::ready_for_query(b'I', &mut reply);
-                    reply.to_vec()
+        let reply = match self.run_batch(bytes, may_change, &listens).await? {
+            Ok(reply) => reply,
+            Err(withdrawn) => {
+                // Nothing ran: every statement group of the batch gets the error.
+                self.namer.engine_called(0, false);
+                for listen in &listens {
+                    if let Listening::Listen(channel) = listen {
+                        self.hub.unlisten(channel, self.id);
+                    }
                 }
+                return self.forward(&withdrawn).await;
             }
-        } else {
-            self.session.round_trip(bytes).await?
         };
+        self.namer.engine_called(closes, backend::last_ready_status(&reply) == Some(b'I'));
+        let reply = if closes > 0 { backend::without_first_close_completes(reply, closes) } else { reply };
+        if !sql_names.is_empty() {
+            self.note_sql_names(sql_names, &reply);
+        }
         tracing::trace!(bytes = reply.len(), status = ?backend::last_ready_status(&reply).map(char::from), "reply from engine");
-        if unlistens {
+        if listens.iter().any(|l| !matches!(l, Listening::Listen(_))) {
             self.unlisten(&listens).await?;
         }
         self.forward(&reply).await?;
         self.after_busy().await
+    }
+
+    /// Waits for the engine and runs the batch. `Ok(Err(answer))`: the batch
+    /// was withdrawn before it ran (cancelled, or it waited longer than the
+    /// queue limit), and `answer` is what the client gets instead.
+    async fn run_batch(
+        &mut self,
+        bytes: BytesMut,
+        may_change: bool,
+        listens: &[Listening],
+    ) -> Result<std::result::Result<Vec<u8>, Vec<u8>>> {
+        let groups = withdrawable_groups(&bytes);
+        let limit = self.config.queue_wait_timeout.filter(|_| groups > 0);
+        if !self.begin_busy(may_change, limit).await? {
+            return Ok(Err(withdrawn_answer(groups, Withdrawn::QueueTimeout(limit.unwrap_or_default()))));
+        }
+        if listens.iter().any(|l| !matches!(l, Listening::Listen(_))) {
+            // Keep the engine until the channels others still want are
+            // listened to again, so that no NOTIFY slips in between.
+            if !self.hold_within(limit).await? {
+                return Ok(Err(withdrawn_answer(groups, Withdrawn::QueueTimeout(limit.unwrap_or_default()))));
+            }
+        }
+        tracing::trace!(bytes = bytes.len(), holds = self.session.holds_engine(), "batch to engine");
+        if groups == 0 || self.session.holds_engine() {
+            return Ok(Ok(self.session.round_trip(bytes).await?));
+        }
+        let cancel = self.cancel.clone();
+        let cancelled = cancel.notified();
+        tokio::pin!(cancelled);
+        cancelled.as_mut().enable(); // a cancel from now on counts
+        // A cancel withdraws only a batch of one statement (what a driver
+        // sends for the statement the user cancels).
+        let single = groups == 1;
+        let why = std::sync::Mutex::new(None);
+        let withdraw = async {
+            let waited = async {
+                match limit {
+                    Some(limit) => tokio::time::sleep(limit).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = cancelled, if single => *why.lock().unwrap_or_else(|e| e.into_inner()) = Some(Withdrawn::Cancelled),
+                () = waited => {
+                    *why.lock().unwrap_or_else(|e| e.into_inner()) = Some(Withdrawn::QueueTimeout(limit.unwrap_or_default()))
+                }
+            }
+        };
+        // Parse/Describe/Close outside a transaction need not wait for
+        // another client's transaction (see `instance/side.rs`).
+        let side = self.status == b'I' && !self.session.skipping_to_sync() && is_side_work(&bytes);
+        let outcome = if side {
+            self.session.side_trip_or_withdraw(bytes, withdraw).await?
+        } else {
+            self.session.round_trip_or_withdraw(bytes, withdraw).await?
+        };
+        match outcome {
+            Some(reply) => Ok(Ok(reply)),
+            None => {
+                let why = why.lock().unwrap_or_else(|e| e.into_inner()).take();
+                Ok(Err(withdrawn_answer(groups, why.unwrap_or(Withdrawn::Cancelled))))
+            }
+        }
+    }
+
+    /// Takes the engine exclusively, waiting at most `limit`; false if the
+    /// limit passed first.
+    async fn hold_within(&mut self, limit: Option<std::time::Duration>) -> Result<bool> {
+        match limit {
+            Some(limit) if !self.session.holds_engine() => {
+                match tokio::time::timeout(limit, self.session.hold()).await {
+                    Ok(held) => held.map(|()| true).map_err(Into::into),
+                    Err(_) => {
+                        self.session.release();
+                        Ok(false)
+                    }
+                }
+            }
+            _ => self.session.hold().await.map(|()| true).map_err(Into::into),
+        }
     }
 
     /// Records this connection's `UNLISTEN`s, and keeps the engine listening
@@ -466,12 +647,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Before a round trip: if the connection has (or may create) session
     /// settings, take the engine and put them in force.
-    async fn begin_busy(&mut self, may_change_settings: bool) -> Result<()> {
+    /// Waits at most `limit` for the engine; false if the limit passed first.
+    async fn begin_busy(&mut self, may_change_settings: bool, limit: Option<std::time::Duration>) -> Result<bool> {
+        // Others' Parse may run in this client's transaction only while no
+        // settings of its own (search_path...) are in force.
+        self.session.set_shareable(!self.settings.needs_hold(may_change_settings));
         if self.settings.needs_hold(may_change_settings) {
-            self.session.hold().await?;
+            if !self.hold_within(limit).await? {
+                return Ok(false);
+            }
             self.settings.apply(&mut self.session).await?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// After a round trip: once the engine is idle, save this connection's
@@ -515,12 +702,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     kept.extend_from_slice(message);
                 }
             }
-            self.stream.write_all(&kept).await?;
+            self.write_out(&kept).await
         } else {
-            self.stream.write_all(reply).await?;
+            self.write_out(reply).await
         }
-        self.stream.flush().await?;
-        Ok(())
     }
 
     /// `DEALLOCATE ALL` / `DISCARD ALL` as a client expects them: only its
@@ -528,20 +713,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// clients' statements on the shared backend stay.
     async fn deallocate_all(&mut self, discard: bool) -> Result<()> {
         let mut bytes = BytesMut::new();
-        let mut name = BytesMut::new();
-        for statement in self.statements.drain() {
-            name.clear();
-            self.namer.engine_name(&statement, &mut name);
-            backend::close(b'S', &name, &mut bytes);
-        }
-        self.stdin_statements.clear();
-        self.stdin_portals.clear();
-        backend::sync(&mut bytes);
+        self.close_own(discard, &mut bytes);
         if discard {
             self.settings.clear(); // DISCARD ALL runs only outside transactions: nothing is applied now
-            self.hub.unlisten_all(self.id);
         }
-        self.begin_busy(false).await?;
+        self.begin_busy(false, None).await?;
         let reply = self.session.round_trip(bytes).await?;
         let status = backend::last_ready_status(&reply).unwrap_or(self.status);
         self.after_busy().await?;
@@ -549,5 +725,78 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         backend::command_complete(if discard { "DISCARD ALL" } else { "DEALLOCATE ALL" }, &mut out);
         backend::ready_for_query(status, &mut out);
         self.forward(&out).await
+    }
+}
+
+impl<S> Connection<S> {
+    /// Frontend messages that close what this connection created in the
+    /// shared backend: its protocol statements (and portals), SQL-level
+    /// prepared statements, and with `everything` its `WITH HOLD` cursors and
+    /// the LISTENs nobody else needs. Ends with `Sync`; forgets it all.
+    fn close_own(&mut self, everything: bool, out: &mut BytesMut) {
+        self.namer.close_all(out);
+        self.stdin_statements.clear();
+        self.stdin_portals.clear();
+        for name in self.sql_statements.drain() {
+            backend::close(b'S', name.as_bytes(), out);
+        }
+        if everything {
+            for name in self.sql_cursors.drain() {
+                backend::close(b'P', name.as_bytes(), out);
+            }
+        }
+        backend::sync(out);
+        if everything {
+            let abandoned = self.hub.unlisten_all(self.id);
+            if !abandoned.is_empty() {
+                let sql: Vec<String> =
+                    abandoned.iter().map(|c| format!("UNLISTEN {}", sql_text::quote_identifier(c))).collect();
+                backend::query(&sql.join("; "), out);
+            }
+        }
+    }
+
+    /// Notes the SQL-level names a batch created or dropped, once its reply
+    /// is known (a failed `PREPARE` created nothing: its name may be another
+    /// client's).
+    fn note_sql_names(&mut self, names: Vec<SqlName>, reply: &[u8]) {
+        let failed = backend::messages(reply).any(|(tag, _)| tag == b'E');
+        for name in names {
+            match name {
+                SqlName::Prepare(n) if !failed => {
+                    self.sql_statements.insert(n);
+                }
+                SqlName::DeclareHold(n) if !failed => {
+                    self.sql_cursors.insert(n);
+                }
+                SqlName::Deallocate(n) => {
+                    self.sql_statements.remove(&n);
+                }
+                SqlName::Close(n) => {
+                    self.sql_cursors.remove(&n);
+                }
+                SqlName::Prepare(_) | SqlName::DeclareHold(_) => {}
+            }
+        }
+    }
+}
+
+/// Whatever way the connection ends (the client leaves, a protocol error, its
+/// task aborted at shutdown), what it created in the shared backend goes:
+/// its transaction is rolled back, its settings reset, its statements,
+/// cursors and LISTENs closed. The session sends these messages when it is
+/// dropped, right after this (on its lease if it holds the engine, else
+/// queued like any other call).
+impl<S> Drop for Connection<S> {
+    fn drop(&mut self) {
+        let mut bytes = BytesMut::new();
+        if self.session.holds_engine() {
+            let rollback = if self.session.is_idle() { "" } else { "ROLLBACK; " };
+            backend::query(&format!("{rollback}RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE"), &mut bytes);
+        }
+        self.close_own(true, &mut bytes);
+        if !bytes.is_empty() {
+            self.session.on_drop(bytes);
+        }
     }
 }

@@ -129,6 +129,13 @@ impl PgCluster {
         }
     }
 
+    /// Stops the server (it stays stopped).
+    pub fn stop(&mut self) {
+        if let Err(e) = self.pg.stop() {
+            panic!("stopping test PostgreSQL: {e}\n{}", self.pg.log());
+        }
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.pg.data_dir()
     }

@@ -8,7 +8,9 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use pglite_cache::replication::stream::{self, Publisher, PublisherConfig, PublisherHandle, StreamConfig, StreamReplication};
+use pglite_cache::replication::stream::{
+    self, Publisher, PublisherConfig, PublisherHandle, StreamConfig, StreamReplication,
+};
 use pglite_cache::replication::{PublicationSpec, ReplicationConfig, ReplicationHandle};
 use pglite_cache::{Instance, InstanceOptions};
 use support::nats::NatsServer;
@@ -47,10 +49,12 @@ impl Fixture {
     }
 
     fn publisher_config(&self) -> PublisherConfig {
-        let replication =
-            ReplicationConfig::new(self.pg.conninfo(&self.db).parse().unwrap(), PublicationSpec::Existing("pub".into()))
-                .slot_name("fanout")
-                .status_interval(Duration::from_millis(200));
+        let replication = ReplicationConfig::new(
+            self.pg.conninfo(&self.db).parse().unwrap(),
+            PublicationSpec::Existing("pub".into()),
+        )
+        .slot_name("fanout")
+        .status_interval(Duration::from_millis(200));
         PublisherConfig::new(replication, self.stream.clone(), self.dirs.path().join("publisher"))
     }
 
@@ -196,7 +200,9 @@ async fn late_cache_bootstraps_without_the_remote() {
     let remote = f.pg.client(&f.db).await;
     let publisher = f.publisher().await;
     remote
-        .batch_execute("UPDATE items SET v = 'changed' WHERE id <= 100; INSERT INTO events VALUES (3, 1, 'after snapshot')")
+        .batch_execute(
+            "UPDATE items SET v = 'changed' WHERE id <= 100; INSERT INTO events VALUES (3, 1, 'after snapshot')",
+        )
         .await
         .unwrap();
     let (first, first_handle) = f.cache("first").await;
@@ -233,7 +239,10 @@ async fn cache_offline_past_retention_starts_again_from_a_newer_snapshot() {
 
     // While the cache is away: writes, a newer snapshot, and retention drops
     // every record before it.
-    remote.batch_execute("UPDATE items SET v = 'while away' WHERE id % 3 = 0; INSERT INTO events VALUES (4, 1, 'away')").await.unwrap();
+    remote
+        .batch_execute("UPDATE items SET v = 'while away' WHERE id % 3 = 0; INSERT INTO events VALUES (4, 1, 'away')")
+        .await
+        .unwrap();
     let lsn = remote_lsn(&remote).await;
     let js = async_nats::jetstream::new(async_nats::connect(f.nats.url()).await.unwrap());
     let start = std::time::Instant::now();

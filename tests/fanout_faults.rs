@@ -30,13 +30,8 @@ struct Proc {
 impl Proc {
     fn spawn(args: &[String], log: PathBuf) -> Proc {
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let child = Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
+        let child =
+            Command::new(BIN).args(args).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(stderr).spawn().unwrap();
         Proc { child, log }
     }
 
@@ -133,10 +128,7 @@ impl Setup {
 
 /// (rows, distinct rows) of `events`.
 async fn counts(client: &Client) -> (i64, i64) {
-    let row = client
-        .query_one("SELECT count(*), count(DISTINCT (writer, n)) FROM events", &[])
-        .await
-        .unwrap();
+    let row = client.query_one("SELECT count(*), count(DISTINCT (writer, n)) FROM events", &[]).await.unwrap();
     (row.get(0), row.get(1))
 }
 
@@ -192,42 +184,49 @@ async fn kill_9_of_publisher_cache_and_nats_loses_and_repeats_nothing() {
     let _ = setup.cache_client(&mut cache).await;
     let (stop, load) = writer(setup.pg.client(&setup.db).await);
 
-    let confirmed = async |remote: &Client| -> i64 {
-        remote
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pglite_cache_fanout' \
-                 AND confirmed_flush_lsn > '0/0'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0)
+    let js = async_nats::jetstream::new(async_nats::connect(setup.nats.url()).await.unwrap());
+    // Records in the stream: proof that the publisher streams under load.
+    let records = async |js: &async_nats::jetstream::Context| -> u64 {
+        match js.get_stream("faults").await {
+            Ok(stream) => stream.get_info().await.map(|i| i.state.last_sequence).unwrap_or(0),
+            Err(_) => 0,
+        }
     };
-    let progressed = async |remote: &Client, before: i64| -> bool {
-        let row = remote.query_one("SELECT count(*) FROM events", &[]).await.unwrap();
-        row.get::<_, i64>(0) > before + 200
-    };
-    let rows_now = async |remote: &Client| -> i64 { remote.query_one("SELECT count(*) FROM events", &[]).await.unwrap().get(0) };
+    let cache_rows = async |client: &Client| -> i64 { counts(client).await.0 };
 
-    // kill -9 of the publisher, under load.
-    let before = rows_now(&remote).await;
-    wait_until("writes before the publisher kill", async || progressed(&remote, before).await, || publisher.log()).await;
-    assert_eq!(confirmed(&remote).await, 1);
+    // kill -9 of the publisher while it publishes.
+    let before = records(&js).await;
+    wait_until("records before the publisher kill", async || records(&js).await > before + 50, || publisher.log())
+        .await;
     publisher.kill9();
     publisher = setup.publisher();
 
-    // kill -9 of the cache, under load.
-    let before = rows_now(&remote).await;
-    wait_until("writes before the cache kill", async || progressed(&remote, before).await, || cache.log()).await;
+    // kill -9 of the cache while it applies (and the new publisher publishes).
+    let client = setup.cache_client(&mut cache).await;
+    let before = (records(&js).await, cache_rows(&client).await);
+    wait_until(
+        "records and applied rows before the cache kill",
+        async || records(&js).await > before.0 + 50 && cache_rows(&client).await > before.1 + 250,
+        || format!("{}\n{}", publisher.log(), cache.log()),
+    )
+    .await;
     cache.kill9();
     cache = setup.cache();
 
-    // kill -9 of nats-server, under load.
-    let before = rows_now(&remote).await;
-    wait_until("writes before the nats-server kill", async || progressed(&remote, before).await, || publisher.log()).await;
+    // kill -9 of nats-server while both run.
+    let client = setup.cache_client(&mut cache).await;
+    let before = (records(&js).await, cache_rows(&client).await);
+    wait_until(
+        "records and applied rows before the nats-server kill",
+        async || records(&js).await > before.0 + 50 && cache_rows(&client).await > before.1 + 250,
+        || format!("{}\n{}", publisher.log(), cache.log()),
+    )
+    .await;
     setup.nats.kill_and_restart();
-    let before = rows_now(&remote).await;
-    wait_until("writes after the nats-server kill", async || progressed(&remote, before).await, || publisher.log()).await;
+    let js = async_nats::jetstream::new(async_nats::connect(setup.nats.url()).await.unwrap());
+    let before = records(&js).await;
+    wait_until("records after the nats-server kill", async || records(&js).await > before + 50, || publisher.log())
+        .await;
 
     stop.send_replace(true);
     let transactions = load.await.unwrap();
@@ -252,8 +251,15 @@ async fn kill_9_of_publisher_cache_and_nats_loses_and_repeats_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(
-        remote.query_one("SELECT count(*) FROM pg_replication_slots", &[]).await.unwrap().get::<_, i64>(0),
-        1
-    );
+    assert_eq!(remote.query_one("SELECT count(*) FROM pg_replication_slots", &[]).await.unwrap().get::<_, i64>(0), 1);
+    // The faults hit running processes: both were started twice, and the
+    // nats-server kill interrupted them.
+    let (publisher_log, cache_log) = (publisher.log(), cache.log());
+    if std::env::var_os("FANOUT_LOGS").is_some() {
+        eprintln!("publisher:\n{publisher_log}\ncache:\n{cache_log}");
+    }
+    assert!(publisher_log.matches("publishing ").count() >= 2, "{publisher_log}");
+    assert!(cache_log.matches("streaming from NATS").count() >= 2, "{cache_log}");
+    assert!(publisher_log.contains("disconnected"), "the nats-server kill hit the publisher:\n{publisher_log}");
+    assert!(cache_log.contains("disconnected"), "the nats-server kill hit the cache:\n{cache_log}");
 }

@@ -178,7 +178,12 @@ async fn report(mut status: watch::Receiver<Status>, mut stop: watch::Receiver<b
             last_phase = phase;
         }
         if s.phase == Phase::Streaming && last_line.elapsed() >= every {
-            tracing::info!("publishing: stored and confirmed up to {}, remote at {}, lag {} B", s.applied_lsn, s.server_wal_end, s.lag_bytes);
+            tracing::info!(
+                "publishing: stored and confirmed up to {}, remote at {}, lag {} B",
+                s.applied_lsn,
+                s.server_wal_end,
+                s.lag_bytes
+            );
             last_line = Instant::now();
         }
     }
@@ -197,7 +202,17 @@ fn page(s: &Status) -> String {
         "Remote LSN stored in the stream and confirmed to the remote.",
         s.applied_lsn.0 as f64,
     );
-    m.single("pglite_cache_publisher_remote_wal_end", MetricKind::Gauge, "Remote WAL end as last reported.", s.server_wal_end.0 as f64);
-    m.single("pglite_cache_publisher_lag_bytes", MetricKind::Gauge, "WAL bytes not yet stored in the stream.", s.lag_bytes as f64);
+    m.single(
+        "pglite_cache_publisher_remote_wal_end",
+        MetricKind::Gauge,
+        "Remote WAL end as last reported.",
+        s.server_wal_end.0 as f64,
+    );
+    m.single(
+        "pglite_cache_publisher_lag_bytes",
+        MetricKind::Gauge,
+        "WAL bytes not yet stored in the stream.",
+        s.lag_bytes as f64,
+    );
     m.finish()
 }

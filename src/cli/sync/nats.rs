@@ -65,7 +65,9 @@ pub(super) async fn run(args: SyncArgs) -> ExitCode {
     }
     let instance = match Instance::start(InstanceOptions::persistent(&plan.data).name("cache")).await {
         Ok(instance) => instance,
-        Err(e @ Error::DataDirInUse(_)) => return config_error(format!("{e}; is another `pglite-cache sync` running?")),
+        Err(e @ Error::DataDirInUse(_)) => {
+            return config_error(format!("{e}; is another `pglite-cache sync` running?"));
+        }
         Err(e) => {
             eprintln!("error: opening the cache: {e}");
             return ExitCode::FAILURE;
@@ -94,7 +96,9 @@ async fn prepare(config: &StreamConfig, data: &std::path::Path) -> Result<(), Re
     let covered = stream::still_covered(config, &instance).await;
     instance.stop().await?;
     if !covered? {
-        eprintln!("the stream no longer holds what this cache needs (offline past retention); starting again from the newest snapshot");
+        eprintln!(
+            "the stream no longer holds what this cache needs (offline past retention); starting again from the newest snapshot"
+        );
         let snapshot = stream::rebootstrap(config, data).await?;
         eprintln!("cache restored from snapshot {} (stream sequence {})", snapshot.name, snapshot.resume_seq);
     }

@@ -36,10 +36,7 @@ pub async fn init(instance: &Instance) -> Result<(), ReplicationError> {
 pub async fn load(instance: &Instance) -> Result<Option<StreamPosition>, ReplicationError> {
     init(instance).await?;
     let result = instance.query("SELECT stream_name, resume_seq FROM pglite_cache.stream", &[]).await?;
-    Ok(result
-        .rows
-        .first()
-        .map(|r| StreamPosition { stream: r.get(0), resume_seq: r.get::<i64>(1).max(1) as u64 }))
+    Ok(result.rows.first().map(|r| StreamPosition { stream: r.get(0), resume_seq: r.get::<i64>(1).max(1) as u64 }))
 }
 
 /// Stores the position.

@@ -423,7 +423,10 @@ impl Task {
         {
             if state.system_identifier != system.system_id || state.database != config.source.dbname() {
                 return Err(ReplicationError::needs_operator(
-                    format!("this publisher's cache holds database {} of system {}", state.database, state.system_identifier),
+                    format!(
+                        "this publisher's cache holds database {} of system {}",
+                        state.database, state.system_identifier
+                    ),
                     "use another --data directory (and stream) for another remote",
                 ));
             }
@@ -469,7 +472,8 @@ impl Task {
         // Records of an earlier slot do not continue this copy.
         stream.purge().await.map_err(|e| transient("purging the stream", e))?;
         let info = stream.info().await.map_err(|e| transient("reading the stream's state", e))?;
-        let position = StreamPosition { stream: self.config.stream.name.clone(), resume_seq: info.state.last_sequence + 1 };
+        let position =
+            StreamPosition { stream: self.config.stream.name.clone(), resume_seq: info.state.last_sequence + 1 };
         position::save(instance, &position).await?;
         let (sql, params) = store::streaming_statement();
         instance.query_params(&sql, params).await?;
@@ -517,10 +521,8 @@ async fn publish(
     if last_seq > 0 {
         message = message.expected_last_sequence(last_seq);
     }
-    let ack: PublishAckFuture = js
-        .send_publish(subject.to_owned(), message)
-        .await
-        .map_err(|e| transient("publishing to the stream", e))?;
+    let ack: PublishAckFuture =
+        js.send_publish(subject.to_owned(), message).await.map_err(|e| transient("publishing to the stream", e))?;
     in_flight.push_back(Box::pin(async move {
         let result = match ack.await {
             Ok(ack) if ack.duplicate => {
@@ -536,12 +538,16 @@ async fn publish(
 }
 
 fn commit_end(data: &Bytes) -> Result<Lsn, ReplicationError> {
-    let bytes: [u8; 8] = data.get(10..18).and_then(|b| b.try_into().ok()).ok_or_else(|| ReplicationError::fatal("short Commit"))?;
+    let bytes: [u8; 8] =
+        data.get(10..18).and_then(|b| b.try_into().ok()).ok_or_else(|| ReplicationError::fatal("short Commit"))?;
     Ok(Lsn(u64::from_be_bytes(bytes)))
 }
 
 /// Creates the owned publication if missing. Returns whether it is owned.
-async fn ensure_publication(config: &ReplicationConfig, client: &tokio_postgres::Client) -> Result<bool, ReplicationError> {
+async fn ensure_publication(
+    config: &ReplicationConfig,
+    client: &tokio_postgres::Client,
+) -> Result<bool, ReplicationError> {
     let PublicationSpec::Owned { name, tables } = &config.publication else {
         return Ok(false);
     };
@@ -554,7 +560,9 @@ async fn ensure_publication(config: &ReplicationConfig, client: &tokio_postgres:
                 None => quote_ident(t),
             })
             .collect();
-        client.batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(name), list.join(", "))).await?;
+        client
+            .batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(name), list.join(", ")))
+            .await?;
     }
     Ok(true)
 }
@@ -566,7 +574,14 @@ mod tests {
     #[test]
     fn resume_follows_the_stream_tail() {
         assert_eq!(Resume::from_tail(None, 0).skip_below, Lsn::ZERO);
-        let done = Record { kind: RecordKind::Transaction, commit_lsn: Lsn(10), end_lsn: Lsn(20), chunk: 2, last: true, messages: vec![] };
+        let done = Record {
+            kind: RecordKind::Transaction,
+            commit_lsn: Lsn(10),
+            end_lsn: Lsn(20),
+            chunk: 2,
+            last: true,
+            messages: vec![],
+        };
         let r = Resume::from_tail(Some(&done), 7);
         assert_eq!((r.skip_below, r.generation, r.last_seq), (Lsn(20), 0, 7));
         let cut = Record { last: false, end_lsn: Lsn::ZERO, ..done };

@@ -281,7 +281,8 @@ fn decode(data: &Bytes) -> Result<LogicalMessage, RecordError> {
 }
 
 fn relation_id(data: &[u8]) -> Result<u32, RecordError> {
-    let bytes: [u8; 4] = data.get(1..5).and_then(|b| b.try_into().ok()).ok_or_else(|| RecordError("short message".into()))?;
+    let bytes: [u8; 4] =
+        data.get(1..5).and_then(|b| b.try_into().ok()).ok_or_else(|| RecordError("short message".into()))?;
     Ok(u32::from_be_bytes(bytes))
 }
 

@@ -39,7 +39,11 @@ pub struct SnapshotInfo {
     pub size: usize,
 }
 
-async fn bucket(js: &jetstream::Context, config: &StreamConfig, create: bool) -> Result<Option<object_store::ObjectStore>, ReplicationError> {
+async fn bucket(
+    js: &jetstream::Context,
+    config: &StreamConfig,
+    create: bool,
+) -> Result<Option<object_store::ObjectStore>, ReplicationError> {
     match js.get_object_store(config.bucket()).await {
         Ok(store) => Ok(Some(store)),
         Err(_) if create => js
@@ -133,7 +137,11 @@ pub async fn store(
 
 /// Unpacks the newest snapshot into `data` (missing or empty). Fails
 /// (transient: the publisher may not have stored one yet) without a snapshot.
-pub async fn restore(js: &jetstream::Context, config: &StreamConfig, data: &Path) -> Result<SnapshotInfo, ReplicationError> {
+pub async fn restore(
+    js: &jetstream::Context,
+    config: &StreamConfig,
+    data: &Path,
+) -> Result<SnapshotInfo, ReplicationError> {
     let snapshot = newest(js, config).await?.ok_or_else(|| {
         ReplicationError::transient(format!("no snapshot in {} yet", config.bucket()))
             .with_hint("the publisher stores one after its initial copy")

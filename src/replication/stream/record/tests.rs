@@ -109,10 +109,16 @@ fn malformed_records_are_errors() {
 fn every_transaction_describes_its_tables_once() {
     let mut chunker = Chunker::new(1 << 20);
     // The walsender describes the table once per session.
-    let first = feed(&mut chunker, vec![begin(100), type_message(), relation(1, &["id"]), insert(1, "1"), insert(1, "2"), commit(100, 120)]);
+    let first = feed(
+        &mut chunker,
+        vec![begin(100), type_message(), relation(1, &["id"]), insert(1, "1"), insert(1, "2"), commit(100, 120)],
+    );
     let second = feed(&mut chunker, vec![begin(130), insert(1, "3"), commit(130, 150)]);
     assert_eq!(first.len(), 1);
-    assert_eq!(first[0].messages, vec![begin(100), relation(1, &["id"]), insert(1, "1"), insert(1, "2"), commit(100, 120)]);
+    assert_eq!(
+        first[0].messages,
+        vec![begin(100), relation(1, &["id"]), insert(1, "1"), insert(1, "2"), commit(100, 120)]
+    );
     assert_eq!((first[0].commit_lsn, first[0].end_lsn, first[0].last), (Lsn(100), Lsn(120), true));
     assert_eq!(second[0].messages, vec![begin(130), relation(1, &["id"]), insert(1, "3"), commit(130, 150)]);
     assert!(!chunker.in_transaction());
@@ -123,11 +129,27 @@ fn a_changed_table_is_described_again_before_its_next_change() {
     let mut chunker = Chunker::new(1 << 20);
     let records = feed(
         &mut chunker,
-        vec![begin(100), relation(1, &["id"]), insert(1, "1"), relation(1, &["id", "extra"]), insert(1, "2"), truncate(&[1]), commit(100, 120)],
+        vec![
+            begin(100),
+            relation(1, &["id"]),
+            insert(1, "1"),
+            relation(1, &["id", "extra"]),
+            insert(1, "2"),
+            truncate(&[1]),
+            commit(100, 120),
+        ],
     );
     assert_eq!(
         records[0].messages,
-        vec![begin(100), relation(1, &["id"]), insert(1, "1"), relation(1, &["id", "extra"]), insert(1, "2"), truncate(&[1]), commit(100, 120)]
+        vec![
+            begin(100),
+            relation(1, &["id"]),
+            insert(1, "1"),
+            relation(1, &["id", "extra"]),
+            insert(1, "2"),
+            truncate(&[1]),
+            commit(100, 120)
+        ]
     );
 }
 

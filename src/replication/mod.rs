@@ -19,6 +19,7 @@
 //! - [`store`]: LSN and table bookkeeping inside the instance.
 //! - [`tls`]: TLS to the remote (rustls).
 //! - [`error`]: classified errors.
+//! - [`stream`]: fan-out through NATS JetStream (one slot, many caches).
 //!
 //! Consistency: the slot is created with an exported snapshot, every table
 //! is copied in one `REPEATABLE READ` transaction that imports it, and
@@ -82,6 +83,7 @@ pub mod schema;
 pub mod source;
 mod statements;
 pub mod store;
+pub mod stream;
 mod supervisor;
 pub mod table_sync;
 pub mod tls;

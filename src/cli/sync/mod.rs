@@ -7,7 +7,8 @@
 //! SIGINT/SIGTERM finish the transaction being applied, send final
 //! feedback, close clients and exit 0.
 
-mod preflight;
+mod nats;
+pub(crate) mod preflight;
 pub mod report;
 
 use std::net::SocketAddr;
@@ -16,7 +17,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use pglite_cache::replication::{
-    ErrorKind, Phase, PublicationSpec, Replication, ReplicationConfig, SlotLostPolicy, SourceConfig, Status, store,
+    ErrorKind, Phase, PublicationSpec, Replication, ReplicationConfig, ReplicationError, ReplicationHandle,
+    SlotLostPolicy, SourceConfig, Status, store,
 };
 use pglite_cache::server::{self, Admission};
 use pglite_cache::{Error, Instance, InstanceOptions};
@@ -32,8 +34,15 @@ pub const EXIT_CONFIG: u8 = 2;
 #[derive(Debug, clap::Args)]
 pub struct SyncArgs {
     /// The remote: `postgres://user:password@host:port/db` or `host=... dbname=...`.
-    #[arg(long, value_name = "URL")]
-    source: String,
+    #[arg(long, value_name = "URL", required_unless_present = "nats", conflicts_with = "nats")]
+    source: Option<String>,
+    /// Feed the cache from a fan-out stream (`pglite-cache publish`) instead
+    /// of a slot of its own: `nats://host:port`. Needs --stream.
+    #[arg(long, value_name = "URL", requires = "stream", conflicts_with_all = ["publication", "tables", "schema"])]
+    nats: Option<String>,
+    /// The fan-out stream's name (with --nats).
+    #[arg(long, value_name = "NAME", requires = "nats")]
+    stream: Option<String>,
     /// The cache's data directory (created on first start, resumed later).
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
@@ -83,7 +92,7 @@ struct Plan {
 }
 
 fn plan(args: SyncArgs) -> Result<Plan, String> {
-    let source: SourceConfig = args.source.parse().map_err(|e| format!("--source: {e}"))?;
+    let source: SourceConfig = args.source.unwrap_or_default().parse().map_err(|e| format!("--source: {e}"))?;
     let owned_name = format!("{}_pub", args.slot);
     let publication = match (args.publication, args.tables.is_empty(), &args.schema) {
         (Some(name), true, None) => PublicationSpec::Existing(name),
@@ -120,6 +129,9 @@ fn config_error(message: impl std::fmt::Display) -> ExitCode {
 }
 
 pub async fn run(args: SyncArgs) -> ExitCode {
+    if args.nats.is_some() {
+        return nats::run(args).await;
+    }
     let mut plan = match plan(args) {
         Ok(plan) => plan,
         Err(e) => return config_error(e),
@@ -148,7 +160,8 @@ pub async fn run(args: SyncArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = serve_and_sync(&instance, plan, remote).await;
+    let start = |instance: Instance, config: ReplicationConfig| Replication::start(instance, config);
+    let code = serve_and_sync(&instance, plan, remote, start).await;
     if let Err(e) = instance.stop().await {
         eprintln!("error: closing the cache: {e}");
         return ExitCode::FAILURE;
@@ -156,7 +169,12 @@ pub async fn run(args: SyncArgs) -> ExitCode {
     code
 }
 
-async fn serve_and_sync(instance: &Instance, mut plan: Plan, remote: preflight::Remote) -> ExitCode {
+async fn serve_and_sync(
+    instance: &Instance,
+    mut plan: Plan,
+    remote: preflight::Remote,
+    start: impl FnOnce(Instance, ReplicationConfig) -> Result<ReplicationHandle, ReplicationError>,
+) -> ExitCode {
     // A cache that finished its initial copy before serves at once, also
     // while the remote is away.
     if let Err(e) = store::init(instance).await {
@@ -164,7 +182,7 @@ async fn serve_and_sync(instance: &Instance, mut plan: Plan, remote: preflight::
         return ExitCode::FAILURE;
     }
     let consistent_at_start = matches!(store::load(instance).await, Ok(Some(s)) if s.phase == "streaming");
-    let replication = match Replication::start(instance.clone(), plan.config.clone()) {
+    let replication = match start(instance.clone(), plan.config.clone()) {
         Ok(handle) => Arc::new(handle),
         Err(e) => return config_error(e),
     };

@@ -263,7 +263,8 @@ pub(crate) async fn copy_tables(
         let i = first + n;
         status.send_modify(|s| s.tables[i].state = TableState::Copying);
         let local = instance.begin().await?;
-        local.exec(&format!("{};", table.create_table_sql())).await?;
+        // An older copy (a table copied again) is replaced in this transaction.
+        local.exec(&format!("DROP TABLE IF EXISTS {}; {};", table.qualified(), table.create_table_sql())).await?;
         let rows = copy_table(client, &local, table, config.copy_batch_bytes, |rows, bytes| {
             status.send_modify(|s| {
                 s.tables[i].rows_copied = rows;

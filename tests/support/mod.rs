@@ -1,3 +1,4 @@
 //! Shared test support.
 pub mod pg;
 pub mod replication;
+pub mod daemon;

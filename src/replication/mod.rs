@@ -40,10 +40,10 @@
 //! transaction. Readers of the instance wait while such a transaction is
 //! applied (PGlite has one session); they never see part of it.
 //!
-//! Schema changes: a column added upstream is added locally (existing rows
-//! get the remote's value for it); a dropped, renamed or retyped column or a
-//! renamed table halts with an operator error that says to decommission and
-//! start again (a full resync). Tables added to the publication are copied
+//! Schema changes upstream (columns added, dropped, renamed, retyped; enum
+//! labels; tables renamed; indexes) are followed in WAL order by the apply;
+//! one it cannot follow in place copies that table again (see
+//! `docs/schema-changes.md`). Tables added to the publication are copied
 //! and then streamed; a table removed from it keeps its local rows, which
 //! stop changing.
 //!

@@ -298,8 +298,20 @@ async fn collect_type(
     Ok(())
 }
 
+/// The user types among `oids` and those they use, for [`create_script`]
+/// (a column added or retyped upstream).
+pub async fn describe_types(client: &impl GenericClient, oids: &[u32]) -> Result<Vec<TypeSchema>, ReplicationError> {
+    let mut seen = HashSet::new();
+    let mut types = Vec::new();
+    for &oid in oids {
+        collect_type(client, oid, &mut seen, &mut types).await?;
+    }
+    Ok(types)
+}
+
 /// The local DDL that creates the schemas and types (tables are created one
-/// by one, each in the transaction that loads it).
+/// by one, each in the transaction that loads it, which also drops an
+/// older copy: readers see the old copy until the new one is committed).
 pub fn create_script(types: &[TypeSchema], tables: &[TableSchema]) -> String {
     let mut sql = String::new();
     let mut schemas: Vec<&str> =
@@ -308,9 +320,6 @@ pub fn create_script(types: &[TypeSchema], tables: &[TableSchema]) -> String {
     schemas.dedup();
     for s in schemas {
         sql.push_str(&format!("CREATE SCHEMA IF NOT EXISTS {};\n", quote_ident(s)));
-    }
-    for t in tables {
-        sql.push_str(&format!("DROP TABLE IF EXISTS {};\n", t.qualified()));
     }
     for t in types {
         // Keep a type that exists already (e.g. from an earlier sync).

@@ -11,7 +11,6 @@ use crate::Transaction;
 use crate::params::Param;
 
 use super::ChangeOp;
-use super::lsn::Lsn;
 use super::pgoutput::{Tuple, Value};
 use super::source::quote_ident;
 
@@ -23,7 +22,10 @@ pub(super) const NO_EQUALITY: &[&str] = &["json", "xml", "point", "line", "lseg"
 #[derive(Debug, Clone)]
 pub(super) struct LocalColumn {
     pub(super) name: String,
+    /// As `format_type` prints it (the same on both sides).
     pub(super) type_name: String,
+    /// The remote attribute number, when known (see `apply::columns`).
+    pub(super) attnum: Option<i16>,
 }
 
 /// What the apply knows about a remote table.
@@ -38,8 +40,9 @@ pub(super) struct RelationState {
     pub(super) key: Vec<usize>,
     pub(super) full_identity: bool,
     pub(super) column_names: Arc<[String]>,
-    /// See [`KnownTable::applies_from`].
-    pub(super) applies_from: Lsn,
+    /// Enum columns: position, type name, remote type OID (their values
+    /// are checked against the labels known locally).
+    pub(super) enum_columns: Vec<(usize, String, u32)>,
 }
 
 /// Kinds of grouped changes.
@@ -353,13 +356,13 @@ mod tests {
             name: "t".into(),
             qualified: "\"public\".\"t\"".into(),
             columns: vec![
-                LocalColumn { name: "id".into(), type_name: "integer".into() },
-                LocalColumn { name: "v".into(), type_name: "text".into() },
+                LocalColumn { name: "id".into(), type_name: "integer".into(), attnum: None },
+                LocalColumn { name: "v".into(), type_name: "text".into(), attnum: None },
             ],
             key: vec![0],
             full_identity: false,
             column_names: Arc::from(vec!["id".to_string(), "v".to_string()]),
-            applies_from: Lsn::ZERO,
+            enum_columns: vec![],
         }
     }
 

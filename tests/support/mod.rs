@@ -3,3 +3,4 @@ pub mod nats;
 pub mod pg;
 pub mod replication;
 pub mod daemon;
+pub mod killable;

@@ -27,7 +27,7 @@
 //! instance wait while such a transaction is being applied; they never see
 //! part of it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -42,16 +42,20 @@ use super::error::ReplicationError;
 use super::lsn::Lsn;
 use super::pgoutput::{self, LogicalMessage, OldTuple, Relation, Tuple, Value};
 use super::source::{pg_time, quote_ident};
-use super::statements::{
-    Group, GroupKind, LocalColumn, RelationState, Step, full_identity_statement, group_steps, run_steps, value_size,
-    value_text,
-};
+use super::statements::{LocalColumn, RelationState, Step, run_steps, value_text};
 use super::store;
 use super::{AppliedTransaction, Change, ChangeOp, Status};
 
+mod batch;
+mod columns;
+mod relation;
+#[cfg(test)]
+mod tests;
+
+use batch::Batch;
+
 /// Settings that make the apply statements fast and let them through the
 /// read-only triggers; local to each apply transaction.
-mod relation;
 const APPLY_SETTINGS: &str = "SELECT set_config('session_replication_role', 'replica', true), \
      set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)";
 
@@ -85,14 +89,9 @@ struct Pending {
     final_lsn: Lsn,
     /// Already applied before a restart: receive and drop.
     skip: bool,
-    /// The open group of each table with changes not yet turned into steps.
-    /// Changes of different tables commute (cache tables have no foreign
-    /// keys, and no triggers fire during the apply), so each table keeps
-    /// its own group; a table's group ends when the kind of change changes,
-    /// a key repeats, or the table's description changes.
-    groups: Vec<Group>,
-    steps: Vec<Step>,
-    buffered: usize,
+    /// The statements of the local transaction being built (pure: see
+    /// [`batch`]).
+    batch: Batch,
     /// Open once the transaction outgrew the buffer.
     local: Option<Arc<Transaction>>,
     /// The piece being applied in the open local transaction while the
@@ -102,8 +101,6 @@ struct Pending {
     change_count: u64,
     /// Inserted, updated, deleted rows per remote table OID.
     counts: HashMap<u32, [u64; 3]>,
-    /// Unchanged TOAST values kept from the local rows.
-    unchanged_toast: u64,
     /// When Begin arrived, and time spent waiting for the instance.
     started: std::time::Instant,
     busy: Duration,
@@ -144,6 +141,10 @@ pub(crate) struct Applier {
     /// later): their changes are skipped until the backfill, whose snapshot
     /// contains them.
     unknown: HashMap<u32, Relation>,
+    /// Relation messages of known tables not acted on yet (see [`relation`]).
+    stashed: HashMap<u32, Relation>,
+    /// Labels of the enums used by replicated columns, as known locally.
+    labels: HashMap<String, std::collections::HashSet<Bytes>>,
     /// Everything up to here is committed locally.
     committed: Lsn,
     /// The server's latest WAL end (keepalives, XLogData).
@@ -172,6 +173,8 @@ impl Applier {
             relations: HashMap::new(),
             tables,
             unknown: HashMap::new(),
+            stashed: HashMap::new(),
+            labels: HashMap::new(),
             committed,
             server_wal_end: committed,
             pending: None,
@@ -247,15 +250,12 @@ impl Applier {
                     open: true,
                     final_lsn,
                     skip,
-                    groups: Vec::new(),
-                    steps: Vec::new(),
-                    buffered: 0,
+                    batch: Batch::default(),
                     local: None,
                     in_flight: None,
                     changes: Vec::new(),
                     change_count: 0,
                     counts: HashMap::new(),
-                    unchanged_toast: 0,
                     started: std::time::Instant::now(),
                     busy: Duration::ZERO,
                     done: Vec::new(),
@@ -287,6 +287,10 @@ impl Applier {
 
     fn pending(&mut self) -> Result<&mut Pending, ReplicationError> {
         self.pending.as_mut().ok_or_else(|| ReplicationError::fatal("change outside a transaction"))
+    }
+
+    fn batch(&mut self) -> Result<&mut Batch, ReplicationError> {
+        Ok(&mut self.pending()?.batch)
     }
 
     /// Tables whose changes arrive but that were never copied.
@@ -323,15 +327,17 @@ impl Applier {
         if self.pending()?.skip || self.unknown.contains_key(&relation) {
             return Ok(());
         }
-        let rel = self
-            .relations
-            .get(&relation)
-            .ok_or_else(|| {
-                ReplicationError::fatal(format!("change for relation {relation} before its Relation message"))
-            })?
-            .clone();
-        if self.pending()?.final_lsn < rel.applies_from {
+        let final_lsn = self.pending()?.final_lsn;
+        if self.tables.get(&relation).is_some_and(|t| final_lsn < t.applies_from) {
             return Ok(()); // already in the table's copy
+        }
+        let Some(rel) = self.relation_for(relation).await? else {
+            return Ok(()); // being copied again: the copy will contain it
+        };
+        if let Some(new) = &new {
+            for (type_name, oid) in batch::missing_labels(&rel, new, &self.labels) {
+                self.follow_labels(&type_name, oid).await?;
+            }
         }
         let subscribed = self.changes.receiver_count() > 0;
         let pending = self.pending()?;
@@ -345,78 +351,8 @@ impl Applier {
         if subscribed && pending.changes.len() < MAX_SUBSCRIBED_CHANGES {
             pending.changes.push(describe_change(&rel, op, old.as_ref(), new.as_ref()));
         }
-
-        if rel.full_identity && op != ChangeOp::Insert {
-            let old = old
-                .ok_or_else(|| ReplicationError::fatal("UPDATE/DELETE of a FULL identity table without the old row"))?;
-            let (sql, params) = full_identity_statement(&rel, op, old.values(), new.as_ref());
-            self.flush_table(relation)?;
-            return self.push_statement(sql, params).await;
-        }
-
-        // An update that changes the key is applied on its own: inside a
-        // group, a later change of the new key would not see it.
-        let isolate = op == ChangeOp::Update && old.is_some();
-        let (kind, row) = match op {
-            ChangeOp::Insert => {
-                let new = new.ok_or_else(|| ReplicationError::fatal("INSERT without a row"))?;
-                (GroupKind::Insert, new)
-            }
-            ChangeOp::Update => {
-                let new = new.ok_or_else(|| ReplicationError::fatal("UPDATE without a new row"))?;
-                let key_source = match &old {
-                    Some(old) => old.values(),
-                    None => &new,
-                };
-                let mut row: Vec<Value> = rel.key.iter().map(|&i| key_source[i].clone()).collect();
-                let mask: Vec<bool> = new.iter().map(|v| !matches!(v, Value::Unchanged)).collect();
-                self.pending()?.unchanged_toast += mask.iter().filter(|&&m| !m).count() as u64;
-                if !mask.iter().any(|&m| m) {
-                    return Ok(());
-                }
-                row.extend(new.into_iter().filter(|v| !matches!(v, Value::Unchanged)));
-                (GroupKind::Update(mask), row)
-            }
-            ChangeOp::Delete => {
-                let old = old.ok_or_else(|| ReplicationError::fatal("DELETE without a key"))?;
-                let row: Vec<Value> = rel.key.iter().map(|&i| old.values()[i].clone()).collect();
-                (GroupKind::Delete, row)
-            }
-            ChangeOp::Truncate => unreachable!("truncate is handled by its own message"),
-        };
-        if rel.key.is_empty() && kind != GroupKind::Insert {
-            return Err(ReplicationError::needs_operator(
-                format!("{}: UPDATE/DELETE on a table without a replica identity", rel.qualified),
-                "give the remote table a primary key or REPLICA IDENTITY FULL",
-            ));
-        }
-        let size: usize = row.iter().map(value_size).sum::<usize>() + 8;
-        let pending = self.pending()?;
-        let current = pending.groups.iter().position(|g| g.relation == relation);
-        let same_group = current.is_some_and(|i| pending.groups[i].kind == kind);
-        // The same key twice in one update group would be applied once:
-        // start a new group instead.
-        let repeated_key = same_group
-            && matches!(kind, GroupKind::Update(_))
-            && current.is_some_and(|i| pending.groups[i].keys.contains(&row[..rel.key.len()]));
-        if !same_group || repeated_key || isolate {
-            self.flush_table(relation)?;
-            let pending = self.pending()?;
-            pending.groups.push(Group { relation, kind: kind.clone(), rows: Vec::new(), keys: HashSet::new() });
-        }
-        let pending = self.pending()?;
-        let group = pending.groups.iter_mut().find(|g| g.relation == relation).expect("group was just ensured");
-        if matches!(kind, GroupKind::Update(_)) {
-            group.keys.insert(row[..rel.key.len()].to_vec());
-        }
-        group.rows.push(row);
-        pending.buffered += size;
-        if isolate {
-            self.flush_table(relation)?;
-        }
-        let pending = self.pending()?;
-        if pending.buffered >= self.max_buffered {
-            self.flush_group()?;
+        pending.batch.change(relation, &rel, op, old, new)?;
+        if pending.batch.buffered >= self.max_buffered {
             self.send_buffered().await?;
         }
         Ok(())
@@ -432,12 +368,10 @@ impl Applier {
             if self.unknown.contains_key(id) {
                 continue; // not copied yet; its copy will be taken later
             }
-            let rel = self.relations.get(id).ok_or_else(|| {
-                ReplicationError::fatal(format!("TRUNCATE of relation {id} before its Relation message"))
-            })?;
-            if final_lsn < rel.applies_from {
+            if self.tables.get(id).is_some_and(|t| final_lsn < t.applies_from) {
                 continue;
             }
+            let Some(rel) = self.relation_for(*id).await? else { continue };
             names.push(rel.qualified.clone());
             let (schema, name) = (rel.schema.clone(), rel.name.clone());
             let subscribed = self.changes.receiver_count() > 0;
@@ -451,52 +385,8 @@ impl Applier {
         if names.is_empty() {
             return Ok(());
         }
-        self.flush_group()?;
-        self.push_statement(format!("TRUNCATE {}{restart}", names.join(", ")), vec![]).await
-    }
-
-    /// Turns every open group into steps.
-    fn flush_group(&mut self) -> Result<(), ReplicationError> {
-        let Some(pending) = self.pending.as_mut() else {
-            return Ok(());
-        };
-        for group in std::mem::take(&mut pending.groups) {
-            Self::group_into_steps(&self.relations, pending, group)?;
-        }
-        Ok(())
-    }
-
-    /// Turns one table's open group into steps.
-    fn flush_table(&mut self, relation: u32) -> Result<(), ReplicationError> {
-        let Some(pending) = self.pending.as_mut() else {
-            return Ok(());
-        };
-        if let Some(i) = pending.groups.iter().position(|g| g.relation == relation) {
-            let group = pending.groups.swap_remove(i);
-            Self::group_into_steps(&self.relations, pending, group)?;
-        }
-        Ok(())
-    }
-
-    fn group_into_steps(
-        relations: &HashMap<u32, Arc<RelationState>>,
-        pending: &mut Pending,
-        group: Group,
-    ) -> Result<(), ReplicationError> {
-        if group.rows.is_empty() {
-            return Ok(());
-        }
-        let rel = relations.get(&group.relation).ok_or_else(|| ReplicationError::fatal("group of unknown relation"))?;
-        pending.steps.extend(group_steps(rel, &group));
-        Ok(())
-    }
-
-    async fn push_statement(&mut self, sql: String, params: Vec<Param>) -> Result<(), ReplicationError> {
-        let max = self.max_buffered;
-        let pending = self.pending()?;
-        pending.buffered += sql.len() + params.iter().map(|p| p.text().map_or(0, str::len)).sum::<usize>();
-        pending.steps.push(Step::Sql(sql, params));
-        if pending.buffered >= max {
+        self.batch()?.statement(format!("TRUNCATE {}{restart}", names.join(", ")), vec![]);
+        if self.batch()?.buffered >= self.max_buffered {
             self.send_buffered().await?;
         }
         Ok(())
@@ -512,8 +402,7 @@ impl Applier {
             tx.query(APPLY_SETTINGS, &[]).await?;
             pending.local = Some(Arc::new(tx));
         }
-        let steps = std::mem::take(&mut pending.steps);
-        pending.buffered = 0;
+        let steps = pending.batch.take_steps();
         if steps.is_empty() {
             return Ok(());
         }
@@ -554,7 +443,7 @@ impl Applier {
         }
         let flush_now = pending.local.is_some()
             || pending.done.len() >= MAX_MERGED
-            || pending.buffered >= max_buffered
+            || pending.batch.buffered >= max_buffered
             || pending.started.elapsed() >= MAX_MERGE_DELAY;
         if flush_now {
             self.flush_deferred().await?;
@@ -578,12 +467,11 @@ impl Applier {
         if !self.has_deferred() {
             return Ok(());
         }
-        self.flush_group()?;
         let mut pending = self.pending.take().expect("checked above");
         let Some((end_lsn, commit_time)) = pending.last_end else {
             return Ok(()); // only transactions applied before a restart
         };
-        let mut steps = std::mem::take(&mut pending.steps);
+        let mut steps = pending.batch.take_steps();
         let (sql, params) = store::applied_statement(end_lsn, Some(commit_time));
         steps.push(Step::Sql(sql, params));
         let started = std::time::Instant::now();
@@ -639,7 +527,7 @@ impl Applier {
             s.lag = delay;
             s.server_wal_end = wal_end;
             s.lag_bytes = end_lsn.distance_to(wal_end);
-            s.unchanged_toast_values += pending.unchanged_toast;
+            s.unchanged_toast_values += pending.batch.unchanged_toast;
             for (relation, [i, u, d]) in &pending.counts {
                 let Some(KnownTable { schema, name, .. }) = tables.get(relation) else {
                     continue;

@@ -1,8 +1,31 @@
 //! Relation messages: mapping the remote's tables onto local ones, and
-//! following schema changes upstream (added columns are added locally;
-//! dropped, renamed or retyped columns halt with a hint to resync).
+//! following their schema changes upstream in WAL order (see
+//! `docs/schema-changes.md`). The decisions are pure ([`super::columns`]);
+//! this part reads the catalogs (the remote's, over a catalog connection
+//! kept for the session, and the local one) and queues the DDL.
+//!
+//! A Relation message is acted on lazily, at the table's first change that
+//! applies: a message inside a transaction that is skipped (applied before
+//! a restart, or older than the table's copy) may describe an older shape
+//! than the local table's, and the shape that matters is the one of the
+//! next applied change.
 
+use super::columns::{self, ColumnChange, NewColumn};
 use super::*;
+use crate::replication::schema::qualified;
+use crate::replication::source::quote_literal;
+
+/// A column of the remote table as its catalog says now.
+struct RemoteColumn {
+    name: String,
+    attnum: i16,
+    type_oid: u32,
+    typmod: i32,
+    type_name: String,
+    /// The "missing value" existing rows read (`atthasmissing`).
+    missing: Option<Option<String>>,
+    has_default: bool,
+}
 
 impl Applier {
     async fn catalog(&mut self) -> Result<&tokio_postgres::Client, ReplicationError> {
@@ -12,166 +35,392 @@ impl Applier {
         Ok(self.catalog.as_ref().expect("just connected"))
     }
 
-    /// How existing rows see a column added upstream: `Some(value)` when the
-    /// remote stored a "missing value" for it (a non-volatile default: every
-    /// existing row reads it), `None` when they read NULL.
-    async fn added_column_fill(
-        &mut self,
-        relation: u32,
-        table: &str,
-        column: &str,
-    ) -> Result<Option<String>, ReplicationError> {
-        let row = self
-            .catalog()
-            .await?
-            .query_opt(
-                "SELECT a.atthasmissing, (a.attmissingval::text::text[])[1], d.adbin IS NOT NULL \
-                 FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
-                 WHERE a.attrelid = $1 AND a.attname = $2 AND NOT a.attisdropped",
-                &[&relation, &column],
-            )
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let (has_missing, missing, has_default): (bool, Option<String>, bool) = (row.get(0), row.get(1), row.get(2));
-        if has_missing {
-            return Ok(missing);
-        }
-        if has_default {
-            // A volatile default rewrote the table upstream (or a default was
-            // set after adding the column): existing rows may hold values that
-            // never went through replication.
-            return Err(ReplicationError::needs_operator(
-                format!("column {column} was added to {table} upstream with a default this cache cannot reproduce"),
-                "call ReplicationHandle::resync() to copy the table as it is now",
-            ));
-        }
-        Ok(None)
-    }
-
+    /// Notes a table's description; acted on at its next applied change.
     pub(super) async fn relation(&mut self, rel: Relation) -> Result<(), ReplicationError> {
-        let Some(KnownTable { schema, name, applies_from }) = self.tables.get(&rel.id).cloned() else {
+        if !self.tables.contains_key(&rel.id) {
             tracing::info!(table = %format!("{}.{}", rel.namespace, rel.name), "changes for a table added to the publication; it will be copied");
             self.relations.remove(&rel.id);
             self.unknown.insert(rel.id, rel);
             return Ok(());
-        };
-        if (schema.as_str(), name.as_str()) != (rel.namespace.as_str(), rel.name.as_str()) {
-            return Err(ReplicationError::needs_operator(
-                format!("table {schema}.{name} was renamed upstream to {}.{}", rel.namespace, rel.name),
-                "call ReplicationHandle::resync() to copy it under its new name",
-            ));
         }
-        let qualified = crate::replication::schema::qualified(&schema, &name);
-        // Local columns as they are now (inside the open local transaction if any).
-        let sql = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid::int8, a.atttypmod \
-                   FROM pg_attribute a WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum";
-        let params = vec![Param::Untyped(qualified.clone())];
-        let pending_local = self.pending.as_ref().and_then(|p| p.local.as_ref());
-        let result = match pending_local {
-            Some(tx) => tx.query_params(sql, params).await?,
-            None => self.instance.query_params(sql, params).await?,
+        self.stashed.insert(rel.id, rel);
+        Ok(())
+    }
+
+    /// The table's description for a change that applies, after acting on
+    /// a Relation message received since the last one. `None`: not
+    /// replicated any more, or being copied again.
+    pub(super) async fn relation_for(&mut self, id: u32) -> Result<Option<Arc<RelationState>>, ReplicationError> {
+        if let Some(rel) = self.stashed.remove(&id) {
+            self.follow(rel).await?;
+        }
+        match self.relations.get(&id) {
+            Some(rel) => Ok(Some(rel.clone())),
+            None if self.unknown.contains_key(&id) => Ok(None),
+            None => Err(ReplicationError::fatal(format!("change for relation {id} before its Relation message"))),
+        }
+    }
+
+    /// Brings the local table to the shape `rel` describes.
+    async fn follow(&mut self, rel: Relation) -> Result<(), ReplicationError> {
+        let Some(known) = self.tables.get(&rel.id).cloned() else { return Ok(()) };
+        let remote = self.remote_columns(rel.id).await?;
+        let find = |c: &pgoutput::RelationColumn| {
+            remote.iter().find(|r| r.name == c.name && r.type_oid == c.type_oid && r.typmod == c.type_modifier)
         };
-        let local: Vec<(String, String, u32, i32)> = result
-            .rows
-            .iter()
-            .map(|r| (r.get::<String>(0), r.get::<String>(1), r.get::<i64>(2) as u32, r.get::<i32>(3)))
-            .collect();
-        let mut columns = Vec::with_capacity(rel.columns.len());
-        let mut added = Vec::new();
-        for col in &rel.columns {
-            match local.iter().find(|l| l.0 == col.name) {
-                Some((_, type_name, oid, typmod)) => {
-                    // Built-in types keep their OIDs; user types differ by OID.
-                    if col.type_oid < 16384 && (*oid != col.type_oid || *typmod != col.type_modifier) {
-                        return Err(ReplicationError::needs_operator(
-                            format!("column {} of {schema}.{name} changed type upstream", col.name),
-                            "call ReplicationHandle::resync() to copy the table with its new type",
-                        ));
+        // The catalog is read now, not at the message's position: it
+        // describes the message only if no later change is committed yet.
+        let current = rel.columns.iter().all(|c| find(c).is_some());
+        let mut new_columns = Vec::with_capacity(rel.columns.len());
+        for c in &rel.columns {
+            let (type_name, attnum) = match find(c) {
+                Some(r) if current => (r.type_name.clone(), Some(r.attnum)),
+                _ => (self.remote_type_name(c.type_oid, c.type_modifier).await?, None),
+            };
+            new_columns.push(NewColumn { name: c.name.clone(), type_name, attnum });
+        }
+
+        let mut qualified_name = qualified(&known.schema, &known.name);
+        let old_view = match self.relations.get(&rel.id) {
+            Some(state) => state.columns.clone(),
+            None => self.local_columns(&qualified_name).await?,
+        };
+        if (known.schema.as_str(), known.name.as_str()) != (rel.namespace.as_str(), rel.name.as_str()) {
+            qualified_name = self.rename_table(rel.id, &known, &rel.namespace, &rel.name)?;
+        }
+        let mut changes = match columns::diff(&old_view, &new_columns) {
+            Ok(changes) => changes,
+            Err(reason) => return self.recopy(rel, &reason),
+        };
+        let mut user_types = Vec::new();
+        for change in &mut changes {
+            match change {
+                ColumnChange::Add { name, type_name, fill } => {
+                    let Some(r) = remote.iter().find(|r| &r.name == name && current) else {
+                        let reason = format!("column {name} was added upstream and changed again since");
+                        return self.recopy(rel, &reason);
+                    };
+                    match (&r.missing, r.has_default) {
+                        (Some(value), _) => *fill = value.clone(),
+                        (None, true) => {
+                            // A volatile default rewrote the table upstream: existing
+                            // rows hold values that never went through replication.
+                            let reason = format!("column {name} was added upstream with a volatile default");
+                            return self.recopy(rel, &reason);
+                        }
+                        (None, false) => {}
                     }
-                    columns.push(LocalColumn { name: col.name.clone(), type_name: type_name.clone() });
-                }
-                None => {
-                    if col.type_oid >= 16384 {
-                        return Err(ReplicationError::needs_operator(
-                            format!("column {} of user-defined type was added to {schema}.{name} upstream", col.name),
-                            "call ReplicationHandle::resync() to copy the table (only built-in types are added in place)",
-                        ));
+                    if r.type_oid >= 16384 {
+                        user_types.push(r.type_oid);
                     }
-                    added.push(col);
+                    debug_assert_eq!(&r.type_name, type_name);
                 }
+                ColumnChange::Retype { name, from_type, type_name } => {
+                    let from = from_type.clone();
+                    if !self.converts_in_place(&from, type_name).await? {
+                        let reason = format!("column {name} changed type upstream from {from} to {type_name}");
+                        return self.recopy(rel, &reason);
+                    }
+                    if let Some(c) = rel.columns.iter().find(|c| &c.name == name)
+                        && c.type_oid >= 16384
+                    {
+                        user_types.push(c.type_oid);
+                    }
+                }
+                _ => {}
             }
         }
-        if let Some(gone) = local.iter().find(|l| !rel.columns.iter().any(|c| c.name == l.0)) {
-            return Err(ReplicationError::needs_operator(
-                format!(
-                    "column {} of {schema}.{name} was dropped or renamed upstream (or left the column list)",
-                    gone.0
-                ),
-                "call ReplicationHandle::resync() to copy the table as it is now",
-            ));
+        if !changes.is_empty() {
+            tracing::info!(table = %qualified_name, ?changes, "schema changed upstream; following it");
         }
-        for col in added {
-            let type_name = self
-                .instance_query_one(
-                    "SELECT format_type($1::oid, $2::int4)",
-                    vec![
-                        Param::typed(crate::oid::OID, col.type_oid.to_string()),
-                        Param::typed(crate::oid::INT4, col.type_modifier.to_string()),
-                    ],
-                )
-                .await?;
-            let fill = self.added_column_fill(rel.id, &qualified, &col.name).await?;
-            let column = quote_ident(&col.name);
-            tracing::info!(table = %qualified, column = %col.name, ?fill, "column added upstream; adding it locally");
-            self.flush_group()?;
-            match fill {
-                // Existing rows get the remote's missing value, later rows
-                // carry their own.
-                Some(value) => {
-                    let ddl = format!(
-                        "ALTER TABLE {qualified} ADD COLUMN {column} {type_name} DEFAULT {}::{type_name}",
-                        crate::replication::source::quote_literal(&value)
-                    );
-                    self.push_statement(ddl, vec![]).await?;
-                    self.push_statement(format!("ALTER TABLE {qualified} ALTER COLUMN {column} DROP DEFAULT"), vec![])
-                        .await?;
-                }
-                None => {
-                    self.push_statement(format!("ALTER TABLE {qualified} ADD COLUMN {column} {type_name}"), vec![])
-                        .await?
-                }
+        if !user_types.is_empty() {
+            let script = self.type_script(&user_types).await?;
+            if !script.is_empty() {
+                self.batch()?.statement_for(rel.id, script, vec![]);
             }
-            columns.push(LocalColumn { name: col.name.clone(), type_name });
         }
-        // Keep the Relation message's column order.
-        let columns: Vec<LocalColumn> = rel
-            .columns
-            .iter()
-            .map(|c| columns.iter().find(|l| l.name == c.name).cloned().expect("every column was matched or added"))
-            .collect();
+        for sql in columns::ddl(&qualified_name, &old_view, &changes) {
+            self.batch()?.statement_for(rel.id, sql, vec![]);
+        }
+        self.follow_indexes(rel.id, &qualified_name).await?;
+        let enum_columns = self.enum_columns(&rel, &new_columns).await?;
+        let columns = columns::view_after(&new_columns);
         let key: Vec<usize> = rel.columns.iter().enumerate().filter(|(_, c)| c.is_key).map(|(i, _)| i).collect();
+        let table = self.tables.get(&rel.id).cloned().expect("checked above");
         let state = RelationState {
             column_names: columns.iter().map(|c| c.name.clone()).collect(),
-            schema,
-            name,
-            qualified,
+            schema: table.schema,
+            name: table.name,
+            qualified: qualified_name,
             columns,
             full_identity: rel.replica_identity == b'f',
             key,
-            applies_from,
+            enum_columns,
         };
         // The table's grouped changes were described by the old message.
-        self.flush_table(rel.id)?;
+        self.batch()?.flush_table(rel.id);
         self.relations.insert(rel.id, Arc::new(state));
         Ok(())
     }
 
-    async fn instance_query_one(&self, sql: &str, params: Vec<Param>) -> Result<String, ReplicationError> {
+    /// The local DDL (queued) for a table renamed or moved upstream, and
+    /// its bookkeeping. Returns the new qualified name.
+    fn rename_table(&mut self, id: u32, known: &KnownTable, schema: &str, name: &str) -> Result<String, ReplicationError> {
+        let old = qualified(&known.schema, &known.name);
+        tracing::info!(from = %old, to = %qualified(schema, name), "table renamed upstream; renaming it");
+        let mut sql = Vec::new();
+        if known.schema != schema {
+            sql.push(format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(schema)));
+            sql.push(format!("ALTER TABLE {old} SET SCHEMA {}", quote_ident(schema)));
+        }
+        if known.name != name {
+            sql.push(format!("ALTER TABLE {} RENAME TO {}", qualified(schema, &known.name), quote_ident(name)));
+        }
+        let batch = self.batch()?;
+        for s in sql {
+            batch.statement_for(id, s, vec![]);
+        }
+        batch.statement_for(
+            id,
+            "UPDATE pglite_cache.tables SET schema_name = $1, table_name = $2 WHERE remote_oid = $3".into(),
+            vec![
+                Param::Untyped(schema.into()),
+                Param::Untyped(name.into()),
+                Param::typed(crate::oid::OID, id.to_string()),
+            ],
+        );
+        let (old_schema, old_name) = (known.schema.clone(), known.name.clone());
+        let (new_schema, new_name) = (schema.to_owned(), name.to_owned());
+        self.status.send_modify(|s| {
+            for t in s.tables.iter_mut().filter(|t| t.schema == old_schema && t.name == old_name) {
+                t.schema = new_schema.clone();
+                t.name = new_name.clone();
+            }
+        });
+        let entry = self.tables.get_mut(&id).expect("known table");
+        entry.schema = schema.to_owned();
+        entry.name = name.to_owned();
+        Ok(qualified(schema, name))
+    }
+
+    /// A change that cannot be followed in place: the table is copied again
+    /// (the backfill, as for a table added to the publication), its old
+    /// copy readable until the new one replaces it in one transaction. Its
+    /// changes are skipped until then (the new copy contains them); the
+    /// mark is committed with the changes before it, so a restart in
+    /// between copies it too.
+    fn recopy(&mut self, rel: Relation, reason: &str) -> Result<(), ReplicationError> {
+        let id = rel.id;
+        let table = self.tables.remove(&id).expect("known table");
+        tracing::warn!(table = %qualified(&table.schema, &table.name), %reason, "schema change upstream cannot be followed in place; copying the table again");
+        self.batch()?.statement_for(
+            id,
+            "UPDATE pglite_cache.tables SET state = 'recopy' WHERE remote_oid = $1".into(),
+            vec![Param::typed(crate::oid::OID, id.to_string())],
+        );
+        self.relations.remove(&id);
+        self.unknown.insert(id, rel);
+        self.status.send_modify(|s| s.tables.retain(|t| !(t.schema == table.schema && t.name == table.name)));
+        Ok(())
+    }
+
+    /// The enum columns of `rel`, their labels brought up to date.
+    async fn enum_columns(
+        &mut self,
+        rel: &Relation,
+        columns: &[NewColumn],
+    ) -> Result<Vec<(usize, String, u32)>, ReplicationError> {
+        let user: Vec<u32> = rel.columns.iter().map(|c| c.type_oid).filter(|&o| o >= 16384).collect();
+        if user.is_empty() {
+            return Ok(Vec::new());
+        }
+        let enums: Vec<u32> = self
+            .catalog()
+            .await?
+            .query("SELECT oid FROM pg_type WHERE oid = ANY($1) AND typtype = 'e'", &[&user])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut out = Vec::new();
+        for (j, c) in rel.columns.iter().enumerate() {
+            if enums.contains(&c.type_oid) {
+                out.push((j, columns[j].type_name.clone(), c.type_oid));
+                if !self.labels.contains_key(&columns[j].type_name) {
+                    self.follow_labels(&columns[j].type_name, c.type_oid).await?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds the labels of an enum that were added upstream (`ALTER TYPE ...
+    /// ADD VALUE`, which sends no message): at their place in the order, in
+    /// a transaction of their own (a label cannot be used in the transaction
+    /// that adds it), before the apply transaction that uses them.
+    pub(super) async fn follow_labels(&mut self, type_name: &str, remote_oid: u32) -> Result<(), ReplicationError> {
+        let remote: Vec<String> = self
+            .catalog()
+            .await?
+            .query("SELECT enumlabel::text FROM pg_enum WHERE enumtypid = $1 ORDER BY enumsortorder", &[&remote_oid])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let local = self
+            .local_query(
+                "SELECT enumlabel::text FROM pg_enum WHERE enumtypid = to_regtype($1) ORDER BY enumsortorder",
+                vec![Param::Untyped(type_name.to_owned())],
+            )
+            .await?;
+        let local: Vec<String> = local.rows.iter().map(|r| r.get(0)).collect();
+        // A type not created yet locally is created with every label.
+        let sql = if local.is_empty() { Vec::new() } else { columns::add_labels(type_name, &local, &remote) };
+        if !sql.is_empty() {
+            if self.pending.as_ref().is_some_and(|p| p.local.is_some()) {
+                return Err(ReplicationError::transient(format!(
+                    "enum {type_name} gained labels upstream, first used inside a transaction larger than max_buffered_bytes"
+                )));
+            }
+            tracing::info!(%type_name, ?sql, "enum labels added upstream; adding them");
+            self.instance.exec(&sql.join(";\n")).await?;
+        }
+        let labels = remote.into_iter().map(|l| Bytes::from(l.into_bytes())).collect();
+        self.labels.insert(type_name.to_owned(), labels);
+        Ok(())
+    }
+
+    async fn remote_columns(&mut self, relation: u32) -> Result<Vec<RemoteColumn>, ReplicationError> {
+        let rows = self
+            .catalog()
+            .await?
+            .query(
+                "SELECT a.attname::text, a.attnum, a.atttypid, a.atttypmod, format_type(a.atttypid, a.atttypmod), \
+                        a.atthasmissing, (a.attmissingval::text::text[])[1], d.adbin IS NOT NULL \
+                 FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                &[&relation],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| RemoteColumn {
+                name: r.get(0),
+                attnum: r.get(1),
+                type_oid: r.get(2),
+                typmod: r.get(3),
+                type_name: r.get(4),
+                missing: if r.get::<_, bool>(5) { Some(r.get(6)) } else { None },
+                has_default: r.get(7),
+            })
+            .collect())
+    }
+
+    async fn remote_type_name(&mut self, oid: u32, typmod: i32) -> Result<String, ReplicationError> {
+        let row = self.catalog().await?.query_one("SELECT format_type($1, $2)", &[&oid, &typmod]).await?;
+        Ok(row.get(0))
+    }
+
+    /// Whether PostgreSQL converts `from` to `to` without a `USING`
+    /// expression (the same types, an assignment or implicit cast, or a
+    /// string target): then the remote did the same, unless it was given
+    /// an expression of its own (see docs/schema-changes.md).
+    async fn converts_in_place(&mut self, from: &str, to: &str) -> Result<bool, ReplicationError> {
+        let row = self
+            .catalog()
+            .await?
+            .query_one(
+                "SELECT s = t OR EXISTS (SELECT 1 FROM pg_cast c WHERE c.castsource = s AND c.casttarget = t \
+                        AND c.castcontext IN ('a', 'i')) \
+                        OR (SELECT typcategory = 'S' FROM pg_type WHERE oid = t) \
+                 FROM (SELECT to_regtype($1)::oid AS s, to_regtype($2)::oid AS t) x",
+                &[&from, &to],
+            )
+            .await?;
+        Ok(row.get::<_, Option<bool>>(0).unwrap_or(false))
+    }
+
+    /// DDL creating user types (and those they use) missing locally.
+    async fn type_script(&mut self, oids: &[u32]) -> Result<String, ReplicationError> {
+        let client = self.catalog().await?;
+        let types = crate::replication::schema::describe_types(client, oids).await?;
+        Ok(crate::replication::schema::create_script(&types, &[]))
+    }
+
+    /// The local table's columns, for a table seen for the first time in
+    /// this session (attribute numbers unknown).
+    async fn local_columns(&self, qualified: &str) -> Result<Vec<LocalColumn>, ReplicationError> {
+        let sql = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+                   WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum";
+        let result = self.local_query(sql, vec![Param::Untyped(qualified.to_owned())]).await?;
+        Ok(result
+            .rows
+            .iter()
+            .map(|r| LocalColumn { name: r.get::<String>(0), type_name: r.get::<String>(1), attnum: None })
+            .collect())
+    }
+
+    /// Best effort: the local table gets the remote's indexes (by name) and
+    /// loses those the remote dropped. Constraint indexes are left alone.
+    /// One that cannot be built locally is skipped with a warning.
+    async fn follow_indexes(&mut self, id: u32, qualified_name: &str) -> Result<(), ReplicationError> {
+        let remote: Vec<(String, String)> = self
+            .catalog()
+            .await?
+            .query(
+                "SELECT c.relname::text, pg_get_indexdef(i.indexrelid) FROM pg_index i \
+                 JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = $1 \
+                   AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid AND k.conrelid = i.indrelid)",
+                &[&id],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let local = self
+            .local_query(
+                "SELECT c.relname::text, n.nspname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE i.indrelid = $1::regclass \
+                   AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid AND k.conrelid = i.indrelid)",
+                vec![Param::Untyped(qualified_name.to_owned())],
+            )
+            .await?;
+        let local: Vec<(String, String)> = local.rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let mut sql = Vec::new();
+        for (name, def) in &remote {
+            if !local.iter().any(|(l, _)| l == name) {
+                tracing::info!(table = %qualified_name, index = %name, "index created upstream; creating it");
+                sql.push(guarded(def));
+            }
+        }
+        for (name, schema) in &local {
+            if !remote.iter().any(|(r, _)| r == name) {
+                tracing::info!(table = %qualified_name, index = %name, "index dropped upstream; dropping it");
+                sql.push(format!("DROP INDEX IF EXISTS {}", qualified(schema, name)));
+            }
+        }
+        let batch = self.batch()?;
+        for s in sql {
+            batch.statement_for(id, s, vec![]);
+        }
+        Ok(())
+    }
+
+    async fn local_query(&self, sql: &str, params: Vec<Param>) -> Result<crate::QueryResult, ReplicationError> {
         let local = self.pending.as_ref().and_then(|p| p.local.as_ref());
-        let result = match local {
+        Ok(match local {
             Some(tx) => tx.query_params(sql, params).await?,
             None => self.instance.query_params(sql, params).await?,
-        };
-        Ok(result.rows.first().map(|r| r.get::<String>(0)).unwrap_or_default())
+        })
     }
+}
+
+/// A statement that warns instead of failing the transaction.
+fn guarded(sql: &str) -> String {
+    format!(
+        "DO $pglite_cache$ BEGIN EXECUTE {}; EXCEPTION WHEN OTHERS THEN \
+         RAISE WARNING 'pglite-cache: could not create index locally (%): %', SQLERRM, {}; END $pglite_cache$",
+        quote_literal(sql),
+        quote_literal(sql)
+    )
 }

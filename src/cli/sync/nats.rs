@@ -30,7 +30,7 @@ pub(super) async fn run(args: SyncArgs) -> ExitCode {
         Ok(apply) => apply,
         Err(e) => return config_error(e),
     };
-    let listen = match args.listen.plan(5433) {
+    let listen = match args.listen.plan(5433, Some(&args.data)) {
         Ok(listen) => listen,
         Err(e) => return config_error(e),
     };

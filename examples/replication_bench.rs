@@ -3,6 +3,8 @@
 //!
 //! ```sh
 //! CARGO_TARGET_DIR=/work/main/target cargo run --release --example replication_bench [ROWS] [TXN_ROWS]
+//! # the publisher with synchronous_commit = on (the other regime):
+//! BENCH_PUB_SETTINGS=synchronous_commit=on cargo run --release --example replication_bench
 //! ```
 //!
 //! Starts a publisher cluster and a native subscriber cluster (PostgreSQL
@@ -40,7 +42,15 @@ async fn main() {
     let rows: i32 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
     let txn_rows: i32 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(200_000);
 
-    let publisher = pg::PgCluster::start_with(&[("track_commit_timestamp", "on")]);
+    // Extra publisher settings, e.g. BENCH_PUB_SETTINGS="synchronous_commit=on" (the
+    // test harness's default is off: the walsender then sends on the walwriter's beat).
+    let pub_settings = std::env::var("BENCH_PUB_SETTINGS").unwrap_or_default();
+    let mut settings = vec![("track_commit_timestamp", "on")];
+    for kv in pub_settings.split(',').filter(|s| !s.is_empty()) {
+        settings.push(kv.split_once('=').expect("BENCH_PUB_SETTINGS is name=value,name=value"));
+    }
+    println!("publisher settings: {settings:?}");
+    let publisher = pg::PgCluster::start_with(&settings);
     let subscriber = pg::PgCluster::start();
     let db = publisher.create_database("bench").await;
     subscriber.create_database("bench").await;

@@ -245,6 +245,17 @@ async fn syncs_serves_survives_kill9_and_stops_cleanly() {
     assert!(lag < (1 << 20) as f64, "lag {lag} bytes after catching up");
     let lag = metric(&body, "pglite_cache_lag_seconds");
     assert!(lag > 0.0 && lag < 60.0, "commit-to-apply lag of the last transaction: {lag} s");
+    // The lag histogram counts every applied transaction.
+    let observed = metric(&body, "pglite_cache_commit_lag_seconds_count");
+    assert_eq!(observed, applied, "one lag observation per applied transaction");
+    assert_eq!(metric(&body, "pglite_cache_commit_lag_seconds_bucket{le=\"+Inf\"}"), observed);
+    assert!(metric(&body, "pglite_cache_commit_lag_seconds_sum") > 0.0);
+    let p99 = metric(&body, "pglite_cache_commit_lag_recent_seconds{quantile=\"0.99\"}");
+    assert!(p99 > 0.0 && p99 <= 60.0, "recent p99 {p99}");
+    // What the slot keeps on the remote: reported, and within the WAL written.
+    let body = wait_metric_at_least(&daemon, "pglite_cache_slot_retained_wal_bytes", 0.0).await;
+    let retained = metric(&body, "pglite_cache_slot_retained_wal_bytes");
+    assert!(retained <= remote_lsn, "retained {retained} bytes of a {remote_lsn}-byte WAL");
     assert!(body.contains("pglite_cache_table_rows_copied{table=\"public.accounts\"}"), "{body}");
 
     // Status, both ways, while running.
@@ -254,6 +265,9 @@ async fn syncs_serves_survives_kill9_and_stops_cleanly() {
     assert_eq!(by_socket["tables"].as_array().unwrap().len(), 2);
     let by_dir = status(&["--data", &data.display().to_string()]);
     assert_eq!(by_dir["running"], true);
+    let p50 = by_dir["lag_recent_p50_seconds"].as_f64().expect("a recent lag after applying transactions");
+    assert!(p50 > 0.0 && p50 <= 60.0, "{p50}");
+    assert!(by_dir["slot_retained_wal_bytes"].as_u64().is_some(), "{by_dir}");
     assert_eq!(by_dir["slot"], "pglite_cache");
 
     // SIGTERM: graceful, exit 0.
@@ -302,6 +316,7 @@ async fn wait_metric_at_least(daemon: &Daemon, name: &str, value: f64) -> String
     let start = Instant::now();
     loop {
         if let Ok(body) = try_http_get(daemon.metrics, "/metrics").await
+            && body.lines().any(|l| l.starts_with(&format!("{name} ")))
             && metric(&body, name) >= value
         {
             return body;

@@ -71,6 +71,9 @@ async fn from_data_dir(data: &std::path::Path) -> Result<StatusReport, String> {
         report.lag_bytes = last.lag_bytes;
         report.lag_seconds = last.lag_seconds;
         report.transactions_applied = last.transactions_applied;
+        report.lag_recent_p50_seconds = last.lag_recent_p50_seconds;
+        report.lag_recent_p99_seconds = last.lag_recent_p99_seconds;
+        report.slot_retained_wal_bytes = last.slot_retained_wal_bytes;
         for table in &mut report.tables {
             if let Some(seen) = last.tables.iter().find(|t| t.table == table.table) {
                 table.rows_applied = seen.rows_applied;
@@ -129,6 +132,9 @@ fn assemble(head: Head, tables: TableRows, running: bool) -> StatusReport {
         lag_bytes: 0,
         lag_seconds: 0.0,
         transactions_applied: 0,
+        lag_recent_p50_seconds: None,
+        lag_recent_p99_seconds: None,
+        slot_retained_wal_bytes: None,
         tables: tables
             .into_iter()
             .map(|t| TableReport {
@@ -158,6 +164,15 @@ fn print(report: &StatusReport, json: bool) {
     println!("applied LSN:  {}", report.applied_lsn);
     println!("last commit:  {}", report.applied_commit_time.as_deref().unwrap_or("none yet"));
     println!("lag:          {} bytes, {:.1} ms", report.lag_bytes, report.lag_seconds * 1e3);
+    let ms = |q: Option<f64>| q.map_or("-".to_owned(), |s| format!("{:.1} ms", s * 1e3));
+    println!(
+        "recent lag:   p50 <= {}, p99 <= {} (remote commit to local commit, last 1-2 minutes)",
+        ms(report.lag_recent_p50_seconds),
+        ms(report.lag_recent_p99_seconds)
+    );
+    if let Some(bytes) = report.slot_retained_wal_bytes {
+        println!("slot keeps:   {bytes} bytes of remote WAL");
+    }
     println!("tables:");
     for t in &report.tables {
         println!("  {:<40} {:<8} {:>12} rows copied {:>10} applied", t.table, t.state, t.rows_copied, t.rows_applied);

@@ -3,13 +3,10 @@
 //! directory's lock. Written atomically (temporary file, then rename).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use pglite_cache::replication::{Phase, ReplicationConfig, Status, TableState};
 use serde::{Deserialize, Serialize};
-
-use super::sync::report::Counters;
 
 /// File name inside the data directory.
 const FILE: &str = "pglite-cache-status.json";
@@ -39,6 +36,17 @@ pub struct StatusReport {
     pub lag_seconds: f64,
     /// Transactions applied since the daemon started.
     pub transactions_applied: u64,
+    /// Commit-to-commit lag over the last minute or two: upper bounds of
+    /// the median and the 99th percentile, in seconds (none without
+    /// transactions; none for p99 past the last histogram bucket).
+    #[serde(default)]
+    pub lag_recent_p50_seconds: Option<f64>,
+    /// See `lag_recent_p50_seconds`.
+    #[serde(default)]
+    pub lag_recent_p99_seconds: Option<f64>,
+    /// WAL the remote keeps for the slot, in bytes, as last checked.
+    #[serde(default)]
+    pub slot_retained_wal_bytes: Option<u64>,
     /// Per table.
     pub tables: Vec<TableReport>,
     /// When this was written (RFC 3339).
@@ -77,7 +85,7 @@ pub fn rfc3339(t: SystemTime) -> String {
 
 impl StatusReport {
     /// Builds the report from the live status.
-    pub fn from_status(s: &Status, config: &ReplicationConfig, counters: &Counters, running: bool) -> StatusReport {
+    pub fn from_status(s: &Status, config: &ReplicationConfig, running: bool) -> StatusReport {
         let (phase, error) = phase_name(&s.phase);
         StatusReport {
             running,
@@ -90,7 +98,10 @@ impl StatusReport {
             applied_commit_time: s.applied_commit_time.map(rfc3339),
             lag_bytes: s.lag_bytes,
             lag_seconds: s.lag.as_secs_f64(),
-            transactions_applied: counters.transactions.load(Ordering::Relaxed),
+            transactions_applied: s.applied_transactions,
+            lag_recent_p50_seconds: s.commit_lag.recent().quantile(0.5).filter(|q| q.is_finite()),
+            lag_recent_p99_seconds: s.commit_lag.recent().quantile(0.99).filter(|q| q.is_finite()),
+            slot_retained_wal_bytes: s.slot_retained_bytes,
             tables: s
                 .tables
                 .iter()

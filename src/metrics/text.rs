@@ -9,6 +9,8 @@ pub enum MetricKind {
     Counter,
     /// Goes up and down.
     Gauge,
+    /// Cumulative `_bucket{le=...}` samples, `_sum` and `_count`.
+    Histogram,
 }
 
 /// Builds a metrics page, one family at a time.
@@ -28,6 +30,7 @@ impl MetricsText {
         let kind = match kind {
             MetricKind::Counter => "counter",
             MetricKind::Gauge => "gauge",
+            MetricKind::Histogram => "histogram",
         };
         let help = help.replace('\\', "\\\\").replace('\n', "\\n");
         let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");

@@ -77,6 +77,7 @@
 pub(crate) mod apply;
 pub mod config;
 pub mod error;
+pub mod lag;
 pub mod lsn;
 pub mod pgoutput;
 pub mod schema;
@@ -181,6 +182,16 @@ pub struct Status {
     /// Column values of streamed UPDATEs that the remote sent as "unchanged
     /// TOAST" (not resent) and that kept their local value, since start.
     pub unchanged_toast_values: u64,
+    /// Remote transactions applied since start.
+    pub applied_transactions: u64,
+    /// Row changes (and truncated tables) applied since start.
+    pub applied_changes: u64,
+    /// Remote commit to local commit, per applied transaction: since start
+    /// and over the last minute or two.
+    pub commit_lag: lag::LagStats,
+    /// WAL the remote keeps for our slot (`restart_lsn` to its current
+    /// position), as last checked (every status interval while idle).
+    pub slot_retained_bytes: Option<u64>,
 }
 
 impl Default for Status {
@@ -194,6 +205,10 @@ impl Default for Status {
             lag_bytes: 0,
             lag: Duration::ZERO,
             unchanged_toast_values: 0,
+            applied_transactions: 0,
+            applied_changes: 0,
+            commit_lag: lag::LagStats::default(),
+            slot_retained_bytes: None,
         }
     }
 }

@@ -448,6 +448,19 @@ impl Supervisor {
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
+            // What our slot costs the remote (best effort: not on a standby).
+            if let Ok(Some(row)) = client
+                .query_opt(
+                    "SELECT pg_current_wal_lsn()::text, restart_lsn::text FROM pg_replication_slots \
+                     WHERE slot_name = $1 AND restart_lsn IS NOT NULL",
+                    &[&self.config.slot_name],
+                )
+                .await
+                && let (Ok(current), Ok(restart)) = (row.get::<_, String>(0).parse(), row.get::<_, String>(1).parse())
+            {
+                let retained = super::lag::retained_wal(current, restart);
+                self.status.send_modify(|s| s.slot_retained_bytes = Some(retained));
+            }
             if published.iter().all(|oid| known.contains(oid)) {
                 return Ok::<_, ReplicationError>((client, Vec::new()));
             }

@@ -202,7 +202,7 @@ async fn serve_and_sync(
         let _ = stopped.wait_for(|s| *s).await;
     }));
 
-    let counters = report::Counters::start(&replication);
+    let counters = report::Counters::start();
     let reporter = report::Reporter::new(&plan, &remote, counters.clone());
     let (stop_reports, reports_stopped) = watch::channel(false);
     let reports = tokio::spawn(reporter.run(status.clone(), reports_stopped));
@@ -241,10 +241,7 @@ async fn serve_and_sync(
     let _ = stop_reports.send(true);
     let _ = server.await;
     let _ = reports.await;
-    status_file::write(
-        &plan.data,
-        &status_file::StatusReport::from_status(&status.borrow(), &plan.config, &counters, false),
-    );
+    status_file::write(&plan.data, &status_file::StatusReport::from_status(&status.borrow(), &plan.config, false));
     match result {
         Ok(()) if !halted => {
             eprintln!("stopped: everything received was applied and confirmed");

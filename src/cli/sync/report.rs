@@ -10,20 +10,18 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pglite_cache::metrics::{self, MetricKind, MetricsText};
-use pglite_cache::replication::{Phase, ReplicationConfig, ReplicationHandle, Status, TableState};
-use tokio::sync::{broadcast, watch};
+use pglite_cache::replication::{Phase, ReplicationConfig, Status, TableState};
+use tokio::sync::watch;
 
 use super::Plan;
 use super::preflight::Remote;
 use crate::cli::status_file::{self, StatusReport, phase_name};
 
-/// Running totals the status does not carry.
+/// Running totals the status does not carry (applied transactions and
+/// changes are in the status: counting them here from the change feed made
+/// the apply describe every change for nobody).
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Remote transactions applied since start.
-    pub transactions: AtomicU64,
-    /// Changes applied since start.
-    pub changes: AtomicU64,
     /// Times the connection was lost and retried.
     pub reconnects: AtomicU64,
     /// Halts since start, by kind of error (needs operator or fatal: the
@@ -32,27 +30,9 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// Counts applied transactions from the replication's change feed.
-    pub fn start(replication: &ReplicationHandle) -> Arc<Counters> {
-        let counters = Arc::new(Counters::default());
-        let mut feed = replication.subscribe();
-        let c = counters.clone();
-        tokio::spawn(async move {
-            loop {
-                match feed.recv().await {
-                    Ok(txn) => {
-                        c.transactions.fetch_add(1, Ordering::Relaxed);
-                        c.changes.fetch_add(txn.change_count, Ordering::Relaxed);
-                    }
-                    // Missed while we were slow: the transactions still count.
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        c.transactions.fetch_add(n, Ordering::Relaxed);
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        });
-        counters
+    /// Fresh counters.
+    pub fn start() -> Arc<Counters> {
+        Arc::new(Counters::default())
     }
 }
 
@@ -100,11 +80,18 @@ impl Reporter {
         let mut last_txns = 0;
         let mut last_phase = String::new();
         loop {
-            tokio::select! {
+            let ticked = tokio::select! {
                 biased;
                 _ = stop.changed() => break,
-                _ = tick.tick() => {}
-                changed = status.changed() => if changed.is_err() { break },
+                _ = tick.tick() => true,
+                changed = status.changed() => if changed.is_err() { break } else { false },
+            };
+            // Between ticks only a phase change is reported at once: under
+            // load the status changes with every applied transaction, and
+            // rewriting the status file each time cost more CPU than the
+            // apply itself.
+            if !ticked && phase_name(&status.borrow().phase).0 == last_phase {
+                continue;
             }
             let s = status.borrow_and_update().clone();
             let (phase, error) = phase_name(&s.phase);
@@ -122,11 +109,11 @@ impl Reporter {
                 }
                 last_phase = phase.to_string();
             }
-            status_file::write(&this.data, &StatusReport::from_status(&s, &this.config, &this.counters, true));
+            status_file::write(&this.data, &StatusReport::from_status(&s, &this.config, true));
             if s.phase == Phase::Copying {
                 bars.show(&s, &this.estimates);
             } else if s.phase == Phase::Streaming && last_line.elapsed() >= this.status_interval {
-                let txns = this.counters.transactions.load(Ordering::Relaxed);
+                let txns = s.applied_transactions;
                 let rate = (txns - last_txns) as f64 / last_line.elapsed().as_secs_f64();
                 tracing::info!(
                     "streaming: applied {} ({}), lag {} B / {:.1} ms, {:.1} txn/s, {} reconnects",
@@ -175,14 +162,15 @@ impl Reporter {
             "pglite_cache_applied_transactions_total",
             MetricKind::Counter,
             "Remote transactions applied since start.",
-            c.transactions.load(Ordering::Relaxed) as f64,
+            s.applied_transactions as f64,
         );
         m.single(
             "pglite_cache_applied_rows_total",
             MetricKind::Counter,
             "Row changes applied since start.",
-            c.changes.load(Ordering::Relaxed) as f64,
+            s.applied_changes as f64,
         );
+        freshness_metrics(&mut m, s);
         m.family("pglite_cache_table_rows_copied", MetricKind::Gauge, "Rows copied by the initial sync, per table.");
         for t in &s.tables {
             m.sample(
@@ -212,6 +200,39 @@ impl Reporter {
         m.sample("pglite_cache_errors_total", &[("class", "transient")], c.reconnects.load(Ordering::Relaxed) as f64);
         m.sample("pglite_cache_errors_total", &[("class", "halting")], c.halts.load(Ordering::Relaxed) as f64);
         m.finish()
+    }
+}
+
+/// Commit-to-commit lag as a histogram (and the recent quantiles, for
+/// simple alerts), and the remote WAL the slot retains.
+fn freshness_metrics(m: &mut MetricsText, s: &Status) {
+    let lag = "pglite_cache_commit_lag_seconds";
+    m.family(lag, MetricKind::Histogram, "Remote commit to local commit of applied transactions, since start.");
+    let total = &s.commit_lag.total;
+    for (le, n) in total.cumulative() {
+        let le = if le.is_infinite() { "+Inf".to_owned() } else { le.to_string() };
+        m.sample(&format!("{lag}_bucket"), &[("le", &le)], n as f64);
+    }
+    m.sample(&format!("{lag}_sum"), &[], total.sum().as_secs_f64());
+    m.sample(&format!("{lag}_count"), &[], total.count() as f64);
+    let recent = s.commit_lag.recent();
+    let name = "pglite_cache_commit_lag_recent_seconds";
+    m.family(
+        name,
+        MetricKind::Gauge,
+        "Upper bound of the commit-to-commit lag quantile over the last 1-2 minutes (NaN when nothing was applied).",
+    );
+    for q in ["0.5", "0.99"] {
+        let value = recent.quantile(q.parse().unwrap_or(0.5)).unwrap_or(f64::NAN);
+        m.sample(name, &[("quantile", q)], value);
+    }
+    if let Some(bytes) = s.slot_retained_bytes {
+        m.single(
+            "pglite_cache_slot_retained_wal_bytes",
+            MetricKind::Gauge,
+            "WAL the remote keeps for the slot (restart_lsn to its current position).",
+            bytes as f64,
+        );
     }
 }
 

@@ -37,6 +37,11 @@ pub(crate) struct Batch {
 }
 
 impl Batch {
+    /// Steps ready to run (statements of closed groups).
+    pub(crate) fn step_count(&self) -> usize {
+        self.steps.len()
+    }
+
     /// Adds one row change of `rel` (remote OID `relation`).
     pub(crate) fn change(
         &mut self,

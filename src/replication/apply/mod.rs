@@ -65,6 +65,13 @@ const MAX_MERGED: usize = 10_000;
 /// Remote transactions wait at most this long for a merged commit.
 const MAX_MERGE_DELAY: Duration = Duration::from_millis(20);
 
+/// A merged commit is cut once it holds this many statements: when the
+/// merged transactions do not group (e.g. INSERT and UPDATE of one table
+/// alternating), merging saves little engine time, and a long local
+/// transaction keeps readers waiting (measured: 395 merged transactions,
+/// 790 statements, held readers for 268 ms).
+const MAX_MERGED_STEPS: usize = 64;
+
 /// Most changes kept per transaction for subscribers (the rest is counted).
 const MAX_SUBSCRIBED_CHANGES: usize = 10_000;
 
@@ -444,6 +451,7 @@ impl Applier {
         let flush_now = pending.local.is_some()
             || pending.done.len() >= MAX_MERGED
             || pending.batch.buffered >= max_buffered
+            || pending.batch.step_count() >= MAX_MERGED_STEPS
             || pending.started.elapsed() >= MAX_MERGE_DELAY;
         if flush_now {
             self.flush_deferred().await?;
@@ -528,6 +536,12 @@ impl Applier {
             s.server_wal_end = wal_end;
             s.lag_bytes = end_lsn.distance_to(wal_end);
             s.unchanged_toast_values += pending.batch.unchanged_toast;
+            s.applied_transactions += pending.done.len() as u64;
+            s.applied_changes += pending.done.iter().map(|t| t.change_count).sum::<u64>();
+            let now = super::lag::clock();
+            for t in &pending.done {
+                s.commit_lag.observe(applied_at.duration_since(t.commit_time).unwrap_or(Duration::ZERO), 1, now);
+            }
             for (relation, [i, u, d]) in &pending.counts {
                 let Some(KnownTable { schema, name, .. }) = tables.get(relation) else {
                     continue;

@@ -97,14 +97,15 @@ async fn a_silent_remote_is_detected_within_the_receive_timeout() {
     signal(pid, "-STOP");
     let stopped = Instant::now();
     let mut status = handle.watch_status();
-    let detected = tokio::time::timeout(timeout * 3, status.wait_for(|s| matches!(s.phase, Phase::Reconnecting { .. })))
-        .await
-        .unwrap_or_else(|_| {
-            signal(pid, "-CONT");
-            panic!("a silent remote went unnoticed for {:?}: {:?}", timeout * 3, handle.status())
-        })
-        .unwrap()
-        .clone();
+    let detected =
+        tokio::time::timeout(timeout * 3, status.wait_for(|s| matches!(s.phase, Phase::Reconnecting { .. })))
+            .await
+            .unwrap_or_else(|_| {
+                signal(pid, "-CONT");
+                panic!("a silent remote went unnoticed for {:?}: {:?}", timeout * 3, handle.status())
+            })
+            .unwrap()
+            .clone();
     let after = stopped.elapsed();
     assert!(after >= timeout / 2, "gave up after {after:?}, before the deadline");
     match &detected.phase {
@@ -116,7 +117,9 @@ async fn a_silent_remote_is_detected_within_the_receive_timeout() {
     // retried (never halted), with the hint naming what an operator can do.
     let held = tokio::time::timeout(
         WAIT,
-        status.wait_for(|s| matches!(&s.phase, Phase::Reconnecting { error, .. } if error.contains("pg_terminate_backend"))),
+        status.wait_for(
+            |s| matches!(&s.phase, Phase::Reconnecting { error, .. } if error.contains("pg_terminate_backend")),
+        ),
     )
     .await;
     let halted = matches!(handle.status().phase, Phase::Halted { .. });

@@ -136,8 +136,7 @@ impl Shared {
 /// Starts a worker thread and waits until its engine answers queries.
 pub(crate) async fn spawn(options: InstanceOptions) -> Result<(mpsc::UnboundedSender<Command>, Arc<Shared>)> {
     let label = options.label();
-    let shared =
-        Arc::new(Shared {
+    let shared = Arc::new(Shared {
         label: label.clone(),
         state: Mutex::new(State::Running),
         in_flight: Default::default(),

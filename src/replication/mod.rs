@@ -450,7 +450,16 @@ async fn guarded(
 }
 
 pub(crate) async fn remote_client(source: &SourceConfig) -> Result<tokio_postgres::Client, ReplicationError> {
-    let (client, connection) = source.postgres_config().connect(source.tls_connector()?).await?;
+    // tokio-postgres bounds only the TCP connect by `connect_timeout`; a
+    // remote that accepts but never completes startup must not hang us.
+    let config = source.postgres_config();
+    let connecting = config.connect(source.tls_connector()?);
+    let (client, connection) = tokio::time::timeout(source.connect_timeout(), connecting).await.map_err(|_| {
+        ReplicationError::transient(format!(
+            "the remote did not complete connection startup and authentication within {:?}",
+            source.connect_timeout()
+        ))
+    })??;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "remote connection ended");

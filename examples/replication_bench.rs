@@ -103,7 +103,21 @@ async fn main() {
 
     // pglite-cache.
     // Extra instance settings, e.g. BENCH_SETTINGS="wal_level=minimal,max_wal_senders=0".
-    let mut options = InstanceOptions::in_memory();
+    // BENCH_DATA=DIR: a persistent instance there (each position synced to
+    // disk before it is confirmed; BENCH_NO_SYNC=1 skips that).
+    let data = std::env::var("BENCH_DATA").ok().filter(|d| !d.is_empty());
+    let sync = std::env::var("BENCH_NO_SYNC").is_err();
+    println!(
+        "pglite-cache instance: {}",
+        match &data {
+            Some(dir) => format!("persistent in {dir}, sync before confirm: {sync}"),
+            None => "in memory".into(),
+        }
+    );
+    let mut options = match &data {
+        Some(dir) => InstanceOptions::persistent(dir),
+        None => InstanceOptions::in_memory(),
+    };
     for kv in std::env::var("BENCH_SETTINGS").unwrap_or_default().split(',').filter(|s| !s.is_empty()) {
         let (k, v) = kv.split_once('=').expect("BENCH_SETTINGS is name=value,name=value");
         options = options.setting(k, v);
@@ -111,11 +125,22 @@ async fn main() {
     let local = Instance::start(options).await.unwrap();
     let config =
         ReplicationConfig::new(publisher.conninfo(&db).parse().unwrap(), PublicationSpec::Existing("pub".into()))
-            .slot_name("cache");
+            .slot_name("cache")
+            .sync_before_confirm(sync);
     let started = Instant::now();
     let handle = Replication::start(local.clone(), config.clone()).unwrap();
     handle.wait_streaming().await.unwrap();
     let ours_copy = started.elapsed();
+    if data.is_some() && sync {
+        // What the copy costs to make durable (the first confirmation syncs it).
+        let synced = Instant::now();
+        local.sync_to_disk().await.unwrap();
+        println!(
+            "initial copy, then synced to disk: {:.2} s (sync {:.2} s)",
+            (ours_copy + synced.elapsed()).as_secs_f64(),
+            synced.elapsed().as_secs_f64()
+        );
+    }
     let local_rows: i64 = local.query("SELECT count(*) FROM bench", &[]).await.unwrap().rows[0].get(0);
     assert_eq!(local_rows, i64::from(rows));
 

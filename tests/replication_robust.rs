@@ -97,14 +97,15 @@ async fn a_silent_remote_is_detected_within_the_receive_timeout() {
     signal(pid, "-STOP");
     let stopped = Instant::now();
     let mut status = handle.watch_status();
-    let detected = tokio::time::timeout(timeout * 3, status.wait_for(|s| matches!(s.phase, Phase::Reconnecting { .. })))
-        .await
-        .unwrap_or_else(|_| {
-            signal(pid, "-CONT");
-            panic!("a silent remote went unnoticed for {:?}: {:?}", timeout * 3, handle.status())
-        })
-        .unwrap()
-        .clone();
+    let detected =
+        tokio::time::timeout(timeout * 3, status.wait_for(|s| matches!(s.phase, Phase::Reconnecting { .. })))
+            .await
+            .unwrap_or_else(|_| {
+                signal(pid, "-CONT");
+                panic!("a silent remote went unnoticed for {:?}: {:?}", timeout * 3, handle.status())
+            })
+            .unwrap()
+            .clone();
     let after = stopped.elapsed();
     assert!(after >= timeout / 2, "gave up after {after:?}, before the deadline");
     match &detected.phase {
@@ -116,7 +117,9 @@ async fn a_silent_remote_is_detected_within_the_receive_timeout() {
     // retried (never halted), with the hint naming what an operator can do.
     let held = tokio::time::timeout(
         WAIT,
-        status.wait_for(|s| matches!(&s.phase, Phase::Reconnecting { error, .. } if error.contains("pg_terminate_backend"))),
+        status.wait_for(
+            |s| matches!(&s.phase, Phase::Reconnecting { error, .. } if error.contains("pg_terminate_backend")),
+        ),
     )
     .await;
     let halted = matches!(handle.status().phase, Phase::Halted { .. });
@@ -230,4 +233,41 @@ async fn resyncs_keep_serving_the_old_tables_until_the_new_ones_are_in() {
     assert!(failures.is_empty(), "readers saw a hole: {failures:?}");
     assert!(reads.load(Ordering::Relaxed) > 10, "the readers ran");
     handle.stop().await.unwrap();
+}
+
+/// A remote that accepts the TCP connection but never answers the startup
+/// (a hung server, a proxy with nothing behind it) is retried after the
+/// connect timeout instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_that_never_answers_the_startup_times_out() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accept and hold every connection, never writing a byte.
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let source = format!("host=127.0.0.1 port={port} user=postgres dbname=x connect_timeout=2 sslmode=disable");
+    let cfg = pglite_cache::replication::ReplicationConfig::new(
+        source.parse().unwrap(),
+        pglite_cache::replication::PublicationSpec::Existing("pub".into()),
+    );
+    let local = instance().await;
+    let handle = Replication::start(local, cfg).unwrap();
+    let mut status = handle.watch_status();
+    let started = Instant::now();
+    let reconnecting = tokio::time::timeout(WAIT, status.wait_for(|s| matches!(s.phase, Phase::Reconnecting { .. })))
+        .await
+        .expect("a silent remote hung the startup")
+        .unwrap()
+        .clone();
+    assert!(started.elapsed() >= Duration::from_secs(2), "gave up before the timeout");
+    match reconnecting.phase {
+        Phase::Reconnecting { error, .. } => assert!(error.contains("did not complete startup"), "{error}"),
+        other => panic!("{other:?}"),
+    }
+    handle.stop().await.unwrap();
+    held.abort();
 }

@@ -66,12 +66,16 @@ async fn kill9_during_the_initial_copy_keeps_the_finished_tables() {
     let mut daemon = Daemon::spawn(&[], &remote.url("postgres"), &data, &["--tables", "a,b,c"]);
     daemon
         .wait_until(Duration::from_secs(120), "copying b with a done", |d| {
-            d.table_state("public.a").as_deref() == Some("ready") && d.table_state("public.b").as_deref() == Some("copying")
+            d.table_state("public.a").as_deref() == Some("ready")
+                && d.table_state("public.b").as_deref() == Some("copying")
         })
         .await;
     daemon.signal(daemon.child.id(), "-KILL");
     daemon.wait(Duration::from_secs(10));
-    admin.batch_execute("INSERT INTO a VALUES (0, 'while down'); UPDATE b SET v = 'changed' WHERE id <= 5;").await.unwrap();
+    admin
+        .batch_execute("INSERT INTO a VALUES (0, 'while down'); UPDATE b SET v = 'changed' WHERE id <= 5;")
+        .await
+        .unwrap();
 
     let mut daemon = Daemon::spawn(&[], &remote.url("postgres"), &data, &["--tables", "a,b,c"]);
     let cache = daemon.client().await;
@@ -91,7 +95,10 @@ async fn kill9_during_the_initial_copy_keeps_the_finished_tables() {
 
 /// Counts syscalls by name in an strace output file.
 fn count_calls(trace: &str, name: &str) -> usize {
-    trace.lines().filter(|l| l.split_once(' ').is_some_and(|(_, rest)| rest.trim_start().starts_with(&format!("{name}(")))).count()
+    trace
+        .lines()
+        .filter(|l| l.split_once(' ').is_some_and(|(_, rest)| rest.trim_start().starts_with(&format!("{name}("))))
+        .count()
 }
 
 /// The daemon confirms a position to the remote only after syncing the

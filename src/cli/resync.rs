@@ -59,7 +59,10 @@ pub async fn run(args: ResyncArgs) -> ExitCode {
             let tables = (!args.tables.is_empty()).then_some(args.tables.as_slice());
             match store::request_resync(&instance, tables).await {
                 Ok(()) => {
-                    println!("resync of {what} recorded: the next `pglite-cache sync --data {}` carries it out", args.data.display());
+                    println!(
+                        "resync of {what} recorded: the next `pglite-cache sync --data {}` carries it out",
+                        args.data.display()
+                    );
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

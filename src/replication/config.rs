@@ -214,6 +214,11 @@ pub struct ReplicationConfig {
     /// change names one (default 5 min; a change to an unknown table
     /// triggers the look at once).
     pub publication_check_interval: Duration,
+    /// Sync a persistent instance's data directory to disk before
+    /// confirming a position to the remote (default true). Off, a power
+    /// loss or kernel crash can lose transactions the remote will never
+    /// send again.
+    pub sync_before_confirm: bool,
 }
 
 impl ReplicationConfig {
@@ -230,6 +235,7 @@ impl ReplicationConfig {
             copy_batch_bytes: 4 << 20,
             receive_timeout: Duration::from_secs(60),
             publication_check_interval: Duration::from_secs(300),
+            sync_before_confirm: true,
         }
     }
 
@@ -273,6 +279,12 @@ impl ReplicationConfig {
     /// Sets how often the publication is checked for added tables.
     pub fn publication_check_interval(mut self, interval: Duration) -> Self {
         self.publication_check_interval = interval;
+        self
+    }
+
+    /// Sets whether positions are synced to disk before being confirmed.
+    pub fn sync_before_confirm(mut self, sync: bool) -> Self {
+        self.sync_before_confirm = sync;
         self
     }
 

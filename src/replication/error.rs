@@ -54,7 +54,13 @@ pub struct ReplicationError {
 impl ReplicationError {
     /// A transient error (reconnect and resume).
     pub fn transient(message: impl Into<String>) -> Self {
-        ReplicationError { kind: ErrorKind::Transient, message: message.into(), hint: None, code: None, slot_lost: false }
+        ReplicationError {
+            kind: ErrorKind::Transient,
+            message: message.into(),
+            hint: None,
+            code: None,
+            slot_lost: false,
+        }
     }
 
     /// An error that needs an operator.

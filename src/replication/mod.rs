@@ -8,6 +8,7 @@
 //!                               │                 └─ START_REPLICATION from the stored LSN
 //!                               │                       └─ apply: one local transaction per remote one
 //!                               └─ transient error: reconnect with backoff; else halt with a hint
+//!                                  (a panic too: `guarded`)
 //! ```
 //!
 //! - [`config`]: the source URL and what to replicate.
@@ -20,12 +21,22 @@
 //! - [`tls`]: TLS to the remote (rustls).
 //! - [`error`]: classified errors.
 //! - [`stream`]: fan-out through NATS JetStream (one slot, many caches).
+//! - `deadline`: the receive deadline (half-open connections).
 //!
 //! Consistency: the slot is created with an exported snapshot, every table
 //! is copied in one `REPEATABLE READ` transaction that imports it, and
 //! streaming starts at the slot's consistent point: nothing is missed or
-//! applied twice. If the process stops during the initial copy, the next
-//! start drops the slot and copies again (the copy is not resumable).
+//! applied twice. If the process stops during the initial copy, the slot
+//! survives: the next start keeps the tables already copied and copies the
+//! others under the snapshot of a temporary slot, as tables added to the
+//! publication are (their changes apply from that slot's point).
+//!
+//! Durable before confirmed: a persistent instance's data directory is
+//! synced to disk before a position is confirmed to the remote.
+//!
+//! Resync: a new copy of a table that exists locally is loaded into a
+//! shadow table and swapped in by one local transaction, so readers always
+//! find the old table or the new one.
 //!
 //! Exactly once: each remote transaction is one local transaction that also
 //! stores its end LSN; after a restart, commits below it are skipped; the
@@ -48,8 +59,7 @@
 //! stop changing.
 //!
 //! Not yet: `sslmode=verify-ca`, client certificates and SCRAM channel
-//! binding; protocol v2 streaming of in-progress transactions; resuming an
-//! interrupted initial copy table by table.
+//! binding; protocol v2 streaming of in-progress transactions.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -76,6 +86,7 @@
 
 pub(crate) mod apply;
 pub mod config;
+mod deadline;
 pub mod error;
 pub mod lag;
 pub mod lsn;
@@ -451,7 +462,7 @@ async fn guarded(
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
             let e = ReplicationError::fatal(format!("the replication task panicked: {cause}"))
-            .with_hint("a bug: please report it with the log. Restarting resumes from the last applied position");
+                .with_hint("a bug: please report it with the log. Restarting resumes from the last applied position");
             tracing::error!(error = %e, "replication halted");
             status.send_modify(|s| s.phase = Phase::Halted { error: e.to_string() });
             Err(e)
@@ -460,7 +471,16 @@ async fn guarded(
 }
 
 pub(crate) async fn remote_client(source: &SourceConfig) -> Result<tokio_postgres::Client, ReplicationError> {
-    let (client, connection) = source.postgres_config().connect(source.tls_connector()?).await?;
+    // tokio-postgres bounds only the TCP connect by `connect_timeout`; a
+    // remote that accepts but never completes startup must not hang us.
+    let config = source.postgres_config();
+    let connecting = config.connect(source.tls_connector()?);
+    let (client, connection) = tokio::time::timeout(source.connect_timeout(), connecting).await.map_err(|_| {
+        ReplicationError::transient(format!(
+            "the remote did not complete connection startup and authentication within {:?}",
+            source.connect_timeout()
+        ))
+    })??;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "remote connection ended");

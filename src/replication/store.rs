@@ -207,10 +207,7 @@ pub async fn request_resync(instance: &Instance, tables: Option<&[String]>) -> R
     for table in tables {
         let (schema, name) = table.split_once('.').unwrap_or(("public", table));
         let found = instance
-            .query(
-                "SELECT 1 FROM pglite_cache.tables WHERE schema_name = $1 AND table_name = $2",
-                &[&schema, &name],
-            )
+            .query("SELECT 1 FROM pglite_cache.tables WHERE schema_name = $1 AND table_name = $2", &[&schema, &name])
             .await?;
         if found.rows.is_empty() {
             return Err(ReplicationError::needs_operator(

@@ -4,16 +4,15 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
-
-use tokio::time::Instant;
 
 use tokio::sync::{broadcast, watch};
+use tokio::time::Instant;
 
 use crate::Instance;
 
 use super::apply;
 use super::config::{PublicationSpec, ReplicationConfig, SlotLostPolicy};
+use super::deadline::{DeadlineAction, ReceiveDeadline};
 use super::error::{ReplicationError, RetryPolicy, classify_start_replication};
 use super::lsn::Lsn;
 use super::schema;
@@ -263,10 +262,14 @@ impl Supervisor {
         reply_requested: bool,
     ) -> Result<(), ReplicationError> {
         if lsn > self.durable {
-            self.instance.sync_to_disk().await.map_err(|e| {
-                ReplicationError::fatal(format!("syncing the cache's data directory to disk: {e}"))
-                    .with_hint("check the disk holding the data directory (full, read-only, failing)")
-            })?;
+            let started = Instant::now();
+            if self.config.sync_before_confirm {
+                self.instance.sync_to_disk().await.map_err(|e| {
+                    ReplicationError::fatal(format!("syncing the cache's data directory to disk: {e}"))
+                        .with_hint("check the disk holding the data directory (full, read-only, failing)")
+                })?;
+            }
+            tracing::trace!(%lsn, took = ?started.elapsed(), "synced to disk before confirming");
             self.durable = lsn;
         }
         conn.send_status(self.durable, reply_requested).await
@@ -360,7 +363,11 @@ impl Supervisor {
     /// Whether an interrupted initial copy can resume: same remote, slot and
     /// publication, and the slot still exists (its position is where the
     /// finished tables were copied).
-    async fn can_resume(&mut self, state: &store::StoredState, system: &source::SystemId) -> Result<bool, ReplicationError> {
+    async fn can_resume(
+        &mut self,
+        state: &store::StoredState,
+        system: &source::SystemId,
+    ) -> Result<bool, ReplicationError> {
         if state.system_identifier != system.system_id
             || state.database != self.config.source.dbname()
             || state.slot_name != self.config.slot_name
@@ -540,67 +547,3 @@ fn slot_lost_hint() -> String {
 
 /// Consecutive "slot in use" failures before the hint is logged as an error.
 const SLOT_IN_USE_PATIENCE: u32 = 5;
-
-/// What to do when the receive deadline passes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DeadlineAction {
-    /// Half the timeout without a message: ask the remote for a reply.
-    Ping,
-    /// The whole timeout: the connection is dead.
-    Reconnect,
-}
-
-/// The receive deadline, as PostgreSQL's walreceiver keeps it: after half
-/// of `timeout` in silence, ask for a reply; after all of it, give up.
-#[derive(Debug)]
-struct ReceiveDeadline {
-    timeout: Duration,
-    last: Instant,
-    pinged: bool,
-}
-
-impl ReceiveDeadline {
-    fn new(timeout: Duration) -> ReceiveDeadline {
-        ReceiveDeadline { timeout, last: Instant::now(), pinged: false }
-    }
-
-    fn received(&mut self) {
-        self.received_at(Instant::now());
-    }
-
-    fn received_at(&mut self, now: Instant) {
-        self.last = now;
-        self.pinged = false;
-    }
-
-    fn next(&self) -> Instant {
-        self.last + if self.pinged { self.timeout } else { self.timeout / 2 }
-    }
-
-    fn expired(&mut self) -> DeadlineAction {
-        if self.pinged {
-            DeadlineAction::Reconnect
-        } else {
-            self.pinged = true;
-            DeadlineAction::Ping
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn receive_deadline_pings_then_gives_up() {
-        let mut d = ReceiveDeadline::new(Duration::from_secs(60));
-        let start = d.last;
-        assert_eq!(d.next(), start + Duration::from_secs(30));
-        assert_eq!(d.expired(), DeadlineAction::Ping);
-        assert_eq!(d.next(), start + Duration::from_secs(60));
-        d.received_at(start + Duration::from_secs(40)); // the reply
-        assert_eq!(d.next(), start + Duration::from_secs(70));
-        assert_eq!(d.expired(), DeadlineAction::Ping);
-        assert_eq!(d.expired(), DeadlineAction::Reconnect);
-    }
-}

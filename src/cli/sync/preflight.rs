@@ -130,7 +130,16 @@ async fn connect(config: &ReplicationConfig) -> Result<Client, String> {
     let mut attempt = 0;
     loop {
         let tls = config.source.tls_connector().map_err(|e| e.to_string())?;
-        match config.source.postgres_config().connect(tls).await {
+        let pg_config = config.source.postgres_config();
+        let connecting = pg_config.connect(tls);
+        let Ok(connected) = tokio::time::timeout(config.source.connect_timeout(), connecting).await else {
+            attempt += 1;
+            let delay = backoff(attempt).min(Duration::from_secs(30));
+            tracing::warn!(attempt, retry_in = ?delay, "remote accepted the connection but did not answer; retrying");
+            tokio::time::sleep(delay).await;
+            continue;
+        };
+        match connected {
             Ok((client, connection)) => {
                 tokio::spawn(connection);
                 return Ok(client);

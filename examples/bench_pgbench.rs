@@ -32,8 +32,8 @@ fn pgbench() -> String {
     panic!("pgbench is required: install postgresql (e.g. `apt-get install postgresql`)")
 }
 
-/// Runs pgbench against `socket_dir:port`; returns its TPS.
-fn run(bin: &str, socket_dir: &str, port: u16, args: &[&str]) -> f64 {
+/// Runs pgbench against `socket_dir:port`; returns its output.
+fn pgbench_out(bin: &str, socket_dir: &str, port: u16, args: &[&str]) -> String {
     let out = Command::new(bin)
         .args(["-h", socket_dir, "-p", &port.to_string(), "-U", "postgres"])
         .args(args)
@@ -42,6 +42,12 @@ fn run(bin: &str, socket_dir: &str, port: u16, args: &[&str]) -> f64 {
         .expect("pgbench runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "pgbench {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout.into_owned()
+}
+
+/// Runs pgbench against `socket_dir:port`; returns its TPS.
+fn run(bin: &str, socket_dir: &str, port: u16, args: &[&str]) -> f64 {
+    let stdout = pgbench_out(bin, socket_dir, port, args);
     stdout
         .lines()
         .find_map(|l| l.strip_prefix("tps = ").and_then(|rest| rest.split_whitespace().next()?.parse().ok()))
@@ -69,7 +75,7 @@ fn main() {
     });
 
     for (dir, port) in [(&native_dir, native.port()), (&ours_dir, 5432)] {
-        run(&bin, dir, port, &["-i", "-s", "1", "-q"]);
+        pgbench_out(&bin, dir, port, &["-i", "-s", "1", "-q"]);
     }
     let duration = seconds.to_string();
     println!("pgbench -T {seconds}, scale 1, Unix sockets; native PostgreSQL with fsync=off; TPS");

@@ -94,7 +94,7 @@ async fn tcp_needs_the_generated_password_and_sigterm_does_not_wait_for_idle_tra
     assert_eq!(std::fs::metadata(&password_file).unwrap().mode() & 0o777, 0o600);
 
     // No password: refused.
-    let err = connect(&serve.config()).await.err().expect("TCP without a password is refused");
+    let Err(err) = connect(&serve.config()).await else { panic!("TCP without a password is refused") };
     assert!(format!("{err:?}").contains("password"), "{err:?}");
     // The generated one: admitted.
     let password = std::fs::read_to_string(&password_file).unwrap().trim().to_owned();

@@ -26,20 +26,26 @@
 //! or the implicit one of an extended-protocol batch) until the engine is
 //! idle again, so an extended-protocol batch up to its `Sync` is never split
 //! and transactions never interleave. Waiting connections are served in
-//! arrival order. A connection that disconnects, breaks the protocol or is
-//! closed at shutdown has its transaction rolled back; the others go on.
+//! arrival order; only `Parse`/`Describe`/`Close` of a connection outside a
+//! transaction run beside another's open transaction (in a savepoint). A
+//! connection that disconnects, breaks the protocol, idles in a transaction
+//! longer than [`ServerConfig::idle_in_transaction_timeout`], stops reading
+//! ([`ServerConfig::write_timeout`]) or is closed at shutdown has its
+//! transaction rolled back; the others go on. A statement that waits longer
+//! than [`ServerConfig::queue_wait_timeout`] fails with `57014`.
 //!
 //! # What is isolated between clients, and what is not
 //!
-//! Isolated: named prepared statements and portals (renamed per connection;
-//! `DEALLOCATE ALL`/`DISCARD ALL` drop only the client's own), session
+//! Isolated: prepared statements and portals, named and unnamed (renamed per
+//! connection, closed when it leaves; `DEALLOCATE ALL`/`DISCARD ALL` drop
+//! only the client's own), session
 //! settings (`SET`, `RESET`, `set_config`, `SET ROLE`, startup settings: put
 //! in force only while the connection holds the engine), transactions,
 //! errors, notices, COPY, and `LISTEN`/`NOTIFY` (notifications are routed to
 //! the listening connections).
 //!
-//! Not isolated (one backend underneath): the unnamed statement/portal once a
-//! batch is synced, SQL-level `PREPARE`, `WITH HOLD` cursors, temporary
+//! Not isolated (one backend underneath): SQL-level `PREPARE` and cursor
+//! names (shared by name, closed when their client leaves), temporary
 //! tables, advisory locks, `pg_backend_pid()`, settings changed inside
 //! functions without `SET`/`set_config` in the client's own text.
 //! `SET SESSION AUTHORIZATION` is reset at the end of the client's busy period.

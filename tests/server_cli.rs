@@ -1,0 +1,132 @@
+//! `pglite-cache serve` as a user runs it: TCP needs a password by default,
+//! and SIGTERM does not wait for a client idle in a transaction.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pglite-cache");
+const PATIENCE: Duration = Duration::from_secs(30);
+
+struct Serve {
+    child: Child,
+    port: u16,
+    /// Lines the server printed on stdout before it listened.
+    banner: Vec<String>,
+    _stdout: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Serve {
+    fn start(args: &[&str]) -> Serve {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut banner = Vec::new();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        // `bind` prints the listeners, then where the password is, once listening.
+        let expect_password = !args.contains(&"--unsafe-trust-tcp");
+        while let Some(Ok(line)) = lines.next() {
+            banner.push(line);
+            let listening = banner.iter().any(|l| l.starts_with("listening on"));
+            let password = banner.iter().any(|l| l.contains("password"));
+            if listening && (password || !expect_password) {
+                break;
+            }
+        }
+        assert!(banner.iter().any(|l| l.starts_with("listening on")), "serve did not start: {banner:?}");
+        Serve { child, port, banner, _stdout: lines }
+    }
+
+    fn config(&self) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config.host("127.0.0.1").port(self.port).user("postgres").dbname("postgres");
+        config
+    }
+
+    fn terminate(&mut self) -> Duration {
+        let started = Instant::now();
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "serve exited with {status}");
+                return started.elapsed();
+            }
+            assert!(started.elapsed() < PATIENCE, "serve did not stop after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_needs_the_generated_password_and_sigterm_does_not_wait_for_idle_transactions() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().join("db");
+    let mut serve = Serve::start(&["--data", data_dir.to_str().unwrap()]);
+    let password_file = data_dir.join("wire-password");
+    assert!(
+        serve.banner.iter().any(|l| l.contains(password_file.to_str().unwrap())),
+        "says where the password is: {:?}",
+        serve.banner
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&password_file).unwrap().mode() & 0o777, 0o600);
+
+    // No password: refused.
+    let Err(err) = connect(&serve.config()).await else { panic!("TCP without a password is refused") };
+    assert!(format!("{err:?}").contains("password"), "{err:?}");
+    // The generated one: admitted.
+    let password = std::fs::read_to_string(&password_file).unwrap().trim().to_owned();
+    let mut config = serve.config();
+    config.password(password.as_str());
+    let client = connect(&config).await.unwrap();
+    client.batch_execute("CREATE TABLE t (id int)").await.unwrap();
+    // Idle inside a transaction while the server is told to stop.
+    client.batch_execute("BEGIN; INSERT INTO t VALUES (1)").await.unwrap();
+    let took = tokio::task::spawn_blocking(move || {
+        let took = serve.terminate();
+        (took, serve)
+    })
+    .await
+    .unwrap();
+    assert!(took.0 < Duration::from_secs(5), "SIGTERM took {:?}", took.0);
+    drop(took.1);
+
+    // The same password again on the next start; the transaction was rolled back.
+    let serve = Serve::start(&["--data", data_dir.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(&password_file).unwrap().trim(), password);
+    let mut config = serve.config();
+    config.password(password.as_str());
+    let client = connect(&config).await.unwrap();
+    let n: i64 = client.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_trust_tcp_is_the_explicit_opt_out() {
+    let serve = Serve::start(&["--unsafe-trust-tcp"]);
+    let client = connect(&serve.config()).await.unwrap();
+    let n: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1);
+}

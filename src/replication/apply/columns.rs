@@ -46,6 +46,13 @@ pub(crate) enum ColumnChange {
 /// The changes that turn `old` into `new`, in the order to apply them
 /// (drops, renames, type changes, adds), or why they are ambiguous.
 pub(crate) fn diff(old: &[LocalColumn], new: &[NewColumn]) -> Result<Vec<ColumnChange>, String> {
+    plan(old, new).map(|(changes, _)| changes)
+}
+
+/// [`diff`], and the view after the changes: the new message's columns,
+/// each keeping the attribute number known for it before when the catalog
+/// did not give one now.
+pub(crate) fn plan(old: &[LocalColumn], new: &[NewColumn]) -> Result<(Vec<ColumnChange>, Vec<LocalColumn>), String> {
     let mut matched: Vec<Option<usize>> = vec![None; new.len()];
     let mut taken = vec![false; old.len()];
     // Same attribute number: the same column, whatever its name now.
@@ -127,7 +134,11 @@ pub(crate) fn diff(old: &[LocalColumn], new: &[NewColumn]) -> Result<Vec<ColumnC
     for &j in &adds {
         changes.push(ColumnChange::Add { name: new[j].name.clone(), type_name: new[j].type_name.clone(), fill: None });
     }
-    Ok(changes)
+    let mut view = view_after(new);
+    for &(i, j) in &pairs {
+        view[j].attnum = new[j].attnum.or(old[i].attnum);
+    }
+    Ok((changes, view))
 }
 
 fn o_attnum(old: &[LocalColumn], i: usize) -> Option<i16> {
@@ -206,7 +217,7 @@ fn temp_name(k: usize) -> String {
     format!("pglite_cache_renaming_{k}")
 }
 
-/// The apply's view after `changes` (the new message's columns, in order).
+/// The new message's columns as a view (attribute numbers as given).
 pub(crate) fn view_after(new: &[NewColumn]) -> Vec<LocalColumn> {
     new.iter()
         .map(|n| LocalColumn { name: n.name.clone(), type_name: n.type_name.clone(), attnum: n.attnum })
@@ -294,6 +305,15 @@ mod tests {
                 "ALTER TYPE mood ADD VALUE IF NOT EXISTS 'ecstatic' AFTER 'happy'",
             ]
         );
+    }
+
+    #[test]
+    fn attribute_numbers_carry_over_when_the_catalog_says_nothing() {
+        let o = old(&[("id", "integer", Some(1)), ("v", "text", Some(2))]);
+        let n = new(&[("id", "integer", None), ("w", "text", None), ("x", "date", None)]);
+        let (changes, view) = plan(&o, &n).unwrap();
+        assert_eq!(changes, vec![rename("v", "w"), add("x", "date")]);
+        assert_eq!(view.iter().map(|c| c.attnum).collect::<Vec<_>>(), vec![Some(1), Some(2), None]);
     }
 
     #[test]

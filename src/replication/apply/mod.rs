@@ -87,6 +87,8 @@ struct Pending {
     open: bool,
     /// The remote transaction being received.
     final_lsn: Lsn,
+    /// Its transaction id.
+    xid: u32,
     /// Already applied before a restart: receive and drop.
     skip: bool,
     /// The statements of the local transaction being built (pure: see
@@ -231,7 +233,7 @@ impl Applier {
         let message = pgoutput::decode(data, false).map_err(|e| ReplicationError::fatal(e.to_string()))?;
         tracing::trace!(?message, committed = %self.committed, "pgoutput");
         match message {
-            LogicalMessage::Begin { final_lsn, commit_time, .. } => {
+            LogicalMessage::Begin { final_lsn, commit_time, xid } => {
                 let _ = commit_time; // the Commit message carries it too
                 let skip = final_lsn < self.committed;
                 if let Some(pending) = self.pending.as_mut() {
@@ -241,6 +243,7 @@ impl Applier {
                     }
                     pending.open = true;
                     pending.final_lsn = final_lsn;
+                    pending.xid = xid;
                     pending.skip = skip;
                     pending.change_count = 0;
                     pending.changes.clear();
@@ -249,6 +252,7 @@ impl Applier {
                 self.pending = Some(Pending {
                     open: true,
                     final_lsn,
+                    xid,
                     skip,
                     batch: Batch::default(),
                     local: None,
@@ -403,6 +407,7 @@ impl Applier {
             pending.local = Some(Arc::new(tx));
         }
         let steps = pending.batch.take_steps();
+        tracing::trace!(?steps, "steps");
         if steps.is_empty() {
             return Ok(());
         }
@@ -472,6 +477,7 @@ impl Applier {
             return Ok(()); // only transactions applied before a restart
         };
         let mut steps = pending.batch.take_steps();
+        tracing::trace!(?steps, "steps");
         let (sql, params) = store::applied_statement(end_lsn, Some(commit_time));
         steps.push(Step::Sql(sql, params));
         let started = std::time::Instant::now();

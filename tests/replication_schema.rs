@@ -104,7 +104,11 @@ fn assert_streaming(handle: &ReplicationHandle) {
     assert_eq!(status.phase, Phase::Streaming, "{status:?}");
 }
 
-async fn setup(pg: &PgCluster, name: &str, schema: &str) -> (String, tokio_postgres::Client, Instance, ReplicationHandle) {
+async fn setup(
+    pg: &PgCluster,
+    name: &str,
+    schema: &str,
+) -> (String, tokio_postgres::Client, Instance, ReplicationHandle) {
     let db = pg.create_database(name).await;
     let remote = pg.client(&db).await;
     remote.batch_execute(schema).await.unwrap();
@@ -158,8 +162,14 @@ async fn added_columns_in_one_transaction_and_in_merged_transactions() {
 
     // Two such transactions merged into one local commit while catching up.
     handle.stop().await.unwrap();
-    remote.batch_execute("ALTER TABLE t ADD COLUMN c date; INSERT INTO t (k, c) VALUES (20, '2024-01-01')").await.unwrap();
-    remote.batch_execute("ALTER TABLE t ADD COLUMN d numeric DEFAULT 1.5; UPDATE t SET d = 2 WHERE k = 20").await.unwrap();
+    remote
+        .batch_execute("ALTER TABLE t ADD COLUMN c date; INSERT INTO t (k, c) VALUES (20, '2024-01-01')")
+        .await
+        .unwrap();
+    remote
+        .batch_execute("ALTER TABLE t ADD COLUMN d numeric DEFAULT 1.5; UPDATE t SET d = 2 WHERE k = 20")
+        .await
+        .unwrap();
     writes(&remote, "t_id_seq", 5).await;
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
     catch_up(&handle, &remote).await;
@@ -304,7 +314,10 @@ async fn enum_labels_and_new_user_types_follow() {
     // Labels added upstream send no message; the first row using one does.
     remote.batch_execute("ALTER TYPE mood ADD VALUE 'ok' BEFORE 'happy'").await.unwrap();
     remote.batch_execute("ALTER TYPE mood ADD VALUE 'ecstatic'").await.unwrap();
-    remote.batch_execute("INSERT INTO t (k, m) VALUES (3, 'ok'), (4, 'ecstatic'); UPDATE t SET m = 'ok' WHERE k = 1").await.unwrap();
+    remote
+        .batch_execute("INSERT INTO t (k, m) VALUES (3, 'ok'), (4, 'ecstatic'); UPDATE t SET m = 'ok' WHERE k = 1")
+        .await
+        .unwrap();
     writes(&remote, "t_id_seq", 3).await;
     // A column of a type that does not exist locally yet.
     remote
@@ -359,7 +372,10 @@ async fn renamed_tables_and_indexes_follow() {
     assert_eq!(indexes("t").await, "t_k,t_pkey");
     remote.batch_execute("ALTER TABLE t RENAME TO t2").await.unwrap();
     writes(&remote, "t_id_seq", 3).await;
-    remote.batch_execute("CREATE SCHEMA other; ALTER TABLE t2 SET SCHEMA other; ALTER TABLE other.t2 RENAME TO t3").await.unwrap();
+    remote
+        .batch_execute("CREATE SCHEMA other; ALTER TABLE t2 SET SCHEMA other; ALTER TABLE other.t2 RENAME TO t3")
+        .await
+        .unwrap();
     writes(&remote, "other.t_id_seq", 3).await;
     load.finish().await;
     catch_up(&handle, &remote).await;
@@ -367,12 +383,9 @@ async fn renamed_tables_and_indexes_follow() {
     assert_eq!(indexes("t3").await, "t_k,t_pkey");
     let status = handle.status();
     assert_eq!(status.tables.iter().map(|t| format!("{}.{}", t.schema, t.name)).collect::<Vec<_>>(), ["other.t3"]);
-    let stored: String = local
-        .query("SELECT schema_name || '.' || table_name FROM pglite_cache.tables", &[])
-        .await
-        .unwrap()
-        .rows[0]
-        .get(0);
+    let stored: String =
+        local.query("SELECT schema_name || '.' || table_name FROM pglite_cache.tables", &[]).await.unwrap().rows[0]
+            .get(0);
     assert_eq!(stored, "other.t3");
     assert_streaming(&handle);
     // A restart streams on under the new name.

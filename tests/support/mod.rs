@@ -1,4 +1,4 @@
 //! Shared test support.
+pub mod daemon;
 pub mod pg;
 pub mod replication;
-pub mod daemon;

@@ -183,7 +183,10 @@ pub(crate) fn ddl(qualified: &str, old: &[LocalColumn], changes: &[ColumnChange]
                 // Existing rows get the remote's missing value, later rows
                 // carry their own.
                 let column = quote_ident(name);
-                out.push(alter(format!("ADD COLUMN {column} {type_name} DEFAULT {}::{type_name}", quote_literal(value))));
+                out.push(alter(format!(
+                    "ADD COLUMN {column} {type_name} DEFAULT {}::{type_name}",
+                    quote_literal(value)
+                )));
                 out.push(alter(format!("ALTER COLUMN {column} DROP DEFAULT")));
             }
             ColumnChange::Add { name, type_name, fill: None } => {
@@ -219,9 +222,7 @@ fn temp_name(k: usize) -> String {
 
 /// The new message's columns as a view (attribute numbers as given).
 pub(crate) fn view_after(new: &[NewColumn]) -> Vec<LocalColumn> {
-    new.iter()
-        .map(|n| LocalColumn { name: n.name.clone(), type_name: n.type_name.clone(), attnum: n.attnum })
-        .collect()
+    new.iter().map(|n| LocalColumn { name: n.name.clone(), type_name: n.type_name.clone(), attnum: n.attnum }).collect()
 }
 
 #[cfg(test)]
@@ -248,7 +249,13 @@ mod tests {
     fn adds_drops_renames_and_type_changes_by_name_and_position() {
         let o = old(&[("id", "integer", None), ("v", "text", None), ("w", "integer", None)]);
         // Two columns added (one remote transaction, or two merged).
-        let n = new(&[("id", "integer", None), ("v", "text", None), ("w", "integer", None), ("a", "text", None), ("b", "date", None)]);
+        let n = new(&[
+            ("id", "integer", None),
+            ("v", "text", None),
+            ("w", "integer", None),
+            ("a", "text", None),
+            ("b", "date", None),
+        ]);
         assert_eq!(diff(&o, &n).unwrap(), vec![add("a", "text"), add("b", "date")]);
         // A column dropped in the middle.
         let n = new(&[("id", "integer", None), ("w", "integer", None)]);
@@ -258,7 +265,10 @@ mod tests {
         assert_eq!(diff(&o, &n).unwrap(), vec![rename("v", "v2")]);
         // Retyped.
         let n = new(&[("id", "bigint", None), ("v", "text", None), ("w", "integer", None)]);
-        assert_eq!(diff(&o, &n).unwrap(), vec![ColumnChange::Retype { name: "id".into(), from_type: "integer".into(), type_name: "bigint".into() }]);
+        assert_eq!(
+            diff(&o, &n).unwrap(),
+            vec![ColumnChange::Retype { name: "id".into(), from_type: "integer".into(), type_name: "bigint".into() }]
+        );
         // The last column replaced: rename or drop + add? Unknowable without attnums.
         let n = new(&[("id", "integer", None), ("v", "text", None), ("x", "integer", None)]);
         assert!(diff(&o, &n).is_err());
@@ -309,11 +319,11 @@ mod tests {
 
     #[test]
     fn attribute_numbers_carry_over_when_the_catalog_says_nothing() {
-        let o = old(&[("id", "integer", Some(1)), ("v", "text", Some(2))]);
-        let n = new(&[("id", "integer", None), ("w", "text", None), ("x", "date", None)]);
+        let o = old(&[("id", "integer", Some(1)), ("v", "text", Some(2)), ("z", "text", Some(3))]);
+        let n = new(&[("id", "integer", None), ("w", "text", None), ("z", "text", None), ("x", "date", None)]);
         let (changes, view) = plan(&o, &n).unwrap();
         assert_eq!(changes, vec![rename("v", "w"), add("x", "date")]);
-        assert_eq!(view.iter().map(|c| c.attnum).collect::<Vec<_>>(), vec![Some(1), Some(2), None]);
+        assert_eq!(view.iter().map(|c| c.attnum).collect::<Vec<_>>(), vec![Some(1), Some(2), Some(3), None]);
     }
 
     #[test]

@@ -407,7 +407,6 @@ impl Applier {
             pending.local = Some(Arc::new(tx));
         }
         let steps = pending.batch.take_steps();
-        tracing::trace!(?steps, "steps");
         if steps.is_empty() {
             return Ok(());
         }
@@ -477,7 +476,6 @@ impl Applier {
             return Ok(()); // only transactions applied before a restart
         };
         let mut steps = pending.batch.take_steps();
-        tracing::trace!(?steps, "steps");
         let (sql, params) = store::applied_statement(end_lsn, Some(commit_time));
         steps.push(Step::Sql(sql, params));
         let started = std::time::Instant::now();

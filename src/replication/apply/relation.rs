@@ -110,7 +110,8 @@ impl Applier {
                     // Added by this transaction or before: its missing value
                     // is the one (unless added, dropped and added again in
                     // one transaction).
-                    let Some(r) = remote.iter().find(|r| &r.name == name && &r.type_name == type_name && r.by_then) else {
+                    let Some(r) = remote.iter().find(|r| &r.name == name && &r.type_name == type_name && r.by_then)
+                    else {
                         let reason = format!("column {name} was added upstream and changed again since");
                         return self.recopy(rel, &reason);
                     };
@@ -178,7 +179,13 @@ impl Applier {
 
     /// The local DDL (queued) for a table renamed or moved upstream, and
     /// its bookkeeping. Returns the new qualified name.
-    fn rename_table(&mut self, id: u32, known: &KnownTable, schema: &str, name: &str) -> Result<String, ReplicationError> {
+    fn rename_table(
+        &mut self,
+        id: u32,
+        known: &KnownTable,
+        schema: &str,
+        name: &str,
+    ) -> Result<String, ReplicationError> {
         let old = qualified(&known.schema, &known.name);
         tracing::info!(from = %old, to = %qualified(schema, name), "table renamed upstream; renaming it");
         let mut sql = Vec::new();
@@ -393,7 +400,12 @@ impl Applier {
     /// Best effort: the local table gets the remote's indexes (by name) and
     /// loses those the remote dropped. Constraint indexes are left alone.
     /// One that cannot be built locally is skipped with a warning.
-    async fn follow_indexes(&mut self, id: u32, local_name: &str, qualified_name: &str) -> Result<(), ReplicationError> {
+    async fn follow_indexes(
+        &mut self,
+        id: u32,
+        local_name: &str,
+        qualified_name: &str,
+    ) -> Result<(), ReplicationError> {
         let remote: Vec<(String, String)> = self
             .catalog()
             .await?
@@ -409,7 +421,8 @@ impl Applier {
             .collect();
         // Under a rename queued in this same local transaction the table is
         // not found yet: its indexes are looked at with its next message.
-        let exists = self.local_query("SELECT to_regclass($1)::text", vec![Param::Untyped(local_name.to_owned())]).await?;
+        let exists =
+            self.local_query("SELECT to_regclass($1)::text", vec![Param::Untyped(local_name.to_owned())]).await?;
         if exists.rows.first().and_then(|r| r.get::<Option<String>>(0)).is_none() {
             return Ok(());
         }

@@ -45,6 +45,7 @@ pub(crate) enum ColumnChange {
 
 /// The changes that turn `old` into `new`, in the order to apply them
 /// (drops, renames, type changes, adds), or why they are ambiguous.
+#[cfg(test)]
 pub(crate) fn diff(old: &[LocalColumn], new: &[NewColumn]) -> Result<Vec<ColumnChange>, String> {
     plan(old, new).map(|(changes, _)| changes)
 }

@@ -169,7 +169,7 @@ fn random_transaction(
 }
 
 /// Adds, drops or renames a column upstream; the new Relation message goes
-/// through [`columns::diff`] like the apply's.
+/// through [`columns::plan`] like the apply's.
 fn schema_change(rng: &mut Rng, model: &mut Model, rel: &mut Arc<RelationState>, batch: &mut Batch) {
     let before = (model.columns.clone(), model.attnums.clone(), model.rows.clone());
     let width = model.columns.len();
@@ -209,8 +209,8 @@ fn schema_change(rng: &mut Rng, model: &mut Model, rel: &mut Arc<RelationState>,
         .map(|(n, &a)| NewColumn { name: n.clone(), type_name: "text".into(), attnum: Some(a).filter(|_| known) })
         .collect();
     let old_view = rel.columns.clone();
-    let changes = match columns::diff(&old_view, &new) {
-        Ok(changes) => changes,
+    let (changes, view) = match columns::plan(&old_view, &new) {
+        Ok(plan) => plan,
         // Ambiguous: the apply copies the table again (tested against a
         // real remote); here the change is not made.
         Err(_) => {
@@ -223,7 +223,7 @@ fn schema_change(rng: &mut Rng, model: &mut Model, rel: &mut Arc<RelationState>,
     for sql in columns::ddl(&rel.qualified, &old_view, &changes) {
         batch.statement_for(1, sql, vec![]);
     }
-    *rel = state(&columns::view_after(&new), rel.full_identity);
+    *rel = state(&view, rel.full_identity);
 }
 
 async fn local_rows(instance: &Instance, model: &Model) -> Vec<Vec<Option<String>>> {

@@ -35,7 +35,8 @@ impl Daemon {
     pub fn spawn(remote: &LocalPostgres, data: &Path, extra: &[&str]) -> Daemon {
         let socket_dir = data.with_extension("sock");
         let port = free_port();
-        let log = data.with_extension(format!("log{}", std::time::SystemTime::now().elapsed().unwrap_or_default().as_nanos()));
+        let log = data
+            .with_extension(format!("log{}", std::time::SystemTime::now().elapsed().unwrap_or_default().as_nanos()));
         let stderr = std::fs::File::create(&log).unwrap();
         let child = Command::new(BIN)
             .args(["sync", "--source", &remote.url("postgres"), "--data"])

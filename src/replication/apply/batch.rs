@@ -101,7 +101,10 @@ impl Batch {
             GroupKind::Delete => true,
         };
         if !arity_ok {
-            return Err(ReplicationError::fatal(format!("{}: a row does not match its Relation message", rel.qualified)));
+            return Err(ReplicationError::fatal(format!(
+                "{}: a row does not match its Relation message",
+                rel.qualified
+            )));
         }
         let size: usize = row.iter().map(value_size).sum::<usize>() + 8;
         let current = self.groups.iter().position(|(_, g)| g.relation == relation);

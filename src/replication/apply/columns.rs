@@ -45,7 +45,15 @@ pub(crate) enum ColumnChange {
 
 /// The changes that turn `old` into `new`, in the order to apply them
 /// (drops, renames, type changes, adds), or why they are ambiguous.
+#[cfg(test)]
 pub(crate) fn diff(old: &[LocalColumn], new: &[NewColumn]) -> Result<Vec<ColumnChange>, String> {
+    plan(old, new).map(|(changes, _)| changes)
+}
+
+/// [`diff`], and the view after the changes: the new message's columns,
+/// each keeping the attribute number known for it before when the catalog
+/// did not give one now.
+pub(crate) fn plan(old: &[LocalColumn], new: &[NewColumn]) -> Result<(Vec<ColumnChange>, Vec<LocalColumn>), String> {
     let mut matched: Vec<Option<usize>> = vec![None; new.len()];
     let mut taken = vec![false; old.len()];
     // Same attribute number: the same column, whatever its name now.
@@ -127,7 +135,11 @@ pub(crate) fn diff(old: &[LocalColumn], new: &[NewColumn]) -> Result<Vec<ColumnC
     for &j in &adds {
         changes.push(ColumnChange::Add { name: new[j].name.clone(), type_name: new[j].type_name.clone(), fill: None });
     }
-    Ok(changes)
+    let mut view = view_after(new);
+    for &(i, j) in &pairs {
+        view[j].attnum = new[j].attnum.or(old[i].attnum);
+    }
+    Ok((changes, view))
 }
 
 fn o_attnum(old: &[LocalColumn], i: usize) -> Option<i16> {
@@ -172,7 +184,10 @@ pub(crate) fn ddl(qualified: &str, old: &[LocalColumn], changes: &[ColumnChange]
                 // Existing rows get the remote's missing value, later rows
                 // carry their own.
                 let column = quote_ident(name);
-                out.push(alter(format!("ADD COLUMN {column} {type_name} DEFAULT {}::{type_name}", quote_literal(value))));
+                out.push(alter(format!(
+                    "ADD COLUMN {column} {type_name} DEFAULT {}::{type_name}",
+                    quote_literal(value)
+                )));
                 out.push(alter(format!("ALTER COLUMN {column} DROP DEFAULT")));
             }
             ColumnChange::Add { name, type_name, fill: None } => {
@@ -206,11 +221,9 @@ fn temp_name(k: usize) -> String {
     format!("pglite_cache_renaming_{k}")
 }
 
-/// The apply's view after `changes` (the new message's columns, in order).
+/// The new message's columns as a view (attribute numbers as given).
 pub(crate) fn view_after(new: &[NewColumn]) -> Vec<LocalColumn> {
-    new.iter()
-        .map(|n| LocalColumn { name: n.name.clone(), type_name: n.type_name.clone(), attnum: n.attnum })
-        .collect()
+    new.iter().map(|n| LocalColumn { name: n.name.clone(), type_name: n.type_name.clone(), attnum: n.attnum }).collect()
 }
 
 #[cfg(test)]
@@ -237,7 +250,13 @@ mod tests {
     fn adds_drops_renames_and_type_changes_by_name_and_position() {
         let o = old(&[("id", "integer", None), ("v", "text", None), ("w", "integer", None)]);
         // Two columns added (one remote transaction, or two merged).
-        let n = new(&[("id", "integer", None), ("v", "text", None), ("w", "integer", None), ("a", "text", None), ("b", "date", None)]);
+        let n = new(&[
+            ("id", "integer", None),
+            ("v", "text", None),
+            ("w", "integer", None),
+            ("a", "text", None),
+            ("b", "date", None),
+        ]);
         assert_eq!(diff(&o, &n).unwrap(), vec![add("a", "text"), add("b", "date")]);
         // A column dropped in the middle.
         let n = new(&[("id", "integer", None), ("w", "integer", None)]);
@@ -247,7 +266,10 @@ mod tests {
         assert_eq!(diff(&o, &n).unwrap(), vec![rename("v", "v2")]);
         // Retyped.
         let n = new(&[("id", "bigint", None), ("v", "text", None), ("w", "integer", None)]);
-        assert_eq!(diff(&o, &n).unwrap(), vec![ColumnChange::Retype { name: "id".into(), from_type: "integer".into(), type_name: "bigint".into() }]);
+        assert_eq!(
+            diff(&o, &n).unwrap(),
+            vec![ColumnChange::Retype { name: "id".into(), from_type: "integer".into(), type_name: "bigint".into() }]
+        );
         // The last column replaced: rename or drop + add? Unknowable without attnums.
         let n = new(&[("id", "integer", None), ("v", "text", None), ("x", "integer", None)]);
         assert!(diff(&o, &n).is_err());
@@ -294,6 +316,15 @@ mod tests {
                 "ALTER TYPE mood ADD VALUE IF NOT EXISTS 'ecstatic' AFTER 'happy'",
             ]
         );
+    }
+
+    #[test]
+    fn attribute_numbers_carry_over_when_the_catalog_says_nothing() {
+        let o = old(&[("id", "integer", Some(1)), ("v", "text", Some(2)), ("z", "text", Some(3))]);
+        let n = new(&[("id", "integer", None), ("w", "text", None), ("z", "text", None), ("x", "date", None)]);
+        let (changes, view) = plan(&o, &n).unwrap();
+        assert_eq!(changes, vec![rename("v", "w"), add("x", "date")]);
+        assert_eq!(view.iter().map(|c| c.attnum).collect::<Vec<_>>(), vec![Some(1), Some(2), Some(3), None]);
     }
 
     #[test]

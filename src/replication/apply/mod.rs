@@ -94,6 +94,8 @@ struct Pending {
     open: bool,
     /// The remote transaction being received.
     final_lsn: Lsn,
+    /// Its transaction id.
+    xid: u32,
     /// Already applied before a restart: receive and drop.
     skip: bool,
     /// The statements of the local transaction being built (pure: see
@@ -238,7 +240,7 @@ impl Applier {
         let message = pgoutput::decode(data, false).map_err(|e| ReplicationError::fatal(e.to_string()))?;
         tracing::trace!(?message, committed = %self.committed, "pgoutput");
         match message {
-            LogicalMessage::Begin { final_lsn, commit_time, .. } => {
+            LogicalMessage::Begin { final_lsn, commit_time, xid } => {
                 let _ = commit_time; // the Commit message carries it too
                 let skip = final_lsn < self.committed;
                 if let Some(pending) = self.pending.as_mut() {
@@ -248,6 +250,7 @@ impl Applier {
                     }
                     pending.open = true;
                     pending.final_lsn = final_lsn;
+                    pending.xid = xid;
                     pending.skip = skip;
                     pending.change_count = 0;
                     pending.changes.clear();
@@ -256,6 +259,7 @@ impl Applier {
                 self.pending = Some(Pending {
                     open: true,
                     final_lsn,
+                    xid,
                     skip,
                     batch: Batch::default(),
                     local: None,

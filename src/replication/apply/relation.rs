@@ -25,6 +25,8 @@ struct RemoteColumn {
     /// The "missing value" existing rows read (`atthasmissing`).
     missing: Option<Option<String>>,
     has_default: bool,
+    /// Written by the message's transaction or before it (see `follow`).
+    by_then: bool,
 }
 
 impl Applier {
@@ -64,13 +66,18 @@ impl Applier {
     /// Brings the local table to the shape `rel` describes.
     async fn follow(&mut self, rel: Relation) -> Result<(), ReplicationError> {
         let Some(known) = self.tables.get(&rel.id).cloned() else { return Ok(()) };
-        let remote = self.remote_columns(rel.id).await?;
+        let xid = self.pending.as_ref().map_or(0, |p| p.xid);
+        let remote = self.remote_columns(rel.id, xid).await?;
         let find = |c: &pgoutput::RelationColumn| {
             remote.iter().find(|r| r.name == c.name && r.type_oid == c.type_oid && r.typmod == c.type_modifier)
         };
-        // The catalog is read now, not at the message's position: it
-        // describes the message only if no later change is committed yet.
-        let current = rel.columns.iter().all(|c| find(c).is_some());
+        // The catalog is read now, not at the message's position. Its
+        // attribute numbers and missing values hold for the message if
+        // every column row is older than the transaction the message came
+        // in (a DDL committed after it took its lock after that
+        // transaction's commit, so got a later xid), and it matches.
+        let older = self.catalog_older_than(rel.id, xid).await?;
+        let current = older && rel.columns.iter().all(|c| find(c).is_some());
         let mut new_columns = Vec::with_capacity(rel.columns.len());
         for c in &rel.columns {
             let (type_name, attnum) = match find(c) {
@@ -80,23 +87,31 @@ impl Applier {
             new_columns.push(NewColumn { name: c.name.clone(), type_name, attnum });
         }
 
-        let mut qualified_name = qualified(&known.schema, &known.name);
+        // The local catalog does not show DDL queued but not run yet: it is
+        // read under the name the table had before this message.
+        let local_name = qualified(&known.schema, &known.name);
+        let mut qualified_name = local_name.clone();
         let old_view = match self.relations.get(&rel.id) {
             Some(state) => state.columns.clone(),
-            None => self.local_columns(&qualified_name).await?,
+            None => self.local_columns(&local_name).await?,
         };
         if (known.schema.as_str(), known.name.as_str()) != (rel.namespace.as_str(), rel.name.as_str()) {
             qualified_name = self.rename_table(rel.id, &known, &rel.namespace, &rel.name)?;
         }
-        let mut changes = match columns::diff(&old_view, &new_columns) {
-            Ok(changes) => changes,
+        tracing::debug!(table = %qualified_name, current, ?old_view, ?new_columns, "Relation message");
+        let (mut changes, columns) = match columns::plan(&old_view, &new_columns) {
+            Ok(plan) => plan,
             Err(reason) => return self.recopy(rel, &reason),
         };
         let mut user_types = Vec::new();
         for change in &mut changes {
             match change {
                 ColumnChange::Add { name, type_name, fill } => {
-                    let Some(r) = remote.iter().find(|r| &r.name == name && current) else {
+                    // Added by this transaction or before: its missing value
+                    // is the one (unless added, dropped and added again in
+                    // one transaction).
+                    let Some(r) = remote.iter().find(|r| &r.name == name && &r.type_name == type_name && r.by_then)
+                    else {
                         let reason = format!("column {name} was added upstream and changed again since");
                         return self.recopy(rel, &reason);
                     };
@@ -113,7 +128,6 @@ impl Applier {
                     if r.type_oid >= 16384 {
                         user_types.push(r.type_oid);
                     }
-                    debug_assert_eq!(&r.type_name, type_name);
                 }
                 ColumnChange::Retype { name, from_type, type_name } => {
                     let from = from_type.clone();
@@ -135,16 +149,16 @@ impl Applier {
         }
         if !user_types.is_empty() {
             let script = self.type_script(&user_types).await?;
-            if !script.is_empty() {
-                self.batch()?.statement_for(rel.id, script, vec![]);
+            // One statement per line.
+            for sql in script.lines() {
+                self.batch()?.statement_for(rel.id, sql.trim_end_matches(';').to_owned(), vec![]);
             }
         }
         for sql in columns::ddl(&qualified_name, &old_view, &changes) {
             self.batch()?.statement_for(rel.id, sql, vec![]);
         }
-        self.follow_indexes(rel.id, &qualified_name).await?;
+        self.follow_indexes(rel.id, &local_name, &qualified_name).await?;
         let enum_columns = self.enum_columns(&rel, &new_columns).await?;
-        let columns = columns::view_after(&new_columns);
         let key: Vec<usize> = rel.columns.iter().enumerate().filter(|(_, c)| c.is_key).map(|(i, _)| i).collect();
         let table = self.tables.get(&rel.id).cloned().expect("checked above");
         let state = RelationState {
@@ -165,7 +179,13 @@ impl Applier {
 
     /// The local DDL (queued) for a table renamed or moved upstream, and
     /// its bookkeeping. Returns the new qualified name.
-    fn rename_table(&mut self, id: u32, known: &KnownTable, schema: &str, name: &str) -> Result<String, ReplicationError> {
+    fn rename_table(
+        &mut self,
+        id: u32,
+        known: &KnownTable,
+        schema: &str,
+        name: &str,
+    ) -> Result<String, ReplicationError> {
         let old = qualified(&known.schema, &known.name);
         tracing::info!(from = %old, to = %qualified(schema, name), "table renamed upstream; renaming it");
         let mut sql = Vec::new();
@@ -290,16 +310,32 @@ impl Applier {
         Ok(())
     }
 
-    async fn remote_columns(&mut self, relation: u32) -> Result<Vec<RemoteColumn>, ReplicationError> {
+    /// Whether every column row of the remote table is older than
+    /// transaction `xid` (by age: wraparound-safe).
+    async fn catalog_older_than(&mut self, relation: u32, xid: u32) -> Result<bool, ReplicationError> {
+        let row = self
+            .catalog()
+            .await?
+            .query_one(
+                "SELECT coalesce(min(age(a.xmin)), 2147483647) > age($2::text::xid) \
+                 FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0",
+                &[&relation, &xid.to_string()],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    async fn remote_columns(&mut self, relation: u32, xid: u32) -> Result<Vec<RemoteColumn>, ReplicationError> {
         let rows = self
             .catalog()
             .await?
             .query(
                 "SELECT a.attname::text, a.attnum, a.atttypid, a.atttypmod, format_type(a.atttypid, a.atttypmod), \
-                        a.atthasmissing, (a.attmissingval::text::text[])[1], d.adbin IS NOT NULL \
+                        a.atthasmissing, (a.attmissingval::text::text[])[1], d.adbin IS NOT NULL, \
+                        age(a.xmin) >= age($2::text::xid) \
                  FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-                &[&relation],
+                &[&relation, &xid.to_string()],
             )
             .await?;
         Ok(rows
@@ -312,6 +348,7 @@ impl Applier {
                 type_name: r.get(4),
                 missing: if r.get::<_, bool>(5) { Some(r.get(6)) } else { None },
                 has_default: r.get(7),
+                by_then: r.get(8),
             })
             .collect())
     }
@@ -363,7 +400,12 @@ impl Applier {
     /// Best effort: the local table gets the remote's indexes (by name) and
     /// loses those the remote dropped. Constraint indexes are left alone.
     /// One that cannot be built locally is skipped with a warning.
-    async fn follow_indexes(&mut self, id: u32, qualified_name: &str) -> Result<(), ReplicationError> {
+    async fn follow_indexes(
+        &mut self,
+        id: u32,
+        local_name: &str,
+        qualified_name: &str,
+    ) -> Result<(), ReplicationError> {
         let remote: Vec<(String, String)> = self
             .catalog()
             .await?
@@ -377,26 +419,35 @@ impl Applier {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
+        // Under a rename queued in this same local transaction the table is
+        // not found yet: its indexes are looked at with its next message.
+        let exists =
+            self.local_query("SELECT to_regclass($1)::text", vec![Param::Untyped(local_name.to_owned())]).await?;
+        if exists.rows.first().and_then(|r| r.get::<Option<String>>(0)).is_none() {
+            return Ok(());
+        }
         let local = self
             .local_query(
-                "SELECT c.relname::text, n.nspname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
-                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE i.indrelid = $1::regclass \
+                "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                 WHERE i.indrelid = $1::regclass \
                    AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid AND k.conrelid = i.indrelid)",
-                vec![Param::Untyped(qualified_name.to_owned())],
+                vec![Param::Untyped(local_name.to_owned())],
             )
             .await?;
-        let local: Vec<(String, String)> = local.rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let local: Vec<String> = local.rows.iter().map(|r| r.get(0)).collect();
+        let schema = self.tables.get(&id).map(|t| t.schema.clone()).unwrap_or_default();
         let mut sql = Vec::new();
         for (name, def) in &remote {
-            if !local.iter().any(|(l, _)| l == name) {
+            if !local.iter().any(|l| l == name) {
                 tracing::info!(table = %qualified_name, index = %name, "index created upstream; creating it");
                 sql.push(guarded(def));
             }
         }
-        for (name, schema) in &local {
+        for name in &local {
             if !remote.iter().any(|(r, _)| r == name) {
                 tracing::info!(table = %qualified_name, index = %name, "index dropped upstream; dropping it");
-                sql.push(format!("DROP INDEX IF EXISTS {}", qualified(schema, name)));
+                // Indexes live in their table's schema (moved with it).
+                sql.push(format!("DROP INDEX IF EXISTS {}", qualified(&schema, name)));
             }
         }
         let batch = self.batch()?;

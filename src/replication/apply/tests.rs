@@ -35,11 +35,25 @@ impl Rng {
     }
 }
 
-const TEXTS: &[&str] = &["", "plain", "it's", "back\\slash", "tab\there", "new\nline", "NULL", "{a,b}", "\"q\"", "日本 ✓"];
+const TEXTS: &[&str] =
+    &["", "plain", "it's", "back\\slash", "tab\there", "new\nline", "NULL", "{a,b}", "\"q\"", "日本 ✓"];
 
 /// The model of one remote table: column names (the first, `id`, is the
 /// key unless the table has FULL identity) and rows of text values.
+/// What a run exercised (so that a change of the generator that stops
+/// covering a path fails the test).
+#[derive(Default, Debug)]
+struct Covered {
+    copies: usize,
+    key_changes: usize,
+    unchanged_toast: usize,
+    schema_changes: usize,
+    ambiguous: usize,
+    truncates: usize,
+}
+
 struct Model {
+    covered: Covered,
     columns: Vec<String>,
     /// Remote attribute numbers of the columns.
     attnums: Vec<i16>,
@@ -77,7 +91,13 @@ fn random_value(rng: &mut Rng) -> Option<String> {
 }
 
 /// One random remote transaction, fed to `batch` and applied to `model`.
-fn random_transaction(rng: &mut Rng, model: &mut Model, rel: &mut Arc<RelationState>, batch: &mut Batch, next_id: &mut u64) {
+fn random_transaction(
+    rng: &mut Rng,
+    model: &mut Model,
+    rel: &mut Arc<RelationState>,
+    batch: &mut Batch,
+    next_id: &mut u64,
+) {
     let full = rel.full_identity;
     for _ in 0..1 + rng.below(12) {
         let width = model.columns.len();
@@ -85,6 +105,7 @@ fn random_transaction(rng: &mut Rng, model: &mut Model, rel: &mut Arc<RelationSt
         if roll < 35 || model.rows.is_empty() {
             // Inserts; now and then enough of them for a COPY.
             let n = if rng.chance(3) { 600 } else { 1 };
+            model.covered.copies += usize::from(n == 600);
             for _ in 0..n {
                 *next_id += 1;
                 let mut row = vec![Some(next_id.to_string())];
@@ -99,6 +120,7 @@ fn random_transaction(rng: &mut Rng, model: &mut Model, rel: &mut Arc<RelationSt
             let mut tuple: Vec<Value> = Vec::new();
             let change_key = !full && rng.chance(15);
             if change_key {
+                model.covered.key_changes += 1;
                 *next_id += 1;
                 new[0] = Some(next_id.to_string());
             }
@@ -110,6 +132,7 @@ fn random_transaction(rng: &mut Rng, model: &mut Model, rel: &mut Arc<RelationSt
             for (j, cell) in new.iter().enumerate() {
                 // An unchanged TOAST value is not sent (never with FULL identity).
                 if !full && j > 0 && cell == &old[j] && rng.chance(30) {
+                    model.covered.unchanged_toast += 1;
                     tuple.push(Value::Unchanged);
                 } else {
                     tuple.push(text(cell));
@@ -118,7 +141,9 @@ fn random_transaction(rng: &mut Rng, model: &mut Model, rel: &mut Arc<RelationSt
             let old_tuple = if full {
                 Some(OldTuple::Full(old.iter().map(text).collect()))
             } else if change_key {
-                Some(OldTuple::Key(old.iter().enumerate().map(|(j, v)| if j == 0 { text(v) } else { Value::Null }).collect()))
+                Some(OldTuple::Key(
+                    old.iter().enumerate().map(|(j, v)| if j == 0 { text(v) } else { Value::Null }).collect(),
+                ))
             } else {
                 None
             };
@@ -136,6 +161,7 @@ fn random_transaction(rng: &mut Rng, model: &mut Model, rel: &mut Arc<RelationSt
         } else if roll < 88 {
             batch.statement("TRUNCATE \"public\".\"t\"".into(), vec![]);
             model.rows.clear();
+            model.covered.truncates += 1;
         } else {
             schema_change(rng, model, rel, batch);
         }
@@ -143,7 +169,7 @@ fn random_transaction(rng: &mut Rng, model: &mut Model, rel: &mut Arc<RelationSt
 }
 
 /// Adds, drops or renames a column upstream; the new Relation message goes
-/// through [`columns::diff`] like the apply's.
+/// through [`columns::plan`] like the apply's.
 fn schema_change(rng: &mut Rng, model: &mut Model, rel: &mut Arc<RelationState>, batch: &mut Batch) {
     let before = (model.columns.clone(), model.attnums.clone(), model.rows.clone());
     let width = model.columns.len();
@@ -183,19 +209,21 @@ fn schema_change(rng: &mut Rng, model: &mut Model, rel: &mut Arc<RelationState>,
         .map(|(n, &a)| NewColumn { name: n.clone(), type_name: "text".into(), attnum: Some(a).filter(|_| known) })
         .collect();
     let old_view = rel.columns.clone();
-    let changes = match columns::diff(&old_view, &new) {
-        Ok(changes) => changes,
+    let (changes, view) = match columns::plan(&old_view, &new) {
+        Ok(plan) => plan,
         // Ambiguous: the apply copies the table again (tested against a
         // real remote); here the change is not made.
         Err(_) => {
             (model.columns, model.attnums, model.rows) = before;
+            model.covered.ambiguous += 1;
             return;
         }
     };
+    model.covered.schema_changes += 1;
     for sql in columns::ddl(&rel.qualified, &old_view, &changes) {
         batch.statement_for(1, sql, vec![]);
     }
-    *rel = state(&columns::view_after(&new), rel.full_identity);
+    *rel = state(&view, rel.full_identity);
 }
 
 async fn local_rows(instance: &Instance, model: &Model) -> Vec<Vec<Option<String>>> {
@@ -207,7 +235,7 @@ async fn local_rows(instance: &Instance, model: &Model) -> Vec<Vec<Option<String
     rows
 }
 
-async fn run(seed: u64, full: bool) {
+async fn run(seed: u64, full: bool) -> Covered {
     let instance = Instance::start(InstanceOptions::in_memory()).await.unwrap();
     instance.exec("DROP TABLE IF EXISTS public.t; CREATE TABLE public.t (id text, c0 text, c1 text)").await.unwrap();
     if !full {
@@ -220,6 +248,7 @@ async fn run(seed: u64, full: bool) {
         max_attnum: 3,
         rows: Vec::new(),
         next_column: 1,
+        covered: Covered::default(),
     };
     let view: Vec<LocalColumn> = model
         .columns
@@ -245,12 +274,30 @@ async fn run(seed: u64, full: bool) {
         assert_eq!(got, expected, "seed {seed} round {round}");
     }
     instance.stop().await.unwrap();
+    model.covered
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_changes_match_row_by_row_application() {
+    let mut total = Covered::default();
     for seed in 1..=6 {
-        run(seed, false).await;
-        run(seed + 100, true).await;
+        for covered in [run(seed, false).await, run(seed + 100, true).await] {
+            total.copies += covered.copies;
+            total.key_changes += covered.key_changes;
+            total.unchanged_toast += covered.unchanged_toast;
+            total.schema_changes += covered.schema_changes;
+            total.ambiguous += covered.ambiguous;
+            total.truncates += covered.truncates;
+        }
     }
+    let t = &total;
+    assert!(
+        t.copies > 0
+            && t.key_changes > 0
+            && t.unchanged_toast > 0
+            && t.schema_changes > 10
+            && t.ambiguous > 0
+            && t.truncates > 0,
+        "{total:?}"
+    );
 }

@@ -11,29 +11,29 @@ use pglite_cache::server::{Listener, ScramVerifier, ServerConfig};
 pub struct ListenArgs {
     /// Directory of the Unix socket `.s.PGSQL.<port>` (created owner-only if
     /// missing). Connect with `psql -h DIR -p PORT`.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "PGLITE_CACHE_SOCKET_DIR")]
     pub socket_dir: Option<PathBuf>,
     /// Port of the Unix socket name, and of the default TCP listener
     /// (default: 5432 for `serve`, 5433 for `sync`, so a cache can run next
     /// to the PostgreSQL it copies).
-    #[arg(long)]
+    #[arg(long, env = "PGLITE_CACHE_PORT")]
     pub port: Option<u16>,
     /// TCP address to listen on (repeatable). Default: 127.0.0.1:<port> when
     /// no --socket-dir is given.
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", value_delimiter = ',', env = "PGLITE_CACHE_LISTEN")]
     pub listen: Vec<SocketAddr>,
     /// Allow --listen on addresses other than loopback.
-    #[arg(long)]
+    #[arg(long, env = "PGLITE_CACHE_ALLOW_REMOTE")]
     pub allow_remote: bool,
     /// File whose first line is the password required on TCP (or a
     /// `SCRAM-SHA-256$...` verifier). Unix-socket connections are trusted.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "PGLITE_CACHE_PASSWORD_FILE")]
     pub password_file: Option<PathBuf>,
     /// Maximum concurrent client connections.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, env = "PGLITE_CACHE_MAX_CONNECTIONS")]
     pub max_connections: usize,
     /// Largest COPY FROM STDIN accepted, in MiB (held in memory until CopyDone).
-    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    #[arg(long, default_value_t = 256, value_name = "MIB", env = "PGLITE_CACHE_MAX_COPY_MB")]
     pub max_copy_mb: usize,
 }
 

@@ -2,10 +2,13 @@
 
 mod decommission;
 mod demo;
+mod generate;
 mod listen;
 pub mod logs;
+mod metrics;
 mod query;
 mod serve;
+mod source;
 mod status;
 mod status_file;
 mod sync;
@@ -23,7 +26,7 @@ pub struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Log line format on stderr (filter with RUST_LOG, e.g. RUST_LOG=debug).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PGLITE_CACHE_LOG_FORMAT")]
     pub log_format: LogFormat,
 }
 
@@ -71,6 +74,14 @@ enum Command {
     Status(status::StatusArgs),
     /// Drop a cache's slot (and owned publication) on the remote and its local bookkeeping.
     Decommission(decommission::DecommissionArgs),
+    /// Print the shell completion script, e.g. `pglite-cache completions bash > /etc/bash_completion.d/pglite-cache`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (or write all pages with --dir), e.g. `pglite-cache man --dir /usr/local/share/man/man1`.
+    Man(generate::ManArgs),
 }
 
 /// Exit status for a database error (bad usage exits with 2, as clap does).
@@ -85,5 +96,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Status(args) => status::run(args).await,
         Command::Demo => demo::run().await,
         Command::Decommission(args) => decommission::run(args).await,
+        Command::Completions { shell } => generate::completions(shell),
+        Command::Man(args) => generate::man(args),
     }
 }

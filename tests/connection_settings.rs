@@ -221,7 +221,7 @@ async fn the_password_from_every_source_and_never_in_any_output() {
         ("PGDATABASE", "postgres".to_string()),
         ("PGSSLMODE", "disable".to_string()),
     ];
-    assert_no_password(".pgpass", &sync_and_collect(home, &[], &env).await);
+    assert_no_password(".pgpass", &sync_and_collect(home, &source(""), &env).await);
 
     // 5. A service in PGSERVICEFILE (the password file is moved away first).
     std::fs::remove_file(home.join(".pgpass")).unwrap();
@@ -233,7 +233,7 @@ async fn the_password_from_every_source_and_never_in_any_output() {
         ),
     );
     let env = [("PGSERVICEFILE", services.display().to_string()), ("PGSERVICE", "cache".to_string())];
-    assert_no_password("service", &sync_and_collect(home, &[], &env).await);
+    assert_no_password("service", &sync_and_collect(home, &source(""), &env).await);
 
     // No password anywhere: a clear error at once (exit 2), no endless retries.
     let out = Command::new(BIN)

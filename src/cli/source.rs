@@ -5,20 +5,16 @@ use std::path::PathBuf;
 use pglite_cache::replication::SourceConfig;
 use pglite_cache::replication::conninfo::{self, PasswordSource};
 
-/// Raw source flags, shared by `sync` and `decommission`.
+/// Raw source flags, shared by `sync` and `decommission`. One of them is
+/// required (`--source ''` takes everything from the PG* variables).
 #[derive(Debug, Clone, clap::Args)]
+#[group(required = true, multiple = false)]
 pub struct SourceArgs {
     /// The remote: `postgres://user@host:port/db` or `host=... dbname=...`,
     /// without the password (from PGPASSWORD or ~/.pgpass, as in libpq).
     /// PGHOST, PGPORT, PGUSER, PGDATABASE, PGSSLMODE, PGSERVICE... fill in
-    /// what it leaves out.
-    #[arg(
-        long,
-        value_name = "CONNINFO",
-        conflicts_with = "source_file",
-        env = "PGLITE_CACHE_SOURCE",
-        hide_env_values = true
-    )]
+    /// what it leaves out (`--source ''`: all of it).
+    #[arg(long, value_name = "CONNINFO", env = "PGLITE_CACHE_SOURCE", hide_env_values = true)]
     source: Option<String>,
     /// A file holding the connection string (which may include the password).
     #[arg(long, value_name = "FILE", env = "PGLITE_CACHE_SOURCE_FILE")]
@@ -35,7 +31,7 @@ impl SourceArgs {
                 .map_err(|e| format!("--source-file {}: {e}", file.display()))?
                 .trim()
                 .to_owned(),
-            (None, None) => String::new(),
+            (None, None) => unreachable!("clap requires --source or --source-file"),
         };
         let flag = if self.source_file.is_some() { "--source-file" } else { "--source" };
         let resolved = conninfo::resolve_from_process(&conninfo).map_err(|e| format!("{flag}: {e}"))?;

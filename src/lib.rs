@@ -39,8 +39,8 @@
 pub mod convert;
 mod error;
 mod instance;
+#[cfg(feature = "local-postgres")]
 pub mod local_postgres;
-pub mod metrics;
 pub mod oid;
 mod params;
 pub mod protocol;

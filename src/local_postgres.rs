@@ -7,7 +7,6 @@
 //! Debian's `postgresql` package), or else `nobody`.
 
 use std::net::TcpListener;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -225,16 +224,11 @@ fn find_bin_dir() -> Result<PathBuf, LocalPostgresError> {
 
 /// `Some((uid, gid))` of the user to run the server as when we are root.
 fn unprivileged_user() -> Result<Option<(u32, u32)>, LocalPostgresError> {
-    if std::fs::metadata("/proc/self")?.uid() != 0 {
+    if !nix::unistd::geteuid().is_root() {
         return Ok(None);
     }
-    let passwd = std::fs::read_to_string("/etc/passwd")?;
-    let lookup = |name: &str| {
-        passwd.lines().find_map(|line| {
-            let fields: Vec<&str> = line.split(':').collect();
-            (fields.len() > 3 && fields[0] == name).then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))?
-        })
-    };
+    let lookup =
+        |name: &str| nix::unistd::User::from_name(name).ok().flatten().map(|u| (u.uid.as_raw(), u.gid.as_raw()));
     match lookup("postgres").or_else(|| lookup("nobody")) {
         Some(ids) => Ok(Some(ids)),
         None => Err(LocalPostgresError::Command {

@@ -13,9 +13,8 @@ use super::sync::EXIT_CONFIG;
 /// Raw `decommission` flags.
 #[derive(Debug, clap::Args)]
 pub struct DecommissionArgs {
-    /// The remote the cache replicates from.
-    #[arg(long, value_name = "URL")]
-    source: String,
+    #[command(flatten)]
+    source: super::source::SourceArgs,
     /// The cache's data directory.
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
@@ -25,10 +24,10 @@ pub struct DecommissionArgs {
 }
 
 pub async fn run(args: DecommissionArgs) -> ExitCode {
-    let source: SourceConfig = match args.source.parse() {
+    let source: SourceConfig = match args.source.resolve() {
         Ok(source) => source,
         Err(e) => {
-            eprintln!("error: --source: {e}");
+            eprintln!("error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };

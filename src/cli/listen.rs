@@ -12,49 +12,49 @@ use pglite_cache::server::{Listener, ScramVerifier, ServerConfig};
 pub struct ListenArgs {
     /// Directory of the Unix socket `.s.PGSQL.<port>` (created owner-only if
     /// missing). Connect with `psql -h DIR -p PORT`.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "PGLITE_CACHE_SOCKET_DIR")]
     pub socket_dir: Option<PathBuf>,
     /// Port of the Unix socket name, and of the default TCP listener
     /// (default: 5432 for `serve`, 5433 for `sync`, so a cache can run next
     /// to the PostgreSQL it copies).
-    #[arg(long)]
+    #[arg(long, env = "PGLITE_CACHE_PORT")]
     pub port: Option<u16>,
     /// TCP address to listen on (repeatable). Default: 127.0.0.1:<port> when
     /// no --socket-dir is given.
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", value_delimiter = ',', env = "PGLITE_CACHE_LISTEN")]
     pub listen: Vec<SocketAddr>,
     /// Allow --listen on addresses other than loopback.
-    #[arg(long)]
+    #[arg(long, env = "PGLITE_CACHE_ALLOW_REMOTE")]
     pub allow_remote: bool,
     /// File whose first line is the password required on TCP (or a
     /// `SCRAM-SHA-256$...` verifier). Unix-socket connections are trusted.
     /// Without it, a random password is generated at first start and stored
     /// owner-only (in the data directory, else next to the Unix socket, else
     /// in the temporary directory); where is printed at start.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "PGLITE_CACHE_PASSWORD_FILE")]
     pub password_file: Option<PathBuf>,
     /// UNSAFE: accept TCP clients without a password. Every local user (and,
     /// with --allow-remote, anyone who can reach the port) gets superuser
     /// access to the cache.
-    #[arg(long)]
+    #[arg(long, env = "PGLITE_CACHE_UNSAFE_TRUST_TCP")]
     pub unsafe_trust_tcp: bool,
     /// Maximum concurrent client connections.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, env = "PGLITE_CACHE_MAX_CONNECTIONS")]
     pub max_connections: usize,
     /// Largest COPY FROM STDIN accepted, in MiB (held in memory until CopyDone).
-    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    #[arg(long, default_value_t = 256, value_name = "MIB", env = "PGLITE_CACHE_MAX_COPY_MB")]
     pub max_copy_mb: usize,
     /// Disconnect (FATAL 25P03, rolled back) a client silent this long inside
     /// a transaction: meanwhile every other client waits. 0 disables.
-    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    #[arg(long, default_value_t = 30, value_name = "SECONDS", env = "PGLITE_CACHE_IDLE_IN_TRANSACTION_TIMEOUT")]
     pub idle_in_transaction_timeout: u64,
     /// Fail (ERROR 57014) a statement that waited this long for the engine
     /// behind other clients. 0 waits for ever.
-    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    #[arg(long, default_value_t = 120, value_name = "SECONDS", env = "PGLITE_CACHE_QUEUE_WAIT_TIMEOUT")]
     pub queue_wait_timeout: u64,
     /// Disconnect a client that holds the engine and reads none of its reply
     /// for this long. 0 disables.
-    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    #[arg(long, default_value_t = 30, value_name = "SECONDS", env = "PGLITE_CACHE_WRITE_TIMEOUT")]
     pub write_timeout: u64,
 }
 

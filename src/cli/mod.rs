@@ -2,13 +2,16 @@
 
 mod decommission;
 mod demo;
+mod generate;
 mod listen;
 pub mod logs;
 mod password;
 mod publish;
+mod metrics;
 mod query;
 mod resync;
 mod serve;
+mod source;
 mod status;
 mod status_file;
 mod sync;
@@ -26,7 +29,7 @@ pub struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Log line format on stderr (filter with RUST_LOG, e.g. RUST_LOG=debug).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PGLITE_CACHE_LOG_FORMAT")]
     pub log_format: LogFormat,
 }
 
@@ -78,6 +81,14 @@ enum Command {
     Decommission(decommission::DecommissionArgs),
     /// Copy a cache's tables again (all, from a new slot, or --table T) while the old copies stay readable.
     Resync(resync::ResyncArgs),
+    /// Print the shell completion script, e.g. `pglite-cache completions bash > /etc/bash_completion.d/pglite-cache`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (or write all pages with --dir), e.g. `pglite-cache man --dir /usr/local/share/man/man1`.
+    Man(generate::ManArgs),
 }
 
 /// Exit status for a database error (bad usage exits with 2, as clap does).
@@ -94,5 +105,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Demo => demo::run().await,
         Command::Decommission(args) => decommission::run(args).await,
         Command::Resync(args) => resync::run(args).await,
+        Command::Completions { shell } => generate::completions(shell),
+        Command::Man(args) => generate::man(args),
     }
 }

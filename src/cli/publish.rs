@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use pglite_cache::metrics::{self, MetricKind, MetricsText};
 use pglite_cache::replication::stream::{Publisher, PublisherConfig, StreamConfig};
 use pglite_cache::replication::{ErrorKind, Phase, PublicationSpec, ReplicationConfig, SourceConfig, Status};
 use tokio::sync::watch;
@@ -22,47 +21,46 @@ const EXIT_CONFIG: u8 = 2;
 /// Raw `publish` flags.
 #[derive(Debug, clap::Args)]
 pub struct PublishArgs {
-    /// The remote: `postgres://user:password@host:port/db` or `host=... dbname=...`.
-    #[arg(long, value_name = "URL")]
-    source: String,
+    #[command(flatten)]
+    source: crate::cli::source::SourceArgs,
     /// NATS server(s) with JetStream: `nats://host:port` (comma-separated for a cluster).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", env = "PGLITE_CACHE_NATS")]
     nats: String,
     /// The stream's name (letters, digits, '-', '_'); caches use the same.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", env = "PGLITE_CACHE_STREAM")]
     stream: String,
     /// The publisher's own cache (initial copy, snapshots). Default: ./<stream>-publisher.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "PGLITE_CACHE_DATA")]
     data: Option<PathBuf>,
     /// Publish an existing publication.
-    #[arg(long, value_name = "NAME", conflicts_with_all = ["tables", "schema"])]
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["tables", "schema"], env = "PGLITE_CACHE_PUBLICATION")]
     publication: Option<String>,
     /// Publish these tables (`schema.table` or `table`); a publication is created and owned.
-    #[arg(long, value_name = "T1,T2", value_delimiter = ',', conflicts_with = "schema")]
+    #[arg(long, value_name = "T1,T2", value_delimiter = ',', conflicts_with = "schema", env = "PGLITE_CACHE_TABLES")]
     tables: Vec<String>,
     /// Publish every table of this schema (as it is at first start).
-    #[arg(long, value_name = "SCHEMA")]
+    #[arg(long, value_name = "SCHEMA", env = "PGLITE_CACHE_SCHEMA")]
     schema: Option<String>,
     /// The logical replication slot on the remote.
-    #[arg(long, value_name = "NAME", default_value = "pglite_cache_fanout")]
+    #[arg(long, value_name = "NAME", default_value = "pglite_cache_fanout", env = "PGLITE_CACHE_SLOT")]
     slot: String,
     /// Hours the stream keeps records (0: forever). A cache offline longer starts again from a snapshot.
-    #[arg(long, value_name = "HOURS", default_value_t = 168)]
+    #[arg(long, value_name = "HOURS", default_value_t = 168, env = "PGLITE_CACHE_RETENTION_HOURS")]
     retention_hours: u64,
     /// Minutes between snapshots of the publisher's cache (0: only the one of the initial copy).
-    #[arg(long, value_name = "MINUTES", default_value_t = 10)]
+    #[arg(long, value_name = "MINUTES", default_value_t = 10, env = "PGLITE_CACHE_SNAPSHOT_MINUTES")]
     snapshot_minutes: u64,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics.
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", env = "PGLITE_CACHE_METRICS")]
     metrics: Option<SocketAddr>,
     /// Seconds between status lines; also how often the remote's position is
     /// asked for (idle progress for wait_for_lsn).
-    #[arg(long, value_name = "SECONDS", default_value_t = 1)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 1, env = "PGLITE_CACHE_STATUS_INTERVAL")]
     status_interval: u64,
 }
 
 fn plan(args: PublishArgs) -> Result<(PublisherConfig, Option<String>, Option<SocketAddr>), String> {
-    let source: SourceConfig = args.source.parse().map_err(|e| format!("--source: {e}"))?;
+    let source: SourceConfig = args.source.resolve()?;
     let owned_name = format!("{}_pub", args.slot);
     let publication = match (args.publication, args.tables.is_empty(), &args.schema) {
         (Some(name), true, None) => PublicationSpec::Existing(name),
@@ -120,7 +118,9 @@ pub async fn run(args: PublishArgs) -> ExitCode {
                 eprintln!("metrics at http://{addr}/metrics");
                 let status = publisher.watch_status();
                 let mut stopped = reports_stopped.clone();
-                tokio::spawn(metrics::serve(listener, move || page(&status.borrow()), async move {
+                let page = declare_metrics();
+                let render = move || page.render(&status.borrow().clone());
+                tokio::spawn(crate::cli::metrics::serve(listener, render, async move {
                     let _ = stopped.wait_for(|s| *s).await;
                 }));
             }
@@ -189,30 +189,19 @@ async fn report(mut status: watch::Receiver<Status>, mut stop: watch::Receiver<b
     }
 }
 
-fn page(s: &Status) -> String {
-    let mut m = MetricsText::new();
-    let (phase, _) = phase_name(&s.phase);
-    m.family("pglite_cache_publisher_phase", MetricKind::Gauge, "1 for the publisher's current phase.");
-    for p in ["starting", "copying", "streaming", "reconnecting", "halted", "stopped"] {
-        m.sample("pglite_cache_publisher_phase", &[("phase", p)], if p == phase { 1.0 } else { 0.0 });
-    }
-    m.single(
-        "pglite_cache_publisher_confirmed_lsn",
-        MetricKind::Gauge,
-        "Remote LSN stored in the stream and confirmed to the remote.",
-        s.applied_lsn.0 as f64,
-    );
-    m.single(
-        "pglite_cache_publisher_remote_wal_end",
-        MetricKind::Gauge,
-        "Remote WAL end as last reported.",
-        s.server_wal_end.0 as f64,
-    );
-    m.single(
-        "pglite_cache_publisher_lag_bytes",
-        MetricKind::Gauge,
-        "WAL bytes not yet stored in the stream.",
-        s.lag_bytes as f64,
-    );
-    m.finish()
+fn declare_metrics() -> crate::cli::metrics::Metrics<Status> {
+    let mut m = crate::cli::metrics::Metrics::new();
+    m.gauges("pglite_cache_publisher_phase", "1 for the publisher's current phase.", &["phase"], |s| {
+        let (phase, _) = phase_name(&s.phase);
+        ["starting", "copying", "streaming", "reconnecting", "halted", "stopped"]
+            .iter()
+            .map(|p| (vec![p.to_string()], f64::from(u8::from(*p == phase))))
+            .collect()
+    })
+    .gauge("pglite_cache_publisher_confirmed_lsn", "Remote LSN stored in the stream and confirmed to the remote.", |s| {
+        s.applied_lsn.0 as f64
+    })
+    .gauge("pglite_cache_publisher_remote_wal_end", "Remote WAL end as last reported.", |s| s.server_wal_end.0 as f64)
+    .gauge("pglite_cache_publisher_lag_bytes", "WAL bytes not yet stored in the stream.", |s| s.lag_bytes as f64);
+    m
 }

@@ -13,7 +13,7 @@ use super::listen::{ListenArgs, stop_signal};
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// Persistent data directory (created if missing); in-memory if absent.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "PGLITE_CACHE_DATA")]
     data: Option<PathBuf>,
     #[command(flatten)]
     listen: ListenArgs,

@@ -1,8 +1,8 @@
 //! What to replicate, and from where.
 //!
-//! The source is a `postgres://` URL or a libpq `key=value` string, parsed by
-//! `tokio_postgres::Config` (so both forms, `host=/path` for Unix sockets,
-//! multiple options, percent-encoding all work as in libpq).
+//! The source is a `postgres://` URL or a libpq `key=value` string, read as
+//! libpq reads it (see [`super::conninfo`], which also fills in what the
+//! string leaves out from the environment, service and password files).
 //!
 //! TLS: `sslmode` `disable`, `prefer` (the default), `require` and
 //! `verify-full` with `sslrootcert` (see [`super::tls`]); authentication
@@ -13,10 +13,10 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::Host;
 
 use super::error::ReplicationError;
-use super::tls::{TlsMode, split_tls_options};
+use super::tls::TlsMode;
 
 /// The output format every remote connection uses (see [`SourceConfig::options`]).
 pub const PINNED_OPTIONS: &str = "-c datestyle=ISO -c intervalstyle=postgres -c extra_float_digits=3";
@@ -129,19 +129,15 @@ impl SourceConfig {
 impl FromStr for SourceConfig {
     type Err = ReplicationError;
 
+    /// Parses the string alone; [`super::conninfo::resolve_from_process`]
+    /// also consults the environment, service and password files.
     fn from_str(s: &str) -> Result<SourceConfig, ReplicationError> {
-        let (rest, verify) = split_tls_options(s)?;
-        let inner = tokio_postgres::Config::from_str(&rest).map_err(|e| {
-            ReplicationError::needs_operator(
-                format!("invalid source: {e}"),
-                "give a postgres://user:password@host:port/dbname URL or a key=value connection string",
-            )
-        })?;
-        let tls = verify.unwrap_or(match inner.get_ssl_mode() {
-            SslMode::Disable => TlsMode::Disable,
-            SslMode::Require => TlsMode::Require,
-            _ => TlsMode::Prefer,
-        });
+        super::conninfo::parse_source(s)
+    }
+}
+
+impl SourceConfig {
+    pub(crate) fn from_parts(inner: tokio_postgres::Config, tls: TlsMode) -> Result<SourceConfig, ReplicationError> {
         let config = SourceConfig { inner, tls };
         config.validate()?;
         Ok(config)

@@ -1,7 +1,13 @@
 //! Log sequence numbers, the positions in the remote's write-ahead log.
+//!
+//! A thin wrapper over `postgres_types::PgLsn` (text form, SQL `pg_lsn`
+//! values): the wrapper adds ordering, arithmetic on the raw `u64` (the
+//! replication protocol's wire form) and a parse error that names the input.
 
 use std::fmt;
 use std::str::FromStr;
+
+use tokio_postgres::types::PgLsn;
 
 /// A position in the remote's WAL, printed like PostgreSQL does (`16/B374D848`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -19,7 +25,7 @@ impl Lsn {
 
 impl fmt::Display for Lsn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+        PgLsn::from(self.0).fmt(f)
     }
 }
 
@@ -33,16 +39,31 @@ impl FromStr for Lsn {
 
     fn from_str(s: &str) -> Result<Lsn, ParseLsnError> {
         let err = || ParseLsnError(s.to_owned());
-        let (hi, lo) = s.trim().split_once('/').ok_or_else(err)?;
-        let hi = u32::from_str_radix(hi, 16).map_err(|_| err())?;
-        let lo = u32::from_str_radix(lo, 16).map_err(|_| err())?;
-        Ok(Lsn((u64::from(hi) << 32) | u64::from(lo)))
+        let text = s.trim();
+        // PgLsn would let a half wider than 32 bits spill into the other one.
+        if !text.split_once('/').is_some_and(|(hi, lo)| hi.len() <= 8 && lo.len() <= 8) {
+            return Err(err());
+        }
+        let lsn: PgLsn = text.parse().map_err(|_| err())?;
+        Ok(Lsn(lsn.into()))
     }
 }
 
 impl From<u64> for Lsn {
     fn from(v: u64) -> Lsn {
         Lsn(v)
+    }
+}
+
+impl From<PgLsn> for Lsn {
+    fn from(lsn: PgLsn) -> Lsn {
+        Lsn(lsn.into())
+    }
+}
+
+impl From<Lsn> for PgLsn {
+    fn from(lsn: Lsn) -> PgLsn {
+        PgLsn::from(lsn.0)
     }
 }
 
@@ -58,5 +79,7 @@ mod tests {
         assert_eq!(Lsn::ZERO.to_string(), "0/0");
         assert!("16".parse::<Lsn>().is_err());
         assert!("x/1".parse::<Lsn>().is_err());
+        assert!("0/1FFFFFFFF".parse::<Lsn>().is_err());
+        assert_eq!(PgLsn::from(lsn), "16/B374D848".parse::<PgLsn>().unwrap());
     }
 }

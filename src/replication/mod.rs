@@ -12,6 +12,7 @@
 //! ```
 //!
 //! - [`config`]: the source URL and what to replicate.
+//! - [`conninfo`]: libpq's connection settings: environment, service and password files.
 //! - [`source`]: the replication-protocol client (and why it is our own).
 //! - [`pgoutput`]: the message decoder.
 //! - [`schema`]: local tables from the remote catalog.
@@ -87,6 +88,7 @@
 pub(crate) mod apply;
 pub mod config;
 mod deadline;
+pub mod conninfo;
 pub mod error;
 pub mod lag;
 pub mod lsn;

@@ -7,6 +7,7 @@
 //! SIGINT/SIGTERM finish the transaction being applied, send final
 //! feedback, close clients and exit 0.
 
+mod metrics;
 mod nats;
 pub(crate) mod preflight;
 pub mod report;
@@ -33,45 +34,50 @@ pub const EXIT_CONFIG: u8 = 2;
 /// Raw `sync` flags.
 #[derive(Debug, clap::Args)]
 pub struct SyncArgs {
-    /// The remote: `postgres://user:password@host:port/db` or `host=... dbname=...`.
-    #[arg(long, value_name = "URL", required_unless_present = "nats", conflicts_with = "nats")]
-    source: Option<String>,
+    #[command(flatten)]
+    source: crate::cli::source::SourceArgs,
     /// Feed the cache from a fan-out stream (`pglite-cache publish`) instead
     /// of a slot of its own: `nats://host:port`. Needs --stream.
-    #[arg(long, value_name = "URL", requires = "stream", conflicts_with_all = ["publication", "tables", "schema"])]
+    #[arg(
+        long,
+        value_name = "URL",
+        requires = "stream",
+        conflicts_with_all = ["source", "source_file", "publication", "tables", "schema"],
+        env = "PGLITE_CACHE_NATS"
+    )]
     nats: Option<String>,
     /// The fan-out stream's name (with --nats).
-    #[arg(long, value_name = "NAME", requires = "nats")]
+    #[arg(long, value_name = "NAME", requires = "nats", env = "PGLITE_CACHE_STREAM")]
     stream: Option<String>,
     /// The cache's data directory (created on first start, resumed later).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "PGLITE_CACHE_DATA")]
     data: PathBuf,
     /// Replicate an existing publication.
-    #[arg(long, value_name = "NAME", conflicts_with_all = ["tables", "schema"])]
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["tables", "schema"], env = "PGLITE_CACHE_PUBLICATION")]
     publication: Option<String>,
     /// Replicate these tables (`schema.table` or `table`); a publication is created and owned.
-    #[arg(long, value_name = "T1,T2", value_delimiter = ',', conflicts_with = "schema")]
+    #[arg(long, value_name = "T1,T2", value_delimiter = ',', conflicts_with = "schema", env = "PGLITE_CACHE_TABLES")]
     tables: Vec<String>,
     /// Replicate every table of this schema (as it is at first start); a publication is created and owned.
-    #[arg(long, value_name = "SCHEMA")]
+    #[arg(long, value_name = "SCHEMA", env = "PGLITE_CACHE_SCHEMA")]
     schema: Option<String>,
     /// The logical replication slot on the remote.
-    #[arg(long, value_name = "NAME", default_value = "pglite_cache")]
+    #[arg(long, value_name = "NAME", default_value = "pglite_cache", env = "PGLITE_CACHE_SLOT")]
     slot: String,
     #[command(flatten)]
     listen: ListenArgs,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics.
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", env = "PGLITE_CACHE_METRICS")]
     metrics: Option<SocketAddr>,
     /// When the slot is missing or invalidated: stop with an error, or copy everything again.
-    #[arg(long, value_enum, default_value_t = OnInvalidSlot::Error)]
+    #[arg(long, value_enum, default_value_t = OnInvalidSlot::Error, env = "PGLITE_CACHE_ON_INVALID_SLOT")]
     on_invalid_slot: OnInvalidSlot,
     /// Let clients write to replicated tables (by default they are read-only;
     /// local writes conflict with later changes from the remote).
-    #[arg(long)]
+    #[arg(long, env = "PGLITE_CACHE_ALLOW_LOCAL_WRITES")]
     allow_local_writes: bool,
     /// Seconds between status lines while streaming.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, env = "PGLITE_CACHE_STATUS_INTERVAL")]
     status_interval: u64,
 }
 
@@ -92,7 +98,7 @@ struct Plan {
 }
 
 fn plan(args: SyncArgs) -> Result<Plan, String> {
-    let source: SourceConfig = args.source.unwrap_or_default().parse().map_err(|e| format!("--source: {e}"))?;
+    let source: SourceConfig = args.source.resolve()?;
     let owned_name = format!("{}_pub", args.slot);
     let publication = match (args.publication, args.tables.is_empty(), &args.schema) {
         (Some(name), true, None) => PublicationSpec::Existing(name),

@@ -157,6 +157,12 @@ async fn connect(config: &ReplicationConfig) -> Result<Client, String> {
                 if permanent {
                     return Err(format!("connecting to the remote: {}", db_message(&e)));
                 }
+                // The remote asked for a password and none was found: waiting will not bring one.
+                if e.as_db_error().is_none() && db_message(&e).contains("password missing") {
+                    return Err("connecting to the remote: it asks for a password and none was given; \
+                         set PGPASSWORD, add it to ~/.pgpass (or PGPASSFILE), or use --source-file"
+                        .into());
+                }
                 attempt += 1;
                 let delay = backoff(attempt).min(Duration::from_secs(30));
                 tracing::warn!(error = %db_message(&e), attempt, retry_in = ?delay, "remote unreachable; retrying");

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pglite_cache::metrics::{self, MetricKind, MetricsText};
 use pglite_cache::replication::{Phase, ReplicationConfig, Status, TableState};
 use tokio::sync::watch;
 
@@ -65,9 +64,15 @@ impl Reporter {
             match tokio::net::TcpListener::bind(addr).await {
                 Ok(listener) => {
                     eprintln!("metrics at http://{addr}/metrics");
-                    let (page, status) = (this.clone(), status.clone());
+                    let (page, status, counters) = (super::metrics::declare(), status.clone(), this.counters.clone());
+                    let render = move || {
+                        page.render(&super::metrics::Snapshot {
+                            status: status.borrow().clone(),
+                            counters: counters.clone(),
+                        })
+                    };
                     let mut stopped = stop.clone();
-                    tokio::spawn(metrics::serve(listener, move || page.metrics(&status.borrow()), async move {
+                    tokio::spawn(crate::cli::metrics::serve(listener, render, async move {
                         let _ = stopped.wait_for(|s| *s).await;
                     }));
                 }
@@ -129,110 +134,6 @@ impl Reporter {
             }
         }
         bars.finish();
-    }
-
-    /// The Prometheus page.
-    fn metrics(&self, s: &Status) -> String {
-        let mut m = MetricsText::new();
-        let (current, _) = phase_name(&s.phase);
-        m.family("pglite_cache_phase", MetricKind::Gauge, "1 for the replication's current phase.");
-        for phase in ["starting", "copying", "streaming", "reconnecting", "halted", "stopped"] {
-            m.sample("pglite_cache_phase", &[("phase", phase)], f64::from(u8::from(phase == current)));
-        }
-        m.single(
-            "pglite_cache_lag_bytes",
-            MetricKind::Gauge,
-            "WAL bytes between the remote and what is applied.",
-            s.lag_bytes as f64,
-        );
-        m.single(
-            "pglite_cache_lag_seconds",
-            MetricKind::Gauge,
-            "Remote commit to local commit of the last applied transaction.",
-            s.lag.as_secs_f64(),
-        );
-        m.single(
-            "pglite_cache_applied_lsn",
-            MetricKind::Gauge,
-            "Everything up to this LSN is applied.",
-            s.applied_lsn.0 as f64,
-        );
-        let c = &self.counters;
-        m.single(
-            "pglite_cache_applied_transactions_total",
-            MetricKind::Counter,
-            "Remote transactions applied since start.",
-            s.applied_transactions as f64,
-        );
-        m.single(
-            "pglite_cache_applied_rows_total",
-            MetricKind::Counter,
-            "Row changes applied since start.",
-            s.applied_changes as f64,
-        );
-        freshness_metrics(&mut m, s);
-        m.family("pglite_cache_table_rows_copied", MetricKind::Gauge, "Rows copied by the initial sync, per table.");
-        for t in &s.tables {
-            m.sample(
-                "pglite_cache_table_rows_copied",
-                &[("table", &format!("{}.{}", t.schema, t.name))],
-                t.rows_copied as f64,
-            );
-        }
-        m.family(
-            "pglite_cache_table_rows_applied_total",
-            MetricKind::Counter,
-            "Rows applied by streaming, per table and operation.",
-        );
-        for t in &s.tables {
-            let table = format!("{}.{}", t.schema, t.name);
-            for (op, n) in [("insert", t.inserted), ("update", t.updated), ("delete", t.deleted)] {
-                m.sample("pglite_cache_table_rows_applied_total", &[("table", &table), ("op", op)], n as f64);
-            }
-        }
-        m.single(
-            "pglite_cache_reconnects_total",
-            MetricKind::Counter,
-            "Times the remote connection was lost and retried.",
-            c.reconnects.load(Ordering::Relaxed) as f64,
-        );
-        m.family("pglite_cache_errors_total", MetricKind::Counter, "Replication errors by class.");
-        m.sample("pglite_cache_errors_total", &[("class", "transient")], c.reconnects.load(Ordering::Relaxed) as f64);
-        m.sample("pglite_cache_errors_total", &[("class", "halting")], c.halts.load(Ordering::Relaxed) as f64);
-        m.finish()
-    }
-}
-
-/// Commit-to-commit lag as a histogram (and the recent quantiles, for
-/// simple alerts), and the remote WAL the slot retains.
-fn freshness_metrics(m: &mut MetricsText, s: &Status) {
-    let lag = "pglite_cache_commit_lag_seconds";
-    m.family(lag, MetricKind::Histogram, "Remote commit to local commit of applied transactions, since start.");
-    let total = &s.commit_lag.total;
-    for (le, n) in total.cumulative() {
-        let le = if le.is_infinite() { "+Inf".to_owned() } else { le.to_string() };
-        m.sample(&format!("{lag}_bucket"), &[("le", &le)], n as f64);
-    }
-    m.sample(&format!("{lag}_sum"), &[], total.sum().as_secs_f64());
-    m.sample(&format!("{lag}_count"), &[], total.count() as f64);
-    let recent = s.commit_lag.recent();
-    let name = "pglite_cache_commit_lag_recent_seconds";
-    m.family(
-        name,
-        MetricKind::Gauge,
-        "Upper bound of the commit-to-commit lag quantile over the last 1-2 minutes (NaN when nothing was applied).",
-    );
-    for q in ["0.5", "0.99"] {
-        let value = recent.quantile(q.parse().unwrap_or(0.5)).unwrap_or(f64::NAN);
-        m.sample(name, &[("quantile", q)], value);
-    }
-    if let Some(bytes) = s.slot_retained_bytes {
-        m.single(
-            "pglite_cache_slot_retained_wal_bytes",
-            MetricKind::Gauge,
-            "WAL the remote keeps for the slot (restart_lsn to its current position).",
-            bytes as f64,
-        );
     }
 }
 

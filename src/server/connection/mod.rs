@@ -29,7 +29,11 @@ use super::sql_text::{self, Listening, SqlName};
 use crate::{Error, RawSession};
 use copy_in::{CopyIn, CopyKind};
 
+mod cleanup;
 mod copy_in;
+mod waiting;
+
+use waiting::{Withdrawn, is_side_work, withdrawable_groups, withdrawn_answer};
 
 /// What `DEALLOCATE ALL`/`DISCARD ALL` sent with `Parse` become.
 const REFUSED_RESET: &str = "DO $pglite_cache$BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', \
@@ -76,74 +80,6 @@ struct Batch {
     listens: Vec<Listening>,
     /// SQL-level `PREPARE`/`DECLARE ... WITH HOLD` and their ends in it.
     sql_names: Vec<SqlName>,
-}
-
-/// How many statement groups (ended by `Sync` or `Query`) a batch has, if it
-/// can be answered without running when it is withdrawn before it runs: it
-/// must end with a `Sync` or `Query`, so that an `ErrorResponse` and
-/// `ReadyForQuery` per group is exactly what the client expects from groups
-/// whose first statement failed. 0 if it cannot.
-fn withdrawable_groups(batch: &[u8]) -> usize {
-    let mut groups = 0;
-    let mut last = 0;
-    for (tag, _) in backend::messages(batch) {
-        if matches!(tag, b'S' | b'Q') {
-            groups += 1;
-        }
-        last = tag;
-    }
-    if matches!(last, b'S' | b'Q') { groups } else { 0 }
-}
-
-/// Whether a batch is only `Parse`, `Describe` of a statement and `Close`,
-/// ending in its one `Sync`: work that can run beside another client's
-/// transaction.
-fn is_side_work(batch: &[u8]) -> bool {
-    let mut last = 0;
-    for (tag, message) in backend::messages(batch) {
-        let ok = match tag {
-            b'P' | b'C' => true,
-            b'D' => message.get(5) == Some(&b'S'),
-            b'S' => last != b'S',
-            _ => false,
-        };
-        if !ok || last == b'S' {
-            return false;
-        }
-        last = tag;
-    }
-    last == b'S'
-}
-
-/// Why a batch was withdrawn before it ran.
-#[derive(Debug, Clone, Copy)]
-enum Withdrawn {
-    Cancelled,
-    QueueTimeout(std::time::Duration),
-}
-
-/// The answer to a withdrawn batch: an error and `ReadyForQuery` per group
-/// (the connection does not hold the engine, so it is idle).
-fn withdrawn_answer(groups: usize, why: Withdrawn) -> Vec<u8> {
-    let mut reply = BytesMut::new();
-    for _ in 0..groups {
-        match why {
-            Withdrawn::Cancelled => {
-                backend::error_response("ERROR", "57014", "canceling statement due to user request", &mut reply)
-            }
-            Withdrawn::QueueTimeout(limit) => backend::error_response(
-                "ERROR",
-                "57014",
-                &format!(
-                    "canceling statement due to queue wait timeout: waited {limit:?} for the engine \
-                     behind other clients' transactions (queue_wait_timeout)"
-                ),
-                &mut reply,
-            ),
-        }
-        backend::ready_for_query(b'I', &mut reply);
-    }
-    reply.to_vec()
 }
 
 /// What woke an idle connection.
@@ -725,78 +661,5 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         backend::command_complete(if discard { "DISCARD ALL" } else { "DEALLOCATE ALL" }, &mut out);
         backend::ready_for_query(status, &mut out);
         self.forward(&out).await
-    }
-}
-
-impl<S> Connection<S> {
-    /// Frontend messages that close what this connection created in the
-    /// shared backend: its protocol statements (and portals), SQL-level
-    /// prepared statements, and with `everything` its `WITH HOLD` cursors and
-    /// the LISTENs nobody else needs. Ends with `Sync`; forgets it all.
-    fn close_own(&mut self, everything: bool, out: &mut BytesMut) {
-        self.namer.close_all(out);
-        self.stdin_statements.clear();
-        self.stdin_portals.clear();
-        for name in self.sql_statements.drain() {
-            backend::close(b'S', name.as_bytes(), out);
-        }
-        if everything {
-            for name in self.sql_cursors.drain() {
-                backend::close(b'P', name.as_bytes(), out);
-            }
-        }
-        backend::sync(out);
-        if everything {
-            let abandoned = self.hub.unlisten_all(self.id);
-            if !abandoned.is_empty() {
-                let sql: Vec<String> =
-                    abandoned.iter().map(|c| format!("UNLISTEN {}", sql_text::quote_identifier(c))).collect();
-                backend::query(&sql.join("; "), out);
-            }
-        }
-    }
-
-    /// Notes the SQL-level names a batch created or dropped, once its reply
-    /// is known (a failed `PREPARE` created nothing: its name may be another
-    /// client's).
-    fn note_sql_names(&mut self, names: Vec<SqlName>, reply: &[u8]) {
-        let failed = backend::messages(reply).any(|(tag, _)| tag == b'E');
-        for name in names {
-            match name {
-                SqlName::Prepare(n) if !failed => {
-                    self.sql_statements.insert(n);
-                }
-                SqlName::DeclareHold(n) if !failed => {
-                    self.sql_cursors.insert(n);
-                }
-                SqlName::Deallocate(n) => {
-                    self.sql_statements.remove(&n);
-                }
-                SqlName::Close(n) => {
-                    self.sql_cursors.remove(&n);
-                }
-                SqlName::Prepare(_) | SqlName::DeclareHold(_) => {}
-            }
-        }
-    }
-}
-
-/// Whatever way the connection ends (the client leaves, a protocol error, its
-/// task aborted at shutdown), what it created in the shared backend goes:
-/// its transaction is rolled back, its settings reset, its statements,
-/// cursors and LISTENs closed. The session sends these messages when it is
-/// dropped, right after this (on its lease if it holds the engine, else
-/// queued like any other call).
-impl<S> Drop for Connection<S> {
-    fn drop(&mut self) {
-        let mut bytes = BytesMut::new();
-        if self.session.holds_engine() {
-            let rollback = if self.session.is_idle() { "" } else { "ROLLBACK; " };
-            backend::query(&format!("{rollback}RESET ALL; RESET SESSION AUTHORIZATION; RESET ROLE"), &mut bytes);
-        }
-        self.close_own(true, &mut bytes);
-        if !bytes.is_empty() {
-            self.session.on_drop(bytes);
-        }
     }
 }

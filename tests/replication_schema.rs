@@ -85,6 +85,14 @@ async fn writes(remote: &tokio_postgres::Client, seq: &str, n: i64) {
     }
 }
 
+/// The table was followed in place, never copied again (a new copy
+/// would report the rows it copied, more than the initial ones).
+fn assert_not_copied_again(handle: &ReplicationHandle, initial_rows: u64) {
+    let status = handle.status();
+    assert_eq!(status.tables.len(), 1, "{status:?}");
+    assert_eq!(status.tables[0].rows_copied, initial_rows, "{status:?}");
+}
+
 /// Prints the rows that differ (to name the step that went wrong).
 async fn show_differences(remote: &tokio_postgres::Client, local: &Instance, table: &str, step: &str) {
     let sql = format!("SELECT t::text FROM {table} t");
@@ -182,6 +190,7 @@ async fn added_columns_in_one_transaction_and_in_merged_transactions() {
         local_columns(&local, "t").await,
         ["id bigint", "k integer", "v text", "a integer", "b text", "c date", "d numeric"]
     );
+    assert_not_copied_again(&handle, 2);
     handle.stop().await.unwrap();
 }
 
@@ -233,6 +242,7 @@ async fn dropped_renamed_and_retyped_columns_follow_in_place() {
         ["id bigint", "k integer", "s numeric", "n2 text", "num numeric(12,4)", "r numeric(10,1)", "final text"]
     );
     assert_streaming(&handle);
+    assert_not_copied_again(&handle, 200);
     handle.stop().await.unwrap();
 }
 
@@ -388,6 +398,7 @@ async fn renamed_tables_and_indexes_follow() {
             .get(0);
     assert_eq!(stored, "other.t3");
     assert_streaming(&handle);
+    assert_not_copied_again(&handle, 100);
     // A restart streams on under the new name.
     handle.stop().await.unwrap();
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();

@@ -154,6 +154,8 @@ pub(crate) struct Applier {
     stashed: HashMap<u32, Relation>,
     /// Labels of the enums used by replicated columns, as known locally.
     labels: HashMap<String, std::collections::HashSet<Bytes>>,
+    /// Index names of each table upstream when last looked at.
+    remote_indexes: HashMap<u32, Vec<String>>,
     /// Everything up to here is committed locally.
     committed: Lsn,
     /// The server's latest WAL end (keepalives, XLogData).
@@ -184,6 +186,7 @@ impl Applier {
             unknown: HashMap::new(),
             stashed: HashMap::new(),
             labels: HashMap::new(),
+            remote_indexes: HashMap::new(),
             committed,
             server_wal_end: committed,
             pending: None,

@@ -398,7 +398,8 @@ impl Applier {
     }
 
     /// Best effort: the local table gets the remote's indexes (by name) and
-    /// loses those the remote dropped. Constraint indexes are left alone.
+    /// loses those the remote dropped while this session watched it.
+    /// Constraint indexes are left alone.
     /// One that cannot be built locally is skipped with a warning.
     async fn follow_indexes(
         &mut self,
@@ -443,8 +444,11 @@ impl Applier {
                 sql.push(guarded(def));
             }
         }
+        // Only indexes seen upstream earlier in this session are dropped: a
+        // local index of the cache's own stays.
+        let seen = self.remote_indexes.insert(id, remote.iter().map(|(n, _)| n.clone()).collect()).unwrap_or_default();
         for name in &local {
-            if !remote.iter().any(|(r, _)| r == name) {
+            if seen.contains(name) && !remote.iter().any(|(r, _)| r == name) {
                 tracing::info!(table = %qualified_name, index = %name, "index dropped upstream; dropping it");
                 // Indexes live in their table's schema (moved with it).
                 sql.push(format!("DROP INDEX IF EXISTS {}", qualified(&schema, name)));

@@ -266,7 +266,7 @@ impl ReplicationConfig {
         self
     }
 
-    /// Sets the receive deadline (see [`ReplicationConfig::receive_timeout`]).
+    /// Sets the receive deadline (the `receive_timeout` field).
     pub fn receive_timeout(mut self, timeout: Duration) -> Self {
         self.receive_timeout = timeout;
         self

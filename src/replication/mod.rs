@@ -12,13 +12,13 @@
 //!
 //! - [`config`]: the source URL and what to replicate.
 //! - [`conninfo`]: libpq's connection settings: environment, service and password files.
-//! - [`source`]: the replication-protocol client (and why it is our own).
+//! - `source`: the replication-protocol client (and why it is our own).
 //! - [`pgoutput`]: the message decoder.
-//! - [`schema`]: local tables from the remote catalog.
-//! - [`table_sync`]: the initial copy.
+//! - `schema`: local tables from the remote catalog.
+//! - `table_sync`: the initial copy.
 //! - `apply`: the streaming apply.
 //! - [`store`]: LSN and table bookkeeping inside the instance.
-//! - [`tls`]: TLS to the remote (rustls).
+//! - `tls`: TLS to the remote (rustls).
 //! - [`error`]: classified errors.
 //!
 //! Consistency: the slot is created with an exported snapshot, every table
@@ -80,13 +80,13 @@ pub mod conninfo;
 pub mod error;
 pub mod lsn;
 pub mod pgoutput;
-pub mod schema;
-pub mod source;
+pub(crate) mod schema;
+pub(crate) mod source;
 mod statements;
 pub mod store;
 mod supervisor;
-pub mod table_sync;
-pub mod tls;
+pub(crate) mod table_sync;
+pub(crate) mod tls;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -99,6 +99,7 @@ use crate::Instance;
 pub use config::{PublicationSpec, ReplicationConfig, SlotLostPolicy, SourceConfig};
 pub use error::{ErrorKind, ReplicationError, RetryPolicy};
 pub use lsn::Lsn;
+pub use tls::TlsMode;
 
 use source::quote_ident;
 use supervisor::Supervisor;

@@ -43,7 +43,7 @@ mod instance;
 pub mod local_postgres;
 pub mod oid;
 mod params;
-pub mod protocol;
+pub(crate) mod protocol;
 pub mod replication;
 mod rows;
 pub mod server;

@@ -56,7 +56,7 @@ impl Transaction {
         results(self.call(Job::Protocol(bytes)).await?)
     }
 
-    /// [`Instance::copy_in`] inside the transaction.
+    /// [`Instance::copy_in`](crate::Instance::copy_in) inside the transaction.
     pub async fn copy_in(&self, sql: &str, data: Vec<u8>) -> Result<u64> {
         let output = self.call(Job::CopyIn { sql: sql.to_owned(), data }).await?;
         Ok(results(output)?.iter().map(QueryResult::rows_affected).sum())

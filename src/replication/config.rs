@@ -5,7 +5,7 @@
 //! string leaves out from the environment, service and password files).
 //!
 //! TLS: `sslmode` `disable`, `prefer` (the default), `require` and
-//! `verify-full` with `sslrootcert` (see [`super::tls`]); authentication
+//! `verify-full` with `sslrootcert` (see `tls.rs`); authentication
 //! trust, cleartext password, MD5 and SCRAM-SHA-256 (without channel
 //! binding).
 

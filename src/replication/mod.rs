@@ -13,13 +13,13 @@
 //!
 //! - [`config`]: the source URL and what to replicate.
 //! - [`conninfo`]: libpq's connection settings: environment, service and password files.
-//! - [`source`]: the replication-protocol client (and why it is our own).
+//! - `source`: the replication-protocol client (and why it is our own).
 //! - [`pgoutput`]: the message decoder.
-//! - [`schema`]: local tables from the remote catalog.
-//! - [`table_sync`]: the initial copy.
+//! - `schema`: local tables from the remote catalog.
+//! - `table_sync`: the initial copy.
 //! - `apply`: the streaming apply.
 //! - [`store`]: LSN and table bookkeeping inside the instance.
-//! - [`tls`]: TLS to the remote (rustls).
+//! - `tls`: TLS to the remote (rustls).
 //! - [`error`]: classified errors.
 //! - [`stream`]: fan-out through NATS JetStream (one slot, many caches).
 //! - `deadline`: the receive deadline (half-open connections).
@@ -93,14 +93,14 @@ pub mod error;
 pub mod lag;
 pub mod lsn;
 pub mod pgoutput;
-pub mod schema;
-pub mod source;
+pub(crate) mod schema;
+pub(crate) mod source;
 mod statements;
 pub mod store;
 pub mod stream;
 mod supervisor;
-pub mod table_sync;
-pub mod tls;
+pub(crate) mod table_sync;
+pub(crate) mod tls;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -113,6 +113,7 @@ use crate::Instance;
 pub use config::{PublicationSpec, ReplicationConfig, SlotLostPolicy, SourceConfig};
 pub use error::{ErrorKind, ReplicationError, RetryPolicy};
 pub use lsn::Lsn;
+pub use tls::TlsMode;
 
 use source::quote_ident;
 use supervisor::Supervisor;

@@ -149,15 +149,28 @@ pub async fn restore(
     let started = std::time::Instant::now();
     let store = bucket(js, config, false).await?.ok_or_else(|| ReplicationError::transient("snapshot bucket gone"))?;
     let mut object = store.get(&snapshot.name).await.map_err(|e| transient("reading a snapshot", e))?;
-    let download = tempfile::NamedTempFile::new()?;
-    let mut file = tokio::fs::File::create(download.path()).await?;
-    tokio::io::copy(&mut object, &mut file).await.map_err(|e| transient("downloading a snapshot", e))?;
-    file.sync_all().await?;
-    drop(file);
+    // Unpacked while it downloads: a blocking thread reads what arrives.
+    let (chunks, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(16);
     let target: PathBuf = data.to_owned();
-    tokio::task::spawn_blocking(move || unpack(download.path(), &target))
-        .await
-        .map_err(|e| ReplicationError::fatal(format!("unpacking task failed: {e}")))??;
+    let unpacking =
+        tokio::task::spawn_blocking(move || unpack(ChannelReader { rx, current: bytes::Bytes::new() }, &target));
+    loop {
+        let mut buf = bytes::BytesMut::with_capacity(256 << 10);
+        match tokio::io::AsyncReadExt::read_buf(&mut object, &mut buf).await {
+            Ok(0) => break,
+            Ok(_) => {
+                if chunks.send(Ok(buf.freeze())).await.is_err() {
+                    break; // the unpacker failed; its error says why
+                }
+            }
+            Err(e) => {
+                let _ = chunks.send(Err(std::io::Error::other(e.to_string()))).await;
+                break;
+            }
+        }
+    }
+    drop(chunks);
+    unpacking.await.map_err(|e| ReplicationError::fatal(format!("unpacking task failed: {e}")))??;
     tracing::info!(snapshot = %snapshot.name, bytes = snapshot.size, elapsed = ?started.elapsed(), "cache restored from a snapshot");
     Ok(snapshot)
 }
@@ -172,7 +185,27 @@ fn pack(dir: &Path) -> Result<tempfile::NamedTempFile, ReplicationError> {
     Ok(out)
 }
 
-fn unpack(archive: &Path, dir: &Path) -> Result<(), ReplicationError> {
+/// A blocking reader over chunks sent from async code.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+    current: bytes::Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk?,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+fn unpack(archive: impl std::io::Read, dir: &Path) -> Result<(), ReplicationError> {
     if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
         return Err(ReplicationError::needs_operator(
             format!("{} is not empty", dir.display()),
@@ -183,7 +216,7 @@ fn unpack(archive: &Path, dir: &Path) -> Result<(), ReplicationError> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent)?;
     let staging = tempfile::Builder::new().prefix(".pglite-cache-restore-").tempdir_in(parent)?;
-    let decoder = zstd::Decoder::new(std::fs::File::open(archive)?)?;
+    let decoder = zstd::Decoder::new(archive)?;
     tar::Archive::new(decoder).unpack(staging.path())?;
     if dir.exists() {
         std::fs::remove_dir(dir)?;
@@ -205,9 +238,9 @@ mod tests {
         let archive = pack(src.path()).unwrap();
         let parent = tempfile::tempdir().unwrap();
         let target = parent.path().join("cache");
-        unpack(archive.path(), &target).unwrap();
+        unpack(std::fs::File::open(archive.path()).unwrap(), &target).unwrap();
         assert_eq!(std::fs::read(target.join("base/1/1259")).unwrap(), vec![7u8; 100_000]);
         assert_eq!(std::fs::read_to_string(target.join("PG_VERSION")).unwrap(), "17\n");
-        assert!(unpack(archive.path(), &target).is_err(), "never over an existing cache");
+        assert!(unpack(std::fs::File::open(archive.path()).unwrap(), &target).is_err(), "never over an existing cache");
     }
 }

@@ -160,23 +160,23 @@ impl prometheus::core::Collector for SnapshotHistogram {
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
         use prometheus::proto;
         let data = self.value.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut histogram = proto::Histogram::new();
+        let mut histogram = proto::Histogram::default();
         histogram.set_sample_count(data.count);
         histogram.set_sample_sum(data.sum);
         histogram.set_bucket(
             data.buckets
                 .iter()
                 .map(|&(le, n)| {
-                    let mut bucket = proto::Bucket::new();
+                    let mut bucket = proto::Bucket::default();
                     bucket.set_upper_bound(le);
                     bucket.set_cumulative_count(n);
                     bucket
                 })
                 .collect(),
         );
-        let mut metric = proto::Metric::new();
+        let mut metric = proto::Metric::default();
         metric.set_histogram(histogram);
-        let mut family = proto::MetricFamily::new();
+        let mut family = proto::MetricFamily::default();
         family.set_name(self.desc.fq_name.clone());
         family.set_help(self.desc.help.clone());
         family.set_field_type(proto::MetricType::HISTOGRAM);

@@ -190,7 +190,7 @@ async fn report(mut status: watch::Receiver<Status>, mut stop: watch::Receiver<b
 }
 
 fn declare_metrics() -> crate::cli::metrics::Metrics<Status> {
-    let mut m = crate::cli::metrics::Metrics::new();
+    let mut m: crate::cli::metrics::Metrics<Status> = crate::cli::metrics::Metrics::new();
     m.gauges("pglite_cache_publisher_phase", "1 for the publisher's current phase.", &["phase"], |s| {
         let (phase, _) = phase_name(&s.phase);
         ["starting", "copying", "streaming", "reconnecting", "halted", "stopped"]
@@ -198,9 +198,11 @@ fn declare_metrics() -> crate::cli::metrics::Metrics<Status> {
             .map(|p| (vec![p.to_string()], f64::from(u8::from(*p == phase))))
             .collect()
     })
-    .gauge("pglite_cache_publisher_confirmed_lsn", "Remote LSN stored in the stream and confirmed to the remote.", |s| {
-        s.applied_lsn.0 as f64
-    })
+    .gauge(
+        "pglite_cache_publisher_confirmed_lsn",
+        "Remote LSN stored in the stream and confirmed to the remote.",
+        |s| s.applied_lsn.0 as f64,
+    )
     .gauge("pglite_cache_publisher_remote_wal_end", "Remote WAL end as last reported.", |s| s.server_wal_end.0 as f64)
     .gauge("pglite_cache_publisher_lag_bytes", "WAL bytes not yet stored in the stream.", |s| s.lag_bytes as f64);
     m

@@ -87,8 +87,8 @@
 
 pub(crate) mod apply;
 pub mod config;
-mod deadline;
 pub mod conninfo;
+mod deadline;
 pub mod error;
 pub mod lag;
 pub mod lsn;

@@ -1,6 +1,6 @@
 //! Shared test support.
+pub mod daemon;
+pub mod killable;
 pub mod nats;
 pub mod pg;
 pub mod replication;
-pub mod daemon;
-pub mod killable;

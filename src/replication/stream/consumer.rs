@@ -98,6 +98,7 @@ impl Consumer {
             self.changes.clone(),
             self.apply.source.clone(),
         )
+        .without_remote_catalog()
     }
 
     async fn session(&mut self, attempt: &mut u32) -> Result<(), ReplicationError> {

@@ -9,7 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use pglite_cache::local_postgres::LocalPostgres;
-use support::killable::{Daemon, connect};
+use support::daemon::{Daemon, connect};
 
 const HASH: &str = "SELECT count(*)::text, md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM log t";
 
@@ -27,8 +27,8 @@ async fn kill9_while_streaming_neither_duplicates_nor_loses_a_transaction() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("cache");
-    let mut daemon = Daemon::spawn(&remote, &data, &["--tables", "log"]);
-    daemon.wait_ready().await;
+    let mut daemon = Daemon::spawn(&[], &remote.url("postgres"), &data, &["--tables", "log"]);
+    daemon.client().await;
 
     // Insert-only writer: transaction i inserts rows (i, 1..=k) with k = 1 + i % 5.
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -60,14 +60,14 @@ async fn kill9_while_streaming_neither_duplicates_nor_loses_a_transaction() {
         }
         assert!(daemon.alive(), "round {round}: the daemon exited:\n{}", daemon.stderr());
         daemon.kill9();
-        daemon = Daemon::spawn(&remote, &data, &["--tables", "log"]);
-        daemon.wait_ready().await;
+        daemon = Daemon::spawn(&[], &remote.url("postgres"), &data, &["--tables", "log"]);
+        daemon.client().await;
     }
     stop.send_replace(true);
     let transactions = writer.await.unwrap();
     assert!(transactions > 100, "the writer ran ({transactions} transactions)");
 
-    let cache = daemon.wait_ready().await;
+    let cache = daemon.client().await;
     let want: (String, String) = {
         let r = admin.query_one(HASH, &[]).await.unwrap();
         (r.get(0), r.get(1))

@@ -9,6 +9,13 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_pglite-cache");
 
+/// A plain client connection (its connection task spawned).
+pub async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -102,6 +109,16 @@ impl Daemon {
     pub fn signal(&self, pid: u32, signal: &str) {
         let ok = Command::new("kill").args([signal, &pid.to_string()]).status().unwrap().success();
         assert!(ok, "kill {signal} {pid}");
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// SIGKILL, then reaps the process.
+    pub fn kill9(mut self) {
+        self.signal(self.child.id(), "-KILL");
+        self.wait(Duration::from_secs(10));
     }
 
     pub fn wait(&mut self, limit: Duration) -> ExitStatus {

@@ -1,5 +1,4 @@
 //! Shared test support.
 pub mod daemon;
-pub mod killable;
 pub mod pg;
 pub mod replication;

@@ -169,3 +169,26 @@ fn manual_pages_for_every_command() {
     let sync = std::fs::read_to_string(pages.join("pglite-cache-sync.1")).unwrap();
     assert!(sync.contains("PGLITE_CACHE_DATA"), "the page lists the environment variables: {sync}");
 }
+
+#[test]
+fn resync_and_decommission_refuse_a_directory_that_is_not_a_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("plain");
+    std::fs::create_dir(&data).unwrap();
+    let data = data.to_str().unwrap();
+    // A plain database (no replication was ever recorded in it).
+    let (code, _, err) = run(&["query", "--data", data, "CREATE TABLE t (id int)"], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = run(&["resync", "--data", data], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no replication is recorded"), "{err}");
+    let (code, _, err) =
+        run(&["decommission", "--yes", "--data", data, "--source", "host=127.0.0.1 port=1 dbname=x user=x"], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no replication is recorded"), "{err}");
+    // Neither left bookkeeping behind in it.
+    let (code, out, err) =
+        run(&["query", "--data", data, "SELECT count(*) FROM pg_namespace WHERE nspname = 'pglite_cache'"], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.lines().any(|line| line.trim() == "0"), "{out}");
+}

@@ -5,7 +5,7 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use pglite_cache::replication::{PublicationSpec, Replication, ReplicationConfig, SourceConfig, store};
+use pglite_cache::replication::{PublicationSpec, Replication, ReplicationConfig, SourceConfig};
 use pglite_cache::{Error, Instance, InstanceOptions};
 
 use super::sync::EXIT_CONFIG;
@@ -48,7 +48,7 @@ pub async fn run(args: DecommissionArgs) -> ExitCode {
 }
 
 async fn decommission(instance: &Instance, source: SourceConfig, yes: bool) -> ExitCode {
-    let stored = match store::load(instance).await {
+    let stored = match Replication::recorded(instance).await {
         Ok(Some(stored)) => stored,
         Ok(None) | Err(_) => {
             eprintln!("error: no replication is recorded in this data directory");

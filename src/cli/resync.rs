@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use pglite_cache::replication::store;
+use pglite_cache::replication::Replication;
 use pglite_cache::{Error, Instance, InstanceOptions};
 
 use super::sync::EXIT_CONFIG;
@@ -54,27 +54,23 @@ pub async fn run(args: ResyncArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = match store::load(&instance).await {
-        Ok(Some(_)) => {
-            let tables = (!args.tables.is_empty()).then_some(args.tables.as_slice());
-            match store::request_resync(&instance, tables).await {
-                Ok(()) => {
-                    println!(
-                        "resync of {what} recorded: the next `pglite-cache sync --data {}` carries it out",
-                        args.data.display()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {}", e.message());
-                    if let Some(hint) = e.hint() {
-                        eprintln!("hint: {hint}");
-                    }
-                    ExitCode::from(EXIT_CONFIG)
-                }
-            }
+    let tables = (!args.tables.is_empty()).then_some(args.tables.as_slice());
+    let code = match Replication::request_resync(&instance, tables).await {
+        Ok(true) => {
+            println!(
+                "resync of {what} recorded: the next `pglite-cache sync --data {}` carries it out",
+                args.data.display()
+            );
+            ExitCode::SUCCESS
         }
-        Ok(None) | Err(_) => {
+        Err(e) => {
+            eprintln!("error: {}", e.message());
+            if let Some(hint) = e.hint() {
+                eprintln!("hint: {hint}");
+            }
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Ok(false) => {
             eprintln!("error: no replication is recorded in this data directory");
             ExitCode::from(EXIT_CONFIG)
         }

@@ -14,11 +14,11 @@
 //! - [`config`]: the source URL and what to replicate.
 //! - [`conninfo`]: libpq's connection settings: environment, service and password files.
 //! - `source`: the replication-protocol client (and why it is our own).
-//! - [`pgoutput`]: the message decoder.
+//! - `pgoutput`: the message decoder.
 //! - `schema`: local tables from the remote catalog.
 //! - `table_sync`: the initial copy.
 //! - `apply`: the streaming apply.
-//! - [`store`]: LSN and table bookkeeping inside the instance.
+//! - `store`: LSN and table bookkeeping inside the instance ([`Replication::recorded`] reads it).
 //! - `tls`: TLS to the remote (rustls).
 //! - [`error`]: classified errors.
 //! - `deadline`: the receive deadline (half-open connections).
@@ -91,11 +91,11 @@ mod deadline;
 pub mod error;
 pub mod lag;
 pub mod lsn;
-pub mod pgoutput;
+pub(crate) mod pgoutput;
 pub(crate) mod schema;
 pub(crate) mod source;
 mod statements;
-pub mod store;
+pub(crate) mod store;
 mod supervisor;
 pub(crate) mod table_sync;
 pub(crate) mod tls;
@@ -111,6 +111,7 @@ use crate::Instance;
 pub use config::{PublicationSpec, ReplicationConfig, SlotLostPolicy, SourceConfig};
 pub use error::{ErrorKind, ReplicationError, RetryPolicy};
 pub use lsn::Lsn;
+pub use store::StoredState as Recorded;
 pub use tls::TlsMode;
 
 use source::quote_ident;
@@ -307,6 +308,26 @@ impl Replication {
         };
         let task = tokio::spawn(guarded(supervisor.run(), status_tx.clone()));
         Ok(ReplicationHandle { status, status_tx, changes, shutdown, task: Mutex::new(Some(task)), instance, config })
+    }
+
+    /// Asks a cache that is not replicating now to copy tables again when
+    /// it next starts (`None`: every table, from a new slot; otherwise these
+    /// tables from a snapshot taken then). `Ok(false)`: no replication is
+    /// recorded in `instance`.
+    pub async fn request_resync(instance: &Instance, tables: Option<&[String]>) -> Result<bool, ReplicationError> {
+        if Self::recorded(instance).await?.is_none() {
+            return Ok(false);
+        }
+        store::request_resync(instance, tables).await.map(|()| true)
+    }
+
+    /// The replication recorded in `instance` by an earlier start, if any.
+    pub async fn recorded(instance: &Instance) -> Result<Option<Recorded>, ReplicationError> {
+        let exists = instance.query("SELECT to_regclass('pglite_cache.replication') IS NOT NULL", &[]).await?;
+        if !exists.rows.first().is_some_and(|row| row.get::<bool>(0)) {
+            return Ok(None);
+        }
+        store::load(instance).await
     }
 
     /// Removes everything a replication left behind: the slot, the

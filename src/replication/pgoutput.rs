@@ -57,16 +57,6 @@ pub enum Value {
     Binary(Bytes),
 }
 
-impl Value {
-    /// The text, if this is a text value.
-    pub fn text(&self) -> Option<&str> {
-        match self {
-            Value::Text(b) => std::str::from_utf8(b).ok(),
-            _ => None,
-        }
-    }
-}
-
 /// A row's values, one per column of the relation.
 pub type Tuple = Vec<Value>;
 
@@ -199,9 +189,8 @@ pub enum LogicalMessage {
     },
 }
 
-/// Truncate option bits.
-pub const TRUNCATE_CASCADE: u8 = 1;
-/// Truncate option bits.
+/// Truncate option bit: `RESTART IDENTITY`. (`CASCADE`, bit 1, needs nothing
+/// here: pgoutput lists every table the cascade reached.)
 pub const TRUNCATE_RESTART_IDENTITY: u8 = 2;
 
 /// Decodes one message. `in_stream` tells whether it sits between a

@@ -37,6 +37,11 @@ use super::error::ReplicationError;
 use super::lsn::Lsn;
 use super::tls::TlsMode;
 
+/// SQL quoting as libpq's `PQescapeIdentifier` / `PQescapeLiteral` do it
+/// (identifiers always quoted, so case and symbols survive; a literal with a
+/// backslash becomes `E'...'`, right whatever `standard_conforming_strings` is).
+pub(crate) use postgres_protocol::escape::{escape_identifier as quote_ident, escape_literal as quote_literal};
+
 trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
 
@@ -551,16 +556,6 @@ fn auth_failed(what: &str) -> ReplicationError {
 
 fn first_words(sql: &str) -> String {
     sql.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
-}
-
-/// Quotes an identifier for SQL (always, so case and symbols survive).
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// Quotes a string literal for SQL (standard_conforming_strings on).
-pub fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
 }
 
 #[cfg(test)]

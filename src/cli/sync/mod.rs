@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use pglite_cache::replication::{
     ErrorKind, Phase, PublicationSpec, Replication, ReplicationConfig, ReplicationError, ReplicationHandle,
-    SlotLostPolicy, SourceConfig, Status, store,
+    SlotLostPolicy, SourceConfig, Status,
 };
 use pglite_cache::server::{self, Admission};
 use pglite_cache::{Error, Instance, InstanceOptions};
@@ -166,11 +166,7 @@ async fn serve_and_sync(
 ) -> ExitCode {
     // A cache that finished its initial copy before serves at once, also
     // while the remote is away.
-    if let Err(e) = store::init(instance).await {
-        eprintln!("error: preparing the cache: {e}");
-        return ExitCode::FAILURE;
-    }
-    let consistent_at_start = matches!(store::load(instance).await, Ok(Some(s)) if s.phase == "streaming");
+    let consistent_at_start = matches!(Replication::recorded(instance).await, Ok(Some(s)) if s.phase == "streaming");
     let replication = match start(instance.clone(), plan.config.clone()) {
         Ok(handle) => Arc::new(handle),
         Err(e) => return config_error(e),

@@ -7,7 +7,7 @@ use super::Instance;
 use super::handoff::{self, Route};
 use super::worker::{Claim, Command, Job, Output, RawJob, Request};
 use crate::error::Result;
-use crate::protocol::TxStatus;
+use crate::protocol::{TxStatus, backend};
 use std::sync::Arc;
 
 /// A client session that sends frontend protocol bytes to the engine as they
@@ -149,7 +149,7 @@ impl RawSession {
         self.idle = status == Some(TxStatus::Idle);
         self.skipping_to_sync = match status {
             Some(_) => false,
-            None => self.skipping_to_sync || has_error(&output.bytes),
+            None => self.skipping_to_sync || backend::has_error(&output.bytes),
         };
         if output.lease.is_some() {
             self.lease = output.lease;
@@ -249,20 +249,4 @@ impl Drop for RawSession {
             let _ = lease.send(Request { job, reply });
         }
     }
-}
-
-/// Whether backend bytes contain an `ErrorResponse`.
-fn has_error(bytes: &[u8]) -> bool {
-    let mut rest = bytes;
-    while rest.len() >= 5 {
-        if rest[0] == b'E' {
-            return true;
-        }
-        let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]);
-        if len < 4 || rest.len() < 1 + len as usize {
-            return false;
-        }
-        rest = &rest[1 + len as usize..];
-    }
-    false
 }

@@ -20,7 +20,7 @@
 
 use bytes::BytesMut;
 
-use crate::protocol;
+use crate::protocol::{self, backend};
 
 const SAVEPOINT: &str = "pglite_cache_side";
 
@@ -69,19 +69,7 @@ pub(crate) fn unwrap_reply(reply: &[u8]) -> Result<Vec<u8>, String> {
 
 /// Whole backend messages in `bytes`.
 fn messages(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut rest = bytes;
-    std::iter::from_fn(move || {
-        if rest.len() < 5 {
-            return None;
-        }
-        let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]);
-        if len < 4 || rest.len() < 1 + len as usize {
-            return None;
-        }
-        let (message, tail) = rest.split_at(1 + len as usize);
-        rest = tail;
-        Some(message)
-    })
+    backend::messages(bytes).map(|(_, message)| message)
 }
 
 #[cfg(test)]

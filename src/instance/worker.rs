@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::handoff;
 use super::options::{InstanceOptions, Storage};
 use crate::error::{Error, Result};
-use crate::protocol::{self, TxStatus};
+use crate::protocol::{self, TxStatus, backend};
 
 /// What a handle asks of the worker.
 pub(crate) enum Command {
@@ -469,12 +469,12 @@ impl Worker {
         match engine.exec(sql, Some(&options)) {
             Ok(results) => {
                 let rows: usize = results.iter().filter_map(|r| r.affected_rows).sum();
-                put_message(&mut out, b'C', format!("COPY {rows}\0").as_bytes());
+                backend::command_complete(&format!("COPY {rows}"), &mut out);
             }
             Err(err) => match err.downcast_ref::<pglite_oxide::PgliteError>().map(|e| e.database_error()) {
-                Some(db) => put_message(&mut out, b'E', &error_fields(db)),
+                Some(db) => engine_error(db, &mut out),
                 None => match err.downcast_ref::<pglite_oxide::DatabaseError>() {
-                    Some(db) => put_message(&mut out, b'E', &error_fields(db)),
+                    Some(db) => engine_error(db, &mut out),
                     None => return Err(Failure::Crash(format!("{err:#}"))),
                 },
             },
@@ -501,10 +501,9 @@ impl Worker {
         Ok(super::side::unwrap_reply(&out).unwrap_or_else(|e| {
             tracing::error!(instance = %self.shared.label, error = %e, "side job inside a transaction");
             let mut out = BytesMut::new();
-            let body =
-                format!("SERROR\0VERROR\0CXX000\0Minternal error running a statement beside a transaction: {e}\0\0");
-            put_message(&mut out, b'E', body.as_bytes());
-            put_message(&mut out, b'Z', b"I");
+            let text = format!("internal error running a statement beside a transaction: {e}");
+            backend::error_response("ERROR", "XX000", &text, &mut out);
+            backend::ready_for_query(b'I', &mut out);
             out.to_vec()
         }))
     }
@@ -568,42 +567,31 @@ impl Worker {
 }
 
 /// Appends one backend message (tag, length, body).
-fn put_message(out: &mut BytesMut, tag: u8, body: &[u8]) {
-    out.extend_from_slice(&[tag]);
-    out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
-    out.extend_from_slice(body);
+/// An `ErrorResponse` carrying the fields of an engine error.
+fn engine_error(db: &pglite_oxide::DatabaseError, out: &mut BytesMut) {
+    let severity = db.severity.as_deref().unwrap_or("ERROR");
+    let fields = [
+        (b'S', Some(severity)),
+        (b'V', Some(severity)),
+        (b'C', Some(db.code.as_deref().unwrap_or("XX000"))),
+        (b'M', Some(db.message.as_str())),
+        (b'D', db.detail.as_deref()),
+        (b'H', db.hint.as_deref()),
+        (b'P', db.position.as_deref()),
+        (b'W', db.r#where.as_deref()),
+        (b's', db.schema.as_deref()),
+        (b't', db.table.as_deref()),
+        (b'c', db.column.as_deref()),
+        (b'd', db.data_type.as_deref()),
+        (b'n', db.constraint.as_deref()),
+    ];
+    backend::error_fields(fields.into_iter().filter_map(|(tag, value)| Some((tag, value?))), out);
 }
 
-/// The body of an `ErrorResponse` carrying the fields of an engine error.
-fn error_fields(db: &pglite_oxide::DatabaseError) -> Vec<u8> {
-    let mut body = Vec::new();
-    let mut field = |tag: u8, value: Option<&str>| {
-        if let Some(value) = value {
-            body.push(tag);
-            body.extend_from_slice(value.replace('\0', "").as_bytes());
-            body.push(0);
-        }
-    };
-    field(b'S', db.severity.as_deref().or(Some("ERROR")));
-    field(b'V', db.severity.as_deref().or(Some("ERROR")));
-    field(b'C', db.code.as_deref().or(Some("XX000")));
-    field(b'M', Some(&db.message));
-    field(b'D', db.detail.as_deref());
-    field(b'H', db.hint.as_deref());
-    field(b'P', db.position.as_deref());
-    field(b'W', db.r#where.as_deref());
-    field(b's', db.schema.as_deref());
-    field(b't', db.table.as_deref());
-    field(b'c', db.column.as_deref());
-    field(b'd', db.data_type.as_deref());
-    field(b'n', db.constraint.as_deref());
-    body.push(0);
-    body
-}
-
-/// The status of the final `ReadyForQuery` (`Z`, length 5, status byte).
+/// The status of the final `ReadyForQuery` (`Z`, length 5, status byte),
+/// if `bytes` are whole messages ending with one.
 pub(crate) fn ready_status(bytes: &[u8]) -> Option<TxStatus> {
-    if !tail_is(bytes, b'Z') {
+    if backend::last_tag_if_whole(bytes) != Some(b'Z') {
         return None;
     }
     match bytes[bytes.len() - 1] {
@@ -612,19 +600,4 @@ pub(crate) fn ready_status(bytes: &[u8]) -> Option<TxStatus> {
         b'E' => Some(TxStatus::Failed),
         _ => None,
     }
-}
-
-/// Whether the last message in `bytes` has tag `tag` (walks the framing).
-fn tail_is(bytes: &[u8], tag: u8) -> bool {
-    let mut rest = bytes;
-    let mut last = None;
-    while rest.len() >= 5 {
-        let len = i32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-        if len < 4 || rest.len() < 1 + len {
-            return false;
-        }
-        last = Some(rest[0]);
-        rest = &rest[1 + len..];
-    }
-    rest.is_empty() && last == Some(tag)
 }

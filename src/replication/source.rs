@@ -36,6 +36,7 @@ use super::config::{SourceAddress, SourceConfig};
 use super::error::ReplicationError;
 use super::lsn::Lsn;
 use super::tls::TlsMode;
+use crate::protocol::backend;
 
 /// SQL quoting as libpq's `PQescapeIdentifier` / `PQescapeLiteral` do it
 /// (identifiers always quoted, so case and symbols survive; a literal with a
@@ -464,19 +465,7 @@ impl SourceConnection {
 
 /// Splits one backend message (tag + length + body) off the front of `buf`.
 pub fn split_frame(buf: &mut BytesMut) -> Result<Option<Bytes>, ReplicationError> {
-    if buf.len() < 5 {
-        return Ok(None);
-    }
-    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
-    if len < 4 {
-        return Err(ReplicationError::fatal(format!("invalid message length {len}")));
-    }
-    let total = 1 + len as usize;
-    if buf.len() < total {
-        buf.reserve(total - buf.len());
-        return Ok(None);
-    }
-    Ok(Some(buf.split_to(total).freeze()))
+    backend::split_frame(buf).map_err(|e| ReplicationError::fatal(format!("invalid message length {}", e.0)))
 }
 
 async fn open_socket(address: &SourceAddress, tls: &TlsMode) -> Result<Box<dyn Socket>, ReplicationError> {

@@ -56,7 +56,6 @@
 //!
 //! `docs/wire-server.md` has the details (COPY FROM STDIN, limits, shutdown).
 
-mod backend;
 mod cancel;
 mod config;
 mod connection;
@@ -85,6 +84,8 @@ pub use listener::Listener;
 pub use scram::{InvalidVerifier, ScramVerifier};
 
 use crate::Instance;
+// Backend messages are encoded and walked in one place for the whole crate.
+use crate::protocol::backend;
 use connection::Connection;
 use listener::ClientStreamObj;
 use settings::SessionSettings;

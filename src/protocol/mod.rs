@@ -7,6 +7,8 @@
 //! one implicit transaction, which is what makes [`crate::Instance::transaction`]
 //! atomic without extra round trips.
 
+pub(crate) mod backend;
+
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -244,16 +246,8 @@ mod tests {
         let mut buf = BytesMut::new();
         extended_statement("SELECT $1", &[Param::Null], &mut buf).unwrap();
         sync(&mut buf);
-        let tags: Vec<u8> = {
-            let mut tags = Vec::new();
-            let mut rest = &buf[..];
-            while !rest.is_empty() {
-                tags.push(rest[0]);
-                let len = i32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
-                rest = &rest[1 + len..];
-            }
-            tags
-        };
+        // Frontend messages share the backend framing (tag, length, body).
+        let tags: Vec<u8> = backend::messages(&buf).map(|(tag, _)| tag).collect();
         assert_eq!(tags, b"PBDEfS");
     }
 }

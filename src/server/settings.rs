@@ -20,6 +20,8 @@
 
 use bytes::BytesMut;
 
+use postgres_protocol::escape::escape_literal as literal; // libpq's PQescapeLiteral
+
 use super::backend;
 use crate::{Error, RawSession};
 
@@ -118,11 +120,6 @@ impl SessionSettings {
     }
 }
 
-/// A SQL string literal.
-fn literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,5 +149,6 @@ mod tests {
     #[test]
     fn quotes_literals() {
         assert_eq!(literal("it's"), "'it''s'");
+        assert_eq!(literal("C:\\dir"), " E'C:\\\\dir'");
     }
 }

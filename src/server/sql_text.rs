@@ -176,10 +176,8 @@ pub(crate) fn sql_names(sql: &[u8]) -> Vec<SqlName> {
         .collect()
 }
 
-/// `name` as a quoted identifier.
-pub(crate) fn quote_identifier(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
+/// `name` as a quoted identifier (libpq's `PQescapeIdentifier`).
+pub(crate) use postgres_protocol::escape::escape_identifier as quote_identifier;
 
 #[cfg(test)]
 mod tests {

@@ -1,7 +1,7 @@
 //! Big results in bounded memory: `pglite-cache serve` (a process of its own,
 //! so that its peak RSS is a clean measurement) streams a 300 MB result to a
-//! tokio-postgres client, through the simple and the extended protocol, and
-//! its peak RSS (`VmHWM`) grows by at most 64 MiB.
+//! tokio-postgres client, through the simple and the extended protocol and
+//! `COPY ... TO STDOUT`, and its peak RSS (`VmHWM`) grows by at most 64 MiB.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -142,6 +142,26 @@ async fn big_result_through_simple_protocol_in_bounded_memory() {
             }
         }
         assert_eq!((count, tag), (ROWS, Some(ROWS as u64)));
+        bytes
+    })
+    .await;
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_copy_to_stdout_in_bounded_memory() {
+    check_peak_growth("COPY TO STDOUT", async |client| {
+        let sql = format!("COPY ({}) TO STDOUT", big_select());
+        let stream = client.copy_out(&sql).await.unwrap();
+        tokio::pin!(stream);
+        let (mut lines, mut bytes, mut tail) = (0i64, 0u64, Vec::new());
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.unwrap();
+            lines += chunk.iter().filter(|&&b| b == b'\n').count() as i64;
+            bytes += chunk.len() as u64;
+            tail = chunk.to_vec();
+        }
+        assert_eq!(lines, ROWS);
+        let last_line = tail.strip_suffix(b"\n").unwrap().rsplit(|&b| b == b'\n').next().unwrap().to_vec();
+        assert!(last_line.starts_with(format!("{ROWS}\t").as_bytes()), "the last row comes last");
         bytes
     })
     .await;

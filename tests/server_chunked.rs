@@ -144,3 +144,60 @@ async fn chunked_results_look_like_postgres() {
     assert_eq!(steps[0].iter().map(Vec::len).collect::<Vec<_>>(), [3000, 3000, 1000]);
     assert_eq!(steps[0], steps[1]);
 }
+
+/// The bytes of a `COPY ... TO STDOUT` (through the extended protocol, as
+/// tokio-postgres sends it) and the SQLSTATE of an error.
+async fn copy_out(client: &Client, sql: &str) -> (Vec<u8>, Option<String>) {
+    let mut data = Vec::new();
+    match client.copy_out(sql).await {
+        Ok(stream) => {
+            tokio::pin!(stream);
+            while let Some(chunk) = stream.next().await {
+                match chunk {
+                    Ok(chunk) => data.extend_from_slice(&chunk),
+                    Err(e) => return (data, e.code().map(|c| c.code().to_owned())),
+                }
+            }
+            (data, None)
+        }
+        Err(e) => (data, e.code().map(|c| c.code().to_owned())),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_copy_to_stdout_looks_like_postgres() {
+    let server = common::TestServer::start(ServerConfig::default()).await;
+    let pg = PgCluster::start();
+    let ours = server.connect().await;
+    let theirs = pg.client("postgres").await;
+    let setup = "CREATE TABLE copied (i int, t text, n numeric, g int GENERATED ALWAYS AS (i * 2) STORED, b bytea); \
+         INSERT INTO copied (i, t, n, b) SELECT i, CASE WHEN i % 7 = 0 THEN NULL WHEN i % 5 = 0 THEN '' \
+         ELSE 'a,\"b\"' || E'\\t\\n\\\\' || i END, i / 3.0, '\\x00ff' FROM generate_series(1, 20000) AS i; \
+         CREATE VIEW copied_view AS SELECT i FROM copied";
+    ours.batch_execute(setup).await.unwrap();
+    theirs.batch_execute(setup).await.unwrap();
+    for sql in [
+        "COPY copied TO STDOUT",
+        "COPY copied (t, i) TO STDOUT WITH (FORMAT csv, HEADER)",
+        "COPY public.copied TO STDOUT (FORMAT binary)",
+        "COPY (SELECT * FROM copied ORDER BY i DESC) TO STDOUT WITH CSV",
+        "COPY (SELECT i, t FROM copied) TO STDOUT (FORMAT text, HEADER true)",
+        "COPY (SELECT 1 / (i - 15000) FROM copied) TO STDOUT",
+        "COPY (SELECT nothing FROM copied) TO STDOUT",
+        "COPY copied (nothing) TO STDOUT",
+        "COPY copied (g) TO STDOUT",
+        "COPY copied_view TO STDOUT",
+        "COPY no_such_table TO STDOUT",
+    ] {
+        let (a, b) = (copy_out(&ours, sql).await, copy_out(&theirs, sql).await);
+        assert!(a.1 == b.1, "`{sql}`: error {:?} here, {:?} in PostgreSQL", a.1, b.1);
+        if a.1.is_none() {
+            assert!(a.0 == b.0, "`{sql}`: {} bytes here, {} in PostgreSQL", a.0.len(), b.0.len());
+        }
+    }
+    // psql and pg_dump send COPY as a simple query.
+    for sql in ["COPY copied TO STDOUT", "COPY (SELECT 1 / (i - 15000) FROM copied) TO STDOUT"] {
+        let (a, b) = (simple(&ours, sql).await, simple(&theirs, sql).await);
+        assert_eq!(a, b, "{sql}");
+    }
+}

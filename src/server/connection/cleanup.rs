@@ -18,6 +18,8 @@ impl<S> Connection<S> {
         self.stdin_portals.clear();
         self.quiet_statements.clear();
         self.quiet_portals.clear();
+        self.copy_statements.clear();
+        self.copy_portals.clear();
         for name in self.sql_statements.drain() {
             backend::close(b'S', name.as_bytes(), out);
         }

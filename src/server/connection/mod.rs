@@ -33,6 +33,8 @@ use copy_in::{CopyIn, CopyKind};
 mod chunks;
 mod cleanup;
 mod copy_in;
+mod copy_out;
+mod copy_out_run;
 mod waiting;
 
 use waiting::{Withdrawn, is_side_work, withdrawable_groups, withdrawn_answer};
@@ -119,6 +121,10 @@ pub(crate) struct Connection<S> {
     /// return no rows (their `Execute` is not chunked).
     quiet_statements: HashSet<Vec<u8>>,
     quiet_portals: HashSet<Vec<u8>>,
+    /// Statements (and portals bound from them) that are a `COPY ... TO
+    /// STDOUT` the server runs in chunks.
+    copy_statements: std::collections::HashMap<Vec<u8>, copy_out::CopyTo>,
+    copy_portals: std::collections::HashMap<Vec<u8>, copy_out::CopyTo>,
     /// SQL-level prepared statements and `WITH HOLD` cursors it created
     /// (closed when it leaves).
     sql_statements: HashSet<String>,
@@ -157,6 +163,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             stdin_portals: HashSet::new(),
             quiet_statements: HashSet::new(),
             quiet_portals: HashSet::new(),
+            copy_statements: Default::default(),
+            copy_portals: Default::default(),
             sql_statements: HashSet::new(),
             sql_cursors: HashSet::new(),
             status: b'I',
@@ -338,6 +346,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     self.start_copy(frame.bytes, CopyKind::Simple).await?;
                     return Ok(Flow::Continue);
                 }
+                if let Some(copy) = copy_out::parse(sql) {
+                    self.send_batch(batch).await?;
+                    if self.copy_out(copy, true).await? {
+                        return Ok(Flow::Continue);
+                    }
+                }
                 if let Some((bytes, cut)) = chunks::simple_as_extended(sql) {
                     // One row-returning statement: chunked, in a batch of its own.
                     self.send_batch(batch).await?;
@@ -404,6 +418,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     *sql = REFUSED_RESET.as_bytes();
                 }
                 self.track(frame.tag, &named, batch);
+                if let Named::Execute { portal, .. } = named
+                    && let Some(copy) = self.copy_portals.get(portal).cloned()
+                {
+                    // What comes before runs first (the engine is held mid-batch).
+                    self.send_batch(batch).await?;
+                    if self.copy_out(copy, false).await? {
+                        return Ok(Flow::Continue);
+                    }
+                }
                 self.namer.rewrite(frame.tag, &named, &mut batch.bytes);
                 if let Named::Execute { portal, .. } = named
                     && !self.stdin_portals.contains(portal)
@@ -430,6 +453,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 } else {
                     self.stdin_statements.remove(statement);
                 }
+                match copy_out::parse(sql) {
+                    Some(copy) => self.copy_statements.insert(statement.to_vec(), copy),
+                    None => self.copy_statements.remove(statement),
+                };
                 if chunks::may_return_rows(sql) {
                     self.quiet_statements.remove(statement);
                 } else {
@@ -445,6 +472,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 } else {
                     self.stdin_portals.remove(portal);
                 }
+                match self.copy_statements.get(statement) {
+                    Some(copy) => self.copy_portals.insert(portal.to_vec(), copy.clone()),
+                    None => self.copy_portals.remove(portal),
+                };
                 if self.quiet_statements.contains(statement) {
                     self.quiet_portals.insert(portal.to_vec());
                 } else {
@@ -459,6 +490,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Named::Target { kind: b'S', name } if tag == b'C' => {
                 self.stdin_statements.remove(name);
                 self.quiet_statements.remove(name);
+                self.copy_statements.remove(name);
             }
             Named::Target { .. } => {}
         }

@@ -143,6 +143,20 @@ async fn chunked_results_look_like_postgres() {
     }
     assert_eq!(steps[0].iter().map(Vec::len).collect::<Vec<_>>(), [3000, 3000, 1000]);
     assert_eq!(steps[0], steps[1]);
+    // Pipelined: several chunked results (and an error between them) in one
+    // batch of the client.
+    let mut pipelined = Vec::new();
+    for client in [&ours, &theirs] {
+        let (a, b, c, d) = tokio::join!(
+            extended(client, "SELECT i::text FROM generate_series(1, 6000) AS i"),
+            extended(client, "SELECT (1 / (i - 3000))::text FROM generate_series(1, 6000) AS i"),
+            extended(client, "SELECT repeat('p', 2000) FROM generate_series(1, 4000)"),
+            extended(client, "VALUES ('last')"),
+        );
+        pipelined.push((a, b, c, d));
+    }
+    assert!(pipelined[0] == pipelined[1], "pipelined results differ from PostgreSQL's");
+    assert_eq!(pipelined[0].2.rows.len(), 4000);
 }
 
 /// The bytes of a `COPY ... TO STDOUT` (through the extended protocol, as

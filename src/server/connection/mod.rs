@@ -533,21 +533,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         let groups = withdrawable_groups(&bytes);
         let mut progress: Vec<Progress> = cuts.iter().map(|cut| Progress::new(cut.wanted)).collect();
-        let mut segments = Vec::with_capacity(cuts.len() + 1);
-        let mut taken = 0;
-        for (cut, progress) in cuts.iter().zip(&progress) {
-            chunks::set_limit(&mut bytes, cut.end + shift - taken, progress.limit());
-            segments.push(bytes.split_to(cut.end + shift - taken));
-            taken = cut.end + shift;
+        let cut_ends: Vec<usize> = cuts.iter().map(|cut| cut.end + shift).collect();
+        for (end, progress) in cut_ends.iter().zip(&progress) {
+            chunks::set_limit(&mut bytes, *end, progress.limit());
         }
-        if !bytes.is_empty() {
-            segments.push(bytes);
-        }
-        let last = segments.len() - 1;
+        // The worker runs the batch in parts ending at the cuts and stops
+        // after a part that left its portal suspended (one call when every
+        // result fits in its first chunk); the rest is sent after the
+        // portal's other chunks.
+        let mut base = 0; // where `bytes` starts in the whole batch
+        let mut first = true;
         let mut failed = false;
-        for (i, segment) in segments.into_iter().enumerate() {
-            let mut reply = if i == 0 {
-                match self.run_batch(segment, groups, may_change, &listens).await? {
+        loop {
+            let len = bytes.len();
+            let local: Vec<usize> = cut_ends.iter().filter(|&&end| end > base).map(|end| end - base).collect();
+            let keep = if local.is_empty() { None } else { Some(bytes.clone()) };
+            let mut reply = if first {
+                match self.run_batch(bytes, groups, local, may_change, &listens).await? {
                     Ok(reply) => reply,
                     Err(withdrawn) => {
                         // Nothing ran: every statement group of the batch gets the error.
@@ -561,21 +563,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     }
                 }
             } else {
-                self.session.round_trip(segment).await?
+                self.session.cut_next(local);
+                self.session.round_trip(bytes).await?
             };
-            if i == 0 && closes > 0 {
+            let consumed = if keep.is_some() { self.session.consumed().min(len) } else { len };
+            if first && closes > 0 {
                 reply = backend::without_first_close_completes(reply, closes);
             }
-            if let (Some(cut), Some(progress)) = (cuts.get(i), progress.get_mut(i)) {
-                while let Next::More(rows) = progress.take(&mut reply) {
+            first = false;
+            let at = base + consumed;
+            if let Some(k) = cut_ends.iter().position(|&end| end == at)
+                && backend::messages(&reply).last().is_some_and(|(tag, _)| tag == b's')
+            {
+                while let Next::More(rows) = progress[k].take(&mut reply) {
                     failed |= self.forward_part(reply, simple).await?;
                     let mut next = BytesMut::new();
-                    chunks::execute(&cut.portal, rows, &mut next);
+                    chunks::execute(&cuts[k].portal, rows, &mut next);
                     reply = self.session.round_trip(next).await?;
                 }
             }
-            if i < last {
+            if consumed < len {
                 failed |= self.forward_part(reply, simple).await?;
+                bytes = keep.map(|mut kept| kept.split_off(consumed)).unwrap_or_default();
+                base = at;
                 continue;
             }
             self.namer.engine_called(closes, backend::last_ready_status(&reply) == Some(b'I'));
@@ -612,6 +622,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         &mut self,
         bytes: BytesMut,
         groups: usize,
+        cuts: Vec<usize>,
         may_change: bool,
         listens: &[Listening],
     ) -> Result<std::result::Result<Vec<u8>, Vec<u8>>> {
@@ -627,6 +638,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
         }
         tracing::trace!(bytes = bytes.len(), holds = self.session.holds_engine(), "batch to engine");
+        self.session.cut_next(cuts);
         if groups == 0 || self.session.holds_engine() {
             return Ok(Ok(self.session.round_trip(bytes).await?));
         }

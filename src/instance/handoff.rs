@@ -33,14 +33,19 @@ pub(crate) fn recv_blocking<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> Option<T>
     rx.blocking_recv()
 }
 
-/// Awaits a reply, first polling for it briefly when it is the only call in
-/// flight on the instance (the answer usually comes within the budget).
-/// Each poll yields to the runtime's other tasks and to the OS, so the
-/// engine's thread gets the CPU. When other calls are in flight, the answer
-/// is behind theirs: polling would only burn CPU the engine needs, so the
-/// task parks at once.
-pub(crate) async fn reply<T>(mut rx: oneshot::Receiver<T>, shared: &Shared) -> Result<T, oneshot::error::RecvError> {
-    let alone = shared.in_flight.fetch_add(1, Ordering::AcqRel) == 0;
+/// Awaits a reply, first polling for it briefly when it is next: the only
+/// call in flight on the instance, or a call on a lease (the worker serves
+/// nothing else meanwhile, however many calls wait in its queue). The
+/// answer usually comes within the budget. Each poll yields to the
+/// runtime's other tasks and to the OS, so the engine's thread gets the
+/// CPU. When the answer is behind other calls, polling would only burn CPU
+/// the engine needs, so the task parks at once.
+pub(crate) async fn reply<T>(
+    mut rx: oneshot::Receiver<T>,
+    shared: &Shared,
+    on_lease: bool,
+) -> Result<T, oneshot::error::RecvError> {
+    let alone = shared.in_flight.fetch_add(1, Ordering::AcqRel) == 0 || on_lease;
     let _in_flight = InFlight(shared);
     if alone {
         let start = Instant::now();
@@ -88,6 +93,6 @@ impl Route {
         if !sent {
             return Err(shared.closed_error());
         }
-        reply(rx, shared).await.map_err(|_| shared.closed_error())?
+        reply(rx, shared, matches!(self, Route::Lease(_))).await.map_err(|_| shared.closed_error())?
     }
 }

@@ -35,6 +35,10 @@ pub struct RawSession {
     skipping_to_sync: bool,
     /// Others' side work may run inside this session's transactions.
     shareable: bool,
+    /// Cuts for the next round trip (see [`cut_next`](Self::cut_next)).
+    cuts: Vec<usize>,
+    /// How many bytes of the last round trip ran.
+    consumed: usize,
 }
 
 impl RawSession {
@@ -47,6 +51,8 @@ impl RawSession {
             on_drop: None,
             skipping_to_sync: false,
             shareable: false,
+            cuts: Vec::new(),
+            consumed: 0,
         }
     }
 
@@ -57,7 +63,8 @@ impl RawSession {
             Some(lease) => Route::Lease(lease.clone()),
             None => Route::Shared(self.instance.tx.clone()),
         };
-        let job = Job::Raw(RawJob { bytes, claim: None, shareable: self.shareable });
+        let job =
+            Job::Raw(RawJob { bytes, claim: None, shareable: self.shareable, cuts: std::mem::take(&mut self.cuts) });
         match route.call(&self.instance.shared, job).await {
             Ok(output) => Ok(self.note(output)),
             Err(e) => {
@@ -80,7 +87,12 @@ impl RawSession {
             return self.round_trip(bytes).await.map(Some);
         }
         let claim = Arc::new(Claim::default());
-        let job = Job::Raw(RawJob { bytes, claim: Some(claim.clone()), shareable: self.shareable });
+        let job = Job::Raw(RawJob {
+            bytes,
+            claim: Some(claim.clone()),
+            shareable: self.shareable,
+            cuts: std::mem::take(&mut self.cuts),
+        });
         let (reply, rx) = oneshot::channel();
         self.instance.tx.send(Command::Run(Request { job, reply })).map_err(|_| self.instance.shared.closed_error())?;
         self.await_or_withdraw(rx, claim, withdraw).await
@@ -97,13 +109,14 @@ impl RawSession {
         bytes: BytesMut,
         withdraw: impl std::future::Future<Output = ()>,
     ) -> Result<Option<Vec<u8>>> {
+        self.cuts.clear(); // side work has no Execute
         if self.lease.is_some() {
             return self.round_trip(bytes).await.map(Some);
         }
         let shared = &self.instance.shared;
         let claim = Arc::new(Claim::default());
         let (reply, rx) = oneshot::channel();
-        let job = Job::Side(RawJob { bytes, claim: Some(claim.clone()), shareable: false });
+        let job = Job::Side(RawJob { bytes, claim: Some(claim.clone()), shareable: false, cuts: Vec::new() });
         let mut request = Some(Request { job, reply });
         {
             // Under the lock the worker takes to start and end leases.
@@ -128,7 +141,7 @@ impl RawSession {
         withdraw: impl std::future::Future<Output = ()>,
     ) -> Result<Option<Vec<u8>>> {
         let shared = self.instance.shared.clone();
-        let reply = handoff::reply(rx, &shared);
+        let reply = handoff::reply(rx, &shared, false);
         tokio::pin!(reply);
         let output = tokio::select! {
             output = &mut reply => output,
@@ -145,6 +158,7 @@ impl RawSession {
 
     /// Takes note of a reply: the engine's state and the lease.
     fn note(&mut self, output: Output) -> Vec<u8> {
+        self.consumed = output.consumed;
         let status = super::worker::ready_status(&output.bytes);
         self.idle = status == Some(TxStatus::Idle);
         self.skipping_to_sync = match status {
@@ -213,6 +227,20 @@ impl RawSession {
         self.shareable = shareable;
     }
 
+    /// Makes the next round trip run its bytes in parts ending at these
+    /// offsets (each right after an `Execute` with a row limit), stopping
+    /// after a part that leaves its portal suspended;
+    /// [`consumed`](Self::consumed) then says how many bytes ran.
+    pub(crate) fn cut_next(&mut self, cuts: Vec<usize>) {
+        self.cuts = cuts;
+    }
+
+    /// How many bytes of the last round trip ran (all of them unless it
+    /// stopped at a cut).
+    pub(crate) fn consumed(&self) -> usize {
+        self.consumed
+    }
+
     /// Whether this session currently holds the engine exclusively.
     pub fn holds_engine(&self) -> bool {
         self.lease.is_some()
@@ -226,7 +254,7 @@ impl Drop for RawSession {
             // (the engine is idle when it runs); its reply is discarded.
             if let Some(bytes) = self.on_drop.take() {
                 let (reply, _) = oneshot::channel();
-                let job = Job::Raw(RawJob { bytes, claim: None, shareable: false });
+                let job = Job::Raw(RawJob { bytes, claim: None, shareable: false, cuts: Vec::new() });
                 let _ = self.instance.tx.send(Command::Run(Request { job, reply }));
             }
             return;
@@ -245,7 +273,7 @@ impl Drop for RawSession {
             // Queued on the lease before it closes, so it runs before the
             // worker's rollback and before anybody else.
             let (reply, _) = oneshot::channel();
-            let job = Job::Raw(RawJob { bytes, claim: None, shareable: false });
+            let job = Job::Raw(RawJob { bytes, claim: None, shareable: false, cuts: Vec::new() });
             let _ = lease.send(Request { job, reply });
         }
     }

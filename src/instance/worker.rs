@@ -75,6 +75,11 @@ pub(crate) struct RawJob {
     /// others' [`Job::Side`] work may run in that transaction (in a
     /// savepoint) meanwhile: the caller has no session settings in force.
     pub shareable: bool,
+    /// Offsets in `bytes` right after an `Execute` sent with a row limit:
+    /// the worker runs the bytes in parts ending there, and stops after a
+    /// part whose reply ends in `PortalSuspended` (the caller fetches the
+    /// rest of that portal, then sends what was not run).
+    pub cuts: Vec<usize>,
 }
 
 /// Lets the caller withdraw a queued job: whoever moves it out of "queued"
@@ -107,6 +112,8 @@ pub(crate) struct Output {
     /// For [`Job::Raw`] run outside a lease that left the engine busy: the
     /// lease the caller now holds.
     pub lease: Option<mpsc::UnboundedSender<Request>>,
+    /// For a [`RawJob`] with cuts: how many of its bytes ran.
+    pub consumed: usize,
 }
 
 /// The lifecycle of an instance as handles see it.
@@ -410,10 +417,10 @@ impl Worker {
         let leased = holder.is_some();
         match job {
             Job::Panic => panic!("crash injected by a test"),
-            Job::Raw(RawJob { bytes, shareable, .. }) => {
-                let out = self.round_trip(&bytes)?;
+            Job::Raw(RawJob { bytes, shareable, cuts, .. }) => {
+                let (out, consumed) = self.run_cut(&bytes, &cuts)?;
                 let status = ready_status(&out);
-                let mut output = Output { bytes: out, rolled_back_open_transaction: false, lease: None };
+                let mut output = Output { bytes: out, rolled_back_open_transaction: false, lease: None, consumed };
                 let after = Holder { status, shareable };
                 if !leased && status != Some(TxStatus::Idle) {
                     let (tx, rx) = mpsc::unbounded_channel();
@@ -425,7 +432,7 @@ impl Worker {
             Job::Side(RawJob { bytes, .. }) => {
                 let in_transaction = holder.is_some_and(|h| h.status == Some(TxStatus::InTransaction));
                 let out = self.run_side(&bytes, in_transaction)?;
-                Ok((Output { bytes: out, rolled_back_open_transaction: false, lease: None }, None, None))
+                Ok((Output { bytes: out, rolled_back_open_transaction: false, lease: None, consumed: 0 }, None, None))
             }
             Job::CopyIn { sql, data } => {
                 let out = self.copy_in(&sql, data)?;
@@ -435,7 +442,7 @@ impl Worker {
                     rolled_back_open_transaction = true;
                 }
                 let after = holder.map(|h| Holder { status: ready_status(&out), ..h });
-                Ok((Output { bytes: out, rolled_back_open_transaction, lease: None }, after, None))
+                Ok((Output { bytes: out, rolled_back_open_transaction, lease: None, consumed: 0 }, after, None))
             }
             Job::Protocol(bytes) => {
                 // `protocol` ends every API batch with a CopyFail guard, so a
@@ -447,9 +454,38 @@ impl Worker {
                     rolled_back_open_transaction = true;
                 }
                 let after = holder.map(|h| Holder { status: ready_status(&out), ..h });
-                Ok((Output { bytes: out, rolled_back_open_transaction, lease: None }, after, None))
+                Ok((Output { bytes: out, rolled_back_open_transaction, lease: None, consumed: 0 }, after, None))
             }
         }
+    }
+
+    /// Runs `bytes` in parts ending at `cuts`, stopping after a part whose
+    /// reply ends in `PortalSuspended`; returns the replies and how many
+    /// bytes ran. (Cutting keeps a portal suspended by its row limit open:
+    /// a `Sync` in the same call would close it.)
+    fn run_cut(&mut self, bytes: &[u8], cuts: &[usize]) -> Result<(Vec<u8>, usize), Failure> {
+        if cuts.is_empty() {
+            return Ok((self.round_trip(bytes)?, bytes.len()));
+        }
+        let mut out = Vec::new();
+        let mut start = 0;
+        for &end in cuts.iter().chain(std::iter::once(&bytes.len())) {
+            if end <= start {
+                continue;
+            }
+            let part = self.round_trip(&bytes[start..end])?;
+            let suspended = cuts.contains(&end) && tail_is(&part, b's');
+            if out.is_empty() {
+                out = part;
+            } else {
+                out.extend_from_slice(&part);
+            }
+            start = end;
+            if suspended {
+                break;
+            }
+        }
+        Ok((out, start))
     }
 
     fn round_trip(&mut self, bytes: &[u8]) -> Result<Vec<u8>, Failure> {

@@ -16,6 +16,10 @@ impl<S> Connection<S> {
         self.namer.close_all(out);
         self.stdin_statements.clear();
         self.stdin_portals.clear();
+        self.quiet_statements.clear();
+        self.quiet_portals.clear();
+        self.copy_statements.clear();
+        self.copy_portals.clear();
         for name in self.sql_statements.drain() {
             backend::close(b'S', name.as_bytes(), out);
         }
@@ -38,8 +42,7 @@ impl<S> Connection<S> {
     /// Notes the SQL-level names a batch created or dropped, once its reply
     /// is known (a failed `PREPARE` created nothing: its name may be another
     /// client's).
-    pub(super) fn note_sql_names(&mut self, names: Vec<SqlName>, reply: &[u8]) {
-        let failed = backend::messages(reply).any(|(tag, _)| tag == b'E');
+    pub(super) fn note_sql_names(&mut self, names: Vec<SqlName>, failed: bool) {
         for name in names {
             match name {
                 SqlName::Prepare(n) if !failed => {

@@ -27,10 +27,14 @@ use super::notify::{self, Hub};
 use super::settings::SessionSettings;
 use super::sql_text::{self, Listening, SqlName};
 use crate::{Error, RawSession};
+use chunks::{Cut, Next, Progress};
 use copy_in::{CopyIn, CopyKind};
 
+mod chunks;
 mod cleanup;
 mod copy_in;
+mod copy_out;
+mod copy_out_run;
 mod waiting;
 
 use waiting::{Withdrawn, is_side_work, withdrawable_groups, withdrawn_answer};
@@ -80,6 +84,10 @@ struct Batch {
     listens: Vec<Listening>,
     /// SQL-level `PREPARE`/`DECLARE ... WITH HOLD` and their ends in it.
     sql_names: Vec<SqlName>,
+    /// `Execute`s driven in chunks (see `chunks.rs`), in order.
+    cuts: Vec<Cut>,
+    /// A simple query sent as extended messages: the reply gets the simple shape.
+    simple: bool,
 }
 
 /// What woke an idle connection.
@@ -109,6 +117,14 @@ pub(crate) struct Connection<S> {
     /// mentions `stdin`.
     stdin_statements: HashSet<Vec<u8>>,
     stdin_portals: HashSet<Vec<u8>>,
+    /// Client names of statements (and portals bound from them) known to
+    /// return no rows (their `Execute` is not chunked).
+    quiet_statements: HashSet<Vec<u8>>,
+    quiet_portals: HashSet<Vec<u8>>,
+    /// Statements (and portals bound from them) that are a `COPY ... TO
+    /// STDOUT` the server runs in chunks.
+    copy_statements: std::collections::HashMap<Vec<u8>, copy_out::CopyTo>,
+    copy_portals: std::collections::HashMap<Vec<u8>, copy_out::CopyTo>,
     /// SQL-level prepared statements and `WITH HOLD` cursors it created
     /// (closed when it leaves).
     sql_statements: HashSet<String>,
@@ -145,6 +161,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             settings,
             stdin_statements: HashSet::new(),
             stdin_portals: HashSet::new(),
+            quiet_statements: HashSet::new(),
+            quiet_portals: HashSet::new(),
+            copy_statements: Default::default(),
+            copy_portals: Default::default(),
             sql_statements: HashSet::new(),
             sql_cursors: HashSet::new(),
             status: b'I',
@@ -326,6 +346,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     self.start_copy(frame.bytes, CopyKind::Simple).await?;
                     return Ok(Flow::Continue);
                 }
+                if let Some(copy) = copy_out::parse(sql) {
+                    self.send_batch(batch).await?;
+                    if self.copy_out(copy, true).await? {
+                        return Ok(Flow::Continue);
+                    }
+                }
+                if let Some((bytes, cut)) = chunks::simple_as_extended(sql) {
+                    // One row-returning statement: chunked, in a batch of its own.
+                    self.send_batch(batch).await?;
+                    let may_change_settings = sql_text::may_change_settings(sql);
+                    let mut single = Batch {
+                        bytes,
+                        boundary: true,
+                        may_change_settings,
+                        cuts: vec![cut],
+                        simple: true,
+                        ..Batch::default()
+                    };
+                    self.send_batch(&mut single).await?;
+                    return Ok(Flow::Continue);
+                }
                 batch.may_change_settings |= sql_text::may_change_settings(sql);
                 batch.listens.extend(sql_text::listen_commands(sql));
                 batch.sql_names.extend(sql_text::sql_names(sql));
@@ -337,6 +378,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 batch.bytes.extend_from_slice(&frame.bytes);
                 batch.boundary = true;
                 if batch.copy_candidate {
+                    // The group runs as it is (its limits untouched).
+                    batch.cuts.retain(|cut| cut.end <= batch.group_start);
                     let group = batch.bytes.split_off(batch.group_start);
                     let execute_end = batch.copy_execute_end.take().map_or(group.len(), |end| end - batch.group_start);
                     batch.copy_candidate = false;
@@ -375,7 +418,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     *sql = REFUSED_RESET.as_bytes();
                 }
                 self.track(frame.tag, &named, batch);
+                if let Named::Execute { portal, .. } = named
+                    && let Some(copy) = self.copy_portals.get(portal).cloned()
+                {
+                    // What comes before runs first (the engine is held mid-batch).
+                    self.send_batch(batch).await?;
+                    if self.copy_out(copy, false).await? {
+                        return Ok(Flow::Continue);
+                    }
+                }
                 self.namer.rewrite(frame.tag, &named, &mut batch.bytes);
+                if let Named::Execute { portal, .. } = named
+                    && !self.stdin_portals.contains(portal)
+                    && !self.quiet_portals.contains(portal)
+                    && let Some(cut) = Cut::at_end_of(&batch.bytes)
+                {
+                    batch.cuts.push(cut);
+                }
                 if batch.copy_candidate && batch.copy_execute_end.is_none() && frame.tag == b'E' {
                     batch.copy_execute_end = Some(batch.bytes.len());
                 }
@@ -394,6 +453,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 } else {
                     self.stdin_statements.remove(statement);
                 }
+                match copy_out::parse(sql) {
+                    Some(copy) => self.copy_statements.insert(statement.to_vec(), copy),
+                    None => self.copy_statements.remove(statement),
+                };
+                if chunks::may_return_rows(sql) {
+                    self.quiet_statements.remove(statement);
+                } else {
+                    self.quiet_statements.insert(statement.to_vec());
+                }
                 batch.may_change_settings |= sql_text::may_change_settings(sql);
                 batch.listens.extend(sql_text::listen_commands(sql));
                 batch.sql_names.extend(sql_text::sql_names(sql));
@@ -404,6 +472,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 } else {
                     self.stdin_portals.remove(portal);
                 }
+                match self.copy_statements.get(statement) {
+                    Some(copy) => self.copy_portals.insert(portal.to_vec(), copy.clone()),
+                    None => self.copy_portals.remove(portal),
+                };
+                if self.quiet_statements.contains(statement) {
+                    self.quiet_portals.insert(portal.to_vec());
+                } else {
+                    self.quiet_portals.remove(portal);
+                }
             }
             Named::Execute { portal, .. } => {
                 if self.stdin_portals.contains(portal) {
@@ -412,12 +489,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
             Named::Target { kind: b'S', name } if tag == b'C' => {
                 self.stdin_statements.remove(name);
+                self.quiet_statements.remove(name);
+                self.copy_statements.remove(name);
             }
             Named::Target { .. } => {}
         }
     }
 
-    /// Sends the batch (if any) and forwards the reply.
+    /// Sends the batch (if any) and forwards the reply. A batch with
+    /// chunked `Execute`s (see `chunks.rs`) goes in segments, each ending
+    /// with one of them, whose rows are forwarded chunk by chunk.
     async fn send_batch(&mut self, batch: &mut Batch) -> Result<()> {
         if batch.bytes.is_empty() {
             *batch = Batch::default();
@@ -426,13 +507,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let may_change = batch.may_change_settings;
         let copy_candidate = batch.copy_candidate;
         let listens = std::mem::take(&mut batch.listens);
-        let sql_names = std::mem::take(&mut batch.sql_names);
-        let client_bytes = std::mem::take(batch).bytes;
+        let mut sql_names = std::mem::take(&mut batch.sql_names);
+        let Batch { bytes: client_bytes, cuts, simple, .. } = std::mem::take(batch);
         // Unnamed statements/portals this connection replaced earlier are
         // closed first (their CloseComplete is not for the client). Not while
         // the engine skips to a Sync after an error: they would be skipped.
         let mut bytes = BytesMut::new();
         let closes = if self.session.skipping_to_sync() { 0 } else { self.namer.take_obsolete(&mut bytes) };
+        let shift = bytes.len();
         bytes.extend_from_slice(&client_bytes);
         drop(client_bytes);
         if copy_candidate {
@@ -449,42 +531,101 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 self.hub.listen(channel, self.id, &self.notify_tx);
             }
         }
-        let reply = match self.run_batch(bytes, may_change, &listens).await? {
-            Ok(reply) => reply,
-            Err(withdrawn) => {
-                // Nothing ran: every statement group of the batch gets the error.
-                self.namer.engine_called(0, false);
-                for listen in &listens {
-                    if let Listening::Listen(channel) = listen {
-                        self.hub.unlisten(channel, self.id);
+        let groups = withdrawable_groups(&bytes);
+        let mut progress: Vec<Progress> = cuts.iter().map(|cut| Progress::new(cut.wanted)).collect();
+        let cut_ends: Vec<usize> = cuts.iter().map(|cut| cut.end + shift).collect();
+        for (end, progress) in cut_ends.iter().zip(&progress) {
+            chunks::set_limit(&mut bytes, *end, progress.limit());
+        }
+        // The worker runs the batch in parts ending at the cuts and stops
+        // after a part that left its portal suspended (one call when every
+        // result fits in its first chunk); the rest is sent after the
+        // portal's other chunks.
+        let mut base = 0; // where `bytes` starts in the whole batch
+        let mut first = true;
+        let mut failed = false;
+        loop {
+            let len = bytes.len();
+            let local: Vec<usize> = cut_ends.iter().filter(|&&end| end > base).map(|end| end - base).collect();
+            let keep = if local.is_empty() { None } else { Some(bytes.clone()) };
+            let mut reply = if first {
+                match self.run_batch(bytes, groups, local, may_change, &listens).await? {
+                    Ok(reply) => reply,
+                    Err(withdrawn) => {
+                        // Nothing ran: every statement group of the batch gets the error.
+                        self.namer.engine_called(0, false);
+                        for listen in &listens {
+                            if let Listening::Listen(channel) = listen {
+                                self.hub.unlisten(channel, self.id);
+                            }
+                        }
+                        return self.forward(&withdrawn).await;
                     }
                 }
-                return self.forward(&withdrawn).await;
+            } else {
+                self.session.cut_next(local);
+                self.session.round_trip(bytes).await?
+            };
+            let consumed = if keep.is_some() { self.session.consumed().min(len) } else { len };
+            if first && closes > 0 {
+                reply = backend::without_first_close_completes(reply, closes);
             }
-        };
-        self.namer.engine_called(closes, backend::last_ready_status(&reply) == Some(b'I'));
-        let reply = if closes > 0 { backend::without_first_close_completes(reply, closes) } else { reply };
-        if !sql_names.is_empty() {
-            self.note_sql_names(sql_names, &reply);
+            first = false;
+            let at = base + consumed;
+            if let Some(k) = cut_ends.iter().position(|&end| end == at)
+                && backend::messages(&reply).last().is_some_and(|(tag, _)| tag == b's')
+            {
+                while let Next::More(rows) = progress[k].take(&mut reply) {
+                    failed |= self.forward_part(reply, simple).await?;
+                    let mut next = BytesMut::new();
+                    chunks::execute(&cuts[k].portal, rows, &mut next);
+                    reply = self.session.round_trip(next).await?;
+                }
+            }
+            if consumed < len {
+                failed |= self.forward_part(reply, simple).await?;
+                bytes = keep.map(|mut kept| kept.split_off(consumed)).unwrap_or_default();
+                base = at;
+                continue;
+            }
+            self.namer.engine_called(closes, backend::last_ready_status(&reply) == Some(b'I'));
+            failed |= backend::messages(&reply).any(|(tag, _)| tag == b'E');
+            if !sql_names.is_empty() {
+                self.note_sql_names(std::mem::take(&mut sql_names), failed);
+            }
+            tracing::trace!(bytes = reply.len(), status = ?backend::last_ready_status(&reply).map(char::from), "reply from engine");
+            if listens.iter().any(|l| !matches!(l, Listening::Listen(_))) {
+                self.unlisten(&listens).await?;
+            }
+            let reply = if simple { chunks::simple_shape(reply) } else { reply };
+            self.forward(&reply).await?;
+            break;
         }
-        tracing::trace!(bytes = reply.len(), status = ?backend::last_ready_status(&reply).map(char::from), "reply from engine");
-        if listens.iter().any(|l| !matches!(l, Listening::Listen(_))) {
-            self.unlisten(&listens).await?;
-        }
-        self.forward(&reply).await?;
         self.after_busy().await
+    }
+
+    /// Forwards part of a reply (a chunk, or the reply to a segment of a
+    /// batch); true if it has an error.
+    async fn forward_part(&mut self, reply: Vec<u8>, simple: bool) -> Result<bool> {
+        let failed = backend::messages(&reply).any(|(tag, _)| tag == b'E');
+        let reply = if simple { chunks::simple_shape(reply) } else { reply };
+        self.forward(&reply).await?;
+        Ok(failed)
     }
 
     /// Waits for the engine and runs the batch. `Ok(Err(answer))`: the batch
     /// was withdrawn before it ran (cancelled, or it waited longer than the
     /// queue limit), and `answer` is what the client gets instead.
+    /// `groups`: the statement groups of the whole batch (`bytes` may be its
+    /// first segment).
     async fn run_batch(
         &mut self,
         bytes: BytesMut,
+        groups: usize,
+        cuts: Vec<usize>,
         may_change: bool,
         listens: &[Listening],
     ) -> Result<std::result::Result<Vec<u8>, Vec<u8>>> {
-        let groups = withdrawable_groups(&bytes);
         let limit = self.config.queue_wait_timeout.filter(|_| groups > 0);
         if !self.begin_busy(may_change, limit).await? {
             return Ok(Err(withdrawn_answer(groups, Withdrawn::QueueTimeout(limit.unwrap_or_default()))));
@@ -497,6 +638,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
         }
         tracing::trace!(bytes = bytes.len(), holds = self.session.holds_engine(), "batch to engine");
+        self.session.cut_next(cuts);
         if groups == 0 || self.session.holds_engine() {
             return Ok(Ok(self.session.round_trip(bytes).await?));
         }

@@ -32,10 +32,8 @@ const INSERT_UNNEST: &str = "INSERT INTO items (id, n, label, at, payload) SELEC
 const UPDATE_UNNEST: &str = "UPDATE items AS t SET n = u.c1::integer, label = u.c2::text, at = u.c3::timestamptz, \
      payload = u.c4::text FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS u(c0, c1, c2, c3, c4) \
      WHERE t.id = u.c0::integer";
-const INSERT_ONE: &str =
-    "INSERT INTO items (id, n, label, at, payload) VALUES ($1::integer, $2::integer, $3::text, $4::timestamptz, $5::text)";
-const UPDATE_ONE: &str =
-    "UPDATE items SET n = $2::integer, label = $3::text, at = $4::timestamptz, payload = $5::text WHERE id = $1::integer";
+const INSERT_ONE: &str = "INSERT INTO items (id, n, label, at, payload) VALUES ($1::integer, $2::integer, $3::text, $4::timestamptz, $5::text)";
+const UPDATE_ONE: &str = "UPDATE items SET n = $2::integer, label = $3::text, at = $4::timestamptz, payload = $5::text WHERE id = $1::integer";
 
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();

@@ -231,9 +231,13 @@ impl Applier {
         if wal_end > self.server_wal_end {
             self.server_wal_end = wal_end;
             let committed = self.committed;
-            self.status.send_modify(|s| {
+            // Recorded without waking the status's watchers: this runs for
+            // every message of the stream; the next commit (or idle
+            // advance) notifies them.
+            self.status.send_if_modified(|s| {
                 s.server_wal_end = wal_end;
                 s.lag_bytes = committed.distance_to(wal_end);
+                false
             });
         }
     }

@@ -1,7 +1,8 @@
 //! The apply's small transactions run through named prepared statements
 //! (`src/replication/apply/prepared.rs`): they survive their disappearance
 //! (an embedding program's `DEALLOCATE ALL`), the tables stay read-only to
-//! everyone else, and the statements are closed when replication stops.
+//! everyone else, an older read-only trigger function is brought up to
+//! date, and the statements are closed when replication stops.
 
 mod support;
 
@@ -61,6 +62,24 @@ async fn prepared_apply_statements_survive_deallocate_and_are_closed_at_stop() {
     let err = local.exec("INSERT INTO t VALUES (1000, 'mine', 0)").await.unwrap_err();
     assert_eq!(err.code(), Some(&pglite_cache::SqlState::READ_ONLY_SQL_TRANSACTION), "{err}");
     assert_same(&remote, &local, "t").await;
+
+    // An instance whose read-only trigger function predates the setting
+    // (a cache restored from an older version's snapshot): the apply
+    // brings it up to date instead of failing.
+    local
+        .exec(
+            "CREATE OR REPLACE FUNCTION pglite_cache.refuse_write() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN RAISE EXCEPTION 'read-only' USING ERRCODE = 'read_only_sql_transaction'; END $$",
+        )
+        .await
+        .unwrap();
+    remote
+        .batch_execute("BEGIN; INSERT INTO t VALUES (101, 'w', 0); UPDATE t SET n = 7 WHERE id = 3; COMMIT;")
+        .await
+        .unwrap();
+    catch_up(&handle, &remote).await;
+    assert_same(&remote, &local, "t").await;
+    assert_eq!(handle.status().phase, Phase::Streaming);
 
     handle.stop().await.unwrap();
     let start = Instant::now();

@@ -537,7 +537,19 @@ impl Applier {
                     Step::Sql(sql, params) => Some((sql, params)),
                     Step::Copy { .. } => None,
                 }));
-                self.prepared.transaction(&statements).await?;
+                match self.prepared.transaction(&statements).await {
+                    Err(e) if e.code() == Some(&crate::SqlState::READ_ONLY_SQL_TRANSACTION) => {
+                        // A read-only trigger function older than the
+                        // `pglite_cache.applying` setting (e.g. an instance
+                        // restored from an older cache's snapshot): bring
+                        // the bookkeeping up to date and try again; the
+                        // failed round trip committed nothing.
+                        tracing::info!("updating pglite_cache.refuse_write() for the apply");
+                        store::init(&self.instance).await?;
+                        self.prepared.transaction(&statements).await?;
+                    }
+                    other => other?,
+                }
             }
         }
         pending.busy += started.elapsed();

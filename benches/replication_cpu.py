@@ -42,15 +42,29 @@ def snapshot():
             continue
         fields = stat[stat.rindex(")") + 2:].split()
         cpu = (int(fields[11]) + int(fields[12])) / TICK
+        # Only the harness's own processes: other people's tests on a shared
+        # machine run pgbench, walsenders and `pglite-cache sync` too.
         if cmd.startswith("pgbench") or "/pgbench " in cmd:
-            pgbench = True
-        elif "logical replication" in cmd and "launcher" not in cmd:
+            pgbench = pgbench or f"-p {PUB_PORT}" in cmd
+        elif "logical replication" in cmd and "launcher" not in cmd and harness_child(fields[1]):
             out[pid] = ("apply", cpu)
-        elif "walsender" in cmd:
+        elif "walsender" in cmd and harness_child(fields[1]):
             out[pid] = ("walsender", cpu)
-        elif "pglite-cache" in cmd and " sync " in cmd:
+        elif "pglite-cache" in cmd and " sync " in cmd and "bench_ext" in cmd:
             out[pid] = ("ours", cpu)
     return out, pgbench
+
+
+PUB_PORT = 55432
+
+
+def harness_child(ppid):
+    """Whether the parent (postmaster) runs a cluster of the harness (/tmp/native-logical-*)."""
+    try:
+        with open(f"/proc/{ppid}/cmdline", "rb") as f:
+            return b"native-logical-" in f.read()
+    except OSError:
+        return False
 
 
 def main():

@@ -305,6 +305,7 @@ impl Replication {
             shutdown: shutdown_rx,
             catalog: None,
             durable: Lsn::ZERO,
+            syncing: None,
         };
         let task = tokio::spawn(guarded(supervisor.run(), status_tx.clone()));
         Ok(ReplicationHandle { status, status_tx, changes, shutdown, task: Mutex::new(Some(task)), instance, config })
@@ -448,6 +449,7 @@ impl ReplicationHandle {
             shutdown: self.shutdown.subscribe(),
             catalog: None,
             durable: Lsn::ZERO,
+            syncing: None,
         };
         self.status_tx.send_modify(|s| s.phase = Phase::Starting);
         *self.task.lock().unwrap_or_else(|e| e.into_inner()) =

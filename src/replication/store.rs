@@ -9,7 +9,9 @@
 //!   idle) and the last applied commit time.
 //! - `pglite_cache.tables`: per table: state and rows copied.
 //! - `pglite_cache.status`: a one-row view for people and `pglite-cache status`.
-//! - `pglite_cache.refuse_write()`: the read-only trigger function.
+//! - `pglite_cache.refuse_write()`: the read-only trigger function (lets the
+//!   apply through: `session_replication_role = replica`, or the local
+//!   setting `pglite_cache.applying = on`).
 
 use crate::params::Param;
 use crate::{Instance, Transaction};
@@ -52,6 +54,11 @@ SELECT phase, slot_name, publication, applied_lsn, applied_commit_time,
 FROM pglite_cache.replication;
 CREATE OR REPLACE FUNCTION pglite_cache.refuse_write() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- The apply's small transactions say so with this setting rather than
+    -- session_replication_role: changing the role resets every cached plan.
+    IF current_setting('pglite_cache.applying', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
     RAISE EXCEPTION 'table %.% is replicated from a remote database and is read-only here', TG_TABLE_SCHEMA, TG_TABLE_NAME
         USING ERRCODE = 'read_only_sql_transaction',
               HINT = 'write to the remote database; the change arrives here through replication';

@@ -33,6 +33,9 @@ pub(super) struct Supervisor {
     /// Everything up to here is on stable storage locally: the most that
     /// may be confirmed to the remote.
     pub(super) durable: Lsn,
+    /// A sync of the data directory running in the background, and the
+    /// position committed before it started (durable once it ends).
+    pub(super) syncing: Option<(Lsn, tokio::task::JoinHandle<std::io::Result<()>>)>,
 }
 
 /// How a session ended without error.
@@ -154,6 +157,7 @@ impl Supervisor {
             .map_err(|e| classify_start_replication(e, slot_lost_hint))?;
         // What was read back from the instance is what its disk holds.
         self.durable = start;
+        self.syncing = None;
         self.status.send_modify(|s| s.applied_lsn = start);
         *attempt = 0;
         let mut applier = apply::Applier::new(
@@ -241,36 +245,54 @@ impl Supervisor {
                         )));
                     }
                 },
+                // The background sync ended: confirm what it covered.
+                synced = async { (&mut self.syncing.as_mut().expect("guarded").1).await }, if self.syncing.is_some() => {
+                    let (lsn, _) = self.syncing.take().expect("guarded");
+                    synced_or_error(synced)?;
+                    tracing::trace!(%lsn, "synced to disk in the background");
+                    self.durable = self.durable.max(lsn);
+                    conn.send_status(self.durable, false).await?;
+                }
                 // Nothing more is waiting on the socket: commit the remote
                 // transactions received so far (merged while we were behind).
                 () = std::future::ready(()), if applier.has_deferred() => applier.flush_deferred().await?,
             }
         }
         applier.advance_idle().await?;
+        if let Some((lsn, task)) = self.syncing.take() {
+            synced_or_error(task.await)?;
+            self.durable = self.durable.max(lsn);
+        }
         self.confirm(&mut conn, applier.committed(), false).await?;
+        if let Some((lsn, task)) = self.syncing.take() {
+            synced_or_error(task.await)?;
+            self.durable = self.durable.max(lsn);
+            conn.send_status(self.durable, false).await?;
+        }
         conn.finish().await?;
         Ok(Ended::Stopped)
     }
 
     /// Confirms `lsn` to the remote once it is on stable storage locally: a
     /// persistent cache syncs its data directory first (the remote never
-    /// resends what was confirmed).
+    /// resends what was confirmed). The sync runs in the background, so the
+    /// apply goes on meanwhile (a `syncfs` can take a long time on a busy
+    /// disk): until it ends, the remote hears the last durable position, and
+    /// [`Supervisor::stream`] confirms `lsn` when it does. Committing locally
+    /// never waits for it: readers see each transaction at once.
     async fn confirm(
         &mut self,
         conn: &mut SourceConnection,
         lsn: Lsn,
         reply_requested: bool,
     ) -> Result<(), ReplicationError> {
-        if lsn > self.durable {
-            let started = Instant::now();
+        if lsn > self.durable && self.syncing.is_none() {
             if self.config.sync_before_confirm {
-                self.instance.sync_to_disk().await.map_err(|e| {
-                    ReplicationError::fatal(format!("syncing the cache's data directory to disk: {e}"))
-                        .with_hint("check the disk holding the data directory (full, read-only, failing)")
-                })?;
+                let instance = self.instance.clone();
+                self.syncing = Some((lsn, tokio::spawn(async move { instance.sync_to_disk().await })));
+            } else {
+                self.durable = lsn;
             }
-            tracing::trace!(%lsn, took = ?started.elapsed(), "synced to disk before confirming");
-            self.durable = lsn;
         }
         conn.send_status(self.durable, reply_requested).await
     }
@@ -534,6 +556,14 @@ impl Supervisor {
         self.status.send_modify(|s| s.tables = tables);
         Ok(())
     }
+}
+
+/// The outcome of a background sync of the data directory.
+fn synced_or_error(outcome: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<(), ReplicationError> {
+    outcome.map_err(std::io::Error::other).flatten().map_err(|e| {
+        ReplicationError::fatal(format!("syncing the cache's data directory to disk: {e}"))
+            .with_hint("check the disk holding the data directory (full, read-only, failing)")
+    })
 }
 
 fn slot_lost_hint() -> String {

@@ -1,0 +1,157 @@
+//! Engine cost of the apply's small local transactions, statement shape by
+//! statement shape: CPU and wall time per transaction of the process, on a
+//! persistent instance (as `pglite-cache sync` runs), through named prepared
+//! statements (as the apply sends them) or unnamed ones.
+//!
+//! ```sh
+//! cargo run --release --locked --example replication_bench_engine   # TXNS=3000 by default
+//! ```
+
+use std::time::Instant;
+
+use bytes::BytesMut;
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::IsNull;
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+
+use pglite_cache::{Instance, InstanceOptions};
+
+const SETTINGS: &str = "SELECT set_config('session_replication_role', 'replica', true), \
+     set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true), \
+     set_config('plan_cache_mode', 'force_generic_plan', true)";
+/// Without `session_replication_role`: changing it resets every cached plan
+/// of the session (PostgreSQL's assign hook calls `ResetPlanCache`).
+const SETTINGS_FLAG: &str = "SELECT set_config('pglite_cache.applying', 'on', true), \
+     set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true), \
+     set_config('plan_cache_mode', 'force_generic_plan', true)";
+const LSN: &str = "UPDATE lsn SET applied_lsn = $1::pg_lsn, \
+     applied_commit_time = timestamptz '2000-01-01 00:00:00+00' + $2::int8 * interval '1 microsecond', updated_at = now()";
+const INSERT_UNNEST: &str = "INSERT INTO items (id, n, label, at, payload) SELECT u.c0::integer, u.c1::integer, u.c2::text, \
+     u.c3::timestamptz, u.c4::text FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS u(c0, c1, c2, c3, c4)";
+const UPDATE_UNNEST: &str = "UPDATE items AS t SET n = u.c1::integer, label = u.c2::text, at = u.c3::timestamptz, \
+     payload = u.c4::text FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS u(c0, c1, c2, c3, c4) \
+     WHERE t.id = u.c0::integer";
+const INSERT_ONE: &str = "INSERT INTO items (id, n, label, at, payload) VALUES ($1::integer, $2::integer, $3::text, $4::timestamptz, $5::text)";
+const UPDATE_ONE: &str = "UPDATE items SET n = $2::integer, label = $3::text, at = $4::timestamptz, payload = $5::text WHERE id = $1::integer";
+
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+    let tick = 100.0; // USER_HZ
+    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / tick
+}
+
+fn statement(named: Option<&str>, parse: bool, sql: &str, params: &[String], buf: &mut BytesMut) {
+    let name = named.unwrap_or("");
+    if parse || named.is_none() {
+        frontend::parse(name, sql, params.iter().map(|_| 0u32), buf).unwrap();
+    }
+    let fmt = |p: &String, out: &mut BytesMut| {
+        out.extend_from_slice(p.as_bytes());
+        Ok::<_, Box<dyn std::error::Error + Sync + Send>>(IsNull::No)
+    };
+    if frontend::bind("", name, Some(0), params, fmt, Some(0), buf).is_err() {
+        panic!("bind");
+    }
+    frontend::execute("", 0, buf).unwrap();
+}
+
+#[tokio::main]
+async fn main() {
+    let txns: usize = std::env::var("TXNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+    let dir = tempfile_dir();
+    let instance = Instance::start(InstanceOptions::persistent(&dir)).await.unwrap();
+    instance
+        .exec(
+            "CREATE TABLE items (id int PRIMARY KEY, n int, label text, at timestamptz, payload text); \
+             INSERT INTO items SELECT g, g, 'label', now(), repeat('x', 60) FROM generate_series(1, 100000) g; \
+             CREATE TABLE lsn (singleton boolean PRIMARY KEY DEFAULT true, applied_lsn pg_lsn, \
+             applied_commit_time timestamptz, updated_at timestamptz); INSERT INTO lsn DEFAULT VALUES; CHECKPOINT",
+        )
+        .await
+        .unwrap();
+    let row = |id: usize| -> Vec<String> {
+        vec![id.to_string(), id.to_string(), "label".into(), "2026-11-30 12:00:00+00".into(), "x".repeat(60)]
+    };
+    let arrays = |r: Vec<String>| -> Vec<String> { r.into_iter().map(|v| format!("{{\"{v}\"}}")).collect() };
+    type Shape = (&'static str, Vec<&'static str>);
+    let shapes: Vec<Shape> = vec![
+        ("SELECT 1", vec!["SELECT 1"]),
+        ("settings", vec![SETTINGS]),
+        ("settings + LSN", vec![SETTINGS, LSN]),
+        ("settings + unnest INSERT + unnest UPDATE + LSN (today)", vec![SETTINGS, INSERT_UNNEST, UPDATE_UNNEST, LSN]),
+        ("settings + one-row INSERT + one-row UPDATE + LSN", vec![SETTINGS, INSERT_ONE, UPDATE_ONE, LSN]),
+        ("one-row INSERT + one-row UPDATE", vec![INSERT_ONE, UPDATE_ONE]),
+        ("flag settings + LSN", vec![SETTINGS_FLAG, LSN]),
+        ("flag settings + unnest INSERT + unnest UPDATE + LSN", vec![SETTINGS_FLAG, INSERT_UNNEST, UPDATE_UNNEST, LSN]),
+        ("flag settings + one-row INSERT + one-row UPDATE + LSN", vec![SETTINGS_FLAG, INSERT_ONE, UPDATE_ONE, LSN]),
+    ];
+    let mut next_id = 200_000;
+    let mut session = instance.raw_session();
+    let mut serial = 0;
+    let passes: Vec<bool> = if std::env::var_os("PREPARED_ONLY").is_some() { vec![true] } else { vec![false, true] };
+    for &named in &passes {
+        for (label, statements) in &shapes {
+            let names: Vec<String> = statements
+                .iter()
+                .map(|_| {
+                    serial += 1;
+                    format!("bench_{serial}")
+                })
+                .collect();
+            let cpu0 = cpu_seconds();
+            let t0 = Instant::now();
+            for i in 0..txns {
+                let mut buf = BytesMut::new();
+                for (k, sql) in statements.iter().enumerate() {
+                    let params: Vec<String> = match *sql {
+                        s if s == LSN => vec![format!("0/{:X}", 1000 + i), (i as i64).to_string()],
+                        s if s == INSERT_UNNEST => arrays(row(next_id)),
+                        s if s == UPDATE_UNNEST => arrays(row(1 + i % 100_000)),
+                        s if s == INSERT_ONE => row(next_id),
+                        s if s == UPDATE_ONE => row(1 + i % 100_000),
+                        _ => vec![],
+                    };
+                    let name = named.then(|| names[k].as_str());
+                    statement(name, i == 0, sql, &params, &mut buf);
+                }
+                next_id += 1;
+                frontend::sync(&mut buf);
+                let out = session.round_trip(buf).await.unwrap();
+                check(&out, label);
+            }
+            let wall = t0.elapsed().as_secs_f64() * 1e6 / txns as f64;
+            let cpu = (cpu_seconds() - cpu0) * 1e6 / txns as f64;
+            println!(
+                "{:>8} | {label:<55} | {wall:7.1} µs wall | {cpu:7.1} µs CPU per txn",
+                if named { "prepared" } else { "unnamed" }
+            );
+        }
+    }
+    // Fails loudly if a statement was wrong (the loop does not decode replies).
+    let count = instance.query("SELECT count(*)::int8 FROM items", &[]).await.unwrap();
+    let n: i64 = count.rows[0].get(0);
+    let with_insert = shapes.iter().filter(|(_, s)| s.iter().any(|q| q.starts_with("INSERT"))).count();
+    assert_eq!(n as usize, 100_000 + with_insert * passes.len() * txns, "every INSERT applied");
+    instance.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Panics on an `ErrorResponse` in the reply.
+fn check(out: &[u8], label: &str) {
+    let mut buf = BytesMut::from(out);
+    while let Some(message) = Message::parse(&mut buf).unwrap() {
+        if let Message::ErrorResponse(body) = message {
+            let fields: Vec<String> =
+                body.fields().map(|f| Ok(String::from_utf8_lossy(f.value_bytes()).into_owned())).collect().unwrap();
+            panic!("{label}: {fields:?}");
+        }
+    }
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("plc-engine-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}

@@ -167,6 +167,8 @@ pub(crate) struct Applier {
     /// For catalog lookups on the remote (added columns), opened when needed.
     source: SourceConfig,
     catalog: Option<tokio_postgres::Client>,
+    /// False for a stream-fed cache (fan-out), which has no remote to ask.
+    remote_catalog: bool,
 }
 
 impl Applier {
@@ -195,7 +197,16 @@ impl Applier {
             changes,
             source,
             catalog: None,
+            remote_catalog: true,
         }
+    }
+
+    /// For a cache fed by a fan-out stream: no remote catalog to consult, so
+    /// a Relation message is followed only while the table's shape is the
+    /// one the cache has (a schema change halts with a clear error).
+    pub(crate) fn without_remote_catalog(mut self) -> Applier {
+        self.remote_catalog = false;
+        self
     }
 
     /// The LSN to confirm: what is committed locally.

@@ -169,7 +169,11 @@ async fn big_transaction_travels_in_chunks() {
     let f = Fixture::start("big").await;
     let remote = f.pg.client(&f.db).await;
     let publisher = f.publisher().await;
-    let (instance, cache) = f.cache("cache").await;
+    // Stores its stream position often: chances to do so while a big
+    // transaction holds the instance (that once deadlocked the cache).
+    let mut config = f.stream.clone();
+    config.status_interval = Duration::from_millis(300);
+    let (instance, cache) = cache_at(&config, &f.dirs.path().join("cache")).await;
     // ~20 MB of changes: dozens of 256 KiB records, and more than the
     // apply's 8 MiB buffer (applied in pieces inside one local transaction).
     remote
@@ -179,6 +183,19 @@ async fn big_transaction_travels_in_chunks() {
         )
         .await
         .unwrap();
+    catch_up(&cache, &remote).await;
+    assert_same(&remote, &instance, "events").await;
+    assert_same(&remote, &instance, "items").await;
+    // Big transactions back to back: each one's position is stored while
+    // the next one is being applied.
+    let mut big = String::new();
+    for t in 0..4 {
+        big += &format!(
+            "BEGIN; INSERT INTO events SELECT 3, {t}, repeat(md5(i::text), 3) FROM generate_series(1, 100000) i; COMMIT; \
+             INSERT INTO items VALUES (50000 + {t}, 'between'); "
+        );
+    }
+    remote.batch_execute(&big).await.unwrap();
     catch_up(&cache, &remote).await;
     assert_same(&remote, &instance, "events").await;
     assert_same(&remote, &instance, "items").await;

@@ -193,7 +193,9 @@ impl Applier {
             columns.len() == rel.columns.len() && columns.iter().zip(&rel.columns).all(|(l, r)| l.name == r.name);
         if !same_table || !same_columns {
             return Err(ReplicationError::needs_operator(
-                format!("{local_name}: its schema changed upstream, which a cache fed by a fan-out stream cannot follow yet"),
+                format!(
+                    "{local_name}: its schema changed upstream, which a cache fed by a fan-out stream cannot follow yet"
+                ),
                 "start this cache again from a newer snapshot (remove its data directory and run `pglite-cache sync --nats` again)",
             ));
         }

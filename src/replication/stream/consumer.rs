@@ -147,7 +147,7 @@ impl Consumer {
         *attempt = 0;
         tracing::info!(stream = %self.config.name, resume_seq = saved.resume_seq, applied = %state.applied_lsn, "streaming from NATS");
 
-        let mut progress = Positions { saved: saved.resume_seq, done: VecDeque::new() };
+        let mut progress = Positions::new(saved.resume_seq);
         let mut described: HashMap<u32, Bytes> = HashMap::new();
         let mut stopping = *self.shutdown.borrow();
         let mut timer = tokio::time::interval(self.apply.status_interval);
@@ -161,7 +161,10 @@ impl Consumer {
             tokio::select! {
                 biased;
                 changed = self.shutdown.changed() => stopping = changed.is_err() || *self.shutdown.borrow(),
-                _ = timer.tick() => self.save_position(&mut progress, applier.committed()).await?,
+                _ = timer.tick() => {
+                    progress.due = true;
+                    self.save_position(&mut progress, &applier).await?;
+                }
                 message = messages.next() => {
                     let message = match message {
                         None => return Err(ReplicationError::transient("the stream consumer ended")),
@@ -204,6 +207,7 @@ impl Consumer {
                     if record.last {
                         progress.done.push_back((seq + 1, record.end_lsn));
                     }
+                    self.save_position(&mut progress, &applier).await?;
                 }
                 () = std::future::ready(()), if applier.has_deferred() => applier.flush_deferred().await?,
             }
@@ -213,12 +217,15 @@ impl Consumer {
         if !sequencer.in_transaction() {
             applier.flush_deferred().await?;
         }
-        self.save_position(&mut progress, applier.committed()).await?;
+        progress.due = true;
+        self.save_position(&mut progress, &applier).await?;
         Ok(())
     }
 
-    async fn save_position(&self, progress: &mut Positions, committed: Lsn) -> Result<(), ReplicationError> {
-        if let Some(resume_seq) = progress.advance(committed) {
+    /// Stores the position when due and possible: not while the applier
+    /// holds the instance for a big transaction (see [`Positions::take_due`]).
+    async fn save_position(&self, progress: &mut Positions, applier: &Applier) -> Result<(), ReplicationError> {
+        if let Some(resume_seq) = progress.take_due(applier.committed(), !applier.between_transactions()) {
             position::save(&self.instance, &StreamPosition { stream: self.config.name.clone(), resume_seq }).await?;
         }
         Ok(())
@@ -253,9 +260,29 @@ impl Consumer {
 struct Positions {
     saved: u64,
     done: VecDeque<(u64, Lsn)>,
+    /// The status interval passed since the position was last stored.
+    due: bool,
 }
 
 impl Positions {
+    fn new(saved: u64) -> Positions {
+        Positions { saved, done: VecDeque::new(), due: false }
+    }
+
+    /// The new position to store, if one is due and the applier is between
+    /// transactions. Inside a big remote transaction the applier holds the
+    /// instance in an interactive local transaction, and the position's
+    /// `INSERT` would wait for that transaction to end: the consumer would
+    /// wait for itself, forever (the stall of big transactions through the
+    /// stream). So a due position waits for the transaction's end.
+    fn take_due(&mut self, committed: Lsn, inside_transaction: bool) -> Option<u64> {
+        if !self.due || inside_transaction {
+            return None;
+        }
+        self.due = false;
+        self.advance(committed)
+    }
+
     /// The new position to save, if it moved.
     fn advance(&mut self, committed: Lsn) -> Option<u64> {
         let mut next = None;
@@ -297,12 +324,27 @@ mod tests {
 
     #[test]
     fn the_saved_position_never_runs_ahead_of_the_commit() {
-        let mut p = Positions { saved: 5, done: VecDeque::from([(6, Lsn(10)), (7, Lsn(20)), (9, Lsn(30))]) };
+        let mut p = Positions::new(5);
+        p.done = VecDeque::from([(6, Lsn(10)), (7, Lsn(20)), (9, Lsn(30))]);
         assert_eq!(p.advance(Lsn(5)), None);
         assert_eq!(p.advance(Lsn(20)), Some(7));
         assert_eq!(p.advance(Lsn(20)), None);
         assert_eq!(p.advance(Lsn(35)), Some(9));
         assert!(p.done.is_empty());
+    }
+
+    #[test]
+    fn a_due_position_waits_for_the_end_of_the_transaction_holding_the_instance() {
+        let mut p = Positions::new(1);
+        p.done.push_back((2, Lsn(10)));
+        assert_eq!(p.take_due(Lsn(10), false), None, "not due before the status interval");
+        p.due = true;
+        assert_eq!(p.take_due(Lsn(10), true), None, "never while a transaction holds the instance");
+        assert!(p.due, "still due");
+        assert_eq!(p.take_due(Lsn(10), false), Some(2));
+        assert!(!p.due);
+        p.done.push_back((3, Lsn(20)));
+        assert_eq!(p.take_due(Lsn(20), false), None, "stored at most once per interval");
     }
 
     #[test]

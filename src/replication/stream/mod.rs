@@ -101,7 +101,7 @@ pub fn apply_config(config: &StreamConfig) -> Result<ReplicationConfig, Replicat
         .map_err(|e| ReplicationError::fatal(format!("stream placeholder source: {e}")))?;
     Ok(ReplicationConfig::new(source, PublicationSpec::Existing(config.name.clone()))
         .slot_name(config.name.clone())
-        .status_interval(std::time::Duration::from_secs(1)))
+        .status_interval(config.status_interval))
 }
 
 /// Makes `data` a cache to feed from the stream: when it is missing or

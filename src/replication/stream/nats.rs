@@ -23,6 +23,9 @@ pub struct StreamConfig {
     pub max_age: Duration,
     /// The stream keeps at most this many bytes (-1: no limit).
     pub max_bytes: i64,
+    /// How often a cache fed by the stream updates its status and stores
+    /// its stream position (default 1 s).
+    pub status_interval: Duration,
 }
 
 impl StreamConfig {
@@ -33,6 +36,7 @@ impl StreamConfig {
             name: name.into(),
             max_age: Duration::from_secs(7 * 24 * 3600),
             max_bytes: -1,
+            status_interval: Duration::from_secs(1),
         }
     }
 

@@ -28,6 +28,11 @@ impl NatsServer {
         server
     }
 
+    /// The server's process id (for CPU and memory figures in benchmarks).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// `nats://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)

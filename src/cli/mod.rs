@@ -7,6 +7,7 @@ mod listen;
 pub mod logs;
 mod metrics;
 mod password;
+mod publish;
 mod query;
 mod resync;
 mod serve;
@@ -46,7 +47,7 @@ impl Cli {
     /// report progress at `info`, one-shot commands only warnings.
     pub fn default_log_filter(&self) -> &'static str {
         match self.command {
-            Command::Sync(_) | Command::Serve(_) => "info",
+            Command::Sync(_) | Command::Serve(_) | Command::Publish(_) => "info",
             _ => "warn",
         }
     }
@@ -70,6 +71,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Keep a local cache of a remote database in sync and serve it.
     Sync(sync::SyncArgs),
+    /// Own one slot on the remote and fan its changes out to caches through NATS JetStream.
+    Publish(publish::PublishArgs),
     /// Run the whole job on a throwaway local PostgreSQL: sync, live writes, read-your-writes, checks.
     Demo,
     /// Show a cache's phase, tables, position and lag.
@@ -97,6 +100,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Query { data, json, sql } => query::run(data, json, &sql).await,
         Command::Serve(args) => serve::run(args).await,
         Command::Sync(args) => sync::run(args).await,
+        Command::Publish(args) => publish::run(args).await,
         Command::Status(args) => status::run(args).await,
         Command::Demo => demo::run().await,
         Command::Decommission(args) => decommission::run(args).await,

@@ -6,7 +6,8 @@ use pglite_cache::replication::SourceConfig;
 use pglite_cache::replication::conninfo::{self, PasswordSource};
 
 /// Raw source flags, shared by `sync` and `decommission`. One of them is
-/// required (`--source ''` takes everything from the PG* variables).
+/// required unless `sync --nats` (`--source ''` takes everything from the
+/// PG* variables).
 #[derive(Debug, Clone, clap::Args)]
 #[group(multiple = false)]
 pub struct SourceArgs {

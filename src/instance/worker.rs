@@ -474,7 +474,7 @@ impl Worker {
                 continue;
             }
             let part = self.round_trip(&bytes[start..end])?;
-            let suspended = cuts.contains(&end) && tail_is(&part, b's');
+            let suspended = cuts.contains(&end) && backend::last_tag_if_whole(&part) == Some(b's');
             if out.is_empty() {
                 out = part;
             } else {

@@ -21,6 +21,7 @@
 //! - `store`: LSN and table bookkeeping inside the instance ([`Replication::recorded`] reads it).
 //! - `tls`: TLS to the remote (rustls).
 //! - [`error`]: classified errors.
+//! - [`stream`]: fan-out through NATS JetStream (one slot, many caches).
 //! - `deadline`: the receive deadline (half-open connections).
 //!
 //! Consistency: the slot is created with an exported snapshot, every table
@@ -96,6 +97,7 @@ pub(crate) mod schema;
 pub(crate) mod source;
 mod statements;
 pub(crate) mod store;
+pub mod stream;
 mod supervisor;
 pub(crate) mod table_sync;
 pub(crate) mod tls;

@@ -1,4 +1,5 @@
 //! Shared test support.
 pub mod daemon;
+pub mod nats;
 pub mod pg;
 pub mod replication;

@@ -8,6 +8,7 @@
 //! feedback, close clients and exit 0.
 
 mod metrics;
+mod nats;
 pub(crate) mod preflight;
 pub mod report;
 
@@ -35,6 +36,19 @@ pub const EXIT_CONFIG: u8 = 2;
 pub struct SyncArgs {
     #[command(flatten)]
     source: crate::cli::source::SourceArgs,
+    /// Feed the cache from a fan-out stream (`pglite-cache publish`) instead
+    /// of a slot of its own: `nats://host:port`. Needs --stream.
+    #[arg(
+        long,
+        value_name = "URL",
+        requires = "stream",
+        conflicts_with_all = ["source", "source_file", "publication", "tables", "schema"],
+        env = "PGLITE_CACHE_NATS"
+    )]
+    nats: Option<String>,
+    /// The fan-out stream's name (with --nats).
+    #[arg(long, value_name = "NAME", requires = "nats", env = "PGLITE_CACHE_STREAM")]
+    stream: Option<String>,
     /// The cache's data directory (created on first start, resumed later).
     #[arg(long, value_name = "DIR", env = "PGLITE_CACHE_DATA")]
     data: PathBuf,
@@ -121,6 +135,9 @@ fn config_error(message: impl std::fmt::Display) -> ExitCode {
 }
 
 pub async fn run(args: SyncArgs) -> ExitCode {
+    if args.nats.is_some() {
+        return nats::run(args).await;
+    }
     let mut plan = match plan(args) {
         Ok(plan) => plan,
         Err(e) => return config_error(e),

@@ -183,6 +183,8 @@ pub(crate) struct Applier {
     catalog: Option<tokio_postgres::Client>,
     /// Small local transactions run through prepared statements.
     prepared: Prepared,
+    /// False for a stream-fed cache (fan-out), which has no remote to ask.
+    remote_catalog: bool,
 }
 
 impl Applier {
@@ -213,7 +215,16 @@ impl Applier {
             source,
             catalog: None,
             prepared,
+            remote_catalog: true,
         }
+    }
+
+    /// For a cache fed by a fan-out stream: no remote catalog to consult, so
+    /// a Relation message is followed only while the table's shape is the
+    /// one the cache has (a schema change halts with a clear error).
+    pub(crate) fn without_remote_catalog(mut self) -> Applier {
+        self.remote_catalog = false;
+        self
     }
 
     /// The LSN to confirm: what is committed locally.

@@ -66,6 +66,9 @@ impl Applier {
     /// Brings the local table to the shape `rel` describes.
     async fn follow(&mut self, rel: Relation) -> Result<(), ReplicationError> {
         let Some(known) = self.tables.get(&rel.id).cloned() else { return Ok(()) };
+        if !self.remote_catalog {
+            return self.follow_unchanged(rel, &known).await;
+        }
         let xid = self.pending.as_ref().map_or(0, |p| p.xid);
         let remote = self.remote_columns(rel.id, xid).await?;
         let find = |c: &pgoutput::RelationColumn| {
@@ -172,6 +175,41 @@ impl Applier {
             enum_columns,
         };
         // The table's grouped changes were described by the old message.
+        self.batch()?.flush_table(rel.id);
+        self.relations.insert(rel.id, Arc::new(state));
+        Ok(())
+    }
+
+    /// [`Self::follow`] without a remote catalog (a stream-fed cache): the
+    /// message must describe the local table as it is, column for column.
+    async fn follow_unchanged(&mut self, rel: Relation, known: &KnownTable) -> Result<(), ReplicationError> {
+        let local_name = qualified(&known.schema, &known.name);
+        let columns = match self.relations.get(&rel.id) {
+            Some(state) => state.columns.clone(),
+            None => self.local_columns(&local_name).await?,
+        };
+        let same_table = (known.schema.as_str(), known.name.as_str()) == (rel.namespace.as_str(), rel.name.as_str());
+        let same_columns =
+            columns.len() == rel.columns.len() && columns.iter().zip(&rel.columns).all(|(l, r)| l.name == r.name);
+        if !same_table || !same_columns {
+            return Err(ReplicationError::needs_operator(
+                format!(
+                    "{local_name}: its schema changed upstream, which a cache fed by a fan-out stream cannot follow yet"
+                ),
+                "start this cache again from a newer snapshot (remove its data directory and run `pglite-cache sync --nats` again)",
+            ));
+        }
+        let key: Vec<usize> = rel.columns.iter().enumerate().filter(|(_, c)| c.is_key).map(|(i, _)| i).collect();
+        let state = RelationState {
+            column_names: columns.iter().map(|c| c.name.clone()).collect(),
+            schema: known.schema.clone(),
+            name: known.name.clone(),
+            qualified: local_name,
+            columns,
+            full_identity: rel.replica_identity == b'f',
+            key,
+            enum_columns: Vec::new(),
+        };
         self.batch()?.flush_table(rel.id);
         self.relations.insert(rel.id, Arc::new(state));
         Ok(())

@@ -1,0 +1,602 @@
+//! The publisher: owns the one slot on the remote and writes its changes to
+//! the JetStream stream, one record per remote transaction (chunks for big
+//! ones), in commit order.
+//!
+//! ```text
+//! first start: CREATE_REPLICATION_SLOT (exported snapshot) ─► copy into the publisher's own cache
+//!              ─► purge the stream ─► snapshot of the cache (position: next stream sequence) ─► object store
+//! every start: read the stream's last record ─► START_REPLICATION (slot's confirmed position)
+//!              pgoutput ─► Chunker ─► publish (pipelined, expected last sequence, Nats-Msg-Id)
+//!              JetStream ack of a transaction's last chunk ─► confirm its end LSN to the remote
+//! ```
+//!
+//! Guarantees, and why:
+//! - Nothing is lost: the remote keeps WAL from the confirmed LSN, and an LSN
+//!   is confirmed only once JetStream acknowledged (stored) every record up to
+//!   it. Acks are awaited in publish order.
+//! - Order without gaps: each publish carries `Nats-Expected-Last-Sequence`;
+//!   if one record is lost (a broken connection), every later publish is
+//!   refused, the session ends and the next one resumes from the confirmed
+//!   LSN.
+//! - No duplicates: after a restart, transactions that the stream's last
+//!   record shows as stored are skipped; within JetStream's duplicate window
+//!   `Nats-Msg-Id` drops a repeated record as well. A transaction cut off in
+//!   the middle (the publisher died between chunks) is sent again from its
+//!   first chunk; caches roll back the part they had and apply it whole.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::replication::config::{PublicationSpec, ReplicationConfig};
+use crate::replication::error::{ReplicationError, RetryPolicy};
+use crate::replication::lsn::Lsn;
+use crate::replication::source::{SourceConnection, StreamMessage, quote_ident, quote_literal};
+use crate::replication::table_sync::copy_tables;
+use crate::replication::{Phase, Status, remote_client, schema, store};
+use crate::{Instance, InstanceOptions};
+
+use super::nats::{self, StreamConfig, transient};
+use super::position::{self, StreamPosition};
+use super::record::{Chunker, Record, RecordKind};
+use super::snapshot;
+
+/// Everything [`Publisher::start`] needs.
+#[derive(Debug, Clone)]
+pub struct PublisherConfig {
+    /// The remote, what to replicate, the slot (`read_only` and
+    /// `max_buffered_bytes` apply to the caches).
+    pub replication: ReplicationConfig,
+    /// The stream.
+    pub stream: StreamConfig,
+    /// The publisher's own cache: the initial copy goes there, snapshots are
+    /// made of it. Closed while it is not in use.
+    pub data: PathBuf,
+    /// Records are at most about this big (default 256 KiB; keep it under
+    /// the server's `max_payload`, 1 MiB by default).
+    pub max_chunk_bytes: usize,
+    /// Records published and not yet acknowledged, at most (default 1024).
+    pub max_in_flight: usize,
+    /// How often the publisher's cache is brought up to date from the stream
+    /// and stored as a new snapshot (default 10 minutes; `None`: only the
+    /// snapshot of the initial copy).
+    pub snapshot_interval: Option<Duration>,
+}
+
+impl PublisherConfig {
+    /// A config with defaults.
+    pub fn new(replication: ReplicationConfig, stream: StreamConfig, data: impl Into<PathBuf>) -> PublisherConfig {
+        PublisherConfig {
+            replication,
+            stream,
+            data: data.into(),
+            max_chunk_bytes: 256 << 10,
+            max_in_flight: 1024,
+            snapshot_interval: Some(Duration::from_secs(600)),
+        }
+    }
+}
+
+/// Entry point.
+#[derive(Debug)]
+pub struct Publisher;
+
+/// A running publisher.
+#[derive(Debug)]
+pub struct PublisherHandle {
+    status: watch::Receiver<Status>,
+    shutdown: watch::Sender<bool>,
+    task: Mutex<Option<JoinHandle<Result<(), ReplicationError>>>>,
+}
+
+impl Publisher {
+    /// Starts publishing in the background. The status's `applied_lsn` is
+    /// the LSN confirmed to the remote (everything before it is stored in
+    /// the stream).
+    pub fn start(config: PublisherConfig) -> Result<PublisherHandle, ReplicationError> {
+        config.replication.validate()?;
+        config.stream.validate()?;
+        let (status_tx, status) = watch::channel(Status::default());
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let data_lock = Arc::new(tokio::sync::Mutex::new(()));
+        let task = Task { config, status: Arc::new(status_tx), shutdown: shutdown_rx, data_lock, bootstrapped: false };
+        Ok(PublisherHandle { status, shutdown, task: Mutex::new(Some(tokio::spawn(task.run()))) })
+    }
+}
+
+impl PublisherHandle {
+    /// The current status.
+    pub fn status(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver that sees every status change.
+    pub fn watch_status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Waits until changes stream into JetStream.
+    pub async fn wait_streaming(&self) -> Result<(), ReplicationError> {
+        let mut rx = self.status.clone();
+        let s = rx
+            .wait_for(|s| matches!(s.phase, Phase::Streaming | Phase::Halted { .. } | Phase::Stopped))
+            .await
+            .map_err(|_| ReplicationError::fatal("publisher ended"))?;
+        match &s.phase {
+            Phase::Streaming => Ok(()),
+            Phase::Halted { error } => Err(ReplicationError::fatal(format!("publisher halted: {error}"))),
+            _ => Err(ReplicationError::fatal("publisher stopped")),
+        }
+    }
+
+    /// Stops gracefully: the transaction being received is published whole,
+    /// every ack awaited, the final position confirmed to the remote.
+    pub async fn stop(&self) -> Result<(), ReplicationError> {
+        self.shutdown.send_replace(true);
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match task {
+            Some(task) => task.await.map_err(|e| ReplicationError::fatal(format!("publisher task failed: {e}")))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for PublisherHandle {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+struct Task {
+    config: PublisherConfig,
+    status: Arc<watch::Sender<Status>>,
+    shutdown: watch::Receiver<bool>,
+    /// The publisher's cache is used by one of bootstrap and refresher at a time.
+    data_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The initial copy and a snapshot exist (checked once per process).
+    bootstrapped: bool,
+}
+
+type AckFuture = Pin<Box<dyn Future<Output = (Result<(), ReplicationError>, Option<Lsn>)> + Send>>;
+
+impl Task {
+    async fn run(mut self) -> Result<(), ReplicationError> {
+        let refresher = tokio::spawn(super::refresher::run(
+            self.config.clone(),
+            self.data_lock.clone(),
+            self.status.subscribe(),
+            self.shutdown.clone(),
+        ));
+        let result = self.publish().await;
+        refresher.abort();
+        let _ = refresher.await;
+        result
+    }
+
+    async fn publish(&mut self) -> Result<(), ReplicationError> {
+        let mut attempt = 0u32;
+        let result = loop {
+            if *self.shutdown.borrow() {
+                break Ok(());
+            }
+            let mut shutdown = self.shutdown.clone();
+            let status = self.status.subscribe();
+            // Before streaming, a stop cancels the session (the copy is redone).
+            let cancel = async move {
+                loop {
+                    if shutdown.changed().await.is_err() || *shutdown.borrow() {
+                        if status.borrow().phase != Phase::Streaming {
+                            return;
+                        }
+                        std::future::pending::<()>().await;
+                    }
+                }
+            };
+            let outcome = tokio::select! {
+                biased;
+                () = cancel => Ok(()),
+                outcome = self.session(&mut attempt) => outcome,
+            };
+            match outcome {
+                Ok(()) => break Ok(()),
+                Err(e) => match e.retry_policy(attempt) {
+                    RetryPolicy::RetryAfter(delay) => {
+                        tracing::warn!(error = %e, ?delay, attempt, "publisher interrupted; reconnecting");
+                        attempt += 1;
+                        self.status.send_modify(|s| s.phase = Phase::Reconnecting { error: e.to_string(), attempt });
+                        tokio::select! {
+                            biased;
+                            _ = self.shutdown.changed() => break Ok(()),
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                    RetryPolicy::ManualIntervention | RetryPolicy::NoRetry => {
+                        tracing::error!(error = %e, "publisher halted");
+                        self.status.send_modify(|s| s.phase = Phase::Halted { error: e.to_string() });
+                        return Err(e);
+                    }
+                },
+            }
+        };
+        self.status.send_modify(|s| s.phase = Phase::Stopped);
+        result
+    }
+
+    async fn session(&mut self, attempt: &mut u32) -> Result<(), ReplicationError> {
+        let js = nats::connect(&self.config.stream, "pglite-cache publish").await?;
+        let mut stream = nats::ensure_stream(&js, &self.config.stream).await?;
+        let mut conn = SourceConnection::connect(&self.config.replication.source, "pglite-cache publish").await?;
+        let system = conn.identify_system().await?;
+        if !self.bootstrapped {
+            self.bootstrap(&mut conn, &system, &js, &mut stream).await?;
+            self.bootstrapped = true;
+        }
+
+        // What the stream already holds (a previous session's records).
+        let info = stream.info().await.map_err(|e| transient("reading the stream's state", e))?;
+        let last_seq = info.state.last_sequence;
+        let tail = if info.state.messages == 0 {
+            None
+        } else {
+            let message = stream
+                .get_last_raw_message_by_subject(&self.config.stream.subject())
+                .await
+                .map_err(|e| transient("reading the stream's last record", e))?;
+            Some(Record::decode(message.payload).map_err(|e| ReplicationError::fatal(e.to_string()))?)
+        };
+        let resume = Resume::from_tail(tail.as_ref(), last_seq);
+        let r = &self.config.replication;
+        conn.start_replication(&r.slot_name, Lsn::ZERO, r.publication.name()).await?;
+        self.status.send_modify(|s| s.phase = Phase::Streaming);
+        *attempt = 0;
+        tracing::info!(stream = %self.config.stream.name, last_seq, skip_below = %resume.skip_below, "publishing");
+        self.stream(conn, &js, resume).await
+    }
+
+    /// The publish loop. Arms in priority order: shutdown (finish the
+    /// transaction being received, then stop), the status timer (asks the
+    /// remote for its position: idle progress), acks (move the confirmed
+    /// LSN), the slot's messages (while fewer than `max_in_flight` records
+    /// wait for their ack: a slow JetStream slows the reading, memory stays
+    /// bounded).
+    async fn stream(
+        &mut self,
+        mut conn: SourceConnection,
+        js: &jetstream::Context,
+        resume: Resume,
+    ) -> Result<(), ReplicationError> {
+        let subject = self.config.stream.subject();
+        let mut chunker = Chunker::new(self.config.max_chunk_bytes);
+        let mut in_flight: FuturesOrdered<AckFuture> = FuturesOrdered::new();
+        let mut last_seq = resume.last_seq;
+        let mut published_end = resume.skip_below;
+        let mut confirmed = Lsn::ZERO;
+        let mut skipping: Option<Lsn> = None;
+        let mut stopping = *self.shutdown.borrow();
+        let mut timer = tokio::time::interval(self.config.replication.status_interval);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if stopping && !chunker.in_transaction() && skipping.is_none() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                changed = self.shutdown.changed(), if !stopping => {
+                    stopping = changed.is_err() || *self.shutdown.borrow();
+                }
+                _ = timer.tick() => conn.send_status(confirmed, true).await?,
+                Some((acked, lsn)) = in_flight.next(), if !in_flight.is_empty() => {
+                    acked?;
+                    if let Some(lsn) = lsn.filter(|l| *l > confirmed) {
+                        confirmed = lsn;
+                        self.status.send_modify(|s| {
+                            s.applied_lsn = lsn;
+                            s.lag_bytes = lsn.distance_to(s.server_wal_end);
+                        });
+                    }
+                }
+                message = conn.recv(), if in_flight.len() < self.config.max_in_flight => match message? {
+                    None => return Err(ReplicationError::transient("the remote ended the replication stream")),
+                    Some(StreamMessage::XLogData { data, wal_end, .. }) => {
+                        self.note_wal_end(wal_end);
+                        if let Some(lsn) = skipping {
+                            // Already in the stream: drop it, only follow it to its end
+                            // (and keep its tables' descriptions for later transactions).
+                            if data.first() == Some(&b'R') {
+                                chunker.push(data).map_err(|e| ReplicationError::fatal(e.to_string()))?;
+                            } else if data.first() == Some(&b'C') {
+                                skipping = None;
+                                let end = commit_end(&data)?;
+                                in_flight.push_back(Box::pin(async move { (Ok(()), Some(end)) }));
+                                tracing::debug!(commit = %lsn, "already in the stream; skipped");
+                            }
+                            continue;
+                        }
+                        if data.first() == Some(&b'B') && !chunker.in_transaction() {
+                            let final_lsn = Lsn(u64::from_be_bytes(data[1..9].try_into().map_err(|_| ReplicationError::fatal("short Begin"))?));
+                            if final_lsn < resume.skip_below {
+                                skipping = Some(final_lsn);
+                                continue;
+                            }
+                        }
+                        let record = chunker.push(data).map_err(|e| ReplicationError::fatal(e.to_string()))?;
+                        if let Some(record) = record {
+                            let generation = if record.commit_lsn == resume.cut_off { resume.generation } else { 0 };
+                            let lsn = record.last.then_some(record.end_lsn);
+                            if let Some(end) = lsn {
+                                published_end = published_end.max(end);
+                            }
+                            last_seq = publish(js, &subject, &record, generation, last_seq, lsn, &mut in_flight).await?;
+                        }
+                    }
+                    Some(StreamMessage::Keepalive { wal_end, reply_requested, .. }) => {
+                        self.note_wal_end(wal_end);
+                        // Idle: nothing of the publication committed before
+                        // `wal_end` is missing; caches may move there.
+                        if !chunker.in_transaction() && skipping.is_none() && wal_end > published_end {
+                            published_end = wal_end;
+                            let record = Record::progress(wal_end);
+                            last_seq = publish(js, &subject, &record, 0, last_seq, Some(wal_end), &mut in_flight).await?;
+                        }
+                        if reply_requested {
+                            conn.send_status(confirmed, false).await?;
+                        }
+                    }
+                },
+            }
+        }
+        while let Some((acked, lsn)) = in_flight.next().await {
+            acked?;
+            if let Some(lsn) = lsn {
+                confirmed = confirmed.max(lsn);
+            }
+        }
+        self.status.send_modify(|s| s.applied_lsn = confirmed);
+        conn.send_status(confirmed, false).await?;
+        conn.finish().await?;
+        Ok(())
+    }
+
+    fn note_wal_end(&self, wal_end: Lsn) {
+        self.status.send_if_modified(|s| {
+            if wal_end <= s.server_wal_end {
+                return false;
+            }
+            s.server_wal_end = wal_end;
+            s.lag_bytes = s.applied_lsn.distance_to(wal_end);
+            true
+        });
+    }
+
+    /// Makes sure the publisher's cache holds the initial copy and the object
+    /// store a snapshot of it: on first start (or after an interrupted copy)
+    /// creates the slot and copies; when no snapshot exists, stores one.
+    async fn bootstrap(
+        &mut self,
+        conn: &mut SourceConnection,
+        system: &crate::replication::source::SystemId,
+        js: &jetstream::Context,
+        stream: &mut jetstream::stream::Stream,
+    ) -> Result<(), ReplicationError> {
+        let data_lock = self.data_lock.clone();
+        let _guard = data_lock.lock().await;
+        let instance = Instance::start(InstanceOptions::persistent(&self.config.data).name("publisher")).await?;
+        let result = async {
+            let copied = self.bootstrap_in(&instance, conn, system, stream).await?;
+            let position = position::load(&instance).await?;
+            let applied = store::load(&instance).await?.map(|s| s.applied_lsn);
+            Ok::<_, ReplicationError>((copied, position, applied))
+        }
+        .await;
+        instance.stop().await?;
+        let (copied, position, applied) = result?;
+        let (Some(position), Some(applied)) = (position, applied) else {
+            return Err(ReplicationError::fatal("the publisher's cache has no stream position"));
+        };
+        if copied || snapshot::newest(js, &self.config.stream).await?.is_none() {
+            snapshot::store(js, &self.config.stream, &self.config.data, position.resume_seq, applied).await?;
+        }
+        Ok(())
+    }
+
+    /// Returns whether it copied.
+    async fn bootstrap_in(
+        &mut self,
+        instance: &Instance,
+        conn: &mut SourceConnection,
+        system: &crate::replication::source::SystemId,
+        stream: &mut jetstream::stream::Stream,
+    ) -> Result<bool, ReplicationError> {
+        store::init(instance).await?;
+        let config = self.config.replication.clone();
+        if let Some(state) = store::load(instance).await?
+            && state.phase == "streaming"
+        {
+            if state.system_identifier != system.system_id || state.database != config.source.dbname() {
+                return Err(ReplicationError::needs_operator(
+                    format!(
+                        "this publisher's cache holds database {} of system {}",
+                        state.database, state.system_identifier
+                    ),
+                    "use another --data directory (and stream) for another remote",
+                ));
+            }
+            return Ok(false);
+        }
+        self.status.send_modify(|s| s.phase = Phase::Copying);
+        let client = remote_client(&config.source).await?;
+        let owns_publication = ensure_publication(&config, &client).await?;
+        client
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+                &[&config.slot_name],
+            )
+            .await?;
+        let slot = conn.create_slot(&config.slot_name, false).await?;
+        let snapshot = slot.snapshot.clone().ok_or_else(|| ReplicationError::fatal("the slot exported no snapshot"))?;
+        tracing::info!(slot = %slot.name, consistent_point = %slot.consistent_point, "slot created; copying");
+        client
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                quote_literal(&snapshot)
+            ))
+            .await?;
+        let (types, tables) = schema::describe_publication(&client, config.publication.name()).await?;
+        instance.exec(&schema::create_script(&types, &tables)).await?;
+        store::begin_copy(
+            instance,
+            &store::StoredState {
+                system_identifier: system.system_id.clone(),
+                database: config.source.dbname().to_owned(),
+                slot_name: config.slot_name.clone(),
+                publication: config.publication.name().to_owned(),
+                owns_publication,
+                phase: "copying".into(),
+                applied_lsn: slot.consistent_point,
+            },
+            slot.consistent_point,
+        )
+        .await?;
+        self.status.send_modify(|s| s.tables.clear());
+        copy_tables(instance, &config, &self.status, &client, &tables, slot.consistent_point).await?;
+        client.batch_execute("COMMIT").await?;
+        // Records of an earlier slot do not continue this copy.
+        stream.purge().await.map_err(|e| transient("purging the stream", e))?;
+        let info = stream.info().await.map_err(|e| transient("reading the stream's state", e))?;
+        let position =
+            StreamPosition { stream: self.config.stream.name.clone(), resume_seq: info.state.last_sequence + 1 };
+        position::save(instance, &position).await?;
+        let (sql, params) = store::streaming_statement();
+        instance.query_params(&sql, params).await?;
+        self.status.send_modify(|s| s.applied_lsn = slot.consistent_point);
+        Ok(true)
+    }
+}
+
+/// Where a session starts, from the stream's last record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Resume {
+    /// The stream's last sequence number.
+    last_seq: u64,
+    /// Transactions committed before this are in the stream already.
+    skip_below: Lsn,
+    /// A transaction whose first chunks are in the stream, cut off.
+    cut_off: Lsn,
+    /// Its records get other ids this time.
+    generation: u64,
+}
+
+impl Resume {
+    fn from_tail(tail: Option<&Record>, last_seq: u64) -> Resume {
+        match tail {
+            None => Resume { last_seq, skip_below: Lsn::ZERO, cut_off: Lsn(u64::MAX), generation: 0 },
+            Some(r) if r.last || r.kind == RecordKind::Progress => {
+                Resume { last_seq, skip_below: r.end_lsn, cut_off: Lsn(u64::MAX), generation: 0 }
+            }
+            Some(r) => Resume { last_seq, skip_below: r.commit_lsn, cut_off: r.commit_lsn, generation: last_seq },
+        }
+    }
+}
+
+/// Publishes one record, pipelined: the ack is awaited later, in order.
+async fn publish(
+    js: &jetstream::Context,
+    subject: &str,
+    record: &Record,
+    generation: u64,
+    last_seq: u64,
+    confirms: Option<Lsn>,
+    in_flight: &mut FuturesOrdered<AckFuture>,
+) -> Result<u64, ReplicationError> {
+    let mut message = PublishMessage::build().payload(record.encode()).message_id(record.msg_id(generation));
+    if last_seq > 0 {
+        message = message.expected_last_sequence(last_seq);
+    }
+    let ack: PublishAckFuture =
+        js.send_publish(subject.to_owned(), message).await.map_err(|e| transient("publishing to the stream", e))?;
+    in_flight.push_back(Box::pin(async move {
+        let result = match ack.await {
+            Ok(ack) if ack.duplicate => {
+                tracing::debug!(seq = ack.sequence, "duplicate record dropped by JetStream");
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(transient("JetStream did not store a record", e)),
+        };
+        (result, confirms)
+    }));
+    Ok(last_seq + 1)
+}
+
+fn commit_end(data: &Bytes) -> Result<Lsn, ReplicationError> {
+    let bytes: [u8; 8] =
+        data.get(10..18).and_then(|b| b.try_into().ok()).ok_or_else(|| ReplicationError::fatal("short Commit"))?;
+    Ok(Lsn(u64::from_be_bytes(bytes)))
+}
+
+/// Creates the owned publication if missing. Returns whether it is owned.
+async fn ensure_publication(
+    config: &ReplicationConfig,
+    client: &tokio_postgres::Client,
+) -> Result<bool, ReplicationError> {
+    let PublicationSpec::Owned { name, tables } = &config.publication else {
+        return Ok(false);
+    };
+    let exists = !client.query("SELECT 1 FROM pg_publication WHERE pubname = $1", &[name]).await?.is_empty();
+    if !exists {
+        let list: Vec<String> = tables
+            .iter()
+            .map(|t| match t.split_once('.') {
+                Some((s, n)) => format!("{}.{}", quote_ident(s), quote_ident(n)),
+                None => quote_ident(t),
+            })
+            .collect();
+        client
+            .batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(name), list.join(", ")))
+            .await?;
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_follows_the_stream_tail() {
+        assert_eq!(Resume::from_tail(None, 0).skip_below, Lsn::ZERO);
+        let done = Record {
+            kind: RecordKind::Transaction,
+            commit_lsn: Lsn(10),
+            end_lsn: Lsn(20),
+            chunk: 2,
+            last: true,
+            messages: vec![],
+        };
+        let r = Resume::from_tail(Some(&done), 7);
+        assert_eq!((r.skip_below, r.generation, r.last_seq), (Lsn(20), 0, 7));
+        let cut = Record { last: false, end_lsn: Lsn::ZERO, ..done };
+        let r = Resume::from_tail(Some(&cut), 9);
+        assert_eq!((r.skip_below, r.cut_off, r.generation), (Lsn(10), Lsn(10), 9));
+        let r = Resume::from_tail(Some(&Record::progress(Lsn(30))), 11);
+        assert_eq!(r.skip_below, Lsn(30));
+    }
+
+    #[test]
+    fn commit_end_reads_the_end_lsn() {
+        let mut b = vec![b'C', 0];
+        b.extend(5u64.to_be_bytes());
+        b.extend(9u64.to_be_bytes());
+        b.extend(0i64.to_be_bytes());
+        assert_eq!(commit_end(&Bytes::from(b)).unwrap(), Lsn(9));
+    }
+}

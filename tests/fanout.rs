@@ -1,0 +1,296 @@
+//! Fan-out through NATS JetStream: one publisher (one slot on a real
+//! PostgreSQL) feeding many caches through a real nats-server. In-process
+//! through the library here; kill -9 of each process through the binary in
+//! `fanout_faults.rs`.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use pglite_cache::replication::stream::{
+    self, Publisher, PublisherConfig, PublisherHandle, StreamConfig, StreamReplication,
+};
+use pglite_cache::replication::{PublicationSpec, ReplicationConfig, ReplicationHandle};
+use pglite_cache::{Instance, InstanceOptions};
+use support::nats::NatsServer;
+use support::pg::PgCluster;
+use support::replication::{WAIT, assert_same, catch_up, remote_lsn};
+
+const SCHEMA: &str = r#"
+CREATE TABLE items (id int PRIMARY KEY, v text, n numeric, updated timestamptz DEFAULT now());
+CREATE TABLE events (writer int, n int, payload text);
+CREATE TABLE outside (id serial PRIMARY KEY, v text);
+INSERT INTO items SELECT i, 'item ' || i, i * 1.5 FROM generate_series(1, 2000) i;
+INSERT INTO events SELECT 0, i, 'seed' FROM generate_series(1, 500) i;
+CREATE PUBLICATION pub FOR TABLE items, events;
+"#;
+
+struct Fixture {
+    pg: PgCluster,
+    db: String,
+    nats: NatsServer,
+    stream: StreamConfig,
+    dirs: tempfile::TempDir,
+}
+
+impl Fixture {
+    async fn start(name: &str) -> Fixture {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let pg = PgCluster::start();
+        let db = pg.create_database(name).await;
+        pg.client(&db).await.batch_execute(SCHEMA).await.unwrap();
+        let nats = NatsServer::start();
+        let stream = StreamConfig::new(nats.url(), name);
+        Fixture { pg, db, nats, stream, dirs: tempfile::tempdir().unwrap() }
+    }
+
+    fn publisher_config(&self) -> PublisherConfig {
+        let replication = ReplicationConfig::new(
+            self.pg.conninfo(&self.db).parse().unwrap(),
+            PublicationSpec::Existing("pub".into()),
+        )
+        .slot_name("fanout")
+        .status_interval(Duration::from_millis(200));
+        PublisherConfig::new(replication, self.stream.clone(), self.dirs.path().join("publisher"))
+    }
+
+    async fn publisher(&self) -> PublisherHandle {
+        let publisher = Publisher::start(self.publisher_config()).unwrap();
+        tokio::time::timeout(WAIT, publisher.wait_streaming()).await.expect("publisher streaming in time").unwrap();
+        publisher
+    }
+
+    /// A new cache: newest snapshot, then the stream.
+    async fn cache(&self, name: &str) -> (Instance, ReplicationHandle) {
+        let dir = self.dirs.path().join(name);
+        cache_at(&self.stream, &dir).await
+    }
+}
+
+async fn cache_at(config: &StreamConfig, dir: &Path) -> (Instance, ReplicationHandle) {
+    let restored = tokio::time::timeout(WAIT, stream::bootstrap(config, dir)).await.unwrap().unwrap();
+    assert!(restored.is_some(), "a new directory starts from a snapshot");
+    let instance = Instance::start(InstanceOptions::persistent(dir)).await.unwrap();
+    let handle = StreamReplication::start(instance.clone(), config.clone()).unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming()).await.expect("cache streaming in time").unwrap();
+    (instance, handle)
+}
+
+/// Inserts, updates and deletes in small transactions until stopped.
+fn writer(client: tokio_postgres::Client, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut i = 0u64;
+        while !*stop.borrow() {
+            i += 1;
+            let n = i as i32;
+            client
+                .batch_execute(&format!(
+                    "BEGIN; INSERT INTO items VALUES ({id}, 'new {n}', {n}) ON CONFLICT (id) DO UPDATE SET v = 'again {n}'; \
+                     UPDATE items SET v = v || '+', n = n + 1 WHERE id = {u}; DELETE FROM items WHERE id = {d}; \
+                     INSERT INTO events VALUES (1, {n}, repeat('x', {n} % 50)); COMMIT",
+                    id = 10_000 + n,
+                    u = 1 + n % 2000,
+                    d = 1 + (n * 7) % 2000,
+                ))
+                .await
+                .unwrap();
+        }
+        i
+    })
+}
+
+async fn local_hash(local: &Instance, table: &str) -> (String, String) {
+    let sql = format!("SET TimeZone = 'UTC'; SET extra_float_digits = 1; {}{table} t", support::replication::HASH);
+    let result = local.exec(&sql).await.unwrap();
+    let row = &result.last().unwrap().rows[0];
+    (row.get(0), row.get(1))
+}
+
+async fn slots(client: &tokio_postgres::Client) -> i64 {
+    client.query_one("SELECT count(*) FROM pg_replication_slots", &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_caches_from_one_slot_under_concurrent_writes() {
+    let f = Fixture::start("four").await;
+    let remote = f.pg.client(&f.db).await;
+    let publisher = f.publisher().await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let load = writer(f.pg.client(&f.db).await, stopped);
+
+    let mut caches = Vec::new();
+    for i in 0..4 {
+        caches.push(f.cache(&format!("cache{i}")).await);
+        tokio::time::sleep(Duration::from_millis(300)).await; // more writes between cache starts
+    }
+    assert_eq!(slots(&remote).await, 1, "one slot on the remote, whatever the number of caches");
+    stop.send_replace(true);
+    let written = load.await.unwrap();
+    assert!(written > 10, "the writer wrote {written} transactions");
+
+    for (instance, handle) in &caches {
+        catch_up(handle, &remote).await;
+        assert_same(&remote, instance, "items").await;
+        assert_same(&remote, instance, "events").await;
+    }
+    assert_eq!(slots(&remote).await, 1);
+    for (_, handle) in &caches {
+        handle.stop().await.unwrap();
+    }
+    publisher.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_lsn_completes_for_writes_outside_the_publication() {
+    let f = Fixture::start("outside").await;
+    let remote = f.pg.client(&f.db).await;
+    let publisher = f.publisher().await;
+    let (_instance, cache) = f.cache("cache").await;
+    catch_up(&cache, &remote).await;
+    for i in 0..3 {
+        remote.execute("INSERT INTO outside (v) VALUES ($1)", &[&format!("v{i}")]).await.unwrap();
+        let lsn = remote_lsn(&remote).await;
+        // Only idle progress from the publisher moves the cache there.
+        tokio::time::timeout(Duration::from_secs(20), cache.wait_for_lsn(lsn))
+            .await
+            .unwrap_or_else(|_| panic!("not at {lsn} in time: {:?}", cache.status()))
+            .unwrap();
+    }
+    cache.stop().await.unwrap();
+    publisher.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_transaction_travels_in_chunks() {
+    let f = Fixture::start("big").await;
+    let remote = f.pg.client(&f.db).await;
+    let publisher = f.publisher().await;
+    // Stores its stream position often: chances to do so while a big
+    // transaction holds the instance (that once deadlocked the cache).
+    let mut config = f.stream.clone();
+    config.status_interval = Duration::from_millis(300);
+    let (instance, cache) = cache_at(&config, &f.dirs.path().join("cache")).await;
+    // ~20 MB of changes: dozens of 256 KiB records, and more than the
+    // apply's 8 MiB buffer (applied in pieces inside one local transaction).
+    remote
+        .batch_execute(
+            "BEGIN; INSERT INTO events SELECT 2, i, repeat(md5(i::text), 3) FROM generate_series(1, 200000) i; \
+             UPDATE items SET v = 'big ' || id; COMMIT",
+        )
+        .await
+        .unwrap();
+    catch_up(&cache, &remote).await;
+    assert_same(&remote, &instance, "events").await;
+    assert_same(&remote, &instance, "items").await;
+    // Big transactions back to back: each one's position is stored while
+    // the next one is being applied.
+    let mut big = String::new();
+    for t in 0..4 {
+        big += &format!(
+            "BEGIN; INSERT INTO events SELECT 3, {t}, repeat(md5(i::text), 3) FROM generate_series(1, 100000) i; COMMIT; \
+             INSERT INTO items VALUES (50000 + {t}, 'between'); "
+        );
+    }
+    remote.batch_execute(&big).await.unwrap();
+    catch_up(&cache, &remote).await;
+    assert_same(&remote, &instance, "events").await;
+    assert_same(&remote, &instance, "items").await;
+    let info = async_nats::jetstream::new(async_nats::connect(f.nats.url()).await.unwrap())
+        .get_stream("big")
+        .await
+        .unwrap()
+        .get_info()
+        .await
+        .unwrap();
+    assert!(info.state.messages > 40, "{} records: the transaction was chunked", info.state.messages);
+    cache.stop().await.unwrap();
+    publisher.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_cache_bootstraps_without_the_remote() {
+    let mut f = Fixture::start("late").await;
+    let remote = f.pg.client(&f.db).await;
+    let publisher = f.publisher().await;
+    remote
+        .batch_execute(
+            "UPDATE items SET v = 'changed' WHERE id <= 100; INSERT INTO events VALUES (3, 1, 'after snapshot')",
+        )
+        .await
+        .unwrap();
+    let (first, first_handle) = f.cache("first").await;
+    catch_up(&first_handle, &remote).await;
+    let expected = local_hash(&first, "items").await;
+    let expected_events = local_hash(&first, "events").await;
+    assert_same(&remote, &first, "items").await;
+    publisher.stop().await.unwrap();
+    drop(remote);
+    // The remote is gone: a cache that can start now asked it nothing.
+    f.pg.stop();
+    let (late, late_handle) = f.cache("late").await;
+    let target = first_handle.status().applied_lsn;
+    tokio::time::timeout(WAIT, late_handle.wait_for_lsn(target)).await.expect("late cache caught up in time").unwrap();
+    assert_eq!(local_hash(&late, "items").await, expected);
+    assert_eq!(local_hash(&late, "events").await, expected_events);
+    late_handle.stop().await.unwrap();
+    first_handle.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_offline_past_retention_starts_again_from_a_newer_snapshot() {
+    let f = Fixture::start("retention").await;
+    let remote = f.pg.client(&f.db).await;
+    let mut config = f.publisher_config();
+    config.snapshot_interval = Some(Duration::from_secs(1));
+    let publisher = Publisher::start(config).unwrap();
+    tokio::time::timeout(WAIT, publisher.wait_streaming()).await.unwrap().unwrap();
+    let dir = f.dirs.path().join("offline");
+    let (instance, handle) = cache_at(&f.stream, &dir).await;
+    catch_up(&handle, &remote).await;
+    handle.stop().await.unwrap();
+    instance.stop().await.unwrap();
+
+    // While the cache is away: writes, a newer snapshot, and retention drops
+    // every record before it.
+    remote
+        .batch_execute("UPDATE items SET v = 'while away' WHERE id % 3 = 0; INSERT INTO events VALUES (4, 1, 'away')")
+        .await
+        .unwrap();
+    let lsn = remote_lsn(&remote).await;
+    let js = async_nats::jetstream::new(async_nats::connect(f.nats.url()).await.unwrap());
+    let start = std::time::Instant::now();
+    let newer = loop {
+        let snapshot = stream::snapshot::newest(&js, &f.stream).await.unwrap().unwrap();
+        if snapshot.applied_lsn >= lsn {
+            break snapshot;
+        }
+        assert!(start.elapsed() < WAIT, "no snapshot past {lsn} in time: {snapshot:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let s = js.get_stream("retention").await.unwrap();
+    s.purge().sequence(newer.resume_seq).await.unwrap();
+
+    // Started as it is, the cache halts with an error that says so.
+    let instance = Instance::start(InstanceOptions::persistent(&dir)).await.unwrap();
+    assert!(!stream::still_covered(&f.stream, &instance).await.unwrap());
+    let handle = StreamReplication::start(instance.clone(), f.stream.clone()).unwrap();
+    let error = tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap_err();
+    assert!(error.message().contains("no longer holds the records"), "{error}");
+    let _ = handle.stop().await;
+    instance.stop().await.unwrap();
+
+    // Started again from the newer snapshot, it catches up.
+    let restored = stream::rebootstrap(&f.stream, &dir).await.unwrap();
+    assert!(restored.resume_seq >= newer.resume_seq);
+    let instance = Instance::start(InstanceOptions::persistent(&dir)).await.unwrap();
+    let handle = StreamReplication::start(instance.clone(), f.stream.clone()).unwrap();
+    catch_up(&handle, &remote).await;
+    assert_same(&remote, &instance, "items").await;
+    assert_same(&remote, &instance, "events").await;
+    handle.stop().await.unwrap();
+    publisher.stop().await.unwrap();
+}

@@ -219,9 +219,57 @@ pub(super) fn group_steps(rel: &RelationState, group: &Group) -> Vec<Step> {
     }
 }
 
+/// One row's values as parameters (text format; NULL as NULL).
+fn row_params(row: &[Value]) -> Vec<Param> {
+    row.iter().map(|v| value_text(v).map_or(Param::Null, Param::Untyped)).collect()
+}
+
+/// The statement for a group of exactly one row: plain `VALUES` and
+/// `WHERE key = $n`, which cost the engine less than `unnest` over arrays
+/// (measured with prepared generic plans: 65 vs 85 µs of CPU for a
+/// one-INSERT-one-UPDATE transaction, `examples/replication_bench_engine.rs`).
+fn one_row_statement(rel: &RelationState, kind: &GroupKind, row: &[Value]) -> (String, Vec<Param>) {
+    let cols = &rel.columns;
+    let key_conds = |first: usize| -> Vec<String> {
+        rel.key
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| format!("{} = ${}::{}", quote_ident(&cols[i].name), first + k, cols[i].type_name))
+            .collect()
+    };
+    match kind {
+        GroupKind::Insert => {
+            let names: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
+            let values: Vec<String> =
+                cols.iter().enumerate().map(|(j, c)| format!("${}::{}", j + 1, c.type_name)).collect();
+            let sql = format!("INSERT INTO {} ({}) VALUES ({})", rel.qualified, names.join(", "), values.join(", "));
+            (sql, row_params(row))
+        }
+        GroupKind::Update(mask) => {
+            let nkey = rel.key.len();
+            let sets: Vec<String> = mask
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| **m)
+                .enumerate()
+                .map(|(k, (i, _))| format!("{} = ${}::{}", quote_ident(&cols[i].name), nkey + k + 1, cols[i].type_name))
+                .collect();
+            let sql = format!("UPDATE {} SET {} WHERE {}", rel.qualified, sets.join(", "), key_conds(1).join(" AND "));
+            (sql, row_params(row))
+        }
+        GroupKind::Delete => {
+            let sql = format!("DELETE FROM {} WHERE {}", rel.qualified, key_conds(1).join(" AND "));
+            (sql, row_params(row))
+        }
+    }
+}
+
 /// The statement for a group of inserts, updates or deletes.
 pub(super) fn group_statement(rel: &RelationState, group: &Group) -> (String, Vec<Param>) {
     let cols = &rel.columns;
+    if let [row] = group.rows.as_slice() {
+        return one_row_statement(rel, &group.kind, row);
+    }
     match &group.kind {
         GroupKind::Insert => {
             let names: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
@@ -367,12 +415,45 @@ mod tests {
     }
 
     #[test]
+    fn one_row_groups_use_plain_statements() {
+        let r = rel();
+        let g = Group {
+            relation: 1,
+            kind: GroupKind::Insert,
+            rows: vec![vec![text("1"), Value::Null]],
+            keys: HashSet::new(),
+        };
+        let (sql, params) = group_statement(&r, &g);
+        assert_eq!(sql, r#"INSERT INTO "public"."t" ("id", "v") VALUES ($1::integer, $2::text)"#);
+        assert_eq!(params, vec![Param::Untyped("1".into()), Param::Null]);
+        let g = Group {
+            relation: 1,
+            kind: GroupKind::Update(vec![false, true]),
+            rows: vec![vec![text("1"), text("y")]],
+            keys: HashSet::new(),
+        };
+        let (sql, params) = group_statement(&r, &g);
+        assert_eq!(sql, r#"UPDATE "public"."t" SET "v" = $2::text WHERE "id" = $1::integer"#);
+        assert_eq!(params.len(), 2);
+        let mut r2 = rel();
+        r2.key = vec![0, 1];
+        let g = Group {
+            relation: 1,
+            kind: GroupKind::Delete,
+            rows: vec![vec![text("1"), text("a")]],
+            keys: HashSet::new(),
+        };
+        let (sql, _) = group_statement(&r2, &g);
+        assert_eq!(sql, r#"DELETE FROM "public"."t" WHERE "id" = $1::integer AND "v" = $2::text"#);
+    }
+
+    #[test]
     fn group_statements() {
         let r = rel();
         let g = Group {
             relation: 1,
             kind: GroupKind::Insert,
-            rows: vec![vec![text("1"), text("x")]],
+            rows: vec![vec![text("1"), text("x")], vec![text("2"), text("x")]],
             keys: HashSet::new(),
         };
         let (sql, params) = group_statement(&r, &g);
@@ -384,7 +465,7 @@ mod tests {
         let g = Group {
             relation: 1,
             kind: GroupKind::Update(vec![false, true]),
-            rows: vec![vec![text("1"), text("y")]],
+            rows: vec![vec![text("1"), text("y")], vec![text("2"), text("y")]],
             keys: HashSet::new(),
         };
         let (sql, _) = group_statement(&r, &g);
@@ -392,7 +473,12 @@ mod tests {
             sql,
             r#"UPDATE "public"."t" AS t SET "v" = u.c1::text FROM unnest($1::text[], $2::text[]) AS u(c0, c1) WHERE t."id" = u.c0::integer"#
         );
-        let g = Group { relation: 1, kind: GroupKind::Delete, rows: vec![vec![text("1")]], keys: HashSet::new() };
+        let g = Group {
+            relation: 1,
+            kind: GroupKind::Delete,
+            rows: vec![vec![text("1")], vec![text("2")]],
+            keys: HashSet::new(),
+        };
         let (sql, _) = group_statement(&r, &g);
         assert_eq!(sql, r#"DELETE FROM "public"."t" WHERE "id" = ANY($1::integer[])"#);
         // Composite keys join on unnest.
@@ -401,7 +487,7 @@ mod tests {
         let g = Group {
             relation: 1,
             kind: GroupKind::Delete,
-            rows: vec![vec![text("1"), text("a")]],
+            rows: vec![vec![text("1"), text("a")], vec![text("2"), text("b")]],
             keys: HashSet::new(),
         };
         let (sql, _) = group_statement(&r2, &g);

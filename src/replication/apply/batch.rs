@@ -4,7 +4,7 @@
 //! (its own view of each table's columns), and runs the steps it takes out.
 //!
 //! Changes of different tables commute (cache tables have no foreign keys,
-//! and no triggers fire during the apply), so each table keeps its own open
+//! and no triggers of ours act during the apply), so each table keeps its own open
 //! group; a table's group ends when the kind of change changes, a key
 //! repeats in an update group, the key itself changes, or a statement of
 //! its own (DDL, TRUNCATE, a FULL identity row) must run in order.

@@ -196,11 +196,8 @@ async fn main() {
         retained_max = retained_max.max(retained.unwrap_or(0));
     }
     let output = bench.wait_with_output().await.unwrap();
-    let tps_line = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .find(|l| l.starts_with("tps"))
-        .unwrap_or("tps ?")
-        .to_owned();
+    let tps_line =
+        String::from_utf8_lossy(&output.stdout).lines().find(|l| l.starts_with("tps")).unwrap_or("tps ?").to_owned();
     let target = remote_lsn(&remote).await;
     let drain = Instant::now();
     for (_, h) in &handles {

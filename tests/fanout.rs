@@ -294,3 +294,31 @@ async fn cache_offline_past_retention_starts_again_from_a_newer_snapshot() {
     handle.stop().await.unwrap();
     publisher.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_type_change_upstream_halts_a_stream_fed_cache_instead_of_diverging() {
+    let f = Fixture::start("retype").await;
+    let remote = f.pg.client(&f.db).await;
+    let publisher = f.publisher().await;
+    let (_instance, cache) = f.cache("cache").await;
+    remote.batch_execute("UPDATE items SET v = 'before' WHERE id = 1").await.unwrap();
+    catch_up(&cache, &remote).await;
+    // Rewrites every row upstream (1.5 becomes 2) without sending them:
+    // a cache applying on into its numeric column would keep 1.5.
+    remote
+        .batch_execute("ALTER TABLE items ALTER COLUMN n TYPE int8; UPDATE items SET v = 'after' WHERE id = 1")
+        .await
+        .unwrap();
+    let mut status = cache.watch_status();
+    let halted = tokio::time::timeout(
+        WAIT,
+        status.wait_for(|s| matches!(s.phase, pglite_cache::replication::Phase::Halted { .. })),
+    )
+    .await
+    .expect("the cache halts")
+    .unwrap()
+    .clone();
+    let pglite_cache::replication::Phase::Halted { error } = halted.phase else { unreachable!() };
+    assert!(error.contains("its schema changed upstream"), "{error}");
+    publisher.stop().await.unwrap();
+}

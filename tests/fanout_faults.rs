@@ -142,24 +142,33 @@ async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool, log: impl 
     }
 }
 
-fn writer(client: Client) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<i64>) {
+fn writer(
+    client: Client,
+    big: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<i64>) {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
-        let mut n = 0i64;
+        let (mut n, mut rows) = (0i64, 0i64);
         while !*stopped.borrow() {
             n += 1;
-            // Several rows per transaction; a kill between them must not split it.
+            // Several rows per transaction; a kill between them must not split
+            // it. While `big`, every 40th is big (~6 MB, ~25 records): kills
+            // also land in transactions that travel in chunks.
+            let big = big.load(std::sync::atomic::Ordering::Relaxed) && n % 40 == 0;
+            let (writer, count) = if big { (2, 40_000) } else { (1, 5) };
             client
                 .batch_execute(&format!(
-                    "INSERT INTO events SELECT 1, {n} * 10 + i, 'row' FROM generate_series(0, 4) i"
+                    "INSERT INTO events SELECT {writer}, {n} * 100000 + i, repeat(md5(i::text), 3) \
+                     FROM generate_series(0, {count} - 1) i"
                 ))
                 .await
                 .unwrap();
+            rows += count;
             if n % 50 == 0 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
-        n
+        rows
     });
     (stop, task)
 }
@@ -182,7 +191,8 @@ async fn kill_9_of_publisher_cache_and_nats_loses_and_repeats_nothing() {
     let mut publisher = setup.publisher();
     let mut cache = setup.cache();
     let _ = setup.cache_client(&mut cache).await;
-    let (stop, load) = writer(setup.pg.client(&setup.db).await);
+    let big = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (stop, load) = writer(setup.pg.client(&setup.db).await, big.clone());
 
     let js = async_nats::jetstream::new(async_nats::connect(setup.nats.url()).await.unwrap());
     // Records in the stream: proof that the publisher streams under load.
@@ -213,7 +223,10 @@ async fn kill_9_of_publisher_cache_and_nats_loses_and_repeats_nothing() {
     cache.kill9();
     cache = setup.cache();
 
-    // kill -9 of nats-server while both run.
+    // kill -9 of nats-server while both run. Small transactions only from
+    // here: after a nats-server restart, a cache catches up on big records
+    // in bursts several seconds apart (a known issue, not a loss).
+    big.store(false, std::sync::atomic::Ordering::Relaxed);
     let client = setup.cache_client(&mut cache).await;
     let before = (records(&js).await, cache_rows(&client).await);
     wait_until(
@@ -229,10 +242,11 @@ async fn kill_9_of_publisher_cache_and_nats_loses_and_repeats_nothing() {
         .await;
 
     stop.send_replace(true);
-    let transactions = load.await.unwrap();
+    let rows = load.await.unwrap();
     let expected = counts(&remote).await;
     assert_eq!(expected.0, expected.1);
-    assert_eq!(expected.0, 1000 + transactions * 5);
+    assert_eq!(expected.0, 1000 + rows);
+    assert!(rows > 40_000, "big transactions were written ({rows} rows)");
 
     let client = setup.cache_client(&mut cache).await;
     let start = Instant::now();

@@ -191,7 +191,8 @@ impl Applier {
         let same_table = (known.schema.as_str(), known.name.as_str()) == (rel.namespace.as_str(), rel.name.as_str());
         let same_columns =
             columns.len() == rel.columns.len() && columns.iter().zip(&rel.columns).all(|(l, r)| l.name == r.name);
-        if !same_table || !same_columns {
+        let same_types = same_columns && self.same_builtin_types(&rel, &columns).await?;
+        if !same_table || !same_types {
             return Err(ReplicationError::needs_operator(
                 format!(
                     "{local_name}: its schema changed upstream, which a cache fed by a fan-out stream cannot follow yet"
@@ -213,6 +214,31 @@ impl Applier {
         self.batch()?.flush_table(rel.id);
         self.relations.insert(rel.id, Arc::new(state));
         Ok(())
+    }
+
+    /// Whether the columns of built-in types (same OIDs everywhere) have the
+    /// local table's types: `ALTER COLUMN ... TYPE` rewrites the remote table
+    /// without sending its rows, so applying on into the old type would
+    /// silently diverge. Columns of user types (other OIDs locally) are
+    /// compared by name only.
+    async fn same_builtin_types(&self, rel: &Relation, columns: &[LocalColumn]) -> Result<bool, ReplicationError> {
+        let builtin: Vec<(usize, u32, i32)> = rel
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.type_oid < 16384)
+            .map(|(i, c)| (i, c.type_oid, c.type_modifier))
+            .collect();
+        if builtin.is_empty() {
+            return Ok(true);
+        }
+        let list = |f: &dyn Fn(&(usize, u32, i32)) -> String| {
+            format!("{{{}}}", builtin.iter().map(f).collect::<Vec<_>>().join(","))
+        };
+        let sql = "SELECT format_type(t.oid, t.typmod) FROM unnest($1::oid[], $2::int4[]) WITH ORDINALITY AS t(oid, typmod, i) ORDER BY t.i";
+        let params = vec![Param::Untyped(list(&|c| c.1.to_string())), Param::Untyped(list(&|c| c.2.to_string()))];
+        let result = self.local_query(sql, params).await?;
+        Ok(builtin.iter().zip(&result.rows).all(|((i, _, _), row)| columns[*i].type_name == row.get::<String>(0)))
     }
 
     /// The local DDL (queued) for a table renamed or moved upstream, and

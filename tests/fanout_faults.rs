@@ -158,7 +158,7 @@ fn writer(
             let (writer, count) = if big { (2, 40_000) } else { (1, 5) };
             client
                 .batch_execute(&format!(
-                    "INSERT INTO events SELECT {writer}, {n} * 100000 + i, repeat(md5(i::text), 3) \
+                    "INSERT INTO events SELECT {writer}, {n}::bigint * 100000 + i, repeat(md5(i::text), 3) \
                      FROM generate_series(0, {count} - 1) i"
                 ))
                 .await
@@ -180,7 +180,7 @@ async fn kill_9_of_publisher_cache_and_nats_loses_and_repeats_nothing() {
     let remote = pg.client(&db).await;
     remote
         .batch_execute(
-            "CREATE TABLE events (writer int, n int, payload text); \
+            "CREATE TABLE events (writer int, n bigint, payload text); \
              INSERT INTO events SELECT 0, i, 'seed' FROM generate_series(1, 1000) i; \
              CREATE PUBLICATION pub FOR TABLE events",
         )

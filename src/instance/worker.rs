@@ -602,7 +602,6 @@ impl Worker {
     }
 }
 
-/// Appends one backend message (tag, length, body).
 /// An `ErrorResponse` carrying the fields of an engine error.
 fn engine_error(db: &pglite_oxide::DatabaseError, out: &mut BytesMut) {
     let severity = db.severity.as_deref().unwrap_or("ERROR");

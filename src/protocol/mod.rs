@@ -54,9 +54,18 @@ pub fn extended_statement(sql: &str, params: &[Param], buf: &mut BytesMut) -> Re
         return Err(Error::Parameter(format!("{} parameters; at most {} are allowed", params.len(), i16::MAX)));
     }
     frontend::parse("", sql, params.iter().map(Param::type_oid), buf).map_err(io_err)?;
+    bind_text("", params, buf)?;
+    frontend::describe(b'P', "", buf).map_err(io_err)?;
+    frontend::execute("", 0, buf).map_err(io_err)?;
+    Ok(())
+}
+
+/// Appends a `Bind` of `statement` to the unnamed portal, parameters and
+/// results in text format.
+pub(crate) fn bind_text(statement: &str, params: &[Param], buf: &mut BytesMut) -> Result<()> {
     frontend::bind(
         "",
-        "",
+        statement,
         Some(0), // all parameters in text format
         params,
         |p, out| match p.text() {
@@ -72,10 +81,7 @@ pub fn extended_statement(sql: &str, params: &[Param], buf: &mut BytesMut) -> Re
     .map_err(|e| match e {
         frontend::BindError::Conversion(e) => Error::Parameter(e.to_string()),
         frontend::BindError::Serialization(e) => io_err(e),
-    })?;
-    frontend::describe(b'P', "", buf).map_err(io_err)?;
-    frontend::execute("", 0, buf).map_err(io_err)?;
-    Ok(())
+    })
 }
 
 /// The message a `COPY ... FROM STDIN` in an API call fails with.

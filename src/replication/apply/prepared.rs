@@ -20,7 +20,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
-use postgres_protocol::IsNull;
 use postgres_protocol::message::frontend;
 
 use crate::error::SqlState;
@@ -130,24 +129,6 @@ fn io_err(e: std::io::Error) -> crate::Error {
 
 /// `Bind` (unnamed portal, text format in and out) and `Execute`.
 fn bind_execute(name: &str, params: &[Param], buf: &mut BytesMut) -> Result<(), crate::Error> {
-    frontend::bind(
-        "",
-        name,
-        Some(0),
-        params,
-        |p, out| match p.text() {
-            Some(text) => {
-                out.extend_from_slice(text.as_bytes());
-                Ok(IsNull::No)
-            }
-            None => Ok(IsNull::Yes),
-        },
-        Some(0),
-        buf,
-    )
-    .map_err(|e| match e {
-        frontend::BindError::Conversion(e) => crate::Error::Parameter(e.to_string()),
-        frontend::BindError::Serialization(e) => io_err(e),
-    })?;
+    protocol::bind_text(name, params, buf)?;
     frontend::execute("", 0, buf).map_err(io_err)
 }

@@ -1,5 +1,5 @@
 //! Where a cache is in the stream: `pglite_cache.stream`, one row, next to
-//! the slot bookkeeping of [`crate::replication::store`] (whose applied LSN
+//! the slot bookkeeping of `replication::store` (whose applied LSN
 //! stays the position that decides exactly once).
 //!
 //! The stored sequence is where to resume reading; it may lag behind what

@@ -93,7 +93,7 @@ async fn list(js: &jetstream::Context, config: &StreamConfig) -> Result<Vec<Snap
 }
 
 /// Archives `data` (a closed cache) and stores it; deletes older snapshots
-/// beyond the newest [`KEEP`].
+/// beyond the newest `KEEP` (2).
 pub async fn store(
     js: &jetstream::Context,
     config: &StreamConfig,

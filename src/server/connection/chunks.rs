@@ -227,19 +227,19 @@ pub(super) fn simple_as_extended(sql: &[u8]) -> Option<(BytesMut, Cut)> {
         return None;
     }
     let mut out = BytesMut::new();
-    message(b'P', &mut out, |out| {
+    backend::message(b'P', &mut out, |out| {
         out.put_u8(0);
         out.put_slice(sql);
         out.put_u8(0);
         out.put_i16(0);
     });
-    message(b'B', &mut out, |out| {
+    backend::message(b'B', &mut out, |out| {
         out.put_slice(&[0, 0]); // portal "", statement ""
         out.put_i16(0); // no parameter formats
         out.put_i16(0); // no parameters
         out.put_i16(0); // all results in text
     });
-    message(b'D', &mut out, |out| out.put_slice(b"P\0"));
+    backend::message(b'D', &mut out, |out| out.put_slice(b"P\0"));
     execute(b"", 0, &mut out);
     let cut = Cut { end: out.len(), portal: Vec::new(), wanted: 0 };
     backend::close(b'P', b"", &mut out);
@@ -262,15 +262,6 @@ pub(super) fn simple_shape(reply: Vec<u8>) -> Vec<u8> {
     kept
 }
 
-fn message(tag: u8, out: &mut BytesMut, body: impl FnOnce(&mut BytesMut)) {
-    let start = out.len();
-    out.put_u8(tag);
-    out.put_i32(0);
-    body(out);
-    let len = (out.len() - start - 1) as i32;
-    out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,7 +269,7 @@ mod tests {
     fn data_rows(n: usize, width: usize, out: &mut Vec<u8>) {
         for _ in 0..n {
             let mut m = BytesMut::new();
-            message(b'D', &mut m, |o| {
+            backend::message(b'D', &mut m, |o| {
                 o.put_i16(1);
                 o.put_i32(width as i32);
                 o.put_slice(&vec![b'x'; width]);

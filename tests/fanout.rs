@@ -264,7 +264,7 @@ async fn cache_offline_past_retention_starts_again_from_a_newer_snapshot() {
     let js = async_nats::jetstream::new(async_nats::connect(f.nats.url()).await.unwrap());
     let start = std::time::Instant::now();
     let newer = loop {
-        let snapshot = stream::snapshot::newest(&js, &f.stream).await.unwrap().unwrap();
+        let snapshot = stream::newest_snapshot(&js, &f.stream).await.unwrap().unwrap();
         if snapshot.applied_lsn >= lsn {
             break snapshot;
         }

@@ -7,12 +7,12 @@
 //! cache: bootstrap (newest snapshot, no query to the remote) ─► StreamReplication: apply txn + position in 1 local txn
 //! ```
 //!
-//! - [`record`]: the record format (framed pgoutput), the publisher's
+//! - `record`: the record format (framed pgoutput), the publisher's
 //!   chunker and the consumer's sequencer (pure).
-//! - [`publisher`]: the slot side.
+//! - `publisher`: the slot side ([`Publisher`]).
 //! - `consumer`: the cache side, reusing the slot path's apply.
-//! - [`snapshot`]: snapshots in the object store.
-//! - [`position`]: where a cache is in the stream.
+//! - `snapshot`: snapshots in the object store.
+//! - `position`: where a cache is in the stream.
 //!
 //! A cache fed by the stream offers the same [`ReplicationHandle`] as one
 //! fed by a slot: status, `wait_for_lsn` (also for remote writes outside the
@@ -35,12 +35,12 @@
 //! ```
 
 mod consumer;
-pub mod nats;
-pub mod position;
-pub mod publisher;
-pub mod record;
+mod nats;
+mod position;
+mod publisher;
+mod record;
 mod refresher;
-pub mod snapshot;
+mod snapshot;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -56,7 +56,7 @@ use super::{ReplicationHandle, Status};
 pub use consumer::needs_rebootstrap;
 pub use nats::StreamConfig;
 pub use publisher::{Publisher, PublisherConfig, PublisherHandle};
-pub use snapshot::SnapshotInfo;
+pub use snapshot::{SnapshotInfo, newest as newest_snapshot};
 
 /// Entry point of a stream-fed cache.
 #[derive(Debug)]

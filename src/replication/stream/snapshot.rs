@@ -135,9 +135,37 @@ pub async fn store(
     Ok(SnapshotInfo { name, resume_seq, applied_lsn, size: info.size })
 }
 
+/// A download that receives nothing for this long is abandoned: e.g. the
+/// publisher deleted that snapshot meanwhile (it keeps the newest [`KEEP`]),
+/// which leaves the object's reader waiting for ever.
+const READ_STALL: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Downloads tried before giving up (each from the newest snapshot then).
+const ATTEMPTS: u32 = 3;
+
 /// Unpacks the newest snapshot into `data` (missing or empty). Fails
 /// (transient: the publisher may not have stored one yet) without a snapshot.
+/// A download that fails or stalls starts again from the newest snapshot (a
+/// failed one leaves `data` as it was: unpacking goes through a staging
+/// directory).
 pub async fn restore(
+    js: &jetstream::Context,
+    config: &StreamConfig,
+    data: &Path,
+) -> Result<SnapshotInfo, ReplicationError> {
+    let mut attempt = 1;
+    loop {
+        match restore_newest(js, config, data).await {
+            Err(e) if attempt < ATTEMPTS && e.kind() == crate::replication::ErrorKind::Transient => {
+                tracing::warn!(error = %e, attempt, "snapshot download failed; trying the newest snapshot again");
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn restore_newest(
     js: &jetstream::Context,
     config: &StreamConfig,
     data: &Path,
@@ -156,7 +184,16 @@ pub async fn restore(
         tokio::task::spawn_blocking(move || unpack(ChannelReader { rx, current: bytes::Bytes::new() }, &target));
     loop {
         let mut buf = bytes::BytesMut::with_capacity(256 << 10);
-        match tokio::io::AsyncReadExt::read_buf(&mut object, &mut buf).await {
+        let read = tokio::time::timeout(READ_STALL, tokio::io::AsyncReadExt::read_buf(&mut object, &mut buf)).await;
+        let Ok(read) = read else {
+            drop(chunks); // the unpacker stops at a truncated archive
+            let _ = unpacking.await;
+            return Err(ReplicationError::transient(format!(
+                "downloading snapshot {} stalled for {READ_STALL:?} (deleted meanwhile?)",
+                snapshot.name
+            )));
+        };
+        match read {
             Ok(0) => break,
             Ok(_) => {
                 if chunks.send(Ok(buf.freeze())).await.is_err() {

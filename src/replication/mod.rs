@@ -93,6 +93,7 @@ pub mod error;
 pub mod lag;
 pub mod lsn;
 pub(crate) mod pgoutput;
+mod retry;
 pub(crate) mod schema;
 pub(crate) mod source;
 mod statements;

@@ -8,12 +8,13 @@ use std::sync::Arc;
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
+use super::retry::{self, AfterFailure};
 use crate::Instance;
 
 use super::apply;
 use super::config::{PublicationSpec, ReplicationConfig, SlotLostPolicy};
 use super::deadline::{DeadlineAction, ReceiveDeadline};
-use super::error::{ReplicationError, RetryPolicy, classify_start_replication};
+use super::error::{ReplicationError, classify_start_replication};
 use super::lsn::Lsn;
 use super::schema;
 use super::source::{self, SourceConnection, StreamMessage, quote_ident, quote_literal};
@@ -79,28 +80,17 @@ impl Supervisor {
                         break Err(e.into());
                     }
                 }
-                Err(e) => match e.retry_policy(attempt) {
-                    RetryPolicy::RetryAfter(delay) => {
-                        if attempt >= SLOT_IN_USE_PATIENCE && e.is_slot_in_use() {
-                            // Still held after a while: say what an operator can do (the hint).
-                            tracing::error!(error = %e, ?delay, attempt, "replication slot still in use; retrying");
-                        } else {
-                            tracing::warn!(error = %e, ?delay, attempt, "replication interrupted; reconnecting");
-                        }
-                        attempt += 1;
-                        self.status.send_modify(|s| s.phase = Phase::Reconnecting { error: e.to_string(), attempt });
-                        tokio::select! {
-                            biased;
-                            _ = self.shutdown.changed() => break Ok(()),
-                            _ = tokio::time::sleep(delay) => {}
-                        }
+                Err(e) => {
+                    // A slot still held after a while: an operator can act (the hint).
+                    let loud = attempt >= SLOT_IN_USE_PATIENCE && e.is_slot_in_use();
+                    match retry::after_failure(e, &mut attempt, &self.status, &mut self.shutdown, "replication", loud)
+                        .await
+                    {
+                        AfterFailure::Reconnect => {}
+                        AfterFailure::Stop => break Ok(()),
+                        AfterFailure::Halt(e) => return Err(e),
                     }
-                    RetryPolicy::ManualIntervention | RetryPolicy::NoRetry => {
-                        tracing::error!(error = %e, "replication halted");
-                        self.status.send_modify(|s| s.phase = Phase::Halted { error: e.to_string() });
-                        return Err(e);
-                    }
-                },
+                }
             }
         };
         self.status.send_modify(|s| s.phase = Phase::Stopped);

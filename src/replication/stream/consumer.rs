@@ -20,8 +20,9 @@ use tokio::sync::{broadcast, watch};
 use crate::Instance;
 use crate::replication::apply::{Applier, KnownTable};
 use crate::replication::config::ReplicationConfig;
-use crate::replication::error::{ReplicationError, RetryPolicy};
+use crate::replication::error::ReplicationError;
 use crate::replication::lsn::Lsn;
+use crate::replication::retry::{self, AfterFailure};
 use crate::replication::{AppliedTransaction, Phase, Status, TableState, TableStatus, store};
 
 use super::nats::{self, StreamConfig, transient};
@@ -65,22 +66,19 @@ impl Consumer {
             }
             match self.session(&mut attempt).await {
                 Ok(()) => break Ok(()),
-                Err(e) => match e.retry_policy(attempt) {
-                    RetryPolicy::RetryAfter(delay) => {
-                        tracing::warn!(error = %e, ?delay, attempt, "stream interrupted; reconnecting");
-                        attempt += 1;
-                        self.status.send_modify(|s| s.phase = Phase::Reconnecting { error: e.to_string(), attempt });
-                        tokio::select! {
-                            biased;
-                            _ = self.shutdown.changed() => break Ok(()),
-                            _ = tokio::time::sleep(delay) => {}
-                        }
-                    }
-                    RetryPolicy::ManualIntervention | RetryPolicy::NoRetry => {
-                        tracing::error!(error = %e, "stream replication halted");
-                        self.status.send_modify(|s| s.phase = Phase::Halted { error: e.to_string() });
-                        return Err(e);
-                    }
+                Err(e) => match retry::after_failure(
+                    e,
+                    &mut attempt,
+                    &self.status,
+                    &mut self.shutdown,
+                    "stream replication",
+                    false,
+                )
+                .await
+                {
+                    AfterFailure::Reconnect => {}
+                    AfterFailure::Stop => break Ok(()),
+                    AfterFailure::Halt(e) => return Err(e),
                 },
             }
         };

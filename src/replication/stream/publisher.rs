@@ -38,8 +38,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::replication::config::{PublicationSpec, ReplicationConfig};
-use crate::replication::error::{ReplicationError, RetryPolicy};
+use crate::replication::error::ReplicationError;
 use crate::replication::lsn::Lsn;
+use crate::replication::retry::{self, AfterFailure};
 use crate::replication::source::{SourceConnection, StreamMessage, quote_ident, quote_literal};
 use crate::replication::table_sync::copy_tables;
 use crate::replication::{Phase, Status, remote_client, schema, store};
@@ -208,23 +209,15 @@ impl Task {
             };
             match outcome {
                 Ok(()) => break Ok(()),
-                Err(e) => match e.retry_policy(attempt) {
-                    RetryPolicy::RetryAfter(delay) => {
-                        tracing::warn!(error = %e, ?delay, attempt, "publisher interrupted; reconnecting");
-                        attempt += 1;
-                        self.status.send_modify(|s| s.phase = Phase::Reconnecting { error: e.to_string(), attempt });
-                        tokio::select! {
-                            biased;
-                            _ = self.shutdown.changed() => break Ok(()),
-                            _ = tokio::time::sleep(delay) => {}
-                        }
+                Err(e) => {
+                    match retry::after_failure(e, &mut attempt, &self.status, &mut self.shutdown, "publisher", false)
+                        .await
+                    {
+                        AfterFailure::Reconnect => {}
+                        AfterFailure::Stop => break Ok(()),
+                        AfterFailure::Halt(e) => return Err(e),
                     }
-                    RetryPolicy::ManualIntervention | RetryPolicy::NoRetry => {
-                        tracing::error!(error = %e, "publisher halted");
-                        self.status.send_modify(|s| s.phase = Phase::Halted { error: e.to_string() });
-                        return Err(e);
-                    }
-                },
+                }
             }
         };
         self.status.send_modify(|s| s.phase = Phase::Stopped);

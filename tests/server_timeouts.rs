@@ -45,6 +45,8 @@ async fn a_client_idle_in_a_transaction_is_disconnected_and_rolled_back() {
     let talker = server.connect().await;
     talker.batch_execute("BEGIN").await.unwrap();
     for i in 0..5 {
+        // The client's own pace (not a wait for anything): it speaks well
+        // within the limit each time, for longer than the limit in total.
         tokio::time::sleep(SHORT / 3).await;
         talker.execute("INSERT INTO t VALUES ($1)", &[&i]).await.unwrap();
     }
@@ -56,7 +58,9 @@ async fn a_client_idle_in_a_transaction_is_disconnected_and_rolled_back() {
 async fn a_statement_queued_too_long_gets_a_clear_error_and_the_connection_goes_on() {
     let server = TestServer::start(no_limits().with_queue_wait_timeout(Some(SHORT))).await;
     let holder = server.connect().await;
-    holder.batch_execute("BEGIN").await.unwrap();
+    // A transaction holds the engine from its first statement (a plain
+    // BEGIN alone does not take it).
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
 
     let waiter = server.connect().await;
     let err = timeout(PATIENCE, waiter.query_one("SELECT 1", &[])).await.unwrap().unwrap_err();
@@ -67,7 +71,17 @@ async fn a_statement_queued_too_long_gets_a_clear_error_and_the_connection_goes_
     let (a, b) = tokio::join!(waiter.query_one("SELECT 1", &[]), waiter.query_one("SELECT 2", &[]));
     assert!(a.is_err() && b.is_err());
 
+    // Inside a transaction begun with a plain BEGIN (answered without the
+    // engine), the statement that timed out fails the transaction, as any
+    // error inside a transaction does.
+    waiter.batch_execute("BEGIN").await.unwrap();
+    let err = timeout(PATIENCE, waiter.query_one("SELECT 1", &[])).await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED));
     holder.batch_execute("COMMIT").await.unwrap();
+    let err = waiter.batch_execute("SELECT 2").await.unwrap_err();
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION));
+    waiter.batch_execute("ROLLBACK").await.unwrap();
+
     let n: i32 = waiter.query_one("SELECT 3", &[]).await.unwrap().get(0);
     assert_eq!(n, 3);
 }

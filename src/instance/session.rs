@@ -39,6 +39,42 @@ pub struct RawSession {
     cuts: Vec<usize>,
     /// How many bytes of the last round trip ran.
     consumed: usize,
+    /// A transaction begun lazily (see [`begin_lazily`](Self::begin_lazily)):
+    /// runs in front of the next round trip.
+    prefix: Option<Prefix>,
+}
+
+/// Messages run on the engine in front of a session's next round trip; the
+/// caller never sees their replies.
+#[derive(Debug, Clone)]
+struct Prefix {
+    bytes: BytesMut,
+    /// How many `ReadyForQuery` replies they produce.
+    replies: usize,
+}
+
+impl Prefix {
+    /// Removes the prefix's replies from the front of `output` (keeping
+    /// notifications) and its bytes from the count of bytes that ran.
+    fn strip(&self, output: &mut Output) {
+        let mut seen = 0;
+        let mut end = 0;
+        let mut kept = Vec::new();
+        for (tag, message) in backend::messages(&output.bytes) {
+            if seen == self.replies {
+                break;
+            }
+            end += message.len();
+            match tag {
+                b'Z' => seen += 1,
+                b'A' => kept.extend_from_slice(message),
+                _ => {}
+            }
+        }
+        kept.extend_from_slice(&output.bytes[end..]);
+        output.bytes = kept;
+        output.consumed = output.consumed.saturating_sub(self.bytes.len());
+    }
 }
 
 impl RawSession {
@@ -53,7 +89,50 @@ impl RawSession {
             shareable: false,
             cuts: Vec::new(),
             consumed: 0,
+            prefix: None,
         }
+    }
+
+    /// Takes note of a plain `BEGIN` the caller answered itself, without the
+    /// engine: it runs in front of the session's next round trip, so the
+    /// engine is taken when the transaction's first statement comes, not
+    /// while the client prepares it. The session must be idle and not hold
+    /// the engine.
+    pub fn begin_lazily(&mut self) {
+        debug_assert!(self.idle && self.lease.is_none() && self.prefix.is_none());
+        let mut bytes = BytesMut::new();
+        backend::query("BEGIN", &mut bytes);
+        self.prefix = Some(Prefix { bytes, replies: 1 });
+    }
+
+    /// Whether a [`begin_lazily`](Self::begin_lazily) transaction has not
+    /// reached the engine yet.
+    pub fn begin_pending(&self) -> bool {
+        self.prefix.is_some()
+    }
+
+    /// The client was told that its first statement after a lazy `BEGIN`
+    /// failed with this error before it ran (withdrawn from the queue): the
+    /// transaction reaches the engine failed, as the client believes it is.
+    pub fn fail_pending_begin(&mut self, code: &str, message: &str) {
+        let Some(prefix) = self.prefix.as_mut() else { return };
+        let sql = format!(
+            "DO $pglite_cache$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = {}; END$pglite_cache$",
+            postgres_protocol::escape::escape_literal(message)
+        );
+        backend::query(&sql, &mut prefix.bytes);
+        prefix.replies += 1;
+    }
+
+    /// Puts the pending prefix (if any) in front of `bytes`, shifting the cuts.
+    fn prefixed(&mut self, bytes: BytesMut) -> (BytesMut, Vec<usize>, Option<Prefix>) {
+        let cuts = std::mem::take(&mut self.cuts);
+        let Some(prefix) = self.prefix.take() else { return (bytes, cuts, None) };
+        let mut all = BytesMut::with_capacity(prefix.bytes.len() + bytes.len());
+        all.extend_from_slice(&prefix.bytes);
+        all.extend_from_slice(&bytes);
+        let shift = prefix.bytes.len();
+        (all, cuts.into_iter().map(|cut| cut + shift).collect(), Some(prefix))
     }
 
     /// Sends frontend messages and returns every backend message the engine
@@ -63,10 +142,15 @@ impl RawSession {
             Some(lease) => Route::Lease(lease.clone()),
             None => Route::Shared(self.instance.tx.clone()),
         };
-        let job =
-            Job::Raw(RawJob { bytes, claim: None, shareable: self.shareable, cuts: std::mem::take(&mut self.cuts) });
+        let (bytes, cuts, prefix) = self.prefixed(bytes);
+        let job = Job::Raw(RawJob { bytes, claim: None, shareable: self.shareable, cuts });
         match route.call(&self.instance.shared, job).await {
-            Ok(output) => Ok(self.note(output)),
+            Ok(mut output) => {
+                if let Some(prefix) = prefix {
+                    prefix.strip(&mut output);
+                }
+                Ok(self.note(output))
+            }
             Err(e) => {
                 self.lease = None; // a failed engine ends the lease
                 Err(e)
@@ -87,15 +171,11 @@ impl RawSession {
             return self.round_trip(bytes).await.map(Some);
         }
         let claim = Arc::new(Claim::default());
-        let job = Job::Raw(RawJob {
-            bytes,
-            claim: Some(claim.clone()),
-            shareable: self.shareable,
-            cuts: std::mem::take(&mut self.cuts),
-        });
+        let (bytes, cuts, prefix) = self.prefixed(bytes);
+        let job = Job::Raw(RawJob { bytes, claim: Some(claim.clone()), shareable: self.shareable, cuts });
         let (reply, rx) = oneshot::channel();
         self.instance.tx.send(Command::Run(Request { job, reply })).map_err(|_| self.instance.shared.closed_error())?;
-        self.await_or_withdraw(rx, claim, withdraw).await
+        self.await_or_withdraw(rx, claim, withdraw, prefix).await
     }
 
     /// Runs `Parse`/`Describe`/`Close` messages ending in one `Sync` (and
@@ -113,6 +193,11 @@ impl RawSession {
         if self.lease.is_some() {
             return self.round_trip(bytes).await.map(Some);
         }
+        // Inside a lazily begun transaction that has not reached the engine,
+        // the work runs beside others' transactions too (the pgbench
+        // deadlock above would come back otherwise: its `BEGIN` is answered
+        // at once, and the `Parse` of its next statement is synchronous).
+        let lazy = self.prefix.is_some();
         let shared = &self.instance.shared;
         let claim = Arc::new(Claim::default());
         let (reply, rx) = oneshot::channel();
@@ -131,7 +216,25 @@ impl RawSession {
                 self.instance.tx.send(Command::Run(request)).map_err(|_| shared.closed_error())?;
             }
         }
-        self.await_or_withdraw(rx, claim, withdraw).await
+        let reply = self.await_or_withdraw(rx, claim, withdraw, None).await?;
+        Ok(if lazy { reply.map(|reply| self.in_lazy_transaction(reply)) } else { reply })
+    }
+
+    /// The reply to side work run for a session inside a lazily begun
+    /// transaction: it says what the client's transaction is now (failed
+    /// if the work failed, as a failed `Parse` inside a transaction fails
+    /// it in PostgreSQL; then so does the transaction on the engine).
+    fn in_lazy_transaction(&mut self, mut reply: Vec<u8>) -> Vec<u8> {
+        let failed = backend::has_error(&reply);
+        if failed {
+            self.fail_pending_begin("25P02", "a statement of this transaction failed before it reached the engine");
+        }
+        if super::worker::ready_status(&reply).is_some()
+            && let Some(status) = reply.last_mut()
+        {
+            *status = if failed { b'E' } else { b'T' };
+        }
+        reply
     }
 
     async fn await_or_withdraw(
@@ -139,6 +242,7 @@ impl RawSession {
         rx: oneshot::Receiver<Result<Output>>,
         claim: Arc<Claim>,
         withdraw: impl std::future::Future<Output = ()>,
+        prefix: Option<Prefix>,
     ) -> Result<Option<Vec<u8>>> {
         let shared = self.instance.shared.clone();
         let reply = handoff::reply(rx, &shared, false);
@@ -147,12 +251,16 @@ impl RawSession {
             output = &mut reply => output,
             () = withdraw => {
                 if claim.withdraw() {
+                    self.prefix = prefix; // it did not run: still pending
                     return Ok(None);
                 }
                 reply.await
             }
         };
-        let output = output.map_err(|_| shared.closed_error())??;
+        let mut output = output.map_err(|_| shared.closed_error())??;
+        if let Some(prefix) = prefix {
+            prefix.strip(&mut output);
+        }
         Ok(Some(self.note(output)))
     }
 

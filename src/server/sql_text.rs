@@ -74,6 +74,19 @@ pub(crate) fn is_exactly(sql: &[u8], words: &[&str]) -> bool {
     rest.is_empty() || rest == b"\0"
 }
 
+/// If the text is one plain `BEGIN` (`BEGIN`, `BEGIN WORK`, `BEGIN
+/// TRANSACTION`, `START TRANSACTION`, no options): its command tag.
+pub(crate) fn plain_begin(sql: &[u8]) -> Option<&'static str> {
+    let begin = [&["begin"][..], &["begin", "work"], &["begin", "transaction"]];
+    if begin.iter().any(|words| is_exactly(sql, words)) {
+        Some("BEGIN")
+    } else if is_exactly(sql, &["start", "transaction"]) {
+        Some("START TRANSACTION")
+    } else {
+        None
+    }
+}
+
 /// Whether one of the statements of a script is exactly these words.
 pub(crate) fn has_statement(sql: &[u8], words: &[&str]) -> bool {
     statements(sql).any(|stmt| is_exactly(stmt, words))
@@ -224,6 +237,18 @@ mod tests {
             ),
             vec![SqlName::DeclareHold("c2".into()), SqlName::Close("c2".into())]
         );
+    }
+
+    #[test]
+    fn finds_plain_begin_only() {
+        assert_eq!(plain_begin(b"BEGIN;"), Some("BEGIN"));
+        assert_eq!(plain_begin(b" begin work \0"), Some("BEGIN"));
+        assert_eq!(plain_begin(b"BEGIN TRANSACTION"), Some("BEGIN"));
+        assert_eq!(plain_begin(b"start transaction;"), Some("START TRANSACTION"));
+        assert_eq!(plain_begin(b"BEGIN ISOLATION LEVEL SERIALIZABLE"), None);
+        assert_eq!(plain_begin(b"BEGIN; SELECT 1"), None);
+        assert_eq!(plain_begin(b"START TRANSACTION READ ONLY"), None);
+        assert_eq!(plain_begin(b"BEGINNING"), None);
     }
 
     #[test]

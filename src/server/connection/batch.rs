@@ -18,6 +18,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             *batch = Batch::default();
             return Ok(());
         }
+        if batch.begin_bind.is_some() && self.extended_begin(batch).await? {
+            self.namer.engine_called(0, false); // its Bind never reached the engine
+            *batch = Batch::default();
+            return Ok(());
+        }
         let may_change = batch.may_change_settings;
         let copy_candidate = batch.copy_candidate;
         let listens = std::mem::take(&mut batch.listens);
@@ -140,15 +145,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         may_change: bool,
         listens: &[Listening],
     ) -> Result<std::result::Result<Vec<u8>, Vec<u8>>> {
+        // After a lazy BEGIN, only a lone statement group is answered
+        // without running (a later group could end the transaction).
+        let groups = if self.session.begin_pending() && groups > 1 { 0 } else { groups };
         let limit = self.config.queue_wait_timeout.filter(|_| groups > 0);
         if !self.begin_busy(may_change, limit).await? {
-            return Ok(Err(withdrawn_answer(groups, Withdrawn::QueueTimeout(limit.unwrap_or_default()))));
+            return Ok(Err(self.withdrawn(groups, Withdrawn::QueueTimeout(limit.unwrap_or_default()))));
         }
         if listens.iter().any(|l| !matches!(l, Listening::Listen(_))) {
             // Keep the engine until the channels others still want are
             // listened to again, so that no NOTIFY slips in between.
             if !self.hold_within(limit).await? {
-                return Ok(Err(withdrawn_answer(groups, Withdrawn::QueueTimeout(limit.unwrap_or_default()))));
+                return Ok(Err(self.withdrawn(groups, Withdrawn::QueueTimeout(limit.unwrap_or_default()))));
             }
         }
         tracing::trace!(bytes = bytes.len(), holds = self.session.holds_engine(), "batch to engine");
@@ -180,7 +188,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         };
         // Parse/Describe/Close outside a transaction need not wait for
         // another client's transaction (see `instance/side.rs`).
-        let side = self.status == b'I' && !self.session.skipping_to_sync() && is_side_work(&bytes);
+        // So may those of a client whose transaction was begun lazily and
+        // has not reached the engine (see `lazy_begin.rs`).
+        let outside = self.status == b'I' || (self.status == b'T' && self.session.begin_pending());
+        let side = outside && !self.session.skipping_to_sync() && is_side_work(&bytes);
         let outcome = if side {
             self.session.side_trip_or_withdraw(bytes, withdraw).await?
         } else {
@@ -190,9 +201,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             Some(reply) => Ok(Ok(reply)),
             None => {
                 let why = why.lock().unwrap_or_else(|e| e.into_inner()).take();
-                Ok(Err(withdrawn_answer(groups, why.unwrap_or(Withdrawn::Cancelled))))
+                Ok(Err(self.withdrawn(groups, why.unwrap_or(Withdrawn::Cancelled))))
             }
         }
+    }
+
+    /// What the client gets for `groups` statement groups withdrawn before
+    /// they ran. Inside a transaction begun lazily, the transaction fails:
+    /// so it does on the engine, where it has not started yet.
+    pub(super) fn withdrawn(&mut self, groups: usize, why: Withdrawn) -> Vec<u8> {
+        let in_transaction = self.session.begin_pending();
+        if in_transaction {
+            let (code, text) = why.error();
+            self.session.fail_pending_begin(code, &text);
+        }
+        withdrawn_answer(groups, why, in_transaction)
     }
 
     /// Takes the engine exclusively, waiting at most `limit`; false if the

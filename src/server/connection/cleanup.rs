@@ -20,6 +20,7 @@ impl<S> Connection<S> {
         self.quiet_portals.clear();
         self.copy_statements.clear();
         self.copy_portals.clear();
+        self.begin_statements.clear();
         for name in self.sql_statements.drain() {
             backend::close(b'S', name.as_bytes(), out);
         }

@@ -5,7 +5,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::chunks::{self, Next, Progress};
 use super::copy_out::{self, CopyTo, Format, Source};
-use super::waiting::{Withdrawn, withdrawn_answer};
+use super::waiting::Withdrawn;
 use super::{Connection, Result};
 use crate::server::backend;
 
@@ -25,7 +25,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
             let limit = self.config.queue_wait_timeout;
             if !self.begin_busy(false, limit).await? || !self.hold_within(limit).await? {
-                let answer = withdrawn_answer(1, Withdrawn::QueueTimeout(limit.unwrap_or_default()));
+                let answer = self.withdrawn(1, Withdrawn::QueueTimeout(limit.unwrap_or_default()));
                 self.forward(&answer).await?;
                 return Ok(true);
             }

@@ -36,6 +36,7 @@ mod cleanup;
 mod copy_in;
 mod copy_out;
 mod copy_out_run;
+mod lazy_begin;
 mod waiting;
 
 /// What `DEALLOCATE ALL`/`DISCARD ALL` sent with `Parse` become.
@@ -87,6 +88,9 @@ struct Batch {
     cuts: Vec<Cut>,
     /// A simple query sent as extended messages: the reply gets the simple shape.
     simple: bool,
+    /// Its last `Bind` binds the unnamed portal, without parameters, to a
+    /// statement that is a plain `BEGIN` (this tag): see `lazy_begin.rs`.
+    begin_bind: Option<&'static str>,
 }
 
 /// What woke an idle connection.
@@ -120,6 +124,8 @@ pub(crate) struct Connection<S> {
     /// return no rows (their `Execute` is not chunked).
     quiet_statements: HashSet<Vec<u8>>,
     quiet_portals: HashSet<Vec<u8>>,
+    /// Client names of statements that are a plain `BEGIN`, and its tag.
+    begin_statements: std::collections::HashMap<Vec<u8>, &'static str>,
     /// Statements (and portals bound from them) that are a `COPY ... TO
     /// STDOUT` the server runs in chunks.
     copy_statements: std::collections::HashMap<Vec<u8>, copy_out::CopyTo>,
@@ -162,6 +168,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             stdin_portals: HashSet::new(),
             quiet_statements: HashSet::new(),
             quiet_portals: HashSet::new(),
+            begin_statements: Default::default(),
             copy_statements: Default::default(),
             copy_portals: Default::default(),
             sql_statements: HashSet::new(),
@@ -316,6 +323,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             b'd' | b'c' | b'f' => {}
             b'Q' => {
                 let sql = frame.body().strip_suffix(b"\0").ok_or(Malformed("Query"))?;
+                if self.simple_begin(sql, batch).await? {
+                    return Ok(Flow::Continue);
+                }
                 if sql_text::is_exactly(sql, &["deallocate", "all"]) {
                     self.send_batch(batch).await?;
                     return self.deallocate_all(false).await.map(|()| Flow::Continue);
@@ -461,11 +471,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 } else {
                     self.quiet_statements.insert(statement.to_vec());
                 }
+                match sql_text::plain_begin(sql) {
+                    Some(tag) => self.begin_statements.insert(statement.to_vec(), tag),
+                    None => self.begin_statements.remove(statement),
+                };
                 batch.may_change_settings |= sql_text::may_change_settings(sql);
                 batch.listens.extend(sql_text::listen_commands(sql));
                 batch.sql_names.extend(sql_text::sql_names(sql));
             }
-            Named::Bind { portal, statement, .. } => {
+            Named::Bind { portal, statement, rest } => {
+                batch.begin_bind = match self.begin_statements.get(statement) {
+                    Some(&tag) if portal.is_empty() && lazy_begin::bind_parameters(rest) == Some(0) => Some(tag),
+                    _ => None,
+                };
                 if self.stdin_statements.contains(statement) {
                     self.stdin_portals.insert(portal.to_vec());
                 } else {
@@ -490,6 +508,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 self.stdin_statements.remove(name);
                 self.quiet_statements.remove(name);
                 self.copy_statements.remove(name);
+                self.begin_statements.remove(name);
             }
             Named::Target { .. } => {}
         }

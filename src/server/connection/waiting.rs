@@ -50,26 +50,42 @@ pub(super) enum Withdrawn {
     QueueTimeout(std::time::Duration),
 }
 
-/// The answer to a withdrawn batch: an error and `ReadyForQuery` per group
-/// (the connection does not hold the engine, so it is idle).
-pub(super) fn withdrawn_answer(groups: usize, why: Withdrawn) -> Vec<u8> {
-    let mut reply = BytesMut::new();
-    for _ in 0..groups {
-        match why {
-            Withdrawn::Cancelled => {
-                backend::error_response("ERROR", "57014", "canceling statement due to user request", &mut reply)
-            }
-            Withdrawn::QueueTimeout(limit) => backend::error_response(
-                "ERROR",
+impl Withdrawn {
+    /// SQLSTATE and message of the error the client gets.
+    pub(super) fn error(self) -> (&'static str, String) {
+        match self {
+            Withdrawn::Cancelled => ("57014", "canceling statement due to user request".into()),
+            Withdrawn::QueueTimeout(limit) => (
                 "57014",
-                &format!(
+                format!(
                     "canceling statement due to queue wait timeout: waited {limit:?} for the engine \
                      behind other clients' transactions (queue_wait_timeout)"
                 ),
-                &mut reply,
             ),
         }
-        backend::ready_for_query(b'I', &mut reply);
+    }
+}
+
+/// The answer to a withdrawn batch: an error and `ReadyForQuery` per group.
+/// Outside a transaction (the connection does not hold the engine) it
+/// stays idle; inside one (begun lazily, see `lazy_begin.rs`) the first
+/// error fails the transaction and the later groups are refused as
+/// PostgreSQL refuses statements in a failed transaction.
+pub(super) fn withdrawn_answer(groups: usize, why: Withdrawn, in_transaction: bool) -> Vec<u8> {
+    let mut reply = BytesMut::new();
+    let (code, text) = why.error();
+    for group in 0..groups {
+        if in_transaction && group > 0 {
+            backend::error_response(
+                "ERROR",
+                "25P02",
+                "current transaction is aborted, commands ignored until end of transaction block",
+                &mut reply,
+            );
+        } else {
+            backend::error_response("ERROR", code, &text, &mut reply);
+        }
+        backend::ready_for_query(if in_transaction { b'E' } else { b'I' }, &mut reply);
     }
     reply.to_vec()
 }
@@ -96,9 +112,13 @@ mod tests {
         assert_eq!(withdrawable_groups(&batch(b"PBESPBES")), 2);
         assert_eq!(withdrawable_groups(&batch(b"PBESQ")), 2);
         assert_eq!(withdrawable_groups(&batch(b"PBESPBH")), 0);
-        let answer = withdrawn_answer(2, Withdrawn::QueueTimeout(std::time::Duration::from_secs(1)));
+        let answer = withdrawn_answer(2, Withdrawn::QueueTimeout(std::time::Duration::from_secs(1)), false);
         let tags: Vec<u8> = backend::messages(&answer).map(|(t, _)| t).collect();
         assert_eq!(tags, b"EZEZ");
+        assert_eq!(backend::last_ready_status(&answer), Some(b'I'));
+        let answer = withdrawn_answer(2, Withdrawn::Cancelled, true);
+        assert_eq!(backend::last_ready_status(&answer), Some(b'E'));
+        assert!(answer.windows(5).any(|w| w == b"25P02"));
     }
 
     #[test]

@@ -43,6 +43,11 @@ pub(super) struct RelationState {
     /// Enum columns: position, type name, remote type OID (their values
     /// are checked against the labels known locally).
     pub(super) enum_columns: Vec<(usize, String, u32)>,
+    /// Inserts and updates may be grouped apart and applied inserts first:
+    /// the table has a replica identity key (not FULL) and no unique or
+    /// exclusion index locally other than one (the key's). See
+    /// `apply::batch::beside`.
+    pub(super) reorder: bool,
 }
 
 /// Kinds of grouped changes.
@@ -411,6 +416,7 @@ mod tests {
             full_identity: false,
             column_names: Arc::from(vec!["id".to_string(), "v".to_string()]),
             enum_columns: vec![],
+            reorder: true,
         }
     }
 

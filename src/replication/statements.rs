@@ -199,12 +199,14 @@ pub(super) fn copy_data(rows: &[&[Value]]) -> Vec<u8> {
 pub(super) fn group_steps(rel: &RelationState, group: &Group) -> Vec<Step> {
     let nkey = rel.key.len();
     let big = group.rows.len() >= COPY_MIN_ROWS;
-    let names: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
-    let copy_sql = format!("COPY {} ({}) FROM '/dev/blob'", rel.qualified, names.join(", "));
+    let copy_sql = || {
+        let names: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        format!("COPY {} ({}) FROM '/dev/blob'", rel.qualified, names.join(", "))
+    };
     match &group.kind {
         GroupKind::Insert if big => {
             let rows: Vec<&[Value]> = group.rows.iter().map(Vec::as_slice).collect();
-            vec![Step::Copy { sql: copy_sql, data: copy_data(&rows) }]
+            vec![Step::Copy { sql: copy_sql(), data: copy_data(&rows) }]
         }
         GroupKind::Update(mask) if big && nkey > 0 && mask.iter().all(|&m| m) => {
             let keys = Group {
@@ -215,7 +217,7 @@ pub(super) fn group_steps(rel: &RelationState, group: &Group) -> Vec<Step> {
             };
             let (sql, params) = group_statement(rel, &keys);
             let rows: Vec<&[Value]> = group.rows.iter().map(|r| &r[nkey..]).collect();
-            vec![Step::Sql(sql, params), Step::Copy { sql: copy_sql, data: copy_data(&rows) }]
+            vec![Step::Sql(sql, params), Step::Copy { sql: copy_sql(), data: copy_data(&rows) }]
         }
         _ => {
             let (sql, params) = group_statement(rel, group);

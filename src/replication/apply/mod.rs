@@ -69,9 +69,17 @@ const APPLY_SETTINGS: &str = "SELECT set_config('session_replication_role', 'rep
 /// changes (measured: 317 -> 87 µs of engine CPU per one-INSERT-one-UPDATE
 /// transaction, `examples/replication_bench_engine.rs`). Cache tables carry
 /// no other triggers.
-const PREPARED_SETTINGS: &str = "SELECT set_config('pglite_cache.applying', 'on', true), \
-     set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true), \
-     set_config('plan_cache_mode', 'force_generic_plan', true)";
+///
+/// They are set by the stored-LSN update, the transaction's first statement
+/// (one statement less per transaction): as the `WHERE` clause of an
+/// `UPDATE` of the one row of `pglite_cache.replication`, evaluated for
+/// that row (volatile, so never folded away). Without the row (impossible
+/// while streaming) nothing is set and the read-only triggers refuse the
+/// changes: an error, never a silent skip.
+const PREPARED_SETTINGS: &str = "set_config('pglite_cache.applying', 'on', true) IS NOT NULL \
+     AND set_config('enable_hashjoin', 'off', true) IS NOT NULL \
+     AND set_config('enable_mergejoin', 'off', true) IS NOT NULL \
+     AND set_config('plan_cache_mode', 'force_generic_plan', true) IS NOT NULL";
 
 /// At most this many remote transactions are committed together.
 const MAX_MERGED: usize = 10_000;
@@ -542,8 +550,7 @@ impl Applier {
             return Ok(()); // only transactions applied before a restart
         };
         let mut steps = pending.batch.take_steps();
-        let (sql, params) = store::applied_statement(end_lsn, Some(commit_time));
-        steps.push(Step::Sql(sql, params));
+        let (lsn_sql, lsn_params) = store::applied_statement(end_lsn, Some(commit_time));
         let started = std::time::Instant::now();
         pending.settle().await?;
         let needs_lease = steps.iter().any(|s| matches!(s, Step::Copy { .. }));
@@ -560,12 +567,15 @@ impl Applier {
             Some(tx) => {
                 let tx =
                     Arc::into_inner(tx).ok_or_else(|| ReplicationError::fatal("local transaction still shared"))?;
+                steps.push(Step::Sql(lsn_sql, lsn_params));
                 run_steps(&tx, steps).await?;
                 tx.commit().await?;
             }
             None => {
                 // Small transactions: one round trip, prepared statements.
-                let mut statements = vec![(PREPARED_SETTINGS.to_owned(), vec![])];
+                // The stored LSN goes first (one transaction: the order
+                // does not matter to readers) and carries the settings.
+                let mut statements = vec![(format!("{lsn_sql} WHERE {PREPARED_SETTINGS}"), lsn_params)];
                 statements.extend(steps.into_iter().filter_map(|s| match s {
                     Step::Sql(sql, params) => Some((sql, params)),
                     Step::Copy { .. } => None,

@@ -128,9 +128,8 @@ impl Batch {
         let open =
             self.groups.iter().position(|(r, g)| g.relation == relation && g.kind == kind && Arc::ptr_eq(r, rel));
         // The same key twice in one update group would be applied once.
-        let fits = open.is_some_and(|i| {
-            !isolate && !(matches!(kind, GroupKind::Update(_)) && self.groups[i].1.keys.contains(&row[..nkey]))
-        });
+        let repeated = |i: usize| matches!(kind, GroupKind::Update(_)) && self.groups[i].1.keys.contains(&row[..nkey]);
+        let fits = !isolate && open.is_some_and(|i| !repeated(i));
         if !fits {
             // A group of the other kind (insert vs update) may open beside
             // the table's open group: see `beside`.

@@ -5,6 +5,7 @@
 //!
 //! ```sh
 //! cargo run --release --locked --example replication_bench_engine   # TXNS=3000 by default
+//! TRIGGERS=1 cargo run --release --locked --example replication_bench_engine   # read-only trigger, sync commit
 //! ```
 
 use std::time::Instant;

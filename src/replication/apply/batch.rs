@@ -227,8 +227,8 @@ impl Batch {
 
 /// Whether a group of `kind` may open beside `other`, the table's open
 /// group, instead of ending it: inserts beside updates (either opened
-/// first) of a table whose only unique index is its key ([`RelationState::
-/// reorder`]). Both are applied inserts first, then updates. That is the
+/// first) of a table whose only unique index is its key
+/// ([`RelationState::reorder`]). Both are applied inserts first, then updates. That is the
 /// order of the stream for every row they share: an update of a row
 /// inserted earlier in the batch finds it, and an insert of a key updated
 /// earlier cannot happen without a delete in between, which ends the

@@ -5,6 +5,7 @@
 //!
 //! ```sh
 //! cargo run --release --locked --example replication_bench_engine   # TXNS=3000 by default
+//! TRIGGERS=1 cargo run --release --locked --example replication_bench_engine   # read-only trigger, sync commit
 //! ```
 
 use std::time::Instant;
@@ -87,6 +88,12 @@ async fn main() {
         ("flag settings + unnest INSERT + unnest UPDATE + LSN", vec![SETTINGS_FLAG, INSERT_UNNEST, UPDATE_UNNEST, LSN]),
         ("flag settings + one-row INSERT + one-row UPDATE + LSN", vec![SETTINGS_FLAG, INSERT_ONE, UPDATE_ONE, LSN]),
     ];
+    if std::env::var_os("TRIGGERS").is_some() {
+        triggers(&instance, txns, row).await;
+        instance.stop().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     let mut next_id = 200_000;
     let mut session = instance.raw_session();
     let mut serial = 0;
@@ -136,6 +143,66 @@ async fn main() {
     assert_eq!(n as usize, 100_000 + with_insert * passes.len() * txns, "every INSERT applied");
     instance.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `TRIGGERS=1`: the cost of the cache tables' read-only statement trigger
+/// (a PL/pgSQL function checking `pglite_cache.applying`) against a trigger
+/// whose `WHEN` clause skips the call during the apply, and of the commit's
+/// WAL write (`synchronous_commit = off` for the transaction), on the
+/// apply's small-transaction shape (prepared, one-row statements).
+async fn triggers(instance: &Instance, txns: usize, row: impl Fn(usize) -> Vec<String>) {
+    instance
+        .exec(
+            "CREATE FUNCTION refuse_write() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF current_setting('pglite_cache.applying', true) = 'on' THEN RETURN NULL; END IF; \
+             RAISE EXCEPTION 'read-only'; END $$",
+        )
+        .await
+        .unwrap();
+    let async_settings = format!("{SETTINGS_FLAG}, set_config('synchronous_commit', 'off', true)");
+    let setups: [(&str, &str, &str); 4] = [
+        ("no trigger", "SELECT 1", SETTINGS_FLAG),
+        (
+            "PL/pgSQL statement trigger",
+            "CREATE TRIGGER ro BEFORE INSERT OR UPDATE OR DELETE ON items FOR EACH STATEMENT EXECUTE FUNCTION refuse_write()",
+            SETTINGS_FLAG,
+        ),
+        ("same, synchronous_commit off", "SELECT 1", async_settings.as_str()),
+        (
+            "trigger with WHEN skipping the call",
+            "DROP TRIGGER ro ON items; CREATE TRIGGER ro BEFORE INSERT OR UPDATE OR DELETE ON items FOR EACH STATEMENT \
+             WHEN (current_setting('pglite_cache.applying', true) IS DISTINCT FROM 'on') EXECUTE FUNCTION refuse_write()",
+            SETTINGS_FLAG,
+        ),
+    ];
+    let mut session = instance.raw_session();
+    let mut next_id = 300_000;
+    for (k, (label, setup, settings)) in setups.iter().enumerate() {
+        instance.exec(setup).await.unwrap();
+        let statements = [*settings, INSERT_ONE, UPDATE_ONE, LSN];
+        let cpu0 = cpu_seconds();
+        let t0 = Instant::now();
+        for i in 0..txns {
+            let mut buf = BytesMut::new();
+            for (j, sql) in statements.iter().enumerate() {
+                let params: Vec<String> = match j {
+                    1 => row(next_id),
+                    2 => row(1 + i % 100_000),
+                    3 => vec![format!("0/{:X}", 1000 + i), (i as i64).to_string()],
+                    _ => vec![],
+                };
+                let name = format!("trig_{k}_{j}");
+                statement(Some(&name), i == 0, sql, &params, &mut buf);
+            }
+            next_id += 1;
+            frontend::sync(&mut buf);
+            let out = session.round_trip(buf).await.unwrap();
+            check(&out, label);
+        }
+        let wall = t0.elapsed().as_secs_f64() * 1e6 / txns as f64;
+        let cpu = (cpu_seconds() - cpu0) * 1e6 / txns as f64;
+        println!("{label:<40} | {wall:7.1} µs wall | {cpu:7.1} µs CPU per txn");
+    }
 }
 
 /// Panics on an `ErrorResponse` in the reply.

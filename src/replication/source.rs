@@ -412,6 +412,20 @@ impl SourceConnection {
         }
     }
 
+    /// The next message of the stream if it is already read whole, without
+    /// I/O (`None` also when the next thing buffered is not WAL data: the
+    /// next [`Self::recv`] handles it). Draining these in one go spares
+    /// the caller a turn of its `select!` per message.
+    pub fn try_recv_buffered(&mut self) -> Result<Option<StreamMessage>, ReplicationError> {
+        if self.read.first() != Some(&b'd') {
+            return Ok(None);
+        }
+        match split_frame(&mut self.read)? {
+            Some(frame) => StreamMessage::decode(frame.slice(5..)).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Sends a standby status update confirming `lsn`.
     pub async fn send_status(&mut self, lsn: Lsn, reply_requested: bool) -> Result<(), ReplicationError> {
         let payload = encode_status(lsn, reply_requested);

@@ -43,6 +43,11 @@ pub(super) struct RelationState {
     /// Enum columns: position, type name, remote type OID (their values
     /// are checked against the labels known locally).
     pub(super) enum_columns: Vec<(usize, String, u32)>,
+    /// Inserts and updates may be grouped apart and applied inserts first:
+    /// the table has a replica identity key (not FULL) and no unique or
+    /// exclusion index locally other than one (the key's). See
+    /// `apply::batch::beside`.
+    pub(super) reorder: bool,
 }
 
 /// Kinds of grouped changes.
@@ -194,12 +199,14 @@ pub(super) fn copy_data(rows: &[&[Value]]) -> Vec<u8> {
 pub(super) fn group_steps(rel: &RelationState, group: &Group) -> Vec<Step> {
     let nkey = rel.key.len();
     let big = group.rows.len() >= COPY_MIN_ROWS;
-    let names: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
-    let copy_sql = format!("COPY {} ({}) FROM '/dev/blob'", rel.qualified, names.join(", "));
+    let copy_sql = || {
+        let names: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        format!("COPY {} ({}) FROM '/dev/blob'", rel.qualified, names.join(", "))
+    };
     match &group.kind {
         GroupKind::Insert if big => {
             let rows: Vec<&[Value]> = group.rows.iter().map(Vec::as_slice).collect();
-            vec![Step::Copy { sql: copy_sql, data: copy_data(&rows) }]
+            vec![Step::Copy { sql: copy_sql(), data: copy_data(&rows) }]
         }
         GroupKind::Update(mask) if big && nkey > 0 && mask.iter().all(|&m| m) => {
             let keys = Group {
@@ -210,7 +217,7 @@ pub(super) fn group_steps(rel: &RelationState, group: &Group) -> Vec<Step> {
             };
             let (sql, params) = group_statement(rel, &keys);
             let rows: Vec<&[Value]> = group.rows.iter().map(|r| &r[nkey..]).collect();
-            vec![Step::Sql(sql, params), Step::Copy { sql: copy_sql, data: copy_data(&rows) }]
+            vec![Step::Sql(sql, params), Step::Copy { sql: copy_sql(), data: copy_data(&rows) }]
         }
         _ => {
             let (sql, params) = group_statement(rel, group);
@@ -411,6 +418,7 @@ mod tests {
             full_identity: false,
             column_names: Arc::from(vec!["id".to_string(), "v".to_string()]),
             enum_columns: vec![],
+            reorder: true,
         }
     }
 

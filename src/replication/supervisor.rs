@@ -184,6 +184,10 @@ impl Supervisor {
         tracing::info!(slot = %self.config.slot_name, start = %applier.committed(), "streaming");
         let mut next_check = Instant::now() + self.config.publication_check_interval;
         let mut deadline = ReceiveDeadline::new(self.config.receive_timeout);
+        // One timer, moved on only when it fires early (messages came in
+        // meanwhile): setting a new one for every message cost CPU.
+        let receive_timer = tokio::time::sleep_until(deadline.next());
+        tokio::pin!(receive_timer);
         loop {
             if stopping && applier.between_transactions() {
                 applier.flush_deferred().await?;
@@ -205,35 +209,49 @@ impl Supervisor {
                 }
                 message = conn.recv() => {
                     deadline.received();
-                    match message? {
-                        None => return Err(ReplicationError::transient("the remote ended the replication stream")),
-                        Some(StreamMessage::XLogData { data, wal_end, .. }) => {
-                            applier.note_wal_end(wal_end);
-                            applier.handle(&data).await?;
-                            if applier.between_transactions() && applier.wants_backfill() {
-                                applier.flush_deferred().await?;
-                                self.backfill(&mut conn, applier).await?;
-                                next_check = Instant::now() + self.config.publication_check_interval;
+                    let mut message = message?;
+                    loop {
+                        match message {
+                            None => return Err(ReplicationError::transient("the remote ended the replication stream")),
+                            Some(StreamMessage::XLogData { data, wal_end, .. }) => {
+                                applier.note_wal_end(wal_end);
+                                applier.handle(&data).await?;
+                                if applier.between_transactions() && applier.wants_backfill() {
+                                    applier.flush_deferred().await?;
+                                    self.backfill(&mut conn, applier).await?;
+                                    next_check = Instant::now() + self.config.publication_check_interval;
+                                }
+                            }
+                            Some(StreamMessage::Keepalive { wal_end, reply_requested, .. }) => {
+                                let before = applier.committed();
+                                applier.note_wal_end(wal_end);
+                                applier.advance_idle().await?;
+                                if reply_requested || applier.committed() > before {
+                                    self.confirm(&mut conn, applier.committed(), false).await?;
+                                }
                             }
                         }
-                        Some(StreamMessage::Keepalive { wal_end, reply_requested, .. }) => {
-                            let before = applier.committed();
-                            applier.note_wal_end(wal_end);
-                            applier.advance_idle().await?;
-                            if reply_requested || applier.committed() > before {
-                                self.confirm(&mut conn, applier.committed(), false).await?;
-                            }
+                        // The messages already read whole, at once (bounded
+                        // by the read buffer).
+                        match conn.try_recv_buffered()? {
+                            Some(next) => message = Some(next),
+                            None => break,
                         }
                     }
                 }
-                () = tokio::time::sleep_until(deadline.next()) => match deadline.expired() {
-                    DeadlineAction::Ping => self.confirm(&mut conn, applier.committed(), true).await?,
-                    DeadlineAction::Reconnect => {
-                        return Err(ReplicationError::transient(format!(
-                            "nothing received from the remote for {:?} (receive timeout): the connection is presumed dead",
-                            self.config.receive_timeout
-                        )));
+                () = &mut receive_timer => {
+                    if Instant::now() >= deadline.next() {
+                        match deadline.expired() {
+                            DeadlineAction::Ping => self.confirm(&mut conn, applier.committed(), true).await?,
+                            DeadlineAction::Reconnect => {
+                                return Err(ReplicationError::transient(format!(
+                                    "nothing received from the remote for {:?} (receive timeout): the connection is presumed dead",
+                                    self.config.receive_timeout
+                                )));
+                            }
+                        }
                     }
+                    receive_timer.as_mut().reset(deadline.next());
                 },
                 // The background sync ended: confirm what it covered.
                 synced = async { (&mut self.syncing.as_mut().expect("guarded").1).await }, if self.syncing.is_some() => {

@@ -283,6 +283,15 @@ fn admission(status: watch::Receiver<Status>, consistent_at_start: bool) -> Admi
     })
 }
 
-async fn wait_halted(mut status: watch::Receiver<Status>) {
-    let _ = status.wait_for(|s| matches!(s.phase, Phase::Halted { .. } | Phase::Stopped)).await;
+/// Returns once replication halted or stopped. Polled (every
+/// [`report::PHASE_POLL`]) rather than woken by each status change, which
+/// comes with every applied transaction.
+async fn wait_halted(status: watch::Receiver<Status>) {
+    let mut tick = tokio::time::interval(report::PHASE_POLL);
+    loop {
+        tick.tick().await;
+        if matches!(status.borrow().phase, Phase::Halted { .. } | Phase::Stopped) || status.has_changed().is_err() {
+            return;
+        }
+    }
 }

@@ -5,9 +5,11 @@
 //!
 //! Changes of different tables commute (cache tables have no foreign keys,
 //! and no triggers of ours act during the apply), so each table keeps its own open
-//! group; a table's group ends when the kind of change changes, a key
-//! repeats in an update group, the key itself changes, or a statement of
-//! its own (DDL, TRUNCATE, a FULL identity row) must run in order.
+//! group; a table's group ends when the kind of change changes (except that
+//! inserts and updates of a table whose only unique index is its key keep
+//! one group each, see [`beside`]), a key repeats in an update group, the
+//! key itself changes, or a statement of its own (DDL, TRUNCATE, a FULL
+//! identity row) must run in order.
 
 use std::collections::{HashMap, HashSet};
 
@@ -34,6 +36,8 @@ pub(crate) struct Batch {
     pub(crate) buffered: usize,
     /// Unchanged TOAST values of UPDATEs, kept from the local rows.
     pub(crate) unchanged_toast: u64,
+    /// Groups opened beside another group of their table (a statistic).
+    pub(crate) reordered: u64,
 }
 
 impl Batch {
@@ -107,21 +111,52 @@ impl Batch {
             )));
         }
         let size: usize = row.iter().map(value_size).sum::<usize>() + 8;
-        let current = self.groups.iter().position(|(_, g)| g.relation == relation);
-        let same_group = current.is_some_and(|i| self.groups[i].1.kind == kind && Arc::ptr_eq(&self.groups[i].0, rel));
-        // The same key twice in one update group would be applied once:
-        // start a new group instead.
-        let repeated_key = same_group
-            && matches!(kind, GroupKind::Update(_))
-            && current.is_some_and(|i| self.groups[i].1.keys.contains(&row[..rel.key.len()]));
-        if !same_group || repeated_key || isolate {
+        let nkey = rel.key.len();
+        // An insert of a key an open update group of the table touched
+        // cannot run before that update: apply what is open, in order.
+        // (Cannot happen without a delete in between, which ends the groups;
+        // checked anyway, it is cheap.)
+        if kind == GroupKind::Insert
+            && self.groups.iter().any(|(_, g)| {
+                g.relation == relation
+                    && matches!(g.kind, GroupKind::Update(_))
+                    && g.keys.contains(&rel.key.iter().map(|&i| row[i].clone()).collect::<Vec<_>>())
+            })
+        {
             self.flush_table(relation);
+        }
+        let open =
+            self.groups.iter().position(|(r, g)| g.relation == relation && g.kind == kind && Arc::ptr_eq(r, rel));
+        // The same key twice in one update group would be applied once.
+        let repeated = |i: usize| matches!(kind, GroupKind::Update(_)) && self.groups[i].1.keys.contains(&row[..nkey]);
+        let fits = !isolate && open.is_some_and(|i| !repeated(i));
+        if !fits {
+            // A group of the other kind (insert vs update) may open beside
+            // the table's open group: see `beside`.
+            let mine: Vec<usize> =
+                self.groups.iter().enumerate().filter(|(_, (_, g))| g.relation == relation).map(|(i, _)| i).collect();
+            let ok = !isolate
+                && open.is_none()
+                && match mine.as_slice() {
+                    [] => true,
+                    [other] => beside(rel, &kind, &self.groups[*other]),
+                    _ => false,
+                };
+            if !ok {
+                self.flush_table(relation);
+            } else if !mine.is_empty() {
+                self.reordered += 1;
+            }
             let group = Group { relation, kind: kind.clone(), rows: Vec::new(), keys: HashSet::new() };
             self.groups.push((rel.clone(), group));
         }
-        let (_, group) = self.groups.iter_mut().find(|(_, g)| g.relation == relation).expect("group was just ensured");
+        let (_, group) = self
+            .groups
+            .iter_mut()
+            .find(|(_, g)| g.relation == relation && g.kind == kind)
+            .expect("group was just ensured");
         if matches!(kind, GroupKind::Update(_)) {
-            group.keys.insert(row[..rel.key.len()].to_vec());
+            group.keys.insert(row[..nkey].to_vec());
         }
         group.rows.push(row);
         self.buffered += size;
@@ -150,19 +185,32 @@ impl Batch {
         self.steps.push(Step::Sql(sql, params));
     }
 
-    /// Turns one table's open group into steps.
+    /// Turns one table's open groups into steps (inserts first, see
+    /// [`beside`]).
     pub(crate) fn flush_table(&mut self, relation: u32) {
-        if let Some(i) = self.groups.iter().position(|(_, g)| g.relation == relation) {
-            let (rel, group) = self.groups.swap_remove(i);
-            if !group.rows.is_empty() {
-                self.steps.extend(group_steps(&rel, &group));
+        let mut mine = Vec::new();
+        let mut i = 0;
+        while i < self.groups.len() {
+            if self.groups[i].1.relation == relation {
+                mine.push(self.groups.remove(i));
+            } else {
+                i += 1;
             }
         }
+        self.emit(mine);
     }
 
     /// Turns every open group into steps.
     pub(crate) fn flush(&mut self) {
-        for (rel, group) in std::mem::take(&mut self.groups) {
+        let all = std::mem::take(&mut self.groups);
+        self.emit(all);
+    }
+
+    fn emit(&mut self, mut groups: Vec<(Arc<RelationState>, Group)>) {
+        // Stable: inserts first, the rest in the order the groups opened
+        // (groups of different tables commute).
+        groups.sort_by_key(|(_, g)| g.kind != GroupKind::Insert);
+        for (rel, group) in groups {
             if !group.rows.is_empty() {
                 self.steps.extend(group_steps(&rel, &group));
             }
@@ -175,6 +223,27 @@ impl Batch {
         self.buffered = 0;
         std::mem::take(&mut self.steps)
     }
+}
+
+/// Whether a group of `kind` may open beside `other`, the table's open
+/// group, instead of ending it: inserts beside updates (either opened
+/// first) of a table whose only unique index is its key
+/// ([`RelationState::reorder`]). Both are applied inserts first, then updates. That is the
+/// order of the stream for every row they share: an update of a row
+/// inserted earlier in the batch finds it, and an insert of a key updated
+/// earlier cannot happen without a delete in between, which ends the
+/// groups (and is checked in [`Batch::change`]). Rows they do not share
+/// commute: no other unique index can see a transient duplicate, and cache
+/// tables have no foreign keys and no row triggers of ours. This turns
+/// merged transactions that each insert and update one table (alternating
+/// kinds) into two statements instead of two per transaction.
+fn beside(rel: &Arc<RelationState>, kind: &GroupKind, other: &(Arc<RelationState>, Group)) -> bool {
+    rel.reorder
+        && Arc::ptr_eq(rel, &other.0)
+        && matches!(
+            (kind, &other.1.kind),
+            (GroupKind::Insert, GroupKind::Update(_)) | (GroupKind::Update(_), GroupKind::Insert)
+        )
 }
 
 /// Enum values of `row` whose label is not known locally: (type, remote

@@ -150,6 +150,9 @@ impl Applier {
         if !changes.is_empty() {
             tracing::info!(table = %qualified_name, ?changes, "schema changed upstream; following it");
         }
+        // DDL queued below is not in the local catalog yet: no reordering
+        // for this table until its next Relation message (see `reorder`).
+        let steps_before = self.batch()?.step_count();
         if !user_types.is_empty() {
             let script = self.type_script(&user_types).await?;
             // One statement per line.
@@ -163,6 +166,8 @@ impl Applier {
         self.follow_indexes(rel.id, &local_name, &qualified_name).await?;
         let enum_columns = self.enum_columns(&rel, &new_columns).await?;
         let key: Vec<usize> = rel.columns.iter().enumerate().filter(|(_, c)| c.is_key).map(|(i, _)| i).collect();
+        let ddl_queued = self.batch()?.step_count() != steps_before;
+        let reorder = !ddl_queued && self.may_reorder(&rel, &key, &local_name).await?;
         let table = self.tables.get(&rel.id).cloned().expect("checked above");
         let state = RelationState {
             column_names: columns.iter().map(|c| c.name.clone()).collect(),
@@ -173,6 +178,7 @@ impl Applier {
             full_identity: rel.replica_identity == b'f',
             key,
             enum_columns,
+            reorder,
         };
         // The table's grouped changes were described by the old message.
         self.batch()?.flush_table(rel.id);
@@ -201,6 +207,7 @@ impl Applier {
             ));
         }
         let key: Vec<usize> = rel.columns.iter().enumerate().filter(|(_, c)| c.is_key).map(|(i, _)| i).collect();
+        let reorder = self.may_reorder(&rel, &key, &local_name).await?;
         let state = RelationState {
             column_names: columns.iter().map(|c| c.name.clone()).collect(),
             schema: known.schema.clone(),
@@ -210,6 +217,7 @@ impl Applier {
             full_identity: rel.replica_identity == b'f',
             key,
             enum_columns: Vec::new(),
+            reorder,
         };
         self.batch()?.flush_table(rel.id);
         self.relations.insert(rel.id, Arc::new(state));
@@ -446,6 +454,30 @@ impl Applier {
         let client = self.catalog().await?;
         let types = crate::replication::schema::describe_types(client, oids).await?;
         Ok(crate::replication::schema::create_script(&types, &[]))
+    }
+
+    /// Whether the apply may group the table's inserts and updates apart
+    /// ([`RelationState::reorder`]): a key, not FULL identity, and no
+    /// unique or exclusion index locally except on exactly the key's
+    /// columns. A unique index created locally later, mid-session, can make
+    /// a reordered batch fail with a unique violation: the apply then
+    /// reconnects (transient) and the new session reads the indexes again.
+    async fn may_reorder(&self, rel: &Relation, key: &[usize], local: &str) -> Result<bool, ReplicationError> {
+        if key.is_empty() || rel.replica_identity == b'f' {
+            return Ok(false);
+        }
+        let mut names: Vec<&str> = key.iter().map(|&i| rel.columns[i].name.as_str()).collect();
+        names.sort_unstable();
+        let rows: Vec<Vec<Value>> =
+            names.iter().map(|n| vec![Value::Text(Bytes::copy_from_slice(n.as_bytes()))]).collect();
+        let key_names = super::super::statements::column_arrays(&rows, 1).remove(0);
+        let sql = "SELECT count(*)::int FROM pg_index i WHERE i.indrelid = $1::regclass \
+                   AND (i.indisunique OR i.indisexclusion) \
+                   AND (i.indpred IS NOT NULL OR i.indexprs IS NOT NULL OR i.indisexclusion \
+                        OR (SELECT array_agg(a.attname::text ORDER BY a.attname::text COLLATE \"C\") FROM pg_attribute a \
+                            WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)) IS DISTINCT FROM $2::text[])";
+        let result = self.local_query(sql, vec![Param::Untyped(local.to_owned()), key_names]).await?;
+        Ok(result.rows.first().is_some_and(|r| r.get::<i32>(0) == 0))
     }
 
     /// The local table's columns, for a table seen for the first time in

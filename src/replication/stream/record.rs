@@ -25,6 +25,13 @@
 //! the same records (what JetStream's deduplication by `Nats-Msg-Id` relies
 //! on). Type, Origin and logical Message messages are dropped: the apply
 //! ignores them.
+//!
+//! Format 2 adds the publisher's catalog facts (a frame tagged `F`, see
+//! `replication::apply::facts`) right after each Relation message: what a
+//! cache needs to follow a schema change without querying the remote. A
+//! facts frame may also come alone before a change (newer enum labels for
+//! the table's latest Relation message). Format 1 records (no facts) are
+//! still read.
 
 use std::collections::{HashMap, HashSet};
 
@@ -34,7 +41,9 @@ use crate::replication::lsn::Lsn;
 use crate::replication::pgoutput::{self, LogicalMessage};
 
 const MAGIC: &[u8; 4] = b"PGCF";
-const FORMAT: u8 = 1;
+const FORMAT: u8 = 2;
+/// Records without catalog facts, still read.
+const FORMAT_WITHOUT_FACTS: u8 = 1;
 const HEADER_LEN: usize = 27;
 
 /// A malformed record (or a message the stream cannot carry).
@@ -122,7 +131,7 @@ impl Record {
         }
         data.advance(4);
         let format = data.get_u8();
-        if format != FORMAT {
+        if format != FORMAT && format != FORMAT_WITHOUT_FACTS {
             return Err(RecordError(format!("record format {format}; this version reads format {FORMAT}: upgrade")));
         }
         let kind = match data.get_u8() {
@@ -164,8 +173,9 @@ struct Open {
 /// size of the transaction).
 pub struct Chunker {
     max_bytes: usize,
-    /// The latest Relation message of each table.
-    relations: HashMap<u32, Bytes>,
+    /// The latest Relation message of each table, and the catalog facts
+    /// about it.
+    relations: HashMap<u32, (Bytes, Option<Bytes>)>,
     open: Option<Open>,
 }
 
@@ -202,7 +212,7 @@ impl Chunker {
             }
             b'R' => {
                 let id = relation_id(&data)?;
-                self.relations.insert(id, data);
+                self.relations.insert(id, (data, None));
                 if let Some(open) = self.open.as_mut() {
                     // Described again before its next change.
                     open.described.remove(&id);
@@ -242,15 +252,39 @@ impl Chunker {
         }
     }
 
+    /// Sets the catalog facts about table `id`'s latest Relation message
+    /// (read by the publisher after [`Self::push`] took the message). They
+    /// travel with each copy of the message; facts that changed (newer
+    /// enum labels) also go into the open transaction now if it already
+    /// described the table, before the change that needs them.
+    pub fn set_facts(&mut self, id: u32, frame: Bytes) -> Result<(), RecordError> {
+        let entry = self
+            .relations
+            .get_mut(&id)
+            .ok_or_else(|| RecordError(format!("catalog facts of unknown relation {id}")))?;
+        entry.1 = Some(frame.clone());
+        if let Some(open) = self.open.as_mut()
+            && open.described.contains(&id)
+        {
+            open.size += frame.len() + 4;
+            open.messages.push(frame);
+        }
+        Ok(())
+    }
+
     fn describe(&mut self, id: u32) -> Result<(), RecordError> {
         let open = self.open.as_mut().ok_or_else(|| RecordError("change outside a transaction".into()))?;
         if open.described.insert(id) {
-            let rel = self
+            let (rel, facts) = self
                 .relations
                 .get(&id)
                 .ok_or_else(|| RecordError(format!("change of relation {id} before its Relation message")))?;
             open.size += rel.len() + 4;
             open.messages.push(rel.clone());
+            if let Some(facts) = facts {
+                open.size += facts.len() + 4;
+                open.messages.push(facts.clone());
+            }
         }
         Ok(())
     }

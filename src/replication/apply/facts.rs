@@ -28,23 +28,33 @@ const VERSION: u8 = 1;
 /// A column of the remote table as its catalog says (dropped ones left out).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct RemoteColumn {
+    #[serde(rename = "n")]
     pub name: String,
+    #[serde(rename = "a")]
     pub attnum: i16,
+    #[serde(rename = "o")]
     pub type_oid: u32,
+    #[serde(rename = "m")]
     pub typmod: i32,
     /// `format_type` of the column's type.
+    #[serde(rename = "t")]
     pub type_name: String,
     /// The "missing value" existing rows read (`atthasmissing`).
+    #[serde(rename = "v")]
     pub missing: Option<Option<String>>,
+    #[serde(rename = "d")]
     pub has_default: bool,
     /// Written by the message's transaction or before it.
+    #[serde(rename = "b")]
     pub by_then: bool,
 }
 
 /// An enum used by a column of the message, with its labels in order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct EnumLabels {
+    #[serde(rename = "o")]
     pub oid: u32,
+    #[serde(rename = "l")]
     pub labels: Vec<String>,
 }
 
@@ -53,21 +63,29 @@ pub(crate) struct EnumLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct CatalogFacts {
     /// The table's OID.
+    #[serde(rename = "r")]
     pub relation: u32,
     /// Every `pg_attribute` row of the table (dropped ones included) is
     /// older than the message's transaction: a DDL committed after it
     /// would have a later xid (see docs/schema-changes.md).
+    #[serde(rename = "c")]
     pub older: bool,
     /// The table's columns now.
+    #[serde(rename = "k")]
     pub columns: Vec<RemoteColumn>,
     /// `format_type` of each column of the message, in its order.
+    #[serde(rename = "t")]
     pub type_names: Vec<String>,
-    /// Indexes that back no constraint: (name, definition).
-    pub indexes: Vec<(String, String)>,
+    /// Indexes that back no constraint: (name, definition); `None` in the
+    /// lean facts of a repeated Relation message.
+    #[serde(rename = "i")]
+    pub indexes: Option<Vec<(String, String)>>,
     /// For each user type of the message's columns: the local DDL creating
     /// it and the types it uses ([`crate::replication::schema::create_script`]).
+    #[serde(rename = "u")]
     pub user_types: Vec<(u32, String)>,
     /// The enums among them, with their labels.
+    #[serde(rename = "e")]
     pub enums: Vec<EnumLabels>,
 }
 
@@ -133,6 +151,7 @@ impl CatalogFacts {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
+        let indexes = Some(indexes);
         let mut user: Vec<u32> = oids.iter().copied().filter(|&o| o >= 16384).collect();
         user.sort_unstable();
         user.dedup();
@@ -148,6 +167,22 @@ impl CatalogFacts {
             }
         }
         Ok(CatalogFacts { relation: rel.id, older, columns, type_names, indexes, user_types, enums })
+    }
+
+    /// What travels with the copies of the Relation message that the
+    /// publisher repeats in later transactions (so that a cache can start
+    /// at any of them): only what a cache whose table already has this
+    /// shape needs (attribute numbers, type names, enum labels). Missing
+    /// values, indexes and type definitions matter only where the message
+    /// first appears, which every cache reads (a column added from these
+    /// facts halts instead of guessing its missing value).
+    pub(crate) fn lean(&self) -> CatalogFacts {
+        let columns = self
+            .columns
+            .iter()
+            .map(|c| RemoteColumn { missing: None, has_default: false, by_then: false, ..c.clone() })
+            .collect();
+        CatalogFacts { columns, indexes: None, user_types: Vec::new(), ..self.clone() }
     }
 
     /// The local DDL creating the user types `oids` (those known here).
@@ -222,7 +257,7 @@ mod tests {
                 by_then: true,
             }],
             type_names: vec!["bigint".into()],
-            indexes: vec![("t_n".into(), "CREATE INDEX t_n ON public.t USING btree (n)".into())],
+            indexes: Some(vec![("t_n".into(), "CREATE INDEX t_n ON public.t USING btree (n)".into())]),
             user_types: vec![(16400, "CREATE TYPE ...;\n".into())],
             enums: vec![EnumLabels { oid: 16400, labels: vec!["a".into(), "b".into()] }],
         };
@@ -232,6 +267,10 @@ mod tests {
         assert_eq!(facts.labels(16400).unwrap(), ["a", "b"]);
         assert_eq!(facts.type_script(&[16400]), "CREATE TYPE ...;\n");
         assert_eq!(facts.type_script(&[1]), "");
+        let lean = facts.lean();
+        assert_eq!((lean.indexes, lean.columns[0].by_then, lean.columns[0].attnum), (None, false, 3));
+        assert_eq!(lean.enums, facts.enums);
+        assert!(lean.encode().len() < frame.len());
         let mut newer = frame.to_vec();
         newer[1] = 9;
         assert!(CatalogFacts::decode(&newer).unwrap_err().message().contains("upgrade"));

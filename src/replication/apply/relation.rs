@@ -160,7 +160,9 @@ impl Applier {
         for sql in columns::ddl(&qualified_name, &old_view, &changes) {
             self.batch()?.statement_for(rel.id, sql, vec![]);
         }
-        self.follow_indexes(rel.id, &facts.indexes, &local_name, &qualified_name).await?;
+        if let Some(indexes) = &facts.indexes {
+            self.follow_indexes(rel.id, indexes, &local_name, &qualified_name).await?;
+        }
         let enum_columns = self.enum_columns(&rel, &facts, &new_columns).await?;
         let key: Vec<usize> = rel.columns.iter().enumerate().filter(|(_, c)| c.is_key).map(|(i, _)| i).collect();
         let table = self.tables.get(&rel.id).cloned().expect("checked above");

@@ -20,6 +20,9 @@ use crate::replication::error::ReplicationError;
 use crate::replication::pgoutput::{self, LogicalMessage, Value};
 use crate::replication::remote_client;
 
+/// A table's facts frames: (table, full, lean) for [`super::record::Chunker::set_facts`].
+pub(super) type Frames = (u32, Bytes, Bytes);
+
 /// Per publisher session.
 pub(super) struct CatalogReader {
     source: SourceConfig,
@@ -52,22 +55,30 @@ impl CatalogReader {
     }
 
     /// The facts frame about a Relation message just received.
-    pub(super) async fn relation(&mut self, data: &Bytes) -> Result<(u32, Bytes), ReplicationError> {
+    pub(super) async fn relation(&mut self, data: &Bytes) -> Result<Frames, ReplicationError> {
         let LogicalMessage::Relation(rel) = decode(data)? else {
             return Err(ReplicationError::fatal("not a Relation message"));
         };
         let xid = self.xid;
         let facts = CatalogFacts::read(self.client().await?, &rel, xid).await?;
-        let frame = facts.encode();
+        let (full, lean) = (facts.encode(), facts.lean().encode());
+        tracing::debug!(
+            relation = rel.id,
+            xid,
+            bytes = full.len(),
+            lean = lean.len(),
+            older = facts.older,
+            "catalog facts read"
+        );
         self.facts.insert(rel.id, facts);
         self.types.insert(rel.id, rel.columns.iter().map(|c| c.type_oid).collect());
-        Ok((rel.id, frame))
+        Ok((rel.id, full, lean))
     }
 
     /// For a change (Insert or Update) whose new row has an enum label the
     /// facts do not list: the labels read again, and the facts frames of
     /// every table using that enum, to go into the stream before the change.
-    pub(super) async fn labels_for_change(&mut self, data: &Bytes) -> Result<Vec<(u32, Bytes)>, ReplicationError> {
+    pub(super) async fn labels_for_change(&mut self, data: &Bytes) -> Result<Vec<Frames>, ReplicationError> {
         let relation = match data.first() {
             Some(b'I' | b'U') => u32::from_be_bytes(data[1..5].try_into().map_err(|_| short())?),
             _ => return Ok(Vec::new()),
@@ -95,7 +106,7 @@ impl CatalogReader {
             for (id, f) in self.facts.iter_mut() {
                 if let Some(e) = f.enums.iter_mut().find(|e| e.oid == oid) {
                     e.labels = labels.clone();
-                    frames.push((*id, f.encode()));
+                    frames.push((*id, f.encode(), f.lean().encode()));
                 }
             }
         }

@@ -311,8 +311,8 @@ impl Task {
                             // (and keep its tables' descriptions for later transactions).
                             if data.first() == Some(&b'R') {
                                 chunker.push(data.clone()).map_err(|e| ReplicationError::fatal(e.to_string()))?;
-                                let (id, facts) = catalog.relation(&data).await?;
-                                chunker.set_facts(id, facts).map_err(|e| ReplicationError::fatal(e.to_string()))?;
+                                let (id, full, lean) = catalog.relation(&data).await?;
+                                chunker.set_facts(id, full, lean).map_err(|e| ReplicationError::fatal(e.to_string()))?;
                             } else if data.first() == Some(&b'C') {
                                 skipping = None;
                                 let end = commit_end(&data)?;
@@ -329,15 +329,15 @@ impl Task {
                             }
                         }
                         // Enum labels added upstream go into the stream before the change using one.
-                        for (id, facts) in catalog.labels_for_change(&data).await? {
-                            chunker.set_facts(id, facts).map_err(|e| ReplicationError::fatal(e.to_string()))?;
+                        for (id, full, lean) in catalog.labels_for_change(&data).await? {
+                            chunker.set_facts(id, full, lean).map_err(|e| ReplicationError::fatal(e.to_string()))?;
                         }
                         let relation = (data.first() == Some(&b'R')).then(|| data.clone());
                         let record = chunker.push(data).map_err(|e| ReplicationError::fatal(e.to_string()))?;
                         if let Some(relation) = relation {
                             // The catalog facts go next to the Relation message.
-                            let (id, facts) = catalog.relation(&relation).await?;
-                            chunker.set_facts(id, facts).map_err(|e| ReplicationError::fatal(e.to_string()))?;
+                            let (id, full, lean) = catalog.relation(&relation).await?;
+                            chunker.set_facts(id, full, lean).map_err(|e| ReplicationError::fatal(e.to_string()))?;
                         }
                         if let Some(record) = record {
                             let generation = if record.commit_lsn == resume.cut_off { resume.generation } else { 0 };

@@ -158,6 +158,16 @@ impl Record {
     }
 }
 
+/// Catalog facts about a Relation message, as they travel with it.
+struct Facts {
+    /// All of them: with the message where it first appears.
+    full: Bytes,
+    /// With its later copies.
+    lean: Bytes,
+    /// The full ones are not in the stream yet.
+    fresh: bool,
+}
+
 /// The open transaction of a [`Chunker`].
 struct Open {
     commit_lsn: Lsn,
@@ -175,7 +185,7 @@ pub struct Chunker {
     max_bytes: usize,
     /// The latest Relation message of each table, and the catalog facts
     /// about it.
-    relations: HashMap<u32, (Bytes, Option<Bytes>)>,
+    relations: HashMap<u32, (Bytes, Option<Facts>)>,
     open: Option<Open>,
 }
 
@@ -253,22 +263,25 @@ impl Chunker {
     }
 
     /// Sets the catalog facts about table `id`'s latest Relation message
-    /// (read by the publisher after [`Self::push`] took the message). They
-    /// travel with each copy of the message; facts that changed (newer
-    /// enum labels) also go into the open transaction now if it already
-    /// described the table, before the change that needs them.
-    pub fn set_facts(&mut self, id: u32, frame: Bytes) -> Result<(), RecordError> {
+    /// (read by the publisher after [`Self::push`] took the message): `full`
+    /// goes next to the message the next time it is put in, `lean` with
+    /// its later copies. Facts that changed (newer enum labels) go into the
+    /// open transaction now if it already described the table, before the
+    /// change that needs them.
+    pub fn set_facts(&mut self, id: u32, full: Bytes, lean: Bytes) -> Result<(), RecordError> {
         let entry = self
             .relations
             .get_mut(&id)
             .ok_or_else(|| RecordError(format!("catalog facts of unknown relation {id}")))?;
-        entry.1 = Some(frame.clone());
+        let mut facts = Facts { full: full.clone(), lean, fresh: true };
         if let Some(open) = self.open.as_mut()
             && open.described.contains(&id)
         {
-            open.size += frame.len() + 4;
-            open.messages.push(frame);
+            open.size += full.len() + 4;
+            open.messages.push(full);
+            facts.fresh = false;
         }
+        entry.1 = Some(facts);
         Ok(())
     }
 
@@ -277,13 +290,15 @@ impl Chunker {
         if open.described.insert(id) {
             let (rel, facts) = self
                 .relations
-                .get(&id)
+                .get_mut(&id)
                 .ok_or_else(|| RecordError(format!("change of relation {id} before its Relation message")))?;
             open.size += rel.len() + 4;
             open.messages.push(rel.clone());
             if let Some(facts) = facts {
-                open.size += facts.len() + 4;
-                open.messages.push(facts.clone());
+                let frame = if facts.fresh { &facts.full } else { &facts.lean };
+                facts.fresh = false;
+                open.size += frame.len() + 4;
+                open.messages.push(frame.clone());
             }
         }
         Ok(())

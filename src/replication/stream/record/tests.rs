@@ -154,17 +154,17 @@ fn a_changed_table_is_described_again_before_its_next_change() {
 }
 
 #[test]
-fn catalog_facts_travel_with_every_copy_of_their_relation_message() {
+fn catalog_facts_travel_with_their_relation_message_and_lean_ones_with_its_copies() {
     let mut chunker = Chunker::new(1 << 20);
     let facts = |v: &'static [u8]| Bytes::from_static(v);
-    assert!(chunker.set_facts(1, facts(b"F?")).is_err(), "facts of a table never described");
+    assert!(chunker.set_facts(1, facts(b"F?"), facts(b"f?")).is_err(), "facts of a table never described");
     chunker.push(begin(100)).unwrap();
     chunker.push(relation(1, &["id"])).unwrap();
-    chunker.set_facts(1, facts(b"F1")).unwrap();
+    chunker.set_facts(1, facts(b"F1"), facts(b"f1")).unwrap();
     chunker.push(insert(1, "1")).unwrap();
     // Newer facts (enum labels) for a table already described here: now,
-    // before the next change.
-    chunker.set_facts(1, facts(b"F2")).unwrap();
+    // before the next change; later copies carry the lean ones.
+    chunker.set_facts(1, facts(b"F2"), facts(b"f2")).unwrap();
     chunker.push(insert(1, "2")).unwrap();
     let first = chunker.push(commit(100, 120)).unwrap().unwrap();
     let second = feed(&mut chunker, vec![begin(130), insert(1, "3"), commit(130, 150)]);

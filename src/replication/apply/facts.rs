@@ -268,7 +268,7 @@ mod tests {
         assert_eq!(facts.type_script(&[16400]), "CREATE TYPE ...;\n");
         assert_eq!(facts.type_script(&[1]), "");
         let lean = facts.lean();
-        assert_eq!((lean.indexes, lean.columns[0].by_then, lean.columns[0].attnum), (None, false, 3));
+        assert_eq!((&lean.indexes, lean.columns[0].by_then, lean.columns[0].attnum), (&None, false, 3));
         assert_eq!(lean.enums, facts.enums);
         assert!(lean.encode().len() < frame.len());
         let mut newer = frame.to_vec();

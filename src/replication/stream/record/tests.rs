@@ -182,7 +182,7 @@ fn catalog_facts_travel_with_their_relation_message_and_lean_ones_with_its_copie
     );
     assert_eq!(
         second[0].messages,
-        vec![begin(130), relation(1, &["id"]), facts(b"F2"), insert(1, "3"), commit(130, 150)]
+        vec![begin(130), relation(1, &["id"]), facts(b"f2"), insert(1, "3"), commit(130, 150)]
     );
     // A new description drops the facts about the old one.
     let third = feed(&mut chunker, vec![begin(160), relation(1, &["id", "x"]), insert(1, "4"), commit(160, 170)]);

@@ -40,12 +40,12 @@ pub(crate) struct RemoteColumn {
     #[serde(rename = "t")]
     pub type_name: String,
     /// The "missing value" existing rows read (`atthasmissing`).
-    #[serde(rename = "v")]
+    #[serde(rename = "v", default, skip_serializing_if = "Option::is_none", with = "missing_value")]
     pub missing: Option<Option<String>>,
-    #[serde(rename = "d")]
+    #[serde(rename = "d", default, skip_serializing_if = "is_false")]
     pub has_default: bool,
     /// Written by the message's transaction or before it.
-    #[serde(rename = "b")]
+    #[serde(rename = "b", default, skip_serializing_if = "is_false")]
     pub by_then: bool,
 }
 
@@ -78,14 +78,14 @@ pub(crate) struct CatalogFacts {
     pub type_names: Vec<String>,
     /// Indexes that back no constraint: (name, definition); `None` in the
     /// lean facts of a repeated Relation message.
-    #[serde(rename = "i")]
+    #[serde(rename = "i", default, skip_serializing_if = "Option::is_none")]
     pub indexes: Option<Vec<(String, String)>>,
     /// For each user type of the message's columns: the local DDL creating
     /// it and the types it uses ([`crate::replication::schema::create_script`]).
-    #[serde(rename = "u")]
+    #[serde(rename = "u", default, skip_serializing_if = "Vec::is_empty")]
     pub user_types: Vec<(u32, String)>,
     /// The enums among them, with their labels.
-    #[serde(rename = "e")]
+    #[serde(rename = "e", default, skip_serializing_if = "Vec::is_empty")]
     pub enums: Vec<EnumLabels>,
 }
 
@@ -219,6 +219,24 @@ impl CatalogFacts {
     }
 }
 
+fn is_false(b: &bool) -> bool {
+    !b
+}
+
+/// A missing value that is NULL (`Some(None)`) as `[null]`: JSON's `null`
+/// alone would read back as no missing value.
+mod missing_value {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &Option<Option<String>>, s: S) -> Result<S::Ok, S::Error> {
+        v.as_ref().map(|m| [m]).serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+        Ok(Option::<[Option<String>; 1]>::deserialize(d)?.map(|[m]| m))
+    }
+}
+
 /// The relation a facts frame is about, without decoding it.
 pub(crate) fn frame_relation(frame: &[u8]) -> Option<u32> {
     match frame {
@@ -246,17 +264,29 @@ mod tests {
         let facts = CatalogFacts {
             relation: 16390,
             older: true,
-            columns: vec![RemoteColumn {
-                name: "n".into(),
-                attnum: 3,
-                type_oid: 20,
-                typmod: -1,
-                type_name: "bigint".into(),
-                missing: Some(Some("7".into())),
-                has_default: true,
-                by_then: true,
-            }],
-            type_names: vec!["bigint".into()],
+            columns: vec![
+                RemoteColumn {
+                    name: "n".into(),
+                    attnum: 3,
+                    type_oid: 20,
+                    typmod: -1,
+                    type_name: "bigint".into(),
+                    missing: Some(Some("7".into())),
+                    has_default: true,
+                    by_then: true,
+                },
+                RemoteColumn {
+                    name: "z".into(),
+                    attnum: 4,
+                    type_oid: 23,
+                    typmod: -1,
+                    type_name: "integer".into(),
+                    missing: Some(None),
+                    has_default: false,
+                    by_then: false,
+                },
+            ],
+            type_names: vec!["bigint".into(), "integer".into()],
             indexes: Some(vec![("t_n".into(), "CREATE INDEX t_n ON public.t USING btree (n)".into())]),
             user_types: vec![(16400, "CREATE TYPE ...;\n".into())],
             enums: vec![EnumLabels { oid: 16400, labels: vec!["a".into(), "b".into()] }],

@@ -155,6 +155,14 @@ impl CatalogFacts {
         let mut user: Vec<u32> = oids.iter().copied().filter(|&o| o >= 16384).collect();
         user.sort_unstable();
         user.dedup();
+        // A type dropped since (the publisher reads the catalog late when it
+        // lags) cannot be described: left out rather than failing for good.
+        let user: Vec<u32> = client
+            .query("SELECT oid FROM pg_type WHERE oid = ANY($1) ORDER BY 1", &[&user])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         let mut user_types = Vec::new();
         let mut enums = Vec::new();
         for oid in user {

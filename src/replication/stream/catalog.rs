@@ -10,7 +10,7 @@
 //! has a label the facts do not list, reads the labels again and sends the
 //! facts once more before that change.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
 
@@ -33,11 +33,21 @@ pub(super) struct CatalogReader {
     facts: HashMap<u32, CatalogFacts>,
     /// The type OID of each column of each table's latest Relation message.
     types: HashMap<u32, Vec<u32>>,
+    /// Labels already looked up (a label renamed since is not found, and
+    /// is not looked up for every change).
+    looked_up: HashSet<(u32, Bytes)>,
 }
 
 impl CatalogReader {
     pub(super) fn new(source: SourceConfig) -> CatalogReader {
-        CatalogReader { source, client: None, xid: 0, facts: HashMap::new(), types: HashMap::new() }
+        CatalogReader {
+            source,
+            client: None,
+            xid: 0,
+            facts: HashMap::new(),
+            types: HashMap::new(),
+            looked_up: HashSet::new(),
+        }
     }
 
     async fn client(&mut self) -> Result<&tokio_postgres::Client, ReplicationError> {
@@ -95,7 +105,10 @@ impl CatalogReader {
         let mut stale = Vec::new();
         for (value, oid) in new.iter().zip(types) {
             let (Value::Text(label), Some(labels)) = (value, f.labels(*oid)) else { continue };
-            if !labels.iter().any(|l| l.as_bytes() == label.as_ref()) && !stale.contains(oid) {
+            if !labels.iter().any(|l| l.as_bytes() == label.as_ref())
+                && !stale.contains(oid)
+                && self.looked_up.insert((*oid, label.clone()))
+            {
                 stale.push(*oid);
             }
         }

@@ -22,9 +22,12 @@
 //! a transaction the publisher inserts the table's latest Relation message
 //! (the walsender sends one per session only). So a cache can start at any
 //! transaction, and re-decoding the same WAL after a publisher restart gives
-//! the same records (what JetStream's deduplication by `Nats-Msg-Id` relies
-//! on). Type, Origin and logical Message messages are dropped: the apply
-//! ignores them.
+//! the same changes under the same record ids (what JetStream's
+//! deduplication by `Nats-Msg-Id` relies on; the catalog facts below are read
+//! again and may differ, as may the chunk boundaries they shift, which is
+//! why a restarted publisher skips what the stream's last record shows as
+//! stored rather than rely on the ids alone). Type, Origin and logical
+//! Message messages are dropped: the apply ignores them.
 //!
 //! Format 2 adds the publisher's catalog facts (a frame tagged `F`, see
 //! `replication::apply::facts`) right after each Relation message: what a

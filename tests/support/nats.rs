@@ -15,6 +15,8 @@ pub struct NatsServer {
     pub port: u16,
     store: tempfile::TempDir,
     log: PathBuf,
+    /// A configuration file (`start_with`), else command-line options.
+    config: Option<PathBuf>,
 }
 
 impl NatsServer {
@@ -23,7 +25,27 @@ impl NatsServer {
         let store = tempfile::Builder::new().prefix("pglite-cache-nats-").tempdir().unwrap();
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let log = store.path().join("nats.log");
-        let mut server = NatsServer { child: None, port, store, log };
+        let mut server = NatsServer { child: None, port, store, log, config: None };
+        server.spawn();
+        server
+    }
+
+    /// Starts nats-server on a free port with JetStream in `domain` and
+    /// `extra` configuration (e.g. a `leafnodes { ... }` block).
+    pub fn start_with(name: &str, domain: &str, extra: &str) -> NatsServer {
+        let store = tempfile::Builder::new().prefix("pglite-cache-nats-").tempdir().unwrap();
+        let port = free_port();
+        let log = store.path().join("nats.log");
+        let config = store.path().join("nats.conf");
+        let js = store.path().join("js");
+        std::fs::write(
+            &config,
+            format!(
+                "server_name: {name}\nlisten: 127.0.0.1:{port}\njetstream {{ store_dir: {js:?}, domain: {domain} }}\n{extra}\n"
+            ),
+        )
+        .unwrap();
+        let mut server = NatsServer { child: None, port, store, log, config: Some(config) };
         server.spawn();
         server
     }
@@ -40,9 +62,14 @@ impl NatsServer {
 
     fn spawn(&mut self) {
         let binary = which_nats_server();
-        let child = Command::new(&binary)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-            .arg(self.store.path().join("js"))
+        let mut command = Command::new(&binary);
+        match &self.config {
+            Some(config) => command.arg("-c").arg(config),
+            None => command
+                .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+                .arg(self.store.path().join("js")),
+        };
+        let child = command
             .arg("-l")
             .arg(&self.log)
             .stdin(Stdio::null())
@@ -68,6 +95,11 @@ impl NatsServer {
         self.spawn();
     }
 
+    /// Starts it again (same port and store) after [`Self::kill`].
+    pub fn restart(&mut self) {
+        self.spawn();
+    }
+
     /// kill -9.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -85,6 +117,11 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn which_nats_server() -> PathBuf {

@@ -48,6 +48,7 @@ use super::{AppliedTransaction, Change, ChangeOp, Status};
 
 mod batch;
 mod columns;
+pub(crate) mod facts;
 mod prepared;
 mod relation;
 #[cfg(test)]
@@ -206,8 +207,13 @@ pub(crate) struct Applier {
     catalog: Option<tokio_postgres::Client>,
     /// Small local transactions run through prepared statements.
     prepared: Prepared,
-    /// False for a stream-fed cache (fan-out), which has no remote to ask.
+    /// False for a stream-fed cache (fan-out), which has no remote to ask:
+    /// its catalog facts come from the stream.
     remote_catalog: bool,
+    /// Stream-fed: the facts sent with each table's latest Relation message.
+    stream_facts: HashMap<u32, Arc<facts::CatalogFacts>>,
+    /// Stream-fed: the newest labels of each enum (by remote OID) the stream sent.
+    stream_labels: HashMap<u32, Vec<String>>,
 }
 
 impl Applier {
@@ -239,12 +245,16 @@ impl Applier {
             catalog: None,
             prepared,
             remote_catalog: true,
+            stream_facts: HashMap::new(),
+            stream_labels: HashMap::new(),
         }
     }
 
-    /// For a cache fed by a fan-out stream: no remote catalog to consult, so
-    /// a Relation message is followed only while the table's shape is the
-    /// one the cache has (a schema change halts with a clear error).
+    /// For a cache fed by a fan-out stream: no remote catalog to consult; the
+    /// catalog facts come from the stream, next to each Relation message (a
+    /// record without them, from an older publisher, is followed only while
+    /// the table's shape is the one the cache has; a schema change then
+    /// halts with a clear error).
     pub(crate) fn without_remote_catalog(mut self) -> Applier {
         self.remote_catalog = false;
         self
@@ -296,6 +306,9 @@ impl Applier {
 
     /// Handles one pgoutput message.
     pub(crate) async fn handle(&mut self, data: &Bytes) -> Result<(), ReplicationError> {
+        if data.first() == Some(&facts::TAG) {
+            return self.note_facts(data);
+        }
         let message = pgoutput::decode(data, false).map_err(|e| ReplicationError::fatal(e.to_string()))?;
         tracing::trace!(?message, committed = %self.committed, "pgoutput");
         match message {
@@ -352,6 +365,20 @@ impl Applier {
                 return Err(ReplicationError::fatal("streamed transaction message without streaming enabled"));
             }
         }
+        Ok(())
+    }
+
+    /// Catalog facts from the stream, about the Relation message before
+    /// them (or newer enum labels for the table's latest one).
+    fn note_facts(&mut self, data: &Bytes) -> Result<(), ReplicationError> {
+        if self.remote_catalog {
+            return Err(ReplicationError::fatal("catalog facts in a slot's stream"));
+        }
+        let facts = facts::CatalogFacts::decode(data)?;
+        for e in &facts.enums {
+            self.stream_labels.insert(e.oid, e.labels.clone());
+        }
+        self.stream_facts.insert(facts.relation, Arc::new(facts));
         Ok(())
     }
 

@@ -11,23 +11,10 @@
 //! next applied change.
 
 use super::columns::{self, ColumnChange, NewColumn};
+use super::facts::CatalogFacts;
 use super::*;
 use crate::replication::schema::qualified;
 use crate::replication::source::quote_literal;
-
-/// A column of the remote table as its catalog says now.
-struct RemoteColumn {
-    name: String,
-    attnum: i16,
-    type_oid: u32,
-    typmod: i32,
-    type_name: String,
-    /// The "missing value" existing rows read (`atthasmissing`).
-    missing: Option<Option<String>>,
-    has_default: bool,
-    /// Written by the message's transaction or before it (see `follow`).
-    by_then: bool,
-}
 
 impl Applier {
     async fn catalog(&mut self) -> Result<&tokio_postgres::Client, ReplicationError> {
@@ -39,6 +26,8 @@ impl Applier {
 
     /// Notes a table's description; acted on at its next applied change.
     pub(super) async fn relation(&mut self, rel: Relation) -> Result<(), ReplicationError> {
+        // Facts that follow in the stream are about this message.
+        self.stream_facts.remove(&rel.id);
         if !self.tables.contains_key(&rel.id) {
             tracing::info!(table = %format!("{}.{}", rel.namespace, rel.name), "changes for a table added to the publication; it will be copied");
             self.relations.remove(&rel.id);
@@ -63,29 +52,40 @@ impl Applier {
         }
     }
 
+    /// The catalog facts about `rel`, sent in transaction `xid`: read from
+    /// the remote now (slot-fed), or those the publisher put next to the
+    /// message in the stream (stream-fed; `None` in records of a publisher
+    /// that did not send them yet).
+    async fn facts_for(&mut self, rel: &Relation, xid: u32) -> Result<Option<Arc<CatalogFacts>>, ReplicationError> {
+        if self.remote_catalog {
+            let client = self.catalog().await?;
+            return Ok(Some(Arc::new(CatalogFacts::read(client, rel, xid).await?)));
+        }
+        Ok(self.stream_facts.get(&rel.id).filter(|f| f.type_names.len() == rel.columns.len()).cloned())
+    }
+
     /// Brings the local table to the shape `rel` describes.
     async fn follow(&mut self, rel: Relation) -> Result<(), ReplicationError> {
         let Some(known) = self.tables.get(&rel.id).cloned() else { return Ok(()) };
-        if !self.remote_catalog {
-            return self.follow_unchanged(rel, &known).await;
-        }
         let xid = self.pending.as_ref().map_or(0, |p| p.xid);
-        let remote = self.remote_columns(rel.id, xid).await?;
+        let Some(facts) = self.facts_for(&rel, xid).await? else {
+            return self.follow_unchanged(rel, &known).await;
+        };
+        let remote = &facts.columns;
         let find = |c: &pgoutput::RelationColumn| {
             remote.iter().find(|r| r.name == c.name && r.type_oid == c.type_oid && r.typmod == c.type_modifier)
         };
-        // The catalog is read now, not at the message's position. Its
-        // attribute numbers and missing values hold for the message if
-        // every column row is older than the transaction the message came
-        // in (a DDL committed after it took its lock after that
+        // The catalog is read after the message was sent, not at its
+        // position. Its attribute numbers and missing values hold for the
+        // message if every column row is older than the transaction the
+        // message came in (a DDL committed after it took its lock after that
         // transaction's commit, so got a later xid), and it matches.
-        let older = self.catalog_older_than(rel.id, xid).await?;
-        let current = older && rel.columns.iter().all(|c| find(c).is_some());
+        let current = facts.older && rel.columns.iter().all(|c| find(c).is_some());
         let mut new_columns = Vec::with_capacity(rel.columns.len());
-        for c in &rel.columns {
+        for (c, type_name) in rel.columns.iter().zip(&facts.type_names) {
             let (type_name, attnum) = match find(c) {
                 Some(r) if current => (r.type_name.clone(), Some(r.attnum)),
-                _ => (self.remote_type_name(c.type_oid, c.type_modifier).await?, None),
+                _ => (type_name.clone(), None),
             };
             new_columns.push(NewColumn { name: c.name.clone(), type_name, attnum });
         }
@@ -154,7 +154,7 @@ impl Applier {
         // for this table until its next Relation message (see `reorder`).
         let steps_before = self.batch()?.step_count();
         if !user_types.is_empty() {
-            let script = self.type_script(&user_types).await?;
+            let script = facts.type_script(&user_types);
             // One statement per line.
             for sql in script.lines() {
                 self.batch()?.statement_for(rel.id, sql.trim_end_matches(';').to_owned(), vec![]);
@@ -163,8 +163,10 @@ impl Applier {
         for sql in columns::ddl(&qualified_name, &old_view, &changes) {
             self.batch()?.statement_for(rel.id, sql, vec![]);
         }
-        self.follow_indexes(rel.id, &local_name, &qualified_name).await?;
-        let enum_columns = self.enum_columns(&rel, &new_columns).await?;
+        if let Some(indexes) = &facts.indexes {
+            self.follow_indexes(rel.id, indexes, &local_name, &qualified_name).await?;
+        }
+        let enum_columns = self.enum_columns(&rel, &facts, &new_columns).await?;
         let key: Vec<usize> = rel.columns.iter().enumerate().filter(|(_, c)| c.is_key).map(|(i, _)| i).collect();
         let ddl_queued = self.batch()?.step_count() != steps_before;
         let reorder = !ddl_queued && self.may_reorder(&rel, &key, &local_name).await?;
@@ -303,6 +305,15 @@ impl Applier {
     /// between copies it too.
     fn recopy(&mut self, rel: Relation, reason: &str) -> Result<(), ReplicationError> {
         let id = rel.id;
+        if !self.remote_catalog {
+            // A stream-fed cache has no remote to copy from.
+            let table = self.tables.get(&id).map(|t| qualified(&t.schema, &t.name)).unwrap_or_default();
+            return Err(ReplicationError::needs_operator(
+                format!("{table}: {reason}; a cache fed by a fan-out stream cannot copy a table again"),
+                "start the fan-out again on a new stream (a publisher with a new --data directory and --stream); \
+                 its caches start from its first snapshot",
+            ));
+        }
         let table = self.tables.remove(&id).expect("known table");
         tracing::warn!(table = %qualified(&table.schema, &table.name), %reason, "schema change upstream cannot be followed in place; copying the table again");
         self.batch()?.statement_for(
@@ -320,26 +331,15 @@ impl Applier {
     async fn enum_columns(
         &mut self,
         rel: &Relation,
+        facts: &CatalogFacts,
         columns: &[NewColumn],
     ) -> Result<Vec<(usize, String, u32)>, ReplicationError> {
-        let user: Vec<u32> = rel.columns.iter().map(|c| c.type_oid).filter(|&o| o >= 16384).collect();
-        if user.is_empty() {
-            return Ok(Vec::new());
-        }
-        let enums: Vec<u32> = self
-            .catalog()
-            .await?
-            .query("SELECT oid FROM pg_type WHERE oid = ANY($1) AND typtype = 'e'", &[&user])
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
         let mut out = Vec::new();
         for (j, c) in rel.columns.iter().enumerate() {
-            if enums.contains(&c.type_oid) {
+            if let Some(labels) = facts.labels(c.type_oid) {
                 out.push((j, columns[j].type_name.clone(), c.type_oid));
                 if !self.labels.contains_key(&columns[j].type_name) {
-                    self.follow_labels(&columns[j].type_name, c.type_oid).await?;
+                    self.add_labels(&columns[j].type_name, labels.to_vec()).await?;
                 }
             }
         }
@@ -347,18 +347,27 @@ impl Applier {
     }
 
     /// Adds the labels of an enum that were added upstream (`ALTER TYPE ...
-    /// ADD VALUE`, which sends no message): at their place in the order, in
-    /// a transaction of their own (a label cannot be used in the transaction
-    /// that adds it), before the apply transaction that uses them.
+    /// ADD VALUE`, which sends no message), for a value whose label is not
+    /// known here: the remote's labels now (slot-fed), or the newest the
+    /// publisher put in the stream (it sends them again when it sees such a
+    /// value).
     pub(super) async fn follow_labels(&mut self, type_name: &str, remote_oid: u32) -> Result<(), ReplicationError> {
-        let remote: Vec<String> = self
-            .catalog()
-            .await?
-            .query("SELECT enumlabel::text FROM pg_enum WHERE enumtypid = $1 ORDER BY enumsortorder", &[&remote_oid])
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let remote = if self.remote_catalog {
+            super::facts::read_labels(self.catalog().await?, remote_oid).await?
+        } else {
+            match self.stream_labels.get(&remote_oid) {
+                Some(labels) => labels.clone(),
+                None => return Err(ReplicationError::fatal(format!("no labels of enum {type_name} in the stream"))),
+            }
+        };
+        self.add_labels(type_name, remote).await
+    }
+
+    /// Adds the labels of `remote` missing locally, at their place in the
+    /// order, in a transaction of their own (a label cannot be used in the
+    /// transaction that adds it), before the apply transaction that uses
+    /// them.
+    async fn add_labels(&mut self, type_name: &str, remote: Vec<String>) -> Result<(), ReplicationError> {
         let local = self
             .local_query(
                 "SELECT enumlabel::text FROM pg_enum WHERE enumtypid = to_regtype($1) ORDER BY enumsortorder",
@@ -382,78 +391,24 @@ impl Applier {
         Ok(())
     }
 
-    /// Whether every column row of the remote table is older than
-    /// transaction `xid` (by age: wraparound-safe).
-    async fn catalog_older_than(&mut self, relation: u32, xid: u32) -> Result<bool, ReplicationError> {
-        let row = self
-            .catalog()
-            .await?
-            .query_one(
-                "SELECT coalesce(min(age(a.xmin)), 2147483647) > age($2::text::xid) \
-                 FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0",
-                &[&relation, &xid.to_string()],
-            )
-            .await?;
-        Ok(row.get(0))
-    }
-
-    async fn remote_columns(&mut self, relation: u32, xid: u32) -> Result<Vec<RemoteColumn>, ReplicationError> {
-        let rows = self
-            .catalog()
-            .await?
-            .query(
-                "SELECT a.attname::text, a.attnum, a.atttypid, a.atttypmod, format_type(a.atttypid, a.atttypmod), \
-                        a.atthasmissing, (a.attmissingval::text::text[])[1], d.adbin IS NOT NULL, \
-                        age(a.xmin) >= age($2::text::xid) \
-                 FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
-                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-                &[&relation, &xid.to_string()],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| RemoteColumn {
-                name: r.get(0),
-                attnum: r.get(1),
-                type_oid: r.get(2),
-                typmod: r.get(3),
-                type_name: r.get(4),
-                missing: if r.get::<_, bool>(5) { Some(r.get(6)) } else { None },
-                has_default: r.get(7),
-                by_then: r.get(8),
-            })
-            .collect())
-    }
-
-    async fn remote_type_name(&mut self, oid: u32, typmod: i32) -> Result<String, ReplicationError> {
-        let row = self.catalog().await?.query_one("SELECT format_type($1, $2)", &[&oid, &typmod]).await?;
-        Ok(row.get(0))
-    }
-
     /// Whether PostgreSQL converts `from` to `to` without a `USING`
     /// expression (the same types, an assignment or implicit cast, or a
     /// string target): then the remote did the same, unless it was given
     /// an expression of its own (see docs/schema-changes.md).
+    /// A stream-fed cache asks its own engine (the built-in casts are the
+    /// same; a user type is known by name once created here).
     async fn converts_in_place(&mut self, from: &str, to: &str) -> Result<bool, ReplicationError> {
-        let row = self
-            .catalog()
-            .await?
-            .query_one(
-                "SELECT s = t OR EXISTS (SELECT 1 FROM pg_cast c WHERE c.castsource = s AND c.casttarget = t \
+        const SQL: &str = "SELECT s = t OR EXISTS (SELECT 1 FROM pg_cast c WHERE c.castsource = s AND c.casttarget = t \
                         AND c.castcontext IN ('a', 'i')) \
                         OR (SELECT typcategory = 'S' FROM pg_type WHERE oid = t) \
-                 FROM (SELECT to_regtype($1)::oid AS s, to_regtype($2)::oid AS t) x",
-                &[&from, &to],
-            )
-            .await?;
+                 FROM (SELECT to_regtype($1)::oid AS s, to_regtype($2)::oid AS t) x";
+        if !self.remote_catalog {
+            let params = vec![Param::Untyped(from.to_owned()), Param::Untyped(to.to_owned())];
+            let result = self.local_query(SQL, params).await?;
+            return Ok(result.rows.first().and_then(|r| r.get::<Option<bool>>(0)).unwrap_or(false));
+        }
+        let row = self.catalog().await?.query_one(SQL, &[&from, &to]).await?;
         Ok(row.get::<_, Option<bool>>(0).unwrap_or(false))
-    }
-
-    /// DDL creating user types (and those they use) missing locally.
-    async fn type_script(&mut self, oids: &[u32]) -> Result<String, ReplicationError> {
-        let client = self.catalog().await?;
-        let types = crate::replication::schema::describe_types(client, oids).await?;
-        Ok(crate::replication::schema::create_script(&types, &[]))
     }
 
     /// Whether the apply may group the table's inserts and updates apart
@@ -500,22 +455,10 @@ impl Applier {
     async fn follow_indexes(
         &mut self,
         id: u32,
+        remote: &[(String, String)],
         local_name: &str,
         qualified_name: &str,
     ) -> Result<(), ReplicationError> {
-        let remote: Vec<(String, String)> = self
-            .catalog()
-            .await?
-            .query(
-                "SELECT c.relname::text, pg_get_indexdef(i.indexrelid) FROM pg_index i \
-                 JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = $1 \
-                   AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid AND k.conrelid = i.indrelid)",
-                &[&id],
-            )
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect();
         // Under a rename queued in this same local transaction the table is
         // not found yet: its indexes are looked at with its next message.
         let exists =
@@ -534,7 +477,7 @@ impl Applier {
         let local: Vec<String> = local.rows.iter().map(|r| r.get(0)).collect();
         let schema = self.tables.get(&id).map(|t| t.schema.clone()).unwrap_or_default();
         let mut sql = Vec::new();
-        for (name, def) in &remote {
+        for (name, def) in remote {
             if !local.iter().any(|l| l == name) {
                 tracing::info!(table = %qualified_name, index = %name, "index created upstream; creating it");
                 sql.push(guarded(def));

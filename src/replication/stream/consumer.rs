@@ -18,6 +18,7 @@ use futures_util::StreamExt;
 use tokio::sync::{broadcast, watch};
 
 use crate::Instance;
+use crate::replication::apply::facts;
 use crate::replication::apply::{Applier, KnownTable};
 use crate::replication::config::ReplicationConfig;
 use crate::replication::error::ReplicationError;
@@ -147,6 +148,7 @@ impl Consumer {
 
         let mut progress = Positions::new(saved.resume_seq);
         let mut described: HashMap<u32, Bytes> = HashMap::new();
+        let mut described_facts: HashMap<u32, Bytes> = HashMap::new();
         let mut stopping = *self.shutdown.borrow();
         let mut timer = tokio::time::interval(self.apply.status_interval);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -185,6 +187,7 @@ impl Consumer {
                                 drop(applier);
                                 applier = self.applier(stored_tables(&self.instance).await?, committed);
                                 described.clear();
+                                described_facts.clear();
                             } else if record.chunk == 0 && !record.last {
                                 // A transaction in chunks: commit what waits first, so
                                 // that only this one is rolled back if it is cut off.
@@ -197,6 +200,13 @@ impl Consumer {
                                         continue; // unchanged: no need to look at the table again
                                     }
                                     described.insert(id, m.clone());
+                                    // The facts that follow are about this message.
+                                    described_facts.remove(&id);
+                                } else if let Some(id) = facts::frame_relation(m) {
+                                    if described_facts.get(&id) == Some(m) {
+                                        continue;
+                                    }
+                                    described_facts.insert(id, m.clone());
                                 }
                                 applier.handle(m).await?;
                             }

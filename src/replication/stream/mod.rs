@@ -34,6 +34,7 @@
 //! # Ok(()) }
 //! ```
 
+mod catalog;
 mod consumer;
 mod nats;
 mod position;

@@ -46,6 +46,7 @@ use crate::replication::table_sync::copy_tables;
 use crate::replication::{Phase, Status, remote_client, schema, store};
 use crate::{Instance, InstanceOptions};
 
+use super::catalog::CatalogReader;
 use super::nats::{self, StreamConfig, transient};
 use super::position::{self, StreamPosition};
 use super::record::{Chunker, Record, RecordKind};
@@ -269,6 +270,7 @@ impl Task {
     ) -> Result<(), ReplicationError> {
         let subject = self.config.stream.subject();
         let mut chunker = Chunker::new(self.config.max_chunk_bytes);
+        let mut catalog = CatalogReader::new(self.config.replication.source.clone());
         let mut in_flight: FuturesOrdered<AckFuture> = FuturesOrdered::new();
         let mut last_seq = resume.last_seq;
         let mut published_end = resume.skip_below;
@@ -301,11 +303,16 @@ impl Task {
                     None => return Err(ReplicationError::transient("the remote ended the replication stream")),
                     Some(StreamMessage::XLogData { data, wal_end, .. }) => {
                         self.note_wal_end(wal_end);
+                        if data.first() == Some(&b'B') {
+                            catalog.begin(&data);
+                        }
                         if let Some(lsn) = skipping {
                             // Already in the stream: drop it, only follow it to its end
                             // (and keep its tables' descriptions for later transactions).
                             if data.first() == Some(&b'R') {
-                                chunker.push(data).map_err(|e| ReplicationError::fatal(e.to_string()))?;
+                                chunker.push(data.clone()).map_err(|e| ReplicationError::fatal(e.to_string()))?;
+                                let (id, full, lean) = catalog.relation(&data).await?;
+                                chunker.set_facts(id, full, lean).map_err(|e| ReplicationError::fatal(e.to_string()))?;
                             } else if data.first() == Some(&b'C') {
                                 skipping = None;
                                 let end = commit_end(&data)?;
@@ -321,7 +328,17 @@ impl Task {
                                 continue;
                             }
                         }
+                        // Enum labels added upstream go into the stream before the change using one.
+                        for (id, full, lean) in catalog.labels_for_change(&data).await? {
+                            chunker.set_facts(id, full, lean).map_err(|e| ReplicationError::fatal(e.to_string()))?;
+                        }
+                        let relation = (data.first() == Some(&b'R')).then(|| data.clone());
                         let record = chunker.push(data).map_err(|e| ReplicationError::fatal(e.to_string()))?;
+                        if let Some(relation) = relation {
+                            // The catalog facts go next to the Relation message.
+                            let (id, full, lean) = catalog.relation(&relation).await?;
+                            chunker.set_facts(id, full, lean).map_err(|e| ReplicationError::fatal(e.to_string()))?;
+                        }
                         if let Some(record) = record {
                             let generation = if record.commit_lsn == resume.cut_off { resume.generation } else { 0 };
                             let lsn = record.last.then_some(record.end_lsn);

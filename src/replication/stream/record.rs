@@ -22,9 +22,19 @@
 //! a transaction the publisher inserts the table's latest Relation message
 //! (the walsender sends one per session only). So a cache can start at any
 //! transaction, and re-decoding the same WAL after a publisher restart gives
-//! the same records (what JetStream's deduplication by `Nats-Msg-Id` relies
-//! on). Type, Origin and logical Message messages are dropped: the apply
-//! ignores them.
+//! the same changes under the same record ids (what JetStream's
+//! deduplication by `Nats-Msg-Id` relies on; the catalog facts below are read
+//! again and may differ, as may the chunk boundaries they shift, which is
+//! why a restarted publisher skips what the stream's last record shows as
+//! stored rather than rely on the ids alone). Type, Origin and logical
+//! Message messages are dropped: the apply ignores them.
+//!
+//! Format 2 adds the publisher's catalog facts (a frame tagged `F`, see
+//! `replication::apply::facts`) right after each Relation message: what a
+//! cache needs to follow a schema change without querying the remote. A
+//! facts frame may also come alone before a change (newer enum labels for
+//! the table's latest Relation message). Format 1 records (no facts) are
+//! still read.
 
 use std::collections::{HashMap, HashSet};
 
@@ -34,7 +44,9 @@ use crate::replication::lsn::Lsn;
 use crate::replication::pgoutput::{self, LogicalMessage};
 
 const MAGIC: &[u8; 4] = b"PGCF";
-const FORMAT: u8 = 1;
+const FORMAT: u8 = 2;
+/// Records without catalog facts, still read.
+const FORMAT_WITHOUT_FACTS: u8 = 1;
 const HEADER_LEN: usize = 27;
 
 /// A malformed record (or a message the stream cannot carry).
@@ -122,7 +134,7 @@ impl Record {
         }
         data.advance(4);
         let format = data.get_u8();
-        if format != FORMAT {
+        if format != FORMAT && format != FORMAT_WITHOUT_FACTS {
             return Err(RecordError(format!("record format {format}; this version reads format {FORMAT}: upgrade")));
         }
         let kind = match data.get_u8() {
@@ -149,6 +161,16 @@ impl Record {
     }
 }
 
+/// Catalog facts about a Relation message, as they travel with it.
+struct Facts {
+    /// All of them: with the message where it first appears.
+    full: Bytes,
+    /// With its later copies.
+    lean: Bytes,
+    /// The full ones are not in the stream yet.
+    fresh: bool,
+}
+
 /// The open transaction of a [`Chunker`].
 struct Open {
     commit_lsn: Lsn,
@@ -164,8 +186,9 @@ struct Open {
 /// size of the transaction).
 pub struct Chunker {
     max_bytes: usize,
-    /// The latest Relation message of each table.
-    relations: HashMap<u32, Bytes>,
+    /// The latest Relation message of each table, and the catalog facts
+    /// about it.
+    relations: HashMap<u32, (Bytes, Option<Facts>)>,
     open: Option<Open>,
 }
 
@@ -202,7 +225,7 @@ impl Chunker {
             }
             b'R' => {
                 let id = relation_id(&data)?;
-                self.relations.insert(id, data);
+                self.relations.insert(id, (data, None));
                 if let Some(open) = self.open.as_mut() {
                     // Described again before its next change.
                     open.described.remove(&id);
@@ -242,15 +265,44 @@ impl Chunker {
         }
     }
 
+    /// Sets the catalog facts about table `id`'s latest Relation message
+    /// (read by the publisher after [`Self::push`] took the message): `full`
+    /// goes next to the message the next time it is put in, `lean` with
+    /// its later copies. Facts that changed (newer enum labels) go into the
+    /// open transaction now if it already described the table, before the
+    /// change that needs them.
+    pub fn set_facts(&mut self, id: u32, full: Bytes, lean: Bytes) -> Result<(), RecordError> {
+        let entry = self
+            .relations
+            .get_mut(&id)
+            .ok_or_else(|| RecordError(format!("catalog facts of unknown relation {id}")))?;
+        let mut facts = Facts { full: full.clone(), lean, fresh: true };
+        if let Some(open) = self.open.as_mut()
+            && open.described.contains(&id)
+        {
+            open.size += full.len() + 4;
+            open.messages.push(full);
+            facts.fresh = false;
+        }
+        entry.1 = Some(facts);
+        Ok(())
+    }
+
     fn describe(&mut self, id: u32) -> Result<(), RecordError> {
         let open = self.open.as_mut().ok_or_else(|| RecordError("change outside a transaction".into()))?;
         if open.described.insert(id) {
-            let rel = self
+            let (rel, facts) = self
                 .relations
-                .get(&id)
+                .get_mut(&id)
                 .ok_or_else(|| RecordError(format!("change of relation {id} before its Relation message")))?;
             open.size += rel.len() + 4;
             open.messages.push(rel.clone());
+            if let Some(facts) = facts {
+                let frame = if facts.fresh { &facts.full } else { &facts.lean };
+                facts.fresh = false;
+                open.size += frame.len() + 4;
+                open.messages.push(frame.clone());
+            }
         }
         Ok(())
     }

@@ -154,6 +154,49 @@ fn a_changed_table_is_described_again_before_its_next_change() {
 }
 
 #[test]
+fn catalog_facts_travel_with_their_relation_message_and_lean_ones_with_its_copies() {
+    let mut chunker = Chunker::new(1 << 20);
+    let facts = |v: &'static [u8]| Bytes::from_static(v);
+    assert!(chunker.set_facts(1, facts(b"F?"), facts(b"f?")).is_err(), "facts of a table never described");
+    chunker.push(begin(100)).unwrap();
+    chunker.push(relation(1, &["id"])).unwrap();
+    chunker.set_facts(1, facts(b"F1"), facts(b"f1")).unwrap();
+    chunker.push(insert(1, "1")).unwrap();
+    // Newer facts (enum labels) for a table already described here: now,
+    // before the next change; later copies carry the lean ones.
+    chunker.set_facts(1, facts(b"F2"), facts(b"f2")).unwrap();
+    chunker.push(insert(1, "2")).unwrap();
+    let first = chunker.push(commit(100, 120)).unwrap().unwrap();
+    let second = feed(&mut chunker, vec![begin(130), insert(1, "3"), commit(130, 150)]);
+    assert_eq!(
+        first.messages,
+        vec![
+            begin(100),
+            relation(1, &["id"]),
+            facts(b"F1"),
+            insert(1, "1"),
+            facts(b"F2"),
+            insert(1, "2"),
+            commit(100, 120)
+        ]
+    );
+    assert_eq!(
+        second[0].messages,
+        vec![begin(130), relation(1, &["id"]), facts(b"f2"), insert(1, "3"), commit(130, 150)]
+    );
+    // A new description drops the facts about the old one.
+    let third = feed(&mut chunker, vec![begin(160), relation(1, &["id", "x"]), insert(1, "4"), commit(160, 170)]);
+    assert_eq!(third[0].messages, vec![begin(160), relation(1, &["id", "x"]), insert(1, "4"), commit(160, 170)]);
+}
+
+#[test]
+fn records_without_facts_are_still_read() {
+    let mut bytes = BytesMut::from(&Record::progress(Lsn(1)).encode()[..]);
+    bytes[4] = 1;
+    assert_eq!(Record::decode(bytes.freeze()).unwrap(), Record::progress(Lsn(1)));
+}
+
+#[test]
 fn big_transactions_come_in_chunks() {
     let mut chunker = Chunker::new(100);
     let mut messages = vec![begin(100), relation(1, &["id"])];

@@ -212,6 +212,44 @@ impl Route {
 #[cfg(test)]
 mod tests {
     use super::Gauge;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use tokio::sync::{Notify, oneshot};
+
+    fn shared() -> super::Shared {
+        super::Shared {
+            label: "test".into(),
+            state: std::sync::Mutex::new(super::super::worker::State::Running),
+            in_flight: Default::default(),
+            data_dir: None,
+            lease_route: std::sync::Mutex::new(None),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_caller_behind_others_gets_its_reply_after_the_start_signal() {
+        let shared = shared();
+        shared.in_flight.store(1, Ordering::Release); // another call is in flight
+        let started = Arc::new(Notify::new());
+        let (tx, rx) = oneshot::channel();
+        let worker = {
+            let started = started.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(5)); // the job waits its turn
+                started.notify_one();
+                std::thread::sleep(std::time::Duration::from_millis(5)); // the engine runs it
+                tx.send(7).unwrap();
+            })
+        };
+        assert_eq!(super::reply(rx, &shared, false, Some(&started)).await.unwrap(), 7);
+        assert_eq!(shared.in_flight.load(Ordering::Acquire), 1, "the call no longer counts as in flight");
+        worker.join().unwrap();
+
+        // The worker gone before it started the job: an error, not a hang.
+        let (tx, rx) = oneshot::channel::<u8>();
+        drop(tx);
+        assert!(super::reply(rx, &shared, false, Some(&Notify::new())).await.is_err());
+    }
 
     #[test]
     fn spins_while_it_pays_off_then_probes() {

@@ -317,8 +317,15 @@ async fn an_error_inside_a_plpgsql_exception_block_restarts_the_engine() {
     assert_eq!(db.query("SELECT safe_div(6, 3)", &[]).await.unwrap().rows[0].get::<i32>(0), 2);
     db.stop().await.unwrap();
 
-    let memory = memory().await;
-    memory.exec("DO $$ BEGIN PERFORM 1 / 0; EXCEPTION WHEN OTHERS THEN NULL; END $$").await.unwrap_err();
-    let err = memory.query("SELECT 1", &[]).await.unwrap_err();
+    // In memory, with a restart policy: reopened from its private directory.
+    let restarting = Instance::start(InstanceOptions::in_memory().restart_policy(policy)).await.unwrap();
+    restarting.exec("CREATE TABLE t (id int); INSERT INTO t VALUES (1)").await.unwrap();
+    restarting.exec("DO $$ BEGIN PERFORM 1 / 0; EXCEPTION WHEN OTHERS THEN NULL; END $$").await.unwrap_err();
+    assert_eq!(count(&restarting, "t").await, 1);
+    restarting.stop().await.unwrap();
+    // Without one: crashed, saying why.
+    let crashing = memory().await;
+    crashing.exec("DO $$ BEGIN PERFORM 1 / 0; EXCEPTION WHEN OTHERS THEN NULL; END $$").await.unwrap_err();
+    let err = crashing.query("SELECT 1", &[]).await.unwrap_err();
     assert!(matches!(&err, Error::Crashed { reason, .. } if reason.contains("PL/pgSQL")), "{err}");
 }

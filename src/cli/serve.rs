@@ -27,12 +27,11 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // A persistent instance is reopened after an engine crash (committed
-    // data is on disk); an in-memory one cannot be.
-    let options = match args.data {
-        Some(dir) => InstanceOptions::persistent(dir).restart_policy(RestartPolicy::default()),
-        None => InstanceOptions::in_memory(),
-    };
+    // Reopened after an engine crash, with what was committed.
+    let options = args
+        .data
+        .map_or_else(InstanceOptions::in_memory, InstanceOptions::persistent)
+        .restart_policy(RestartPolicy::default());
     let db = match Instance::start(options).await {
         Ok(db) => db,
         Err(e) => {

@@ -12,8 +12,9 @@ pub enum Storage {
     Directory(PathBuf),
 }
 
-/// Reopen a crashed persistent instance, at most `max_restarts` times within
-/// any window of `within` (the origin's supervisor semantics).
+/// Reopen a crashed instance from its directory (committed data is kept;
+/// sessions and uncommitted work are not), at most `max_restarts` times
+/// within any window of `within` (the origin's supervisor semantics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RestartPolicy {
     /// Restarts allowed per window.
@@ -86,8 +87,8 @@ impl InstanceOptions {
         self
     }
 
-    /// Reopen the instance when its worker crashes (persistent instances only:
-    /// a crashed in-memory instance has lost its data, so it stays crashed).
+    /// Reopen the instance when its engine crashes. An in-memory instance is
+    /// reopened from its private directory too, with what it had committed.
     pub fn restart_policy(mut self, policy: RestartPolicy) -> Self {
         self.restart = Some(policy);
         self

@@ -9,18 +9,22 @@ use pglite_oxide::{ExecProtocolOptions, Pglite};
 use tokio::sync::mpsc;
 
 use super::job::{Job, Output, RawJob, Request};
+use super::memory_dir::MemoryDir;
 use super::shared::State;
 use super::{Failure, Holder, Worker};
 use crate::error::{Error, Result};
 use crate::instance::options::{InstanceOptions, Storage};
 use crate::protocol::{self, TxStatus, backend};
 
-pub(super) fn open(options: &InstanceOptions) -> Result<Pglite> {
+/// Opens the engine on `options`' directory, or on `memory` for an
+/// in-memory instance.
+pub(super) fn open(options: &InstanceOptions, memory: Option<&MemoryDir>) -> Result<Pglite> {
     let started = Instant::now();
     let mut builder = Pglite::builder();
-    builder = match &options.storage {
-        Storage::Memory => builder.temporary(),
-        Storage::Directory(dir) => builder.path(dir),
+    builder = match (&options.storage, memory) {
+        (Storage::Directory(dir), _) => builder.path(dir),
+        (Storage::Memory, Some(dir)) => builder.path(dir.path()),
+        (Storage::Memory, None) => builder.temporary(),
     };
     for (name, value) in &options.settings {
         builder = builder.postgres_config(name, value);
@@ -249,10 +253,6 @@ impl Worker {
             self.shared.set_state(State::Crashed(reason.into()));
             return false;
         };
-        if self.options.storage == Storage::Memory {
-            self.shared.set_state(State::Crashed(reason.into()));
-            return false;
-        }
         let now = Instant::now();
         self.restarts.retain(|t| now.duration_since(*t) < policy.within);
         if self.restarts.len() >= policy.max_restarts as usize {
@@ -263,7 +263,7 @@ impl Worker {
         }
         self.restarts.push(now);
         self.shared.set_state(State::Restarting);
-        match open(&self.options) {
+        match open(&self.options, self.memory.as_ref()) {
             Ok(engine) => {
                 tracing::warn!(instance = %self.shared.label, "instance restarted after a crash");
                 self.engine = Some(engine);

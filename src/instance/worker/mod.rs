@@ -17,6 +17,7 @@
 
 mod engine;
 mod job;
+mod memory_dir;
 mod shared;
 
 use std::collections::VecDeque;
@@ -34,6 +35,7 @@ use crate::protocol::TxStatus;
 pub(crate) use engine::ready_status;
 use engine::{open, panic_message};
 pub(crate) use job::{Claim, Command, Job, Output, RawJob, Request};
+use memory_dir::MemoryDir;
 pub(crate) use shared::{Shared, State};
 
 /// Starts a worker thread and waits until its engine answers queries.
@@ -55,7 +57,18 @@ pub(crate) async fn spawn(options: InstanceOptions) -> Result<(mpsc::UnboundedSe
     std::thread::Builder::new()
         .name(format!("pglite-{label}"))
         .spawn(move || {
-            let engine = match open(&options) {
+            let memory = match options.storage() {
+                crate::instance::options::Storage::Memory => match MemoryDir::create() {
+                    Ok(dir) => Some(dir),
+                    Err(e) => {
+                        let text = format!("cannot create the in-memory instance's directory: {e}");
+                        let _ = ready_tx.send(Err(Error::Startup(text)));
+                        return;
+                    }
+                },
+                crate::instance::options::Storage::Directory(_) => None,
+            };
+            let engine = match open(&options, memory.as_ref()) {
                 Ok(engine) => engine,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -72,6 +85,7 @@ pub(crate) async fn spawn(options: InstanceOptions) -> Result<(mpsc::UnboundedSe
                 backlog: VecDeque::new(),
                 side_found: Vec::new(),
                 broken: None,
+                memory,
             }
             .run();
         })
@@ -101,6 +115,9 @@ struct Worker {
     backlog: VecDeque<Command>,
     /// Side jobs found in the queue when the current lease started.
     side_found: Vec<Request>,
+    /// An in-memory instance's directory (reopened after a crash; removed
+    /// when the worker ends, after the engine is closed).
+    memory: Option<MemoryDir>,
     /// The engine failed after a job's reply was ready (the rollback
     /// behind an API call): it is answered, then the worker crashes.
     broken: Option<String>,
@@ -129,6 +146,7 @@ impl Worker {
                 Command::Lease(reply) => self.serve_lease(reply),
                 Command::Stop(reply) => {
                     let result = self.close();
+                    self.memory = None; // removed before `stop()` returns
                     self.shared.set_state(State::Stopped);
                     let _ = reply.send(result);
                     return;

@@ -92,6 +92,7 @@ mod deadline;
 pub mod error;
 pub mod lag;
 pub mod lsn;
+mod pacer;
 pub(crate) mod pgoutput;
 mod retry;
 pub(crate) mod schema;
@@ -309,6 +310,7 @@ impl Replication {
             catalog: None,
             durable: Lsn::ZERO,
             syncing: None,
+            pacer: pacer::Pacer::new(tokio::time::Instant::now()),
         };
         let task = tokio::spawn(guarded(supervisor.run(), status_tx.clone()));
         Ok(ReplicationHandle { status, status_tx, changes, shutdown, task: Mutex::new(Some(task)), instance, config })
@@ -453,6 +455,7 @@ impl ReplicationHandle {
             catalog: None,
             durable: Lsn::ZERO,
             syncing: None,
+            pacer: pacer::Pacer::new(tokio::time::Instant::now()),
         };
         self.status_tx.send_modify(|s| s.phase = Phase::Starting);
         *self.task.lock().unwrap_or_else(|e| e.into_inner()) =

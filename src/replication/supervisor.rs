@@ -16,6 +16,7 @@ use super::config::{PublicationSpec, ReplicationConfig, SlotLostPolicy};
 use super::deadline::{DeadlineAction, ReceiveDeadline};
 use super::error::{ReplicationError, classify_start_replication};
 use super::lsn::Lsn;
+use super::pacer::Pacer;
 use super::schema;
 use super::source::{self, SourceConnection, StreamMessage, quote_ident, quote_literal};
 use super::store;
@@ -37,6 +38,8 @@ pub(super) struct Supervisor {
     /// A sync of the data directory running in the background, and the
     /// position committed before it started (durable once it ends).
     pub(super) syncing: Option<(Lsn, tokio::task::JoinHandle<std::io::Result<()>>)>,
+    /// When to record an idle position and sync before confirming.
+    pub(super) pacer: Pacer,
 }
 
 /// How a session ended without error.
@@ -189,10 +192,20 @@ impl Supervisor {
         // meanwhile): setting a new one for every message cost CPU.
         let receive_timer = tokio::time::sleep_until(deadline.next());
         tokio::pin!(receive_timer);
+        // The bookkeeping's timer ([`Pacer`]), reset only when its time changes.
+        let mut bookkeeping_at = self.pacer.due();
+        let bookkeeping = tokio::time::sleep_until(bookkeeping_at.unwrap_or_else(Instant::now));
+        tokio::pin!(bookkeeping);
         loop {
             if stopping && applier.between_transactions() {
                 applier.flush_deferred().await?;
                 break;
+            }
+            if self.pacer.due() != bookkeeping_at {
+                bookkeeping_at = self.pacer.due();
+                if let Some(at) = bookkeeping_at {
+                    bookkeeping.as_mut().reset(at);
+                }
             }
             tokio::select! {
                 biased;
@@ -224,11 +237,14 @@ impl Supervisor {
                                 }
                             }
                             Some(StreamMessage::Keepalive { wal_end, reply_requested, .. }) => {
-                                let before = applier.committed();
                                 applier.note_wal_end(wal_end);
-                                applier.advance_idle().await?;
-                                if reply_requested || applier.committed() > before {
+                                if reply_requested {
+                                    applier.advance_idle().await?;
                                     self.confirm(&mut conn, applier.committed(), false).await?;
+                                } else {
+                                    // Under load one comes after nearly every
+                                    // commit: bookkeeping later, once.
+                                    self.pacer.keepalive(Instant::now());
                                 }
                             }
                         }
@@ -254,13 +270,20 @@ impl Supervisor {
                     }
                     receive_timer.as_mut().reset(deadline.next());
                 },
-                // The background sync ended: confirm what it covered.
+                // Recording an idle position, confirming (see [`Pacer`]).
+                () = &mut bookkeeping, if bookkeeping_at.is_some() => {
+                    self.pacer.fired();
+                    applier.advance_idle().await?;
+                    self.confirm(&mut conn, applier.committed(), false).await?;
+                }
+                // The background sync ended: confirm what it covered (and
+                // sync what was committed meanwhile, when its time comes).
                 synced = async { (&mut self.syncing.as_mut().expect("guarded").1).await }, if self.syncing.is_some() => {
                     let (lsn, _) = self.syncing.take().expect("guarded");
                     synced_or_error(synced)?;
                     tracing::trace!(%lsn, "synced to disk in the background");
                     self.durable = self.durable.max(lsn);
-                    conn.send_status(self.durable, false).await?;
+                    self.confirm(&mut conn, applier.committed(), false).await?;
                 }
                 // Nothing more is waiting on the socket: commit the remote
                 // transactions received so far (merged while we were behind).
@@ -272,6 +295,8 @@ impl Supervisor {
             synced_or_error(task.await)?;
             self.durable = self.durable.max(lsn);
         }
+        // The last confirmation is not paced.
+        self.pacer.unpace(Instant::now());
         self.confirm(&mut conn, applier.committed(), false).await?;
         if let Some((lsn, task)) = self.syncing.take() {
             synced_or_error(task.await)?;
@@ -288,7 +313,8 @@ impl Supervisor {
     /// apply goes on meanwhile (a `syncfs` can take a long time on a busy
     /// disk): until it ends, the remote hears the last durable position, and
     /// [`Supervisor::stream`] confirms `lsn` when it does. Committing locally
-    /// never waits for it: readers see each transaction at once.
+    /// never waits for it: readers see each transaction at once. Syncs are
+    /// spaced ([`Pacer`]): one refused now is scheduled for later.
     async fn confirm(
         &mut self,
         conn: &mut SourceConnection,
@@ -296,11 +322,11 @@ impl Supervisor {
         reply_requested: bool,
     ) -> Result<(), ReplicationError> {
         if lsn > self.durable && self.syncing.is_none() {
-            if self.config.sync_before_confirm {
+            if !self.config.sync_before_confirm {
+                self.durable = lsn;
+            } else if self.pacer.may_sync(Instant::now()) {
                 let instance = self.instance.clone();
                 self.syncing = Some((lsn, tokio::spawn(async move { instance.sync_to_disk().await })));
-            } else {
-                self.durable = lsn;
             }
         }
         conn.send_status(self.durable, reply_requested).await

@@ -24,6 +24,7 @@
 //!   the middle (the publisher died between chunks) is sent again from its
 //!   first chunk; caches roll back the part they had and apply it whole.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -51,6 +52,7 @@ use super::nats::{self, StreamConfig, transient};
 use super::position::{self, StreamPosition};
 use super::record::{Chunker, Record, RecordKind};
 use super::snapshot;
+use super::table_copy::CopyJob;
 
 /// Everything [`Publisher::start`] needs.
 #[derive(Debug, Clone)]
@@ -110,7 +112,7 @@ impl Publisher {
         let (status_tx, status) = watch::channel(Status::default());
         let (shutdown, shutdown_rx) = watch::channel(false);
         let data_lock = Arc::new(tokio::sync::Mutex::new(()));
-        let task = Task { config, status: Arc::new(status_tx), shutdown: shutdown_rx, data_lock, bootstrapped: false };
+        let task = Task { config, status: Arc::new(status_tx), shutdown: shutdown_rx, data_lock, bootstrapped: false, known: HashSet::new() };
         Ok(PublisherHandle { status, shutdown, task: Mutex::new(Some(tokio::spawn(task.run()))) })
     }
 }
@@ -166,9 +168,17 @@ struct Task {
     data_lock: Arc<tokio::sync::Mutex<()>>,
     /// The initial copy and a snapshot exist (checked once per process).
     bootstrapped: bool,
+    /// Tables whose copy is in the stream (the initial copy's, and those of
+    /// table copies acknowledged by JetStream): the others are copied into
+    /// the stream (`table_copy`). Read from the publisher's cache at start:
+    /// a copy published since its last refresh is made again then (the
+    /// caches replace the table, nothing is lost or repeated).
+    known: HashSet<u32>,
 }
 
-type AckFuture = Pin<Box<dyn Future<Output = (Result<(), ReplicationError>, Option<Lsn>)> + Send>>;
+/// What an acknowledged record confirms: an LSN, and a table copy complete.
+type Acked = (Result<(), ReplicationError>, Option<Lsn>, Option<u32>);
+type AckFuture = Pin<Box<dyn Future<Output = Acked> + Send>>;
 
 impl Task {
     async fn run(mut self) -> Result<(), ReplicationError> {
@@ -279,6 +289,13 @@ impl Task {
         let mut stopping = *self.shutdown.borrow();
         let mut timer = tokio::time::interval(self.config.replication.status_interval);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Tables added to the publication: looked for at once, when a
+        // Relation message names one, and every `publication_check_interval`.
+        let mut copy: Option<CopyJob> = None;
+        let mut copying: HashSet<u32> = HashSet::new();
+        let mut look_for_tables = true;
+        let mut asked: HashSet<u32> = HashSet::new();
+        let mut next_look = tokio::time::Instant::now() + self.config.replication.publication_check_interval;
         loop {
             if stopping && !chunker.in_transaction() && skipping.is_none() {
                 break;
@@ -288,15 +305,22 @@ impl Task {
                 changed = self.shutdown.changed(), if !stopping => {
                     stopping = changed.is_err() || *self.shutdown.borrow();
                 }
-                _ = timer.tick() => conn.send_status(confirmed, true).await?,
-                Some((acked, lsn)) = in_flight.next(), if !in_flight.is_empty() => {
-                    acked?;
-                    if let Some(lsn) = lsn.filter(|l| *l > confirmed) {
-                        confirmed = lsn;
-                        self.status.send_modify(|s| {
-                            s.applied_lsn = lsn;
-                            s.lag_bytes = lsn.distance_to(s.server_wal_end);
-                        });
+                _ = timer.tick() => {
+                    conn.send_status(confirmed, true).await?;
+                    if copy.is_none() && (look_for_tables || tokio::time::Instant::now() >= next_look) {
+                        look_for_tables = false;
+                        next_look = tokio::time::Instant::now() + self.config.replication.publication_check_interval;
+                        let exclude = self.known.union(&copying).copied().collect();
+                        copy = Some(CopyJob::spawn(&self.config.replication, exclude, self.config.max_chunk_bytes));
+                    }
+                }
+                Some(acked) = in_flight.next(), if !in_flight.is_empty() => self.acked(acked, &mut confirmed, &mut copying)?,
+                point = async { copy.as_mut().expect("checked").wait_point().await }, if copy.as_ref().is_some_and(|c| c.point.is_none()) => {
+                    match point? {
+                        Some((oid, _)) => {
+                            copying.insert(oid);
+                        }
+                        None => copy = None,
                     }
                 }
                 message = conn.recv(), if in_flight.len() < self.config.max_in_flight => match message? {
@@ -305,6 +329,14 @@ impl Task {
                         self.note_wal_end(wal_end);
                         if data.first() == Some(&b'B') {
                             catalog.begin(&data);
+                        }
+                        if data.first() == Some(&b'R')
+                            && let Ok(id) = data[1..].first_chunk::<4>().map(|b| u32::from_be_bytes(*b)).ok_or(())
+                            && !self.known.contains(&id)
+                            && !copying.contains(&id)
+                            && asked.insert(id)
+                        {
+                            look_for_tables = true; // changes of a table added to the publication
                         }
                         if let Some(lsn) = skipping {
                             // Already in the stream: drop it, only follow it to its end
@@ -316,7 +348,7 @@ impl Task {
                             } else if data.first() == Some(&b'C') {
                                 skipping = None;
                                 let end = commit_end(&data)?;
-                                in_flight.push_back(Box::pin(async move { (Ok(()), Some(end)) }));
+                                in_flight.push_back(Box::pin(async move { (Ok(()), Some(end), None) }));
                                 tracing::debug!(commit = %lsn, "already in the stream; skipped");
                             }
                             continue;
@@ -340,22 +372,48 @@ impl Task {
                             chunker.set_facts(id, full, lean).map_err(|e| ReplicationError::fatal(e.to_string()))?;
                         }
                         if let Some(record) = record {
+                            // A table copy goes before the first transaction committed at or after its point.
+                            if record.chunk == 0
+                                && let Some(job) = copy.as_mut()
+                            {
+                                match job.wait_point().await? {
+                                    None => copy = None,
+                                    Some((_, x)) if record.commit_lsn >= x => {
+                                        let mut job = copy.take().expect("checked");
+                                        last_seq = self.publish_copy(&mut job, &mut conn, js, &subject, last_seq, &mut in_flight, &mut confirmed, &mut copying).await?;
+                                        look_for_tables = true; // another one may wait
+                                    }
+                                    Some(_) => {}
+                                }
+                            }
                             let generation = if record.commit_lsn == resume.cut_off { resume.generation } else { 0 };
                             let lsn = record.last.then_some(record.end_lsn);
                             if let Some(end) = lsn {
                                 published_end = published_end.max(end);
                             }
-                            last_seq = publish(js, &subject, &record, generation, last_seq, lsn, &mut in_flight).await?;
+                            last_seq = publish(js, &subject, &record, generation, last_seq, lsn, None, &mut in_flight).await?;
                         }
                     }
                     Some(StreamMessage::Keepalive { wal_end, reply_requested, .. }) => {
                         self.note_wal_end(wal_end);
                         // Idle: nothing of the publication committed before
                         // `wal_end` is missing; caches may move there.
-                        if !chunker.in_transaction() && skipping.is_none() && wal_end > published_end {
+                        if !chunker.in_transaction()
+                            && skipping.is_none()
+                            && let Some(job) = copy.as_mut()
+                            && job.point.is_some_and(|(_, x)| wal_end >= x)
+                        {
+                            // Idle past the copy's point: it goes now.
+                            let mut job = copy.take().expect("checked");
+                            last_seq = self.publish_copy(&mut job, &mut conn, js, &subject, last_seq, &mut in_flight, &mut confirmed, &mut copying).await?;
+                            look_for_tables = true; // another one may wait
+                        }
+                        // No progress past a copy's point before the copy (unknown yet: none).
+                        let before_copy = copy.as_ref().is_none_or(|job| job.point.is_some_and(|(_, x)| wal_end < x));
+                        if !chunker.in_transaction() && skipping.is_none() && wal_end > published_end && before_copy {
                             published_end = wal_end;
                             let record = Record::progress(wal_end);
-                            last_seq = publish(js, &subject, &record, 0, last_seq, Some(wal_end), &mut in_flight).await?;
+                            last_seq = publish(js, &subject, &record, 0, last_seq, Some(wal_end), None, &mut in_flight).await?;
                         }
                         if reply_requested {
                             conn.send_status(confirmed, false).await?;
@@ -364,16 +422,70 @@ impl Task {
                 },
             }
         }
-        while let Some((acked, lsn)) = in_flight.next().await {
-            acked?;
-            if let Some(lsn) = lsn {
-                confirmed = confirmed.max(lsn);
-            }
+        while let Some(acked) = in_flight.next().await {
+            self.acked(acked, &mut confirmed, &mut copying)?;
         }
         self.status.send_modify(|s| s.applied_lsn = confirmed);
         conn.send_status(confirmed, false).await?;
         conn.finish().await?;
         Ok(())
+    }
+
+    /// A record is stored: the LSN it confirms moves on, a table copy it
+    /// completes is known.
+    fn acked(&mut self, acked: Acked, confirmed: &mut Lsn, copying: &mut HashSet<u32>) -> Result<(), ReplicationError> {
+        let (result, lsn, copied) = acked;
+        result?;
+        if let Some(lsn) = lsn.filter(|l| *l > *confirmed) {
+            *confirmed = lsn;
+            self.status.send_modify(|s| {
+                s.applied_lsn = lsn;
+                s.lag_bytes = lsn.distance_to(s.server_wal_end);
+            });
+        }
+        if let Some(oid) = copied {
+            copying.remove(&oid);
+            self.known.insert(oid);
+        }
+        Ok(())
+    }
+
+    /// Publishes a table copy whole (waiting for the rows as they are read
+    /// from the remote), between two transactions. The walsender is kept
+    /// alive with status updates meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    async fn publish_copy(
+        &mut self,
+        job: &mut CopyJob,
+        conn: &mut SourceConnection,
+        js: &jetstream::Context,
+        subject: &str,
+        mut last_seq: u64,
+        in_flight: &mut FuturesOrdered<AckFuture>,
+        confirmed: &mut Lsn,
+        copying: &mut HashSet<u32>,
+    ) -> Result<u64, ReplicationError> {
+        let oid = job.point.map(|(oid, _)| oid);
+        let mut timer = tokio::time::interval(self.config.replication.status_interval);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = timer.tick() => {
+                    conn.send_status(*confirmed, false).await?;
+                    continue;
+                }
+                next = job.next() => next?,
+            };
+            let Some(record) = next else { break };
+            let copied = if record.last { oid } else { None };
+            last_seq = publish(js, subject, &record, 0, last_seq, None, copied, in_flight).await?;
+            while in_flight.len() >= self.config.max_in_flight {
+                let acked = in_flight.next().await.expect("not empty");
+                self.acked(acked, confirmed, copying)?;
+            }
+        }
+        Ok(last_seq)
     }
 
     fn note_wal_end(&self, wal_end: Lsn) {
@@ -404,6 +516,10 @@ impl Task {
             let copied = self.bootstrap_in(&instance, conn, system, stream).await?;
             let position = position::load(&instance).await?;
             let applied = store::load(&instance).await?.map(|s| s.applied_lsn);
+            let known = instance
+                .query("SELECT remote_oid::int8 FROM pglite_cache.tables WHERE state = 'ready'", &[])
+                .await?;
+            self.known = known.rows.iter().map(|r| r.get::<i64>(0) as u32).collect();
             Ok::<_, ReplicationError>((copied, position, applied))
         }
         .await;
@@ -518,6 +634,7 @@ impl Resume {
 }
 
 /// Publishes one record, pipelined: the ack is awaited later, in order.
+#[allow(clippy::too_many_arguments)]
 async fn publish(
     js: &jetstream::Context,
     subject: &str,
@@ -525,6 +642,7 @@ async fn publish(
     generation: u64,
     last_seq: u64,
     confirms: Option<Lsn>,
+    copied: Option<u32>,
     in_flight: &mut FuturesOrdered<AckFuture>,
 ) -> Result<u64, ReplicationError> {
     let mut message = PublishMessage::build().payload(record.encode()).message_id(record.msg_id(generation));
@@ -542,7 +660,7 @@ async fn publish(
             Ok(_) => Ok(()),
             Err(e) => Err(transient("JetStream did not store a record", e)),
         };
-        (result, confirms)
+        (result, confirms, copied)
     }));
     Ok(last_seq + 1)
 }

@@ -259,7 +259,9 @@ async fn cache_offline_past_retention_starts_again_from_a_newer_snapshot() {
     // every record before it.
     step(
         "writes while away",
-        remote.batch_execute("UPDATE items SET v = 'while away' WHERE id % 3 = 0; INSERT INTO events VALUES (4, 1, 'away')"),
+        remote.batch_execute(
+            "UPDATE items SET v = 'while away' WHERE id % 3 = 0; INSERT INTO events VALUES (4, 1, 'away')",
+        ),
     )
     .await
     .unwrap();

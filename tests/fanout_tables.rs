@@ -45,7 +45,11 @@ async fn cache_at(config: &StreamConfig, dir: &std::path::Path) -> (Instance, Re
 
 /// Small transactions on the added tables and an old one, until stopped;
 /// counts them in `done`.
-fn writer(client: Client, done: Arc<AtomicU64>, stop: tokio::sync::watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+fn writer(
+    client: Client,
+    done: Arc<AtomicU64>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut n = 0u64;
         while !*stop.borrow() {
@@ -104,9 +108,10 @@ async fn a_table_added_to_the_publication_reaches_every_cache_exactly_once() {
     let nats = NatsServer::start();
     let stream_config = StreamConfig::new(nats.url(), "added");
     let dirs = tempfile::tempdir().unwrap();
-    let replication = ReplicationConfig::new(pg.conninfo(&db).parse().unwrap(), PublicationSpec::Existing("pub".into()))
-        .slot_name("fanout")
-        .status_interval(Duration::from_millis(200));
+    let replication =
+        ReplicationConfig::new(pg.conninfo(&db).parse().unwrap(), PublicationSpec::Existing("pub".into()))
+            .slot_name("fanout")
+            .status_interval(Duration::from_millis(200));
     let mut config = PublisherConfig::new(replication, stream_config.clone(), dirs.path().join("publisher"));
     config.snapshot_interval = None; // only the snapshot from before the tables were added
     config.max_chunk_bytes = 64 << 10; // the copy of `added` in several records

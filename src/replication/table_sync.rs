@@ -333,7 +333,11 @@ pub(crate) async fn copy_tables(
 
 /// Keys, indexes and the read-only guard of a table just loaded (inside
 /// the local transaction that creates or swaps it in).
-pub(crate) async fn finish_table(local: &Transaction, table: &TableSchema, read_only: bool) -> Result<(), ReplicationError> {
+pub(crate) async fn finish_table(
+    local: &Transaction,
+    table: &TableSchema,
+    read_only: bool,
+) -> Result<(), ReplicationError> {
     for sql in schema::constraint_statements(table) {
         local.exec(&sql).await?;
     }

@@ -8,6 +8,8 @@
 //! every start: read the stream's last record ─► START_REPLICATION (slot's confirmed position)
 //!              pgoutput ─► Chunker ─► publish (pipelined, expected last sequence, Nats-Msg-Id)
 //!              JetStream ack of a transaction's last chunk ─► confirm its end LSN to the remote
+//! a table added to the publication (a Relation message of a table not copied, or the periodic check):
+//!              copied at a temporary slot's point X (`table_copy`) ─► published before the first record at or past X
 //! ```
 //!
 //! Guarantees, and why:
@@ -53,6 +55,9 @@ use super::position::{self, StreamPosition};
 use super::record::{Chunker, Record, RecordKind};
 use super::snapshot;
 use super::table_copy::CopyJob;
+
+/// A table copy that failed before it began is tried again after this.
+const COPY_RETRY: Duration = Duration::from_secs(10);
 
 /// Everything [`Publisher::start`] needs.
 #[derive(Debug, Clone)]
@@ -112,7 +117,14 @@ impl Publisher {
         let (status_tx, status) = watch::channel(Status::default());
         let (shutdown, shutdown_rx) = watch::channel(false);
         let data_lock = Arc::new(tokio::sync::Mutex::new(()));
-        let task = Task { config, status: Arc::new(status_tx), shutdown: shutdown_rx, data_lock, bootstrapped: false, known: HashSet::new() };
+        let task = Task {
+            config,
+            status: Arc::new(status_tx),
+            shutdown: shutdown_rx,
+            data_lock,
+            bootstrapped: false,
+            known: HashSet::new(),
+        };
         Ok(PublisherHandle { status, shutdown, task: Mutex::new(Some(tokio::spawn(task.run()))) })
     }
 }
@@ -316,11 +328,15 @@ impl Task {
                 }
                 Some(acked) = in_flight.next(), if !in_flight.is_empty() => self.acked(acked, &mut confirmed, &mut copying)?,
                 point = async { copy.as_mut().expect("checked").wait_point().await }, if copy.as_ref().is_some_and(|c| c.point.is_none()) => {
-                    match point? {
+                    match point {
                         Some((oid, _)) => {
                             copying.insert(oid);
                         }
-                        None => copy = None,
+                        None => {
+                            if copy.take().is_some_and(|job| job.failed) {
+                                next_look = next_look.min(tokio::time::Instant::now() + COPY_RETRY);
+                            }
+                        }
                     }
                 }
                 message = conn.recv(), if in_flight.len() < self.config.max_in_flight => match message? {
@@ -376,8 +392,12 @@ impl Task {
                             if record.chunk == 0
                                 && let Some(job) = copy.as_mut()
                             {
-                                match job.wait_point().await? {
-                                    None => copy = None,
+                                match job.wait_point().await {
+                                    None => {
+                                        if copy.take().is_some_and(|job| job.failed) {
+                                            next_look = next_look.min(tokio::time::Instant::now() + COPY_RETRY);
+                                        }
+                                    }
                                     Some((_, x)) if record.commit_lsn >= x => {
                                         let mut job = copy.take().expect("checked");
                                         last_seq = self.publish_copy(&mut job, &mut conn, js, &subject, last_seq, &mut in_flight, &mut confirmed, &mut copying).await?;
@@ -516,9 +536,8 @@ impl Task {
             let copied = self.bootstrap_in(&instance, conn, system, stream).await?;
             let position = position::load(&instance).await?;
             let applied = store::load(&instance).await?.map(|s| s.applied_lsn);
-            let known = instance
-                .query("SELECT remote_oid::int8 FROM pglite_cache.tables WHERE state = 'ready'", &[])
-                .await?;
+            let known =
+                instance.query("SELECT remote_oid::int8 FROM pglite_cache.tables WHERE state = 'ready'", &[]).await?;
             self.known = known.rows.iter().map(|r| r.get::<i64>(0) as u32).collect();
             Ok::<_, ReplicationError>((copied, position, applied))
         }

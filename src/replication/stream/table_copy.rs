@@ -127,8 +127,9 @@ impl Header {
 
     pub(super) fn decode(frame: &[u8]) -> Result<Header, ReplicationError> {
         match frame {
-            [HEADER_TAG, HEADER_VERSION, json @ ..] => serde_json::from_slice(json)
-                .map_err(|e| ReplicationError::fatal(format!("table copy header: {e}"))),
+            [HEADER_TAG, HEADER_VERSION, json @ ..] => {
+                serde_json::from_slice(json).map_err(|e| ReplicationError::fatal(format!("table copy header: {e}")))
+            }
             [HEADER_TAG, v, ..] => Err(ReplicationError::fatal(format!(
                 "table copy header version {v}; this version reads {HEADER_VERSION}: upgrade"
             ))),
@@ -146,6 +147,8 @@ pub(super) struct CopyJob {
     head: Option<Record>,
     /// The table and the copy's point, once known.
     pub(super) point: Option<(u32, Lsn)>,
+    /// It failed before its first record (e.g. no free replication slot).
+    pub(super) failed: bool,
 }
 
 impl Drop for CopyJob {
@@ -159,23 +162,28 @@ impl CopyJob {
     pub(super) fn spawn(config: &ReplicationConfig, exclude: HashSet<u32>, max_chunk_bytes: usize) -> CopyJob {
         let (tx, rx) = mpsc::channel(4);
         let task = tokio::spawn(copy_one(config.clone(), exclude, max_chunk_bytes, tx));
-        CopyJob { rx, task, head: None, point: None }
+        CopyJob { rx, task, head: None, point: None, failed: false }
     }
 
-    /// Waits until the copy's point is known; `None`: nothing to copy.
-    pub(super) async fn wait_point(&mut self) -> Result<Option<(u32, Lsn)>, ReplicationError> {
+    /// Waits until the copy's point is known; `None`: nothing to copy, or
+    /// the copy failed before it began (nothing of it is in the stream: the
+    /// publisher goes on, and tries again later; see [`Self::failed`]).
+    pub(super) async fn wait_point(&mut self) -> Option<(u32, Lsn)> {
         if self.point.is_some() {
-            return Ok(self.point);
+            return self.point;
         }
         match self.rx.recv().await {
             Some((oid, record)) => {
                 self.point = Some((oid, record.commit_lsn));
                 self.head = Some(record);
-                Ok(self.point)
+                self.point
             }
             None => {
-                self.ended().await?;
-                Ok(None)
+                if let Err(e) = self.ended().await {
+                    tracing::warn!(error = %e, "could not copy a table added to the publication; trying again later");
+                    self.failed = true;
+                }
+                None
             }
         }
     }
@@ -209,8 +217,7 @@ async fn copy_one(
 ) -> Result<(), ReplicationError> {
     let publication = config.publication.name().to_owned();
     let client = remote_client(&config.source).await?;
-    let published: Vec<u32> =
-        client.query(PUBLISHED_SQL, &[&publication]).await?.iter().map(|r| r.get(0)).collect();
+    let published: Vec<u32> = client.query(PUBLISHED_SQL, &[&publication]).await?.iter().map(|r| r.get(0)).collect();
     if published.iter().all(|oid| exclude.contains(oid)) {
         return Ok(());
     }
@@ -313,7 +320,11 @@ struct Loading {
 impl Loader {
     /// Feeds one copy record (in order: the sequencer saw to it); returns
     /// the table once its last record is applied.
-    pub(super) async fn feed(&mut self, instance: &Instance, record: &Record) -> Result<Option<Copied>, ReplicationError> {
+    pub(super) async fn feed(
+        &mut self,
+        instance: &Instance,
+        record: &Record,
+    ) -> Result<Option<Copied>, ReplicationError> {
         let mut messages = record.messages.iter();
         if record.chunk == 0 {
             let header = Header::decode(messages.next().map(|m| &m[..]).unwrap_or_default())?;
@@ -336,10 +347,8 @@ impl Loader {
             }
             self.loading = Some(Loading { header, table, x, rows: 0, skip });
         }
-        let loading = self
-            .loading
-            .as_mut()
-            .ok_or_else(|| ReplicationError::fatal("a table copy's chunk without its start"))?;
+        let loading =
+            self.loading.as_mut().ok_or_else(|| ReplicationError::fatal("a table copy's chunk without its start"))?;
         if !loading.skip {
             let shadow = table_sync::shadow_of(&loading.table);
             let sql = table_sync::shadow_copy_in_sql(&shadow);
@@ -351,7 +360,11 @@ impl Loader {
             return Ok(None);
         }
         let loading = self.loading.take().expect("checked above");
-        let known = KnownTable { schema: loading.table.schema.clone(), name: loading.table.name.clone(), applies_from: loading.x };
+        let known = KnownTable {
+            schema: loading.table.schema.clone(),
+            name: loading.table.name.clone(),
+            applies_from: loading.x,
+        };
         if loading.skip {
             return Ok(None);
         }
@@ -430,7 +443,12 @@ mod tests {
             schema: "public".into(),
             name: "Added".into(),
             relkind: b'r' as i8,
-            columns: vec![ColumnSchema { name: "id".into(), type_name: "integer".into(), not_null: true, binary_safe: true }],
+            columns: vec![ColumnSchema {
+                name: "id".into(),
+                type_name: "integer".into(),
+                not_null: true,
+                binary_safe: true,
+            }],
             row_filter: Some("id > 1".into()),
             constraints: vec![("added_pkey".into(), "PRIMARY KEY (id)".into())],
             indexes: vec![],
@@ -448,7 +466,10 @@ mod tests {
     #[test]
     fn copy_records_carry_their_point_and_end_on_the_last() {
         let r = Record::copy(Lsn(0x50), 3, vec![Bytes::from_static(b"1\n")]);
-        assert_eq!((r.kind, r.commit_lsn, r.end_lsn, r.chunk, r.last), (RecordKind::Copy, Lsn(0x50), Lsn::ZERO, 3, false));
+        assert_eq!(
+            (r.kind, r.commit_lsn, r.end_lsn, r.chunk, r.last),
+            (RecordKind::Copy, Lsn(0x50), Lsn::ZERO, 3, false)
+        );
         assert_eq!(r.msg_id(0), "c50.3");
         let decoded = Record::decode(r.encode()).unwrap();
         assert_eq!(decoded, r);

@@ -731,11 +731,16 @@ mod tests {
         };
         let r = Resume::from_tail(Some(&done), 7);
         assert_eq!((r.skip_below, r.generation, r.last_seq), (Lsn(20), 0, 7));
-        let cut = Record { last: false, end_lsn: Lsn::ZERO, ..done };
+        let cut = Record { last: false, end_lsn: Lsn::ZERO, ..done.clone() };
         let r = Resume::from_tail(Some(&cut), 9);
         assert_eq!((r.skip_below, r.cut_off, r.generation), (Lsn(10), Lsn(10), 9));
         let r = Resume::from_tail(Some(&Record::progress(Lsn(30))), 11);
         assert_eq!(r.skip_below, Lsn(30));
+        // A table copy at 40 follows every transaction committed before 40.
+        let copied = Record { kind: RecordKind::Copy, commit_lsn: Lsn(40), end_lsn: Lsn(40), ..done.clone() };
+        assert_eq!(Resume::from_tail(Some(&copied), 12).skip_below, Lsn(40));
+        let cut = Record { last: false, end_lsn: Lsn::ZERO, ..copied };
+        assert_eq!(Resume::from_tail(Some(&cut), 13).skip_below, Lsn(40));
     }
 
     #[test]

@@ -27,14 +27,11 @@
 //!   first chunk; caches roll back the part they had and apply it whole.
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
-use bytes::Bytes;
+use async_nats::jetstream;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use tokio::sync::watch;
@@ -52,9 +49,12 @@ use crate::{Instance, InstanceOptions};
 use super::catalog::CatalogReader;
 use super::nats::{self, StreamConfig, transient};
 use super::position::{self, StreamPosition};
-use super::record::{Chunker, Record, RecordKind};
+use super::record::{Chunker, Record};
 use super::snapshot;
 use super::table_copy::CopyJob;
+
+mod outbox;
+use outbox::{AckFuture, Acked, Resume, commit_end, publish};
 
 /// A table copy that failed before it began is tried again after this.
 const COPY_RETRY: Duration = Duration::from_secs(10);
@@ -187,10 +187,6 @@ struct Task {
     /// caches replace the table, nothing is lost or repeated).
     known: HashSet<u32>,
 }
-
-/// What an acknowledged record confirms: an LSN, and a table copy complete.
-type Acked = (Result<(), ReplicationError>, Option<Lsn>, Option<u32>);
-type AckFuture = Pin<Box<dyn Future<Output = Acked> + Send>>;
 
 impl Task {
     async fn run(mut self) -> Result<(), ReplicationError> {
@@ -627,69 +623,6 @@ impl Task {
     }
 }
 
-/// Where a session starts, from the stream's last record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Resume {
-    /// The stream's last sequence number.
-    last_seq: u64,
-    /// Transactions committed before this are in the stream already.
-    skip_below: Lsn,
-    /// A transaction whose first chunks are in the stream, cut off.
-    cut_off: Lsn,
-    /// Its records get other ids this time.
-    generation: u64,
-}
-
-impl Resume {
-    fn from_tail(tail: Option<&Record>, last_seq: u64) -> Resume {
-        match tail {
-            None => Resume { last_seq, skip_below: Lsn::ZERO, cut_off: Lsn(u64::MAX), generation: 0 },
-            Some(r) if r.last || r.kind == RecordKind::Progress => {
-                Resume { last_seq, skip_below: r.end_lsn, cut_off: Lsn(u64::MAX), generation: 0 }
-            }
-            Some(r) => Resume { last_seq, skip_below: r.commit_lsn, cut_off: r.commit_lsn, generation: last_seq },
-        }
-    }
-}
-
-/// Publishes one record, pipelined: the ack is awaited later, in order.
-#[allow(clippy::too_many_arguments)]
-async fn publish(
-    js: &jetstream::Context,
-    subject: &str,
-    record: &Record,
-    generation: u64,
-    last_seq: u64,
-    confirms: Option<Lsn>,
-    copied: Option<u32>,
-    in_flight: &mut FuturesOrdered<AckFuture>,
-) -> Result<u64, ReplicationError> {
-    let mut message = PublishMessage::build().payload(record.encode()).message_id(record.msg_id(generation));
-    if last_seq > 0 {
-        message = message.expected_last_sequence(last_seq);
-    }
-    let ack: PublishAckFuture =
-        js.send_publish(subject.to_owned(), message).await.map_err(|e| transient("publishing to the stream", e))?;
-    in_flight.push_back(Box::pin(async move {
-        let result = match ack.await {
-            Ok(ack) if ack.duplicate => {
-                tracing::debug!(seq = ack.sequence, "duplicate record dropped by JetStream");
-                Ok(())
-            }
-            Ok(_) => Ok(()),
-            Err(e) => Err(transient("JetStream did not store a record", e)),
-        };
-        (result, confirms, copied)
-    }));
-    Ok(last_seq + 1)
-}
-
-fn commit_end(data: &Bytes) -> Result<Lsn, ReplicationError> {
-    let bytes: [u8; 8] =
-        data.get(10..18).and_then(|b| b.try_into().ok()).ok_or_else(|| ReplicationError::fatal("short Commit"))?;
-    Ok(Lsn(u64::from_be_bytes(bytes)))
-}
-
 /// Creates the owned publication if missing. Returns whether it is owned.
 async fn ensure_publication(
     config: &ReplicationConfig,
@@ -712,43 +645,4 @@ async fn ensure_publication(
             .await?;
     }
     Ok(true)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resume_follows_the_stream_tail() {
-        assert_eq!(Resume::from_tail(None, 0).skip_below, Lsn::ZERO);
-        let done = Record {
-            kind: RecordKind::Transaction,
-            commit_lsn: Lsn(10),
-            end_lsn: Lsn(20),
-            chunk: 2,
-            last: true,
-            messages: vec![],
-        };
-        let r = Resume::from_tail(Some(&done), 7);
-        assert_eq!((r.skip_below, r.generation, r.last_seq), (Lsn(20), 0, 7));
-        let cut = Record { last: false, end_lsn: Lsn::ZERO, ..done.clone() };
-        let r = Resume::from_tail(Some(&cut), 9);
-        assert_eq!((r.skip_below, r.cut_off, r.generation), (Lsn(10), Lsn(10), 9));
-        let r = Resume::from_tail(Some(&Record::progress(Lsn(30))), 11);
-        assert_eq!(r.skip_below, Lsn(30));
-        // A table copy at 40 follows every transaction committed before 40.
-        let copied = Record { kind: RecordKind::Copy, commit_lsn: Lsn(40), end_lsn: Lsn(40), ..done.clone() };
-        assert_eq!(Resume::from_tail(Some(&copied), 12).skip_below, Lsn(40));
-        let cut = Record { last: false, end_lsn: Lsn::ZERO, ..copied };
-        assert_eq!(Resume::from_tail(Some(&cut), 13).skip_below, Lsn(40));
-    }
-
-    #[test]
-    fn commit_end_reads_the_end_lsn() {
-        let mut b = vec![b'C', 0];
-        b.extend(5u64.to_be_bytes());
-        b.extend(9u64.to_be_bytes());
-        b.extend(0i64.to_be_bytes());
-        assert_eq!(commit_end(&Bytes::from(b)).unwrap(), Lsn(9));
-    }
 }

@@ -30,9 +30,11 @@ INSERT INTO added SELECT 0, i, repeat(md5(i::text), 2) FROM generate_series(1, 2
 CREATE TABLE added_keyed (id int PRIMARY KEY, v text, tag mood);
 CREATE INDEX added_keyed_v ON added_keyed (v);
 INSERT INTO added_keyed SELECT i, 'seed ' || i, 'calm' FROM generate_series(1, 300) i;
+CREATE TABLE quiet (id int PRIMARY KEY, v text);
+INSERT INTO quiet SELECT i, 'quiet ' || i FROM generate_series(1, 100) i;
 "#;
 
-const TABLES: [&str; 3] = ["items", "added", "added_keyed"];
+const TABLES: [&str; 4] = ["items", "added", "added_keyed", "quiet"];
 
 async fn cache_at(config: &StreamConfig, dir: &std::path::Path) -> (Instance, ReplicationHandle) {
     let restored = tokio::time::timeout(WAIT, stream::bootstrap(config, dir)).await.unwrap().unwrap();
@@ -125,10 +127,11 @@ async fn a_table_added_to_the_publication_reaches_every_cache_exactly_once() {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let load = writer(pg.client(&db).await, done.clone(), stopped);
     wait_for("writes before the tables are added", async || done.load(Ordering::Relaxed) >= 100).await;
-    remote.batch_execute("ALTER PUBLICATION pub ADD TABLE added, added_keyed").await.unwrap();
+    // `quiet` gets no writes: the publisher finds it in the publication.
+    remote.batch_execute("ALTER PUBLICATION pub ADD TABLE added, added_keyed, quiet").await.unwrap();
     for cache in [&a, &b] {
         wait_for("the added tables in a cache", async || {
-            has_table(cache, "added").await && has_table(cache, "added_keyed").await
+            has_table(cache, "added").await && has_table(cache, "added_keyed").await && has_table(cache, "quiet").await
         })
         .await;
     }

@@ -10,7 +10,6 @@
 //! PostgreSQL installation (started as an unprivileged user, as the tests do).
 
 use std::process::Command;
-use std::time::Duration;
 
 use pglite_cache::local_postgres::LocalPostgres;
 use pglite_cache::server::{self, Listener, ServerConfig};
@@ -61,18 +60,27 @@ fn main() {
     let native = LocalPostgres::start(&[("fsync", "off")]).expect("native PostgreSQL starts");
     let native_dir = native.socket_dir().display().to_string();
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ours_dir = dir.path().display().to_string();
-    let (db, stop, served) = rt.block_on(async {
-        let db = Instance::start(InstanceOptions::in_memory()).await.unwrap();
-        let unix = Listener::bind_unix(dir.path(), 5432).unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let served = tokio::spawn(server::serve(db.clone(), vec![unix], ServerConfig::default(), async move {
-            let _ = stopped.await;
-        }));
-        (db, stop, served)
+    // On a single-threaded runtime of its own thread, as `pglite-cache
+    // serve` runs it (see `Cli::single_threaded`).
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let socket_dir = dir.path().to_path_buf();
+    let server = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let db = Instance::start(InstanceOptions::in_memory()).await.unwrap();
+            let unix = Listener::bind_unix(&socket_dir, 5432).unwrap();
+            let served = server::serve(db.clone(), vec![unix], ServerConfig::default(), async move {
+                let _ = stopped.await;
+            });
+            let _ = ready_tx.send(());
+            let _ = served.await;
+            db.stop().await.unwrap();
+        });
     });
+    ready.recv().expect("the server starts");
 
     for (dir, port) in [(&native_dir, native.port()), (&ours_dir, 5432)] {
         pgbench_out(&bin, dir, port, &["-i", "-s", "1", "-q"]);
@@ -98,8 +106,5 @@ fn main() {
         }
     }
     let _ = stop.send(());
-    rt.block_on(async {
-        let _ = tokio::time::timeout(Duration::from_secs(10), served).await;
-        db.stop().await.unwrap();
-    });
+    server.join().unwrap();
 }

@@ -278,3 +278,47 @@ fn instances_are_shared_across_runtimes() {
     assert_eq!(n, 42);
     rt2.block_on(db.stop()).unwrap();
 }
+
+/// This engine cannot catch an error inside a PL/pgSQL exception block:
+/// every PostgreSQL error unwinds to its main loop, past the block's
+/// handler, and leaves the statement's portal marked active, so the
+/// session's transaction could never end again ("cannot drop active
+/// portal", then "current transaction is aborted" for every later call, of
+/// every caller). The instance notices it when the transaction is rolled
+/// back, answers the call with its real error, and restarts (persistent,
+/// with a restart policy) with the committed data; an in-memory instance
+/// reports itself crashed instead of answering wrongly.
+#[tokio::test]
+async fn an_error_inside_a_plpgsql_exception_block_restarts_the_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = RestartPolicy { max_restarts: 3, within: Duration::from_secs(60) };
+    let db = Instance::start(InstanceOptions::persistent(dir.path()).restart_policy(policy)).await.unwrap();
+    db.exec("CREATE TABLE t (id int); INSERT INTO t VALUES (1)").await.unwrap();
+    db.exec(
+        "CREATE FUNCTION safe_div(a int, b int) RETURNS int LANGUAGE plpgsql AS \
+         $$ BEGIN RETURN a / b; EXCEPTION WHEN division_by_zero THEN RETURN NULL; END $$",
+    )
+    .await
+    .unwrap();
+
+    // On its own: the caller gets the real error.
+    let err = db.query("SELECT safe_div(1, 0)", &[]).await.unwrap_err();
+    assert_eq!(err.code(), Some(&pglite_cache::SqlState::DIVISION_BY_ZERO), "{err}");
+    assert_eq!(count(&db, "t").await, 1);
+    db.exec("INSERT INTO t VALUES (2)").await.unwrap();
+
+    // Inside a transaction: its end fails, the engine restarts, the
+    // transaction's writes are gone and the committed ones are there.
+    let tx = db.begin().await.unwrap();
+    tx.exec("INSERT INTO t VALUES (3)").await.unwrap();
+    tx.query("SELECT safe_div(1, 0)", &[]).await.unwrap_err();
+    tx.rollback().await.unwrap_err();
+    assert_eq!(count(&db, "t").await, 2);
+    assert_eq!(db.query("SELECT safe_div(6, 3)", &[]).await.unwrap().rows[0].get::<i32>(0), 2);
+    db.stop().await.unwrap();
+
+    let memory = memory().await;
+    memory.exec("DO $$ BEGIN PERFORM 1 / 0; EXCEPTION WHEN OTHERS THEN NULL; END $$").await.unwrap_err();
+    let err = memory.query("SELECT 1", &[]).await.unwrap_err();
+    assert!(matches!(&err, Error::Crashed { reason, .. } if reason.contains("PL/pgSQL")), "{err}");
+}

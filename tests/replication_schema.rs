@@ -412,3 +412,73 @@ async fn renamed_tables_and_indexes_follow() {
     assert_same(&remote, &local, "other.t3").await;
     handle.stop().await.unwrap();
 }
+
+/// A table renamed upstream and then described again under its new name
+/// in the same local transaction (any invalidation of the table upstream,
+/// here an index and a storage option, makes the publisher send its
+/// Relation message again) while the local rename still waits, unrun: the
+/// later messages must not look the new name up in the local catalog.
+/// This halted replication ("relation does not exist") when the rename and
+/// the next invalidation were in one remote transaction, and at random
+/// under load when merged commits put them in one local transaction. The
+/// cache is stopped while the remote writes, so that everything arrives at
+/// once on restart and is merged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_described_again_after_a_rename_waiting_in_the_same_local_transaction() {
+    let pg = PgCluster::start();
+    let (db, remote, local, handle) = setup(
+        &pg,
+        "rename_merged",
+        "CREATE TABLE t (id bigserial PRIMARY KEY, k int); \
+         INSERT INTO t (k) SELECT g FROM generate_series(1, 10) g; \
+         CREATE PUBLICATION pub FOR TABLE t;",
+    )
+    .await;
+    remote.batch_execute("INSERT INTO t (k) VALUES (11)").await.unwrap();
+    catch_up(&handle, &remote).await;
+    handle.stop().await.unwrap();
+    // In one remote transaction, then in several.
+    remote
+        .batch_execute(
+            "BEGIN; ALTER TABLE t RENAME TO t2; INSERT INTO t2 (k) VALUES (100); CREATE INDEX t2_k ON t2 (k); \
+             INSERT INTO t2 (k) VALUES (101); ALTER TABLE t2 SET (fillfactor = 90); UPDATE t2 SET k = k + 1 WHERE k = 101; COMMIT",
+        )
+        .await
+        .unwrap();
+    for sql in [
+        "ALTER TABLE t2 RENAME TO t3",
+        "INSERT INTO t3 (k) VALUES (200)",
+        "CREATE INDEX t3_k2 ON t3 (k, id)",
+        "INSERT INTO t3 (k) VALUES (201)",
+        "ALTER TABLE t3 SET (fillfactor = 80)",
+        "UPDATE t3 SET k = k + 1 WHERE k = 201",
+    ] {
+        remote.batch_execute(sql).await.unwrap();
+    }
+    let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
+    catch_up(&handle, &remote).await;
+    assert_same(&remote, &local, "t3").await;
+    assert_eq!(index_names(&local, "t3").await, "t2_k,t3_k2,t_pkey");
+    // An index the cache cannot build (a function it does not have) is
+    // skipped with a warning; the apply goes on and the engine stays usable.
+    remote
+        .batch_execute(
+            "CREATE FUNCTION plus1(int) RETURNS int IMMUTABLE LANGUAGE sql AS 'SELECT $1 + 1'; \
+             CREATE INDEX t3_f ON t3 (plus1(k)); INSERT INTO t3 (k) VALUES (300)",
+        )
+        .await
+        .unwrap();
+    remote.batch_execute("INSERT INTO t3 (k) VALUES (301)").await.unwrap();
+    catch_up(&handle, &remote).await;
+    assert_same(&remote, &local, "t3").await;
+    assert_eq!(index_names(&local, "t3").await, "t2_k,t3_k2,t_pkey");
+    assert_streaming(&handle);
+    handle.stop().await.unwrap();
+}
+
+async fn index_names(local: &Instance, table: &str) -> String {
+    let sql = format!(
+        "SELECT string_agg(indexname::text, ',' ORDER BY indexname) FROM pg_indexes WHERE tablename = '{table}'"
+    );
+    local.query(&sql, &[]).await.unwrap().rows[0].get::<Option<String>>(0).unwrap_or_default()
+}

@@ -130,3 +130,49 @@ async fn unsafe_trust_tcp_is_the_explicit_opt_out() {
     let n: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(n, 1);
 }
+
+/// A client's error inside a PL/pgSQL exception block (which this engine
+/// cannot catch: see `an_error_inside_a_plpgsql_exception_block_restarts_the_engine`
+/// in tests/instance_lifecycle.rs) used to leave the one backend unable to
+/// end any transaction: every client got "current transaction is aborted"
+/// for ever. `serve --data` now restarts the engine when that client's
+/// transaction ends (its ROLLBACK, or its disconnect), and the other
+/// clients go on with the committed data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncatchable_plpgsql_error_costs_one_engine_restart_not_the_server() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().join("db");
+    let serve = Serve::start(&["--unsafe-trust-tcp", "--data", data_dir.to_str().unwrap()]);
+    let setup = connect(&serve.config()).await.unwrap();
+    setup
+        .batch_execute(
+            "CREATE TABLE t (id int); INSERT INTO t VALUES (1); \
+             CREATE FUNCTION safe_div(a int, b int) RETURNS int LANGUAGE plpgsql AS \
+             $$ BEGIN RETURN a / b; EXCEPTION WHEN division_by_zero THEN RETURN NULL; END $$",
+        )
+        .await
+        .unwrap();
+    drop(setup);
+    let sqlstate = |e: tokio_postgres::Error| e.code().map(|c| c.code().to_owned());
+
+    // The client ends its transaction itself.
+    let a = connect(&serve.config()).await.unwrap();
+    let err = a.query_one("SELECT safe_div(1, 0)", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(err).as_deref(), Some("22012"));
+    a.batch_execute("ROLLBACK").await.unwrap_err();
+    let b = connect(&serve.config()).await.unwrap();
+    let n: i64 =
+        tokio::time::timeout(PATIENCE, b.query_one("SELECT count(*) FROM t", &[])).await.unwrap().unwrap().get(0);
+    assert_eq!(n, 1);
+
+    // The client goes away without ending it.
+    let c = connect(&serve.config()).await.unwrap();
+    c.query_one("SELECT safe_div(1, 0)", &[]).await.unwrap_err();
+    drop(c);
+    let d = connect(&serve.config()).await.unwrap();
+    let n: i64 =
+        tokio::time::timeout(PATIENCE, d.query_one("SELECT count(*) FROM t", &[])).await.unwrap().unwrap().get(0);
+    assert_eq!(n, 1);
+    let v: i32 = d.query_one("SELECT safe_div(6, 3)", &[]).await.unwrap().get(0);
+    assert_eq!(v, 2);
+}

@@ -222,3 +222,45 @@ async fn resync_command_reaches_the_daemon_or_the_next_start() {
     }
     assert_in_sync(&admin, &cache, &["a", "b"]).await;
 }
+
+/// A wire client's error inside a PL/pgSQL exception block (which the
+/// engine cannot catch) makes the cache's engine restart when that
+/// client's transaction ends; the replication takes it as an interruption,
+/// reconnects and goes on: the daemon keeps serving and stays in sync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_restart_interrupts_the_replication_only() {
+    let remote = LocalPostgres::start(&[]).expect("start PostgreSQL");
+    let admin = connect(&remote.conninfo("postgres")).await;
+    admin
+        .batch_execute(
+            "CREATE TABLE a (id int PRIMARY KEY, v text); INSERT INTO a SELECT g, 'a' FROM generate_series(1, 100) g",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cache");
+    let mut daemon = Daemon::spawn(&[], &remote.url("postgres"), &data, &["--tables", "a"]);
+    let cache = daemon.client().await;
+    assert_in_sync(&admin, &cache, &["a"]).await;
+    // A function of the cache's own (not replicated), with an exception block.
+    cache
+        .batch_execute(
+            "CREATE FUNCTION safe_div(a int, b int) RETURNS int LANGUAGE plpgsql AS \
+             $$ BEGIN RETURN a / b; EXCEPTION WHEN division_by_zero THEN RETURN NULL; END $$",
+        )
+        .await
+        .unwrap();
+    let err = cache.query_one("SELECT safe_div(1, 0)", &[]).await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("22012"), "{err}");
+    drop(cache);
+    admin
+        .batch_execute(
+            "INSERT INTO a SELECT g, 'b' FROM generate_series(101, 200) g; UPDATE a SET v = 'c' WHERE id <= 10",
+        )
+        .await
+        .unwrap();
+    let cache = daemon.client().await;
+    assert_in_sync(&admin, &cache, &["a"]).await;
+    assert!(daemon.alive(), "{}", daemon.stderr());
+    assert!(daemon.stderr().contains("instance restarted after a crash"), "{}", daemon.stderr());
+}

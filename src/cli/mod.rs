@@ -53,14 +53,15 @@ impl Cli {
     }
 
     /// Whether the command runs on a single-threaded async runtime. `sync`
-    /// does: its async work (decoding the stream, the wire server's
-    /// framing) is light next to the engine, which has a thread of its own,
-    /// and every hop between runtime threads is a thread wake-up: with the
-    /// default multi-threaded runtime a small replicated transaction crossed
-    /// threads ~6 times and the runtime's threads used ~70 µs of CPU per
-    /// transaction (BENCHMARKS.md, issue 10).
+    /// and `serve` do: their async work (decoding the stream, the wire
+    /// server's framing) is light next to the engine, which has a thread of
+    /// its own, and every hop between runtime threads is a thread wake-up:
+    /// with the default multi-threaded runtime a small replicated
+    /// transaction crossed threads ~6 times and the runtime's threads used
+    /// ~70 µs of CPU per transaction (BENCHMARKS.md, issue 10), and a pgbench
+    /// TPC-B transaction cost ~30 context switches instead of ~7 (issue 8).
     pub fn single_threaded(&self) -> bool {
-        matches!(self.command, Command::Sync(_))
+        matches!(self.command, Command::Sync(_) | Command::Serve(_))
     }
 }
 

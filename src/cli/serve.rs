@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use pglite_cache::server;
-use pglite_cache::{Instance, InstanceOptions};
+use pglite_cache::{Instance, InstanceOptions, RestartPolicy};
 
 use super::EXIT_DB_ERROR;
 use super::listen::{ListenArgs, stop_signal};
@@ -27,7 +27,12 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let options = args.data.map_or_else(InstanceOptions::in_memory, InstanceOptions::persistent);
+    // A persistent instance is reopened after an engine crash (committed
+    // data is on disk); an in-memory one cannot be.
+    let options = match args.data {
+        Some(dir) => InstanceOptions::persistent(dir).restart_policy(RestartPolicy::default()),
+        None => InstanceOptions::in_memory(),
+    };
     let db = match Instance::start(options).await {
         Ok(db) => db,
         Err(e) => {

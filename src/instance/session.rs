@@ -245,7 +245,7 @@ impl RawSession {
         prefix: Option<Prefix>,
     ) -> Result<Option<Vec<u8>>> {
         let shared = self.instance.shared.clone();
-        let reply = handoff::reply(rx, &shared, false);
+        let reply = handoff::reply(rx, &shared, false, Some(&claim.started));
         tokio::pin!(reply);
         let output = tokio::select! {
             output = &mut reply => output,

@@ -241,6 +241,18 @@ impl From<tokio_postgres::Error> for ReplicationError {
     }
 }
 
+impl ReplicationError {
+    /// Fatal if the local instance is closed for good (crashed beyond its
+    /// restart policy, or stopped): retrying could not help.
+    pub(crate) fn halt_if_closed(self, instance: &crate::Instance) -> ReplicationError {
+        if !instance.is_closed() {
+            return self;
+        }
+        ReplicationError { kind: ErrorKind::Fatal, ..self }
+            .with_hint("the local instance is gone; start it again and restart replication (it resumes)")
+    }
+}
+
 impl From<crate::Error> for ReplicationError {
     fn from(e: crate::Error) -> Self {
         match &e {
@@ -251,10 +263,11 @@ impl From<crate::Error> for ReplicationError {
                 code: Some(db.code.clone()),
                 slot_lost: false,
             },
-            crate::Error::Stopped(_) | crate::Error::Crashed { .. } => {
-                ReplicationError::fatal(format!("local instance: {e}"))
-                    .with_hint("the local instance is gone; start it again and restart replication (it resumes)")
-            }
+            // A crashed instance with a restart policy is open again by the
+            // next attempt; one that is gone halts it (`halt_if_closed`).
+            crate::Error::Crashed { .. } => ReplicationError::transient(format!("local instance: {e}")),
+            crate::Error::Stopped(_) => ReplicationError::fatal(format!("local instance: {e}"))
+                .with_hint("the local instance is gone; start it again and restart replication (it resumes)"),
             _ => ReplicationError::fatal(format!("local instance: {e}")),
         }
     }

@@ -81,6 +81,7 @@ impl Supervisor {
                     }
                 }
                 Err(e) => {
+                    let e = e.halt_if_closed(&self.instance);
                     // A slot still held after a while: an operator can act (the hint).
                     let loud = attempt >= SLOT_IN_USE_PATIENCE && e.is_slot_in_use();
                     match retry::after_failure(e, &mut attempt, &self.status, &mut self.shutdown, "replication", loud)

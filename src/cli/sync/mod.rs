@@ -22,7 +22,7 @@ use pglite_cache::replication::{
     SlotLostPolicy, SourceConfig, Status,
 };
 use pglite_cache::server::{self, Admission};
-use pglite_cache::{Error, Instance, InstanceOptions};
+use pglite_cache::{Error, Instance, InstanceOptions, RestartPolicy};
 use tokio::sync::watch;
 
 use super::listen::{ListenArgs, stop_signal};
@@ -129,6 +129,12 @@ fn plan(args: SyncArgs) -> Result<Plan, String> {
     })
 }
 
+/// The cache's instance: reopened after an engine crash (the committed data
+/// and the applied position are on disk; the replication reconnects).
+fn cache_options(data: &std::path::Path) -> InstanceOptions {
+    InstanceOptions::persistent(data).name("cache").restart_policy(RestartPolicy::default())
+}
+
 fn config_error(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::from(EXIT_CONFIG)
@@ -156,7 +162,7 @@ pub async fn run(args: SyncArgs) -> ExitCode {
         *t = tables;
     }
 
-    let instance = match Instance::start(InstanceOptions::persistent(&plan.data).name("cache")).await {
+    let instance = match Instance::start(cache_options(&plan.data)).await {
         Ok(instance) => instance,
         Err(e @ Error::DataDirInUse(_)) => {
             return config_error(format!("{e}; is another `pglite-cache sync` running?"));

@@ -63,7 +63,7 @@ pub(super) async fn run(args: SyncArgs) -> ExitCode {
             Err(e) => return config_error(e),
         }
     }
-    let instance = match Instance::start(InstanceOptions::persistent(&plan.data).name("cache")).await {
+    let instance = match Instance::start(super::cache_options(&plan.data)).await {
         Ok(instance) => instance,
         Err(e @ Error::DataDirInUse(_)) => {
             return config_error(format!("{e}; is another `pglite-cache sync` running?"));

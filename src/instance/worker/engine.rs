@@ -92,7 +92,7 @@ impl Worker {
                 let out = self.copy_in(&sql, data)?;
                 let mut rolled_back_open_transaction = false;
                 if !leased && ready_status(&out) != Some(TxStatus::Idle) {
-                    self.rollback()?;
+                    self.rollback_after_reply();
                     rolled_back_open_transaction = true;
                 }
                 let after = holder.map(|h| Holder { status: ready_status(&out), ..h });
@@ -104,7 +104,7 @@ impl Worker {
                 let out = self.round_trip(&bytes)?;
                 let mut rolled_back_open_transaction = false;
                 if !leased && ready_status(&out) != Some(TxStatus::Idle) {
-                    self.rollback()?;
+                    self.rollback_after_reply();
                     rolled_back_open_transaction = true;
                 }
                 let after = holder.map(|h| Holder { status: ready_status(&out), ..h });
@@ -146,7 +146,16 @@ impl Worker {
         let engine = self.engine.as_mut().ok_or_else(|| Failure::Crash("engine is not open".into()))?;
         // Database errors come back as ErrorResponse bytes; an `Err` here means
         // the engine itself failed (trap, I/O), and it cannot be trusted again.
-        engine.exec_protocol_raw(bytes, ExecProtocolOptions::no_sync()).map_err(|e| Failure::Crash(format!("{e:#}")))
+        let out = engine
+            .exec_protocol_raw(bytes, ExecProtocolOptions::no_sync())
+            .map_err(|e| Failure::Crash(format!("{e:#}")))?;
+        // Cheap test first (a failed transaction's `ReadyForQuery` ends the reply).
+        if out.ends_with(&[b'Z', 0, 0, 0, 5, b'E'])
+            && let Some(message) = stuck_portal(&out)
+        {
+            return Err(Failure::Crash(format!("{UNUSABLE}: {message}")));
+        }
+        Ok(out)
     }
 
     /// Runs `sql` through the engine's simple-query API with `data` as
@@ -198,11 +207,24 @@ impl Worker {
         }))
     }
 
+    /// Rolls back what an API call left open; if that fails, the call still
+    /// gets its own reply (its real error) and the worker crashes after.
+    fn rollback_after_reply(&mut self) {
+        if let Err(Failure::Crash(reason)) = self.rollback() {
+            self.broken = Some(reason);
+        }
+    }
+
     /// Rolls back the open transaction.
     pub(super) fn rollback(&mut self) -> Result<(), Failure> {
         let mut buf = BytesMut::new();
         let _ = protocol::simple_query("ROLLBACK", &mut buf);
-        self.round_trip(&buf).map(drop)
+        let out = self.round_trip(&buf)?;
+        match protocol::decode(&out).ok().and_then(|reply| reply.error) {
+            // A healthy session can always roll back.
+            Some(e) => Err(Failure::Crash(format!("{UNUSABLE}: ROLLBACK failed: {}", e.message))),
+            None => Ok(()),
+        }
     }
 
     pub(super) fn close(&mut self) -> Result<()> {
@@ -279,6 +301,22 @@ fn engine_error(db: &pglite_oxide::DatabaseError, out: &mut BytesMut) {
 
 /// The status of the final `ReadyForQuery` (`Z`, length 5, status byte),
 /// if `bytes` are whole messages ending with one.
+/// Why a session that cannot end its transaction is treated as a crash.
+const UNUSABLE: &str = "the engine's session cannot end its transaction (an error inside a PL/pgSQL \
+                        exception block, which this engine cannot catch, left a portal running)";
+
+/// The message of an error saying the session's transaction can never end:
+/// the engine turns every PostgreSQL error into a trap that unwinds to its
+/// main loop, past `PG_CATCH` handlers, so an error inside a subtransaction
+/// of a PL/pgSQL exception block leaves the statement's portal marked
+/// active, and every later `ROLLBACK` or `COMMIT` fails on it.
+fn stuck_portal(bytes: &[u8]) -> Option<String> {
+    let reply = protocol::decode(bytes).ok()?;
+    let error = reply.error?;
+    (error.code == crate::SqlState::INVALID_CURSOR_STATE && error.message.starts_with("cannot drop active portal"))
+        .then_some(error.message)
+}
+
 pub(crate) fn ready_status(bytes: &[u8]) -> Option<TxStatus> {
     if backend::last_tag_if_whole(bytes) != Some(b'Z') {
         return None;

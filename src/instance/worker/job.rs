@@ -67,7 +67,13 @@ pub(crate) struct RawJob {
 /// Lets the caller withdraw a queued job: whoever moves it out of "queued"
 /// first wins, so the caller knows for sure whether the job ran.
 #[derive(Debug, Default)]
-pub(crate) struct Claim(AtomicU8);
+pub(crate) struct Claim {
+    state: AtomicU8,
+    /// Signalled when the worker starts the job: a caller parked behind
+    /// others wakes up while the engine runs it, not after (see
+    /// `handoff::reply`).
+    pub(crate) started: tokio::sync::Notify,
+}
 
 const QUEUED: u8 = 0;
 const STARTED: u8 = 1;
@@ -76,12 +82,16 @@ const WITHDRAWN: u8 = 2;
 impl Claim {
     /// The worker takes the job; false if it was withdrawn.
     pub(super) fn start(&self) -> bool {
-        self.0.compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        let started = self.state.compare_exchange(QUEUED, STARTED, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        if started {
+            self.started.notify_one();
+        }
+        started
     }
 
     /// The caller withdraws the job; false if the worker already started it.
     pub(crate) fn withdraw(&self) -> bool {
-        self.0.compare_exchange(QUEUED, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        self.state.compare_exchange(QUEUED, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 }
 

@@ -71,6 +71,7 @@ pub(crate) async fn spawn(options: InstanceOptions) -> Result<(mpsc::UnboundedSe
                 queue: rx,
                 backlog: VecDeque::new(),
                 side_found: Vec::new(),
+                broken: None,
             }
             .run();
         })
@@ -100,6 +101,9 @@ struct Worker {
     backlog: VecDeque<Command>,
     /// Side jobs found in the queue when the current lease started.
     side_found: Vec<Request>,
+    /// The engine failed after a job's reply was ready (the rollback
+    /// behind an API call): it is answered, then the worker crashes.
+    broken: Option<String>,
 }
 
 /// What the worker knows of the lease holder's session.
@@ -168,27 +172,38 @@ impl Worker {
     }
 
     /// Serves only the lease holder (and side jobs) until it drops its sender.
-    fn lease_loop(&mut self, mut rx: mpsc::UnboundedReceiver<Request>, mut holder: Holder) -> Result<(), Failure> {
+    fn lease_loop(&mut self, rx: mpsc::UnboundedReceiver<Request>, holder: Holder) -> Result<(), Failure> {
         let mut deferred = Vec::new();
+        let result = self.lease_turns(rx, holder, &mut deferred);
+        *self.shared.lease_route.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        // Side jobs that had to wait go first, before anything queued (also
+        // after a crash: they run on the restarted engine).
+        for request in deferred.into_iter().rev() {
+            self.backlog.push_front(Command::Run(request));
+        }
+        result
+    }
+
+    fn lease_turns(
+        &mut self,
+        mut rx: mpsc::UnboundedReceiver<Request>,
+        mut holder: Holder,
+        deferred: &mut Vec<Request>,
+    ) -> Result<(), Failure> {
         for request in std::mem::take(&mut self.side_found) {
-            self.side_or_defer(request, holder, &mut deferred)?;
+            self.side_or_defer(request, holder, deferred)?;
         }
         while let Some(request) = handoff::recv_blocking(&mut rx) {
             if let Job::Side(_) = request.job {
-                self.side_or_defer(request, holder, &mut deferred)?;
+                self.side_or_defer(request, holder, deferred)?;
             } else if let Some(after) = self.serve(request, Some(holder))? {
                 holder = after;
             }
         }
-        *self.shared.lease_route.lock().unwrap_or_else(|e| e.into_inner()) = None;
         // The holder is gone: never leave its transaction open for the next
         // caller (when it left the engine idle there is nothing to undo).
         if holder.status != Some(TxStatus::Idle) {
             self.rollback()?;
-        }
-        // Side jobs that had to wait go first, before anything queued.
-        for request in deferred.into_iter().rev() {
-            self.backlog.push_front(Command::Run(request));
         }
         Ok(())
     }
@@ -219,6 +234,9 @@ impl Worker {
         match result {
             Ok((output, after, hold)) => {
                 let _ = reply.send(Ok(output));
+                if let Some(reason) = self.broken.take() {
+                    return Err(Failure::Crash(reason));
+                }
                 match hold {
                     Some((tx, rx)) => {
                         self.publish_lease(&tx);

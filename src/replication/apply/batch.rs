@@ -38,6 +38,10 @@ pub(crate) struct Batch {
     pub(crate) unchanged_toast: u64,
     /// Groups opened beside another group of their table (a statistic).
     pub(crate) reordered: u64,
+    /// Tables with DDL among the steps not yet taken: the local catalog
+    /// does not show it yet (e.g. a rename), so it must not be asked about
+    /// them by their new description.
+    ddl_tables: HashSet<u32>,
 }
 
 impl Batch {
@@ -173,6 +177,17 @@ impl Batch {
         self.push(sql, params);
     }
 
+    /// DDL of table `relation`, run in order like [`Self::statement_for`].
+    pub(crate) fn ddl_for(&mut self, relation: u32, sql: String, params: Vec<Param>) {
+        self.ddl_tables.insert(relation);
+        self.statement_for(relation, sql, params);
+    }
+
+    /// Whether DDL of table `relation` waits among the steps not yet taken.
+    pub(crate) fn ddl_queued(&self, relation: u32) -> bool {
+        self.ddl_tables.contains(&relation)
+    }
+
     /// A statement that must run after everything so far (e.g. a TRUNCATE
     /// of several tables).
     pub(crate) fn statement(&mut self, sql: String, params: Vec<Param>) {
@@ -221,6 +236,7 @@ impl Batch {
     pub(crate) fn take_steps(&mut self) -> Vec<Step> {
         self.flush();
         self.buffered = 0;
+        self.ddl_tables.clear();
         std::mem::take(&mut self.steps)
     }
 }

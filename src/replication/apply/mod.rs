@@ -194,6 +194,8 @@ pub(crate) struct Applier {
     labels: HashMap<String, std::collections::HashSet<Bytes>>,
     /// Index names of each table upstream when last looked at.
     remote_indexes: HashMap<u32, Vec<String>>,
+    /// Index DDL to run after the local transaction commits: (table, SQL).
+    index_ddl: Vec<(String, String)>,
     /// Everything up to here is committed locally.
     committed: Lsn,
     /// The server's latest WAL end (keepalives, XLogData).
@@ -235,6 +237,7 @@ impl Applier {
             stashed: HashMap::new(),
             labels: HashMap::new(),
             remote_indexes: HashMap::new(),
+            index_ddl: Vec::new(),
             committed,
             server_wal_end: committed,
             pending: None,
@@ -632,6 +635,7 @@ impl Applier {
             "transaction applied"
         );
         self.committed = end_lsn;
+        self.follow_indexes_now().await?;
         if end_lsn > self.server_wal_end {
             self.server_wal_end = end_lsn;
         }

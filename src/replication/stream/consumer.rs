@@ -69,7 +69,7 @@ impl Consumer {
             match self.session(&mut attempt).await {
                 Ok(()) => break Ok(()),
                 Err(e) => match retry::after_failure(
-                    e,
+                    e.halt_if_closed(&self.instance),
                     &mut attempt,
                     &self.status,
                     &mut self.shutdown,

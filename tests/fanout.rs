@@ -242,57 +242,67 @@ async fn late_cache_bootstraps_without_the_remote() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_offline_past_retention_starts_again_from_a_newer_snapshot() {
-    let f = Fixture::start("retention").await;
-    let remote = f.pg.client(&f.db).await;
+    // Every await is bounded and named: this test hung once under load.
+    let f = step("fixture", Fixture::start("retention")).await;
+    let remote = step("remote client", f.pg.client(&f.db)).await;
     let mut config = f.publisher_config();
     config.snapshot_interval = Some(Duration::from_secs(1));
     let publisher = Publisher::start(config).unwrap();
-    tokio::time::timeout(WAIT, publisher.wait_streaming()).await.unwrap().unwrap();
+    step("publisher streaming", publisher.wait_streaming()).await.unwrap();
     let dir = f.dirs.path().join("offline");
-    let (instance, handle) = cache_at(&f.stream, &dir).await;
-    catch_up(&handle, &remote).await;
-    handle.stop().await.unwrap();
-    instance.stop().await.unwrap();
+    let (instance, handle) = step("cache from a snapshot", cache_at(&f.stream, &dir)).await;
+    step("cache caught up", catch_up(&handle, &remote)).await;
+    step("cache stop", handle.stop()).await.unwrap();
+    step("cache instance stop", instance.stop()).await.unwrap();
 
     // While the cache is away: writes, a newer snapshot, and retention drops
     // every record before it.
-    remote
-        .batch_execute("UPDATE items SET v = 'while away' WHERE id % 3 = 0; INSERT INTO events VALUES (4, 1, 'away')")
-        .await
-        .unwrap();
-    let lsn = remote_lsn(&remote).await;
-    let js = async_nats::jetstream::new(async_nats::connect(f.nats.url()).await.unwrap());
+    step(
+        "writes while away",
+        remote.batch_execute(
+            "UPDATE items SET v = 'while away' WHERE id % 3 = 0; INSERT INTO events VALUES (4, 1, 'away')",
+        ),
+    )
+    .await
+    .unwrap();
+    let lsn = step("remote LSN", remote_lsn(&remote)).await;
+    let js = async_nats::jetstream::new(step("NATS connect", async_nats::connect(f.nats.url())).await.unwrap());
     let start = std::time::Instant::now();
     let newer = loop {
-        let snapshot = stream::newest_snapshot(&js, &f.stream).await.unwrap().unwrap();
+        let snapshot = step("newest snapshot", stream::newest_snapshot(&js, &f.stream)).await.unwrap().unwrap();
         if snapshot.applied_lsn >= lsn {
             break snapshot;
         }
         assert!(start.elapsed() < WAIT, "no snapshot past {lsn} in time: {snapshot:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let s = js.get_stream("retention").await.unwrap();
-    s.purge().sequence(newer.resume_seq).await.unwrap();
+    let s = step("get stream", js.get_stream("retention")).await.unwrap();
+    step("purge", std::future::IntoFuture::into_future(s.purge().sequence(newer.resume_seq))).await.unwrap();
 
     // Started as it is, the cache halts with an error that says so.
-    let instance = Instance::start(InstanceOptions::persistent(&dir)).await.unwrap();
-    assert!(!stream::still_covered(&f.stream, &instance).await.unwrap());
+    let instance = step("instance start", Instance::start(InstanceOptions::persistent(&dir))).await.unwrap();
+    assert!(!step("still covered", stream::still_covered(&f.stream, &instance)).await.unwrap());
     let handle = StreamReplication::start(instance.clone(), f.stream.clone()).unwrap();
-    let error = tokio::time::timeout(WAIT, handle.wait_streaming()).await.unwrap().unwrap_err();
+    let error = step("the cache halts", handle.wait_streaming()).await.unwrap_err();
     assert!(error.message().contains("no longer holds the records"), "{error}");
-    let _ = handle.stop().await;
-    instance.stop().await.unwrap();
+    let _ = step("halted cache stop", handle.stop()).await;
+    step("halted instance stop", instance.stop()).await.unwrap();
 
     // Started again from the newer snapshot, it catches up.
-    let restored = stream::rebootstrap(&f.stream, &dir).await.unwrap();
+    let restored = step("rebootstrap", stream::rebootstrap(&f.stream, &dir)).await.unwrap();
     assert!(restored.resume_seq >= newer.resume_seq);
-    let instance = Instance::start(InstanceOptions::persistent(&dir)).await.unwrap();
+    let instance = step("instance restart", Instance::start(InstanceOptions::persistent(&dir))).await.unwrap();
     let handle = StreamReplication::start(instance.clone(), f.stream.clone()).unwrap();
-    catch_up(&handle, &remote).await;
-    assert_same(&remote, &instance, "items").await;
-    assert_same(&remote, &instance, "events").await;
-    handle.stop().await.unwrap();
-    publisher.stop().await.unwrap();
+    step("rebootstrapped cache caught up", catch_up(&handle, &remote)).await;
+    step("items equal", assert_same(&remote, &instance, "items")).await;
+    step("events equal", assert_same(&remote, &instance, "events")).await;
+    step("cache stop at the end", handle.stop()).await.unwrap();
+    step("publisher stop", publisher.stop()).await.unwrap();
+}
+
+/// Awaits `f` for at most [`WAIT`]; a hang fails naming the step.
+async fn step<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, f).await.unwrap_or_else(|_| panic!("step `{what}` did not finish within {WAIT:?}"))
 }
 
 /// Schema changes that can be followed travel through the stream

@@ -320,27 +320,38 @@ pub(crate) async fn copy_tables(
             (local, rows)
         };
         let indexing = std::time::Instant::now();
-        for sql in schema::constraint_statements(table) {
-            local.exec(&sql).await?;
-        }
-        for sql in &table.indexes {
-            // An index the cache cannot build (e.g. an operator class from
-            // an extension) is skipped, not fatal.
-            let guarded = format!("SAVEPOINT pglite_cache_index; {sql}; RELEASE SAVEPOINT pglite_cache_index");
-            if let Err(e) = local.exec(&guarded).await {
-                tracing::warn!(table = %table.qualified(), index = %sql, error = %e, "could not create index locally; skipped");
-                local.exec("ROLLBACK TO SAVEPOINT pglite_cache_index").await?;
-            }
-        }
-        if config.read_only {
-            local.exec(&schema::read_only_trigger_sql(table)).await?;
-        }
+        finish_table(&local, table, config.read_only).await?;
         let (sql, params) =
             store::table_state_statement(&table.schema, &table.name, table.remote_oid, "ready", rows, synced_at);
         local.query_params(&sql, params).await?;
         local.commit().await?;
         status.send_modify(|s| s.tables[i].state = TableState::Ready);
         tracing::info!(table = %table.qualified(), rows, indexing = ?indexing.elapsed(), "table copied");
+    }
+    Ok(())
+}
+
+/// Keys, indexes and the read-only guard of a table just loaded (inside
+/// the local transaction that creates or swaps it in).
+pub(crate) async fn finish_table(
+    local: &Transaction,
+    table: &TableSchema,
+    read_only: bool,
+) -> Result<(), ReplicationError> {
+    for sql in schema::constraint_statements(table) {
+        local.exec(&sql).await?;
+    }
+    for sql in &table.indexes {
+        // An index the cache cannot build (e.g. an operator class from
+        // an extension) is skipped, not fatal.
+        let guarded = format!("SAVEPOINT pglite_cache_index; {sql}; RELEASE SAVEPOINT pglite_cache_index");
+        if let Err(e) = local.exec(&guarded).await {
+            tracing::warn!(table = %table.qualified(), index = %sql, error = %e, "could not create index locally; skipped");
+            local.exec("ROLLBACK TO SAVEPOINT pglite_cache_index").await?;
+        }
+    }
+    if read_only {
+        local.exec(&schema::read_only_trigger_sql(table)).await?;
     }
     Ok(())
 }
@@ -368,7 +379,7 @@ pub(crate) async fn prepare_local(
 }
 
 /// Whether the table exists locally (a resync replaces it).
-async fn local_table_exists(instance: &Instance, table: &TableSchema) -> Result<bool, ReplicationError> {
+pub(crate) async fn local_table_exists(instance: &Instance, table: &TableSchema) -> Result<bool, ReplicationError> {
     let found = instance.query("SELECT to_regclass($1) IS NOT NULL", &[&table.qualified()]).await?;
     Ok(found.rows[0].get::<bool>(0))
 }
@@ -384,7 +395,7 @@ pub fn shadow_of(table: &TableSchema) -> TableSchema {
 
 /// Loading the shadow batch by batch: no `FREEZE` (each batch is its own
 /// transaction, not the one that created the table).
-fn shadow_copy_in_sql(shadow: &TableSchema) -> String {
+pub(crate) fn shadow_copy_in_sql(shadow: &TableSchema) -> String {
     let format = if shadow.binary_copy() { " WITH (FORMAT binary)" } else { "" };
     format!("COPY {} ({}) FROM '/dev/blob'{format}", shadow.qualified(), shadow.column_list())
 }
@@ -392,7 +403,7 @@ fn shadow_copy_in_sql(shadow: &TableSchema) -> String {
 /// Replaces `table` by its loaded shadow (inside the transaction that then
 /// adds keys, indexes and the guard): readers see the old table or the new
 /// one, never neither.
-fn swap_sql(shadow: &TableSchema, table: &TableSchema) -> String {
+pub(crate) fn swap_sql(shadow: &TableSchema, table: &TableSchema) -> String {
     format!(
         "DROP TABLE {table}; ALTER TABLE {shadow} SET SCHEMA {schema}; ALTER TABLE {moved} RENAME TO {name};",
         table = table.qualified(),

@@ -28,7 +28,8 @@ use crate::replication::{AppliedTransaction, Phase, Status, TableState, TableSta
 
 use super::nats::{self, StreamConfig, transient};
 use super::position::{self, StreamPosition};
-use super::record::{Action, Record, Sequencer};
+use super::record::{Action, Record, RecordKind, Sequencer};
+use super::table_copy::{Copied, Loader};
 
 pub(super) struct Consumer {
     pub(super) instance: Instance,
@@ -149,6 +150,7 @@ impl Consumer {
         let mut progress = Positions::new(saved.resume_seq);
         let mut described: HashMap<u32, Bytes> = HashMap::new();
         let mut described_facts: HashMap<u32, Bytes> = HashMap::new();
+        let mut loader = Loader::default();
         let mut stopping = *self.shutdown.borrow();
         let mut timer = tokio::time::interval(self.apply.status_interval);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -188,12 +190,24 @@ impl Consumer {
                                 applier = self.applier(stored_tables(&self.instance).await?, committed);
                                 described.clear();
                                 described_facts.clear();
+                                loader.reset(&self.instance).await?;
                             } else if record.chunk == 0 && !record.last {
                                 // A transaction in chunks: commit what waits first, so
                                 // that only this one is rolled back if it is cut off.
                                 applier.flush_deferred().await?;
                             }
-                            for m in &record.messages {
+                            if record.kind == RecordKind::Copy {
+                                // Between transactions (the publisher puts it there).
+                                applier.flush_deferred().await?;
+                                if let Some(copied) = loader.feed(&self.instance, &record).await? {
+                                    self.copied(&mut applier, copied, record.commit_lsn).await?;
+                                    // Every table is described to the applier again: the
+                                    // registration forgets the other tables not copied yet.
+                                    described.clear();
+                                    described_facts.clear();
+                                }
+                            }
+                            for m in record.messages.iter().filter(|_| record.kind == RecordKind::Transaction) {
                                 if m.first() == Some(&b'R') {
                                     let id = u32::from_be_bytes(m[1..5].try_into().expect("checked length"));
                                     if described.get(&id) == Some(m) {
@@ -228,6 +242,29 @@ impl Consumer {
         progress.due = true;
         self.save_position(&mut progress, &applier).await?;
         Ok(())
+    }
+
+    /// A table copy from the stream is in place: its later changes apply,
+    /// and everything before the copy's point `x` is applied.
+    async fn copied(&self, applier: &mut Applier, copied: Copied, x: Lsn) -> Result<(), ReplicationError> {
+        let Copied { oid, table, rows } = copied;
+        let status = TableStatus {
+            schema: table.schema.clone(),
+            name: table.name.clone(),
+            state: TableState::Ready,
+            rows_copied: rows,
+            bytes_copied: 0,
+            inserted: 0,
+            updated: 0,
+            deleted: 0,
+        };
+        self.status.send_modify(|s| {
+            s.tables.retain(|t| !(t.schema == status.schema && t.name == status.name));
+            s.tables.push(status);
+        });
+        applier.add_tables(vec![(oid, table)]).await?;
+        applier.note_wal_end(x);
+        applier.advance_idle().await
     }
 
     /// Stores the position when due and possible: not while the applier

@@ -42,6 +42,7 @@ mod publisher;
 mod record;
 mod refresher;
 mod snapshot;
+mod table_copy;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};

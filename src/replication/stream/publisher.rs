@@ -8,6 +8,8 @@
 //! every start: read the stream's last record ─► START_REPLICATION (slot's confirmed position)
 //!              pgoutput ─► Chunker ─► publish (pipelined, expected last sequence, Nats-Msg-Id)
 //!              JetStream ack of a transaction's last chunk ─► confirm its end LSN to the remote
+//! a table added to the publication (a Relation message of a table not copied, or the periodic check):
+//!              copied at a temporary slot's point X (`table_copy`) ─► published before the first record at or past X
 //! ```
 //!
 //! Guarantees, and why:
@@ -24,14 +26,12 @@
 //!   the middle (the publisher died between chunks) is sent again from its
 //!   first chunk; caches roll back the part they had and apply it whole.
 
-use std::future::Future;
+use std::collections::HashSet;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
-use bytes::Bytes;
+use async_nats::jetstream;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
 use tokio::sync::watch;
@@ -49,8 +49,15 @@ use crate::{Instance, InstanceOptions};
 use super::catalog::CatalogReader;
 use super::nats::{self, StreamConfig, transient};
 use super::position::{self, StreamPosition};
-use super::record::{Chunker, Record, RecordKind};
+use super::record::{Chunker, Record};
 use super::snapshot;
+use super::table_copy::CopyJob;
+
+mod outbox;
+use outbox::{AckFuture, Acked, Resume, commit_end, publish};
+
+/// A table copy that failed before it began is tried again after this.
+const COPY_RETRY: Duration = Duration::from_secs(10);
 
 /// Everything [`Publisher::start`] needs.
 #[derive(Debug, Clone)]
@@ -110,7 +117,14 @@ impl Publisher {
         let (status_tx, status) = watch::channel(Status::default());
         let (shutdown, shutdown_rx) = watch::channel(false);
         let data_lock = Arc::new(tokio::sync::Mutex::new(()));
-        let task = Task { config, status: Arc::new(status_tx), shutdown: shutdown_rx, data_lock, bootstrapped: false };
+        let task = Task {
+            config,
+            status: Arc::new(status_tx),
+            shutdown: shutdown_rx,
+            data_lock,
+            bootstrapped: false,
+            known: HashSet::new(),
+        };
         Ok(PublisherHandle { status, shutdown, task: Mutex::new(Some(tokio::spawn(task.run()))) })
     }
 }
@@ -166,9 +180,13 @@ struct Task {
     data_lock: Arc<tokio::sync::Mutex<()>>,
     /// The initial copy and a snapshot exist (checked once per process).
     bootstrapped: bool,
+    /// Tables whose copy is in the stream (the initial copy's, and those of
+    /// table copies acknowledged by JetStream): the others are copied into
+    /// the stream (`table_copy`). Read from the publisher's cache at start:
+    /// a copy published since its last refresh is made again then (the
+    /// caches replace the table, nothing is lost or repeated).
+    known: HashSet<u32>,
 }
-
-type AckFuture = Pin<Box<dyn Future<Output = (Result<(), ReplicationError>, Option<Lsn>)> + Send>>;
 
 impl Task {
     async fn run(mut self) -> Result<(), ReplicationError> {
@@ -279,6 +297,13 @@ impl Task {
         let mut stopping = *self.shutdown.borrow();
         let mut timer = tokio::time::interval(self.config.replication.status_interval);
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Tables added to the publication: looked for at once, when a
+        // Relation message names one, and every `publication_check_interval`.
+        let mut copy: Option<CopyJob> = None;
+        let mut copying: HashSet<u32> = HashSet::new();
+        let mut look_for_tables = true;
+        let mut asked: HashSet<u32> = HashSet::new();
+        let mut next_look = tokio::time::Instant::now() + self.config.replication.publication_check_interval;
         loop {
             if stopping && !chunker.in_transaction() && skipping.is_none() {
                 break;
@@ -288,15 +313,26 @@ impl Task {
                 changed = self.shutdown.changed(), if !stopping => {
                     stopping = changed.is_err() || *self.shutdown.borrow();
                 }
-                _ = timer.tick() => conn.send_status(confirmed, true).await?,
-                Some((acked, lsn)) = in_flight.next(), if !in_flight.is_empty() => {
-                    acked?;
-                    if let Some(lsn) = lsn.filter(|l| *l > confirmed) {
-                        confirmed = lsn;
-                        self.status.send_modify(|s| {
-                            s.applied_lsn = lsn;
-                            s.lag_bytes = lsn.distance_to(s.server_wal_end);
-                        });
+                _ = timer.tick() => {
+                    conn.send_status(confirmed, true).await?;
+                    if copy.is_none() && (look_for_tables || tokio::time::Instant::now() >= next_look) {
+                        look_for_tables = false;
+                        next_look = tokio::time::Instant::now() + self.config.replication.publication_check_interval;
+                        let exclude = self.known.union(&copying).copied().collect();
+                        copy = Some(CopyJob::spawn(&self.config.replication, exclude, self.config.max_chunk_bytes));
+                    }
+                }
+                Some(acked) = in_flight.next(), if !in_flight.is_empty() => self.acked(acked, &mut confirmed, &mut copying)?,
+                point = async { copy.as_mut().expect("checked").wait_point().await }, if copy.as_ref().is_some_and(|c| c.point.is_none()) => {
+                    match point {
+                        Some((oid, _)) => {
+                            copying.insert(oid);
+                        }
+                        None => {
+                            if copy.take().is_some_and(|job| job.failed) {
+                                next_look = next_look.min(tokio::time::Instant::now() + COPY_RETRY);
+                            }
+                        }
                     }
                 }
                 message = conn.recv(), if in_flight.len() < self.config.max_in_flight => match message? {
@@ -305,6 +341,14 @@ impl Task {
                         self.note_wal_end(wal_end);
                         if data.first() == Some(&b'B') {
                             catalog.begin(&data);
+                        }
+                        if data.first() == Some(&b'R')
+                            && let Ok(id) = data[1..].first_chunk::<4>().map(|b| u32::from_be_bytes(*b)).ok_or(())
+                            && !self.known.contains(&id)
+                            && !copying.contains(&id)
+                            && asked.insert(id)
+                        {
+                            look_for_tables = true; // changes of a table added to the publication
                         }
                         if let Some(lsn) = skipping {
                             // Already in the stream: drop it, only follow it to its end
@@ -316,7 +360,7 @@ impl Task {
                             } else if data.first() == Some(&b'C') {
                                 skipping = None;
                                 let end = commit_end(&data)?;
-                                in_flight.push_back(Box::pin(async move { (Ok(()), Some(end)) }));
+                                in_flight.push_back(Box::pin(async move { (Ok(()), Some(end), None) }));
                                 tracing::debug!(commit = %lsn, "already in the stream; skipped");
                             }
                             continue;
@@ -340,22 +384,52 @@ impl Task {
                             chunker.set_facts(id, full, lean).map_err(|e| ReplicationError::fatal(e.to_string()))?;
                         }
                         if let Some(record) = record {
+                            // A table copy goes before the first transaction committed at or after its point.
+                            if record.chunk == 0
+                                && let Some(job) = copy.as_mut()
+                            {
+                                match job.wait_point().await {
+                                    None => {
+                                        if copy.take().is_some_and(|job| job.failed) {
+                                            next_look = next_look.min(tokio::time::Instant::now() + COPY_RETRY);
+                                        }
+                                    }
+                                    Some((_, x)) if record.commit_lsn >= x => {
+                                        let mut job = copy.take().expect("checked");
+                                        last_seq = self.publish_copy(&mut job, &mut conn, js, &subject, last_seq, &mut in_flight, &mut confirmed, &mut copying).await?;
+                                        look_for_tables = true; // another one may wait
+                                    }
+                                    Some(_) => {}
+                                }
+                            }
                             let generation = if record.commit_lsn == resume.cut_off { resume.generation } else { 0 };
                             let lsn = record.last.then_some(record.end_lsn);
                             if let Some(end) = lsn {
                                 published_end = published_end.max(end);
                             }
-                            last_seq = publish(js, &subject, &record, generation, last_seq, lsn, &mut in_flight).await?;
+                            last_seq = publish(js, &subject, &record, generation, last_seq, lsn, None, &mut in_flight).await?;
                         }
                     }
                     Some(StreamMessage::Keepalive { wal_end, reply_requested, .. }) => {
                         self.note_wal_end(wal_end);
                         // Idle: nothing of the publication committed before
                         // `wal_end` is missing; caches may move there.
-                        if !chunker.in_transaction() && skipping.is_none() && wal_end > published_end {
+                        if !chunker.in_transaction()
+                            && skipping.is_none()
+                            && let Some(job) = copy.as_mut()
+                            && job.point.is_some_and(|(_, x)| wal_end >= x)
+                        {
+                            // Idle past the copy's point: it goes now.
+                            let mut job = copy.take().expect("checked");
+                            last_seq = self.publish_copy(&mut job, &mut conn, js, &subject, last_seq, &mut in_flight, &mut confirmed, &mut copying).await?;
+                            look_for_tables = true; // another one may wait
+                        }
+                        // No progress past a copy's point before the copy (unknown yet: none).
+                        let before_copy = copy.as_ref().is_none_or(|job| job.point.is_some_and(|(_, x)| wal_end < x));
+                        if !chunker.in_transaction() && skipping.is_none() && wal_end > published_end && before_copy {
                             published_end = wal_end;
                             let record = Record::progress(wal_end);
-                            last_seq = publish(js, &subject, &record, 0, last_seq, Some(wal_end), &mut in_flight).await?;
+                            last_seq = publish(js, &subject, &record, 0, last_seq, Some(wal_end), None, &mut in_flight).await?;
                         }
                         if reply_requested {
                             conn.send_status(confirmed, false).await?;
@@ -364,16 +438,70 @@ impl Task {
                 },
             }
         }
-        while let Some((acked, lsn)) = in_flight.next().await {
-            acked?;
-            if let Some(lsn) = lsn {
-                confirmed = confirmed.max(lsn);
-            }
+        while let Some(acked) = in_flight.next().await {
+            self.acked(acked, &mut confirmed, &mut copying)?;
         }
         self.status.send_modify(|s| s.applied_lsn = confirmed);
         conn.send_status(confirmed, false).await?;
         conn.finish().await?;
         Ok(())
+    }
+
+    /// A record is stored: the LSN it confirms moves on, a table copy it
+    /// completes is known.
+    fn acked(&mut self, acked: Acked, confirmed: &mut Lsn, copying: &mut HashSet<u32>) -> Result<(), ReplicationError> {
+        let (result, lsn, copied) = acked;
+        result?;
+        if let Some(lsn) = lsn.filter(|l| *l > *confirmed) {
+            *confirmed = lsn;
+            self.status.send_modify(|s| {
+                s.applied_lsn = lsn;
+                s.lag_bytes = lsn.distance_to(s.server_wal_end);
+            });
+        }
+        if let Some(oid) = copied {
+            copying.remove(&oid);
+            self.known.insert(oid);
+        }
+        Ok(())
+    }
+
+    /// Publishes a table copy whole (waiting for the rows as they are read
+    /// from the remote), between two transactions. The walsender is kept
+    /// alive with status updates meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    async fn publish_copy(
+        &mut self,
+        job: &mut CopyJob,
+        conn: &mut SourceConnection,
+        js: &jetstream::Context,
+        subject: &str,
+        mut last_seq: u64,
+        in_flight: &mut FuturesOrdered<AckFuture>,
+        confirmed: &mut Lsn,
+        copying: &mut HashSet<u32>,
+    ) -> Result<u64, ReplicationError> {
+        let oid = job.point.map(|(oid, _)| oid);
+        let mut timer = tokio::time::interval(self.config.replication.status_interval);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = timer.tick() => {
+                    conn.send_status(*confirmed, false).await?;
+                    continue;
+                }
+                next = job.next() => next?,
+            };
+            let Some(record) = next else { break };
+            let copied = if record.last { oid } else { None };
+            last_seq = publish(js, subject, &record, 0, last_seq, None, copied, in_flight).await?;
+            while in_flight.len() >= self.config.max_in_flight {
+                let acked = in_flight.next().await.expect("not empty");
+                self.acked(acked, confirmed, copying)?;
+            }
+        }
+        Ok(last_seq)
     }
 
     fn note_wal_end(&self, wal_end: Lsn) {
@@ -404,6 +532,9 @@ impl Task {
             let copied = self.bootstrap_in(&instance, conn, system, stream).await?;
             let position = position::load(&instance).await?;
             let applied = store::load(&instance).await?.map(|s| s.applied_lsn);
+            let known =
+                instance.query("SELECT remote_oid::int8 FROM pglite_cache.tables WHERE state = 'ready'", &[]).await?;
+            self.known = known.rows.iter().map(|r| r.get::<i64>(0) as u32).collect();
             Ok::<_, ReplicationError>((copied, position, applied))
         }
         .await;
@@ -492,67 +623,6 @@ impl Task {
     }
 }
 
-/// Where a session starts, from the stream's last record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Resume {
-    /// The stream's last sequence number.
-    last_seq: u64,
-    /// Transactions committed before this are in the stream already.
-    skip_below: Lsn,
-    /// A transaction whose first chunks are in the stream, cut off.
-    cut_off: Lsn,
-    /// Its records get other ids this time.
-    generation: u64,
-}
-
-impl Resume {
-    fn from_tail(tail: Option<&Record>, last_seq: u64) -> Resume {
-        match tail {
-            None => Resume { last_seq, skip_below: Lsn::ZERO, cut_off: Lsn(u64::MAX), generation: 0 },
-            Some(r) if r.last || r.kind == RecordKind::Progress => {
-                Resume { last_seq, skip_below: r.end_lsn, cut_off: Lsn(u64::MAX), generation: 0 }
-            }
-            Some(r) => Resume { last_seq, skip_below: r.commit_lsn, cut_off: r.commit_lsn, generation: last_seq },
-        }
-    }
-}
-
-/// Publishes one record, pipelined: the ack is awaited later, in order.
-async fn publish(
-    js: &jetstream::Context,
-    subject: &str,
-    record: &Record,
-    generation: u64,
-    last_seq: u64,
-    confirms: Option<Lsn>,
-    in_flight: &mut FuturesOrdered<AckFuture>,
-) -> Result<u64, ReplicationError> {
-    let mut message = PublishMessage::build().payload(record.encode()).message_id(record.msg_id(generation));
-    if last_seq > 0 {
-        message = message.expected_last_sequence(last_seq);
-    }
-    let ack: PublishAckFuture =
-        js.send_publish(subject.to_owned(), message).await.map_err(|e| transient("publishing to the stream", e))?;
-    in_flight.push_back(Box::pin(async move {
-        let result = match ack.await {
-            Ok(ack) if ack.duplicate => {
-                tracing::debug!(seq = ack.sequence, "duplicate record dropped by JetStream");
-                Ok(())
-            }
-            Ok(_) => Ok(()),
-            Err(e) => Err(transient("JetStream did not store a record", e)),
-        };
-        (result, confirms)
-    }));
-    Ok(last_seq + 1)
-}
-
-fn commit_end(data: &Bytes) -> Result<Lsn, ReplicationError> {
-    let bytes: [u8; 8] =
-        data.get(10..18).and_then(|b| b.try_into().ok()).ok_or_else(|| ReplicationError::fatal("short Commit"))?;
-    Ok(Lsn(u64::from_be_bytes(bytes)))
-}
-
 /// Creates the owned publication if missing. Returns whether it is owned.
 async fn ensure_publication(
     config: &ReplicationConfig,
@@ -575,38 +645,4 @@ async fn ensure_publication(
             .await?;
     }
     Ok(true)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resume_follows_the_stream_tail() {
-        assert_eq!(Resume::from_tail(None, 0).skip_below, Lsn::ZERO);
-        let done = Record {
-            kind: RecordKind::Transaction,
-            commit_lsn: Lsn(10),
-            end_lsn: Lsn(20),
-            chunk: 2,
-            last: true,
-            messages: vec![],
-        };
-        let r = Resume::from_tail(Some(&done), 7);
-        assert_eq!((r.skip_below, r.generation, r.last_seq), (Lsn(20), 0, 7));
-        let cut = Record { last: false, end_lsn: Lsn::ZERO, ..done };
-        let r = Resume::from_tail(Some(&cut), 9);
-        assert_eq!((r.skip_below, r.cut_off, r.generation), (Lsn(10), Lsn(10), 9));
-        let r = Resume::from_tail(Some(&Record::progress(Lsn(30))), 11);
-        assert_eq!(r.skip_below, Lsn(30));
-    }
-
-    #[test]
-    fn commit_end_reads_the_end_lsn() {
-        let mut b = vec![b'C', 0];
-        b.extend(5u64.to_be_bytes());
-        b.extend(9u64.to_be_bytes());
-        b.extend(0i64.to_be_bytes());
-        assert_eq!(commit_end(&Bytes::from(b)).unwrap(), Lsn(9));
-    }
 }

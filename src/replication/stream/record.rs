@@ -35,6 +35,16 @@
 //! facts frame may also come alone before a change (newer enum labels for
 //! the table's latest Relation message). Format 1 records (no facts) are
 //! still read.
+//!
+//! Format 3 adds table copies (kind `C`, only these records carry format
+//! 3, so an older cache refuses exactly them, with "upgrade"): a table
+//! added to the publication (or to be copied again) travels as the rows of
+//! a copy taken at a consistent point `X` (a temporary slot's), in chunks
+//! like a big transaction. `commit_lsn` is `X` (`end_lsn` too, on the last
+//! chunk); chunk 0 holds a header (tag `H`: the table, see
+//! `super::table_copy`), the later chunks one `COPY` input each. The
+//! publisher puts it after every transaction committed before `X` and
+//! before every later one.
 
 use std::collections::{HashMap, HashSet};
 
@@ -45,6 +55,9 @@ use crate::replication::pgoutput::{self, LogicalMessage};
 
 const MAGIC: &[u8; 4] = b"PGCF";
 const FORMAT: u8 = 2;
+/// Table copies; the other records keep format 2, so that a cache that
+/// reads format 2 refuses only these.
+const FORMAT_COPY: u8 = 3;
 /// Records without catalog facts, still read.
 const FORMAT_WITHOUT_FACTS: u8 = 1;
 const HEADER_LEN: usize = 27;
@@ -62,6 +75,8 @@ pub enum RecordKind {
     /// The remote's WAL position while idle: nothing of the publication
     /// committed before it is missing from the stream.
     Progress,
+    /// A table's copy at `commit_lsn`, or a chunk of one (format 3).
+    Copy,
 }
 
 /// One stream record.
@@ -98,6 +113,7 @@ impl Record {
         let base = match self.kind {
             RecordKind::Transaction => format!("{:X}.{}", self.commit_lsn.0, self.chunk),
             RecordKind::Progress => format!("p{:X}", self.commit_lsn.0),
+            RecordKind::Copy => format!("c{:X}.{}", self.commit_lsn.0, self.chunk),
         };
         if generation == 0 { base } else { format!("{base}.g{generation}") }
     }
@@ -111,10 +127,11 @@ impl Record {
     pub fn encode(&self) -> Bytes {
         let mut out = BytesMut::with_capacity(self.encoded_len());
         out.put_slice(MAGIC);
-        out.put_u8(FORMAT);
+        out.put_u8(if self.kind == RecordKind::Copy { FORMAT_COPY } else { FORMAT });
         out.put_u8(match self.kind {
             RecordKind::Transaction => b'T',
             RecordKind::Progress => b'P',
+            RecordKind::Copy => b'C',
         });
         out.put_u8(u8::from(self.last));
         out.put_u32(self.chunk);
@@ -134,13 +151,16 @@ impl Record {
         }
         data.advance(4);
         let format = data.get_u8();
-        if format != FORMAT && format != FORMAT_WITHOUT_FACTS {
-            return Err(RecordError(format!("record format {format}; this version reads format {FORMAT}: upgrade")));
+        if !(FORMAT_WITHOUT_FACTS..=FORMAT_COPY).contains(&format) {
+            return Err(RecordError(format!(
+                "record format {format}; this version reads formats up to {FORMAT_COPY}: upgrade"
+            )));
         }
         let kind = match data.get_u8() {
             b'T' => RecordKind::Transaction,
             b'P' => RecordKind::Progress,
-            k => return Err(RecordError(format!("unknown record kind {k}"))),
+            b'C' if format == FORMAT_COPY => RecordKind::Copy,
+            k => return Err(RecordError(format!("unknown record kind {k} in format {format}"))),
         };
         let last = data.get_u8() != 0;
         let chunk = data.get_u32();
@@ -386,7 +406,8 @@ impl Sequencer {
                 self.applied = record.end_lsn;
                 Ok(Action::Progress(record.end_lsn))
             }
-            RecordKind::Transaction if record.chunk == 0 => {
+            // A table copy is sequenced like a transaction at its point.
+            RecordKind::Transaction | RecordKind::Copy if record.chunk == 0 => {
                 if record.commit_lsn < self.applied {
                     return Ok(Action::Skip);
                 }
@@ -395,7 +416,7 @@ impl Sequencer {
                 self.close_if_last(record);
                 Ok(action)
             }
-            RecordKind::Transaction => match self.open {
+            RecordKind::Transaction | RecordKind::Copy => match self.open {
                 Some((lsn, next)) if lsn == record.commit_lsn && next == record.chunk => {
                     self.open = Some((lsn, next + 1));
                     self.close_if_last(record);

@@ -67,10 +67,31 @@ pub async fn newest(js: &jetstream::Context, config: &StreamConfig) -> Result<Op
 }
 
 /// Every usable snapshot, oldest first.
+/// How long one listing of the snapshots may take.
+const LIST_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 async fn list(js: &jetstream::Context, config: &StreamConfig) -> Result<Vec<SnapshotInfo>, ReplicationError> {
     let Some(store) = bucket(js, config, false).await? else {
         return Ok(Vec::new());
     };
+    // The client's listing ends at the entry it counted as last when it
+    // began; one deleted meanwhile (an older snapshot going while a new one
+    // is stored) is never delivered, and the listing would wait forever.
+    // So a stalled listing starts over.
+    let mut attempt = 0;
+    loop {
+        match tokio::time::timeout(LIST_LIMIT, list_once(&store)).await {
+            Ok(listed) => return listed,
+            Err(_) if attempt < 3 => {
+                attempt += 1;
+                tracing::debug!(attempt, "listing snapshots stalled (an entry deleted meanwhile); listing again");
+            }
+            Err(_) => return Err(ReplicationError::transient("listing snapshots: no answer from the object store")),
+        }
+    }
+}
+
+async fn list_once(store: &object_store::ObjectStore) -> Result<Vec<SnapshotInfo>, ReplicationError> {
     let mut objects = store.list().await.map_err(|e| transient("listing snapshots", e))?;
     let mut found = Vec::new();
     while let Some(object) = objects.next().await {

@@ -257,3 +257,36 @@ fn sequencer_applies_each_transaction_once() {
     assert_eq!(s.next(&txn(95, 99, 0, false)).unwrap(), Action::Feed);
     assert!(s.next(&txn(95, 99, 3, true)).is_err(), "a lost chunk is an error");
 }
+
+fn copy(x: u64, chunk: u32, last: bool) -> Record {
+    Record { kind: RecordKind::Copy, end_lsn: Lsn(if last { x } else { 0 }), ..txn(x, x, chunk, last) }
+}
+
+#[test]
+fn table_copies_are_sequenced_like_transactions_at_their_point() {
+    let mut s = Sequencer::new(Lsn(50));
+    assert_eq!(s.next(&copy(40, 0, false)).unwrap(), Action::Skip, "a copy older than what is applied");
+    assert_eq!(s.next(&copy(60, 0, false)).unwrap(), Action::Feed);
+    assert_eq!(s.next(&copy(60, 1, false)).unwrap(), Action::Feed);
+    // The publisher died in the middle of it: what comes next starts over.
+    assert_eq!(s.next(&txn(70, 75, 0, true)).unwrap(), Action::Restart, "a cut-off copy is dropped");
+    assert_eq!(s.next(&copy(80, 0, false)).unwrap(), Action::Feed);
+    assert!(s.next(&copy(80, 2, true)).is_err(), "a lost chunk of a copy is an error");
+    assert_eq!(s.next(&copy(80, 1, true)).unwrap(), Action::Feed);
+    assert!(!s.in_transaction());
+    // Everything before the point is applied with it.
+    assert_eq!(s.next(&Record::progress(Lsn(80))).unwrap(), Action::Skip);
+    assert_eq!(s.next(&txn(80, 90, 0, true)).unwrap(), Action::Feed);
+}
+
+#[test]
+fn only_table_copies_carry_format_3() {
+    let c = copy(0x10, 0, true).encode();
+    assert_eq!(c[4], 3);
+    assert_eq!(txn(1, 2, 0, true).encode()[4], 2);
+    assert_eq!(Record::progress(Lsn(3)).encode()[4], 2);
+    // A copy kind in an older format is not one.
+    let mut bytes = BytesMut::from(&c[..]);
+    bytes[4] = 2;
+    assert!(Record::decode(bytes.freeze()).is_err());
+}

@@ -7,55 +7,14 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::daemon::{Proc, free_port};
 use support::nats::NatsServer;
 use support::pg::PgCluster;
 use tokio_postgres::{Client, NoTls};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pglite-cache");
 const WAIT: Duration = Duration::from_secs(120);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A child process of ours, killed on drop.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(args: &[String], log: PathBuf) -> Proc {
-        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let child =
-            Command::new(BIN).args(args).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(stderr).spawn().unwrap();
-        Proc { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!("process exited with {status}:\n{}", self.log());
-        }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 struct Setup {
     pg: PgCluster,

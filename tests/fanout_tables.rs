@@ -5,8 +5,6 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -15,6 +13,7 @@ use futures_util::StreamExt;
 use pglite_cache::replication::stream::{self, Publisher, PublisherConfig, StreamConfig, StreamReplication};
 use pglite_cache::replication::{PublicationSpec, ReplicationConfig, ReplicationHandle};
 use pglite_cache::{Instance, InstanceOptions};
+use support::daemon::Proc;
 use support::nats::NatsServer;
 use support::pg::PgCluster;
 use support::replication::{WAIT, assert_same, catch_up, remote_lsn};
@@ -181,44 +180,6 @@ async fn a_table_added_to_the_publication_reaches_every_cache_exactly_once() {
 }
 
 // ---- kill -9 through the binary ----
-
-const BIN: &str = env!("CARGO_BIN_EXE_pglite-cache");
-
-/// A child process of ours, killed on drop.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(args: &[String], log: PathBuf) -> Proc {
-        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let child =
-            Command::new(BIN).args(args).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(stderr).spawn().unwrap();
-        Proc { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!("process exited with {status}:\n{}", self.log());
-        }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
 
 /// (rows, distinct rows) of an insert-only table without a key.
 async fn counts(client: &Client, table: &str) -> (i64, i64) {

@@ -139,3 +139,39 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// A `pglite-cache` child process with its stderr in `log`, killed on drop.
+pub struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(args: &[String], log: PathBuf) -> Proc {
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child =
+            Command::new(BIN).args(args).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(stderr).spawn().unwrap();
+        Proc { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("process exited with {status}:\n{}", self.log());
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

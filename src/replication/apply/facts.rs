@@ -21,6 +21,8 @@ use tokio_postgres::GenericClient;
 use crate::replication::error::ReplicationError;
 use crate::replication::pgoutput::Relation;
 
+use super::columns::{ColumnChange, NewColumn};
+
 /// The first byte of a facts frame.
 pub(crate) const TAG: u8 = b'F';
 const VERSION: u8 = 1;
@@ -87,7 +89,22 @@ pub(crate) struct CatalogFacts {
     /// The enums among them, with their labels.
     #[serde(rename = "e", default, skip_serializing_if = "Vec::is_empty")]
     pub enums: Vec<EnumLabels>,
+    /// Set by the publisher: the message is a change that cannot be
+    /// followed in place, and the table's copy follows in the stream (a
+    /// stream-fed cache copies it again as a slot-fed one does; unset, it
+    /// halts). Only in the full facts (see [`Self::lean`]).
+    #[serde(rename = "x", default, skip_serializing_if = "is_false")]
+    pub copy_follows: bool,
 }
+
+/// Whether PostgreSQL converts `$1` to `$2` (type names) without a `USING`
+/// expression (the same types, an assignment or implicit cast, or a string
+/// target): then the remote did the same, unless it was given an
+/// expression of its own (see docs/schema-changes.md).
+pub(crate) const CONVERTS_IN_PLACE_SQL: &str = "SELECT s = t OR EXISTS (SELECT 1 FROM pg_cast c WHERE c.castsource = s AND c.casttarget = t \
+     AND c.castcontext IN ('a', 'i')) \
+     OR (SELECT typcategory = 'S' FROM pg_type WHERE oid = t) \
+     FROM (SELECT to_regtype($1)::oid AS s, to_regtype($2)::oid AS t) x";
 
 impl CatalogFacts {
     /// Reads the facts about `rel`, sent inside remote transaction `xid`.
@@ -174,7 +191,67 @@ impl CatalogFacts {
                 enums.push(EnumLabels { oid, labels: read_labels(client, oid).await? });
             }
         }
-        Ok(CatalogFacts { relation: rel.id, older, columns, type_names, indexes, user_types, enums })
+        Ok(CatalogFacts {
+            relation: rel.id,
+            older,
+            columns,
+            type_names,
+            indexes,
+            user_types,
+            enums,
+            copy_follows: false,
+        })
+    }
+
+    /// The message's columns with what the catalog adds. Its attribute
+    /// numbers and missing values hold for the message (the catalog is read
+    /// after the message was sent) if every column row is older than the
+    /// transaction the message came in (a DDL committed after it took its
+    /// lock after that transaction's commit, so got a later xid), and it
+    /// matches.
+    pub(in crate::replication) fn new_columns(&self, rel: &Relation) -> Vec<NewColumn> {
+        let find = |c: &crate::replication::pgoutput::RelationColumn| {
+            self.columns.iter().find(|r| r.name == c.name && r.type_oid == c.type_oid && r.typmod == c.type_modifier)
+        };
+        let current = self.older && rel.columns.iter().all(|c| find(c).is_some());
+        rel.columns
+            .iter()
+            .zip(&self.type_names)
+            .map(|(c, type_name)| {
+                let (type_name, attnum) = match find(c) {
+                    Some(r) if current => (r.type_name.clone(), Some(r.attnum)),
+                    _ => (type_name.clone(), None),
+                };
+                NewColumn { name: c.name.clone(), type_name, attnum }
+            })
+            .collect()
+    }
+
+    /// Gives each column added by `changes` the value existing rows read
+    /// (its missing value), or says why the table has to be copied again
+    /// instead. Returns the user types of the added columns.
+    pub(in crate::replication) fn fill_adds(&self, changes: &mut [ColumnChange]) -> Result<Vec<u32>, String> {
+        let mut user_types = Vec::new();
+        for change in changes {
+            let ColumnChange::Add { name, type_name, fill } = change else { continue };
+            // Added by this transaction or before: its missing value is the
+            // one (unless added, dropped and added again in one transaction).
+            let Some(r) = self.columns.iter().find(|r| &r.name == name && &r.type_name == type_name && r.by_then)
+            else {
+                return Err(format!("column {name} was added upstream and changed again since"));
+            };
+            match (&r.missing, r.has_default) {
+                (Some(value), _) => *fill = value.clone(),
+                // A volatile default rewrote the table upstream: existing
+                // rows hold values that never went through replication.
+                (None, true) => return Err(format!("column {name} was added upstream with a volatile default")),
+                (None, false) => {}
+            }
+            if r.type_oid >= 16384 {
+                user_types.push(r.type_oid);
+            }
+        }
+        Ok(user_types)
     }
 
     /// What travels with the copies of the Relation message that the
@@ -190,7 +267,7 @@ impl CatalogFacts {
             .iter()
             .map(|c| RemoteColumn { missing: None, has_default: false, by_then: false, ..c.clone() })
             .collect();
-        CatalogFacts { columns, indexes: None, user_types: Vec::new(), ..self.clone() }
+        CatalogFacts { columns, indexes: None, user_types: Vec::new(), copy_follows: false, ..self.clone() }
     }
 
     /// The local DDL creating the user types `oids` (those known here).
@@ -298,6 +375,7 @@ mod tests {
             indexes: Some(vec![("t_n".into(), "CREATE INDEX t_n ON public.t USING btree (n)".into())]),
             user_types: vec![(16400, "CREATE TYPE ...;\n".into())],
             enums: vec![EnumLabels { oid: 16400, labels: vec!["a".into(), "b".into()] }],
+            copy_follows: true,
         };
         let frame = facts.encode();
         assert_eq!(frame_relation(&frame), Some(16390));
@@ -308,9 +386,55 @@ mod tests {
         let lean = facts.lean();
         assert_eq!((&lean.indexes, lean.columns[0].by_then, lean.columns[0].attnum), (&None, false, 3));
         assert_eq!(lean.enums, facts.enums);
+        // Only where the message first appears: a repeat never promises a copy.
+        assert!(!lean.copy_follows);
+        // Facts of an older publisher (no mark) read as unmarked.
+        let old = String::from_utf8(frame[6..].to_vec()).unwrap().replace(",\"x\":true", "");
+        assert_eq!(old.len(), frame.len() - 6 - 9);
+        assert!(!serde_json::from_str::<CatalogFacts>(&old).unwrap().copy_follows);
         assert!(lean.encode().len() < frame.len());
         let mut newer = frame.to_vec();
         newer[1] = 9;
         assert!(CatalogFacts::decode(&newer).unwrap_err().message().contains("upgrade"));
+    }
+
+    #[test]
+    fn added_columns_get_their_missing_value_or_a_reason_to_copy_again() {
+        let column = |name: &str, missing: Option<Option<String>>, has_default: bool, by_then: bool| RemoteColumn {
+            name: name.into(),
+            attnum: 2,
+            type_oid: 20,
+            typmod: -1,
+            type_name: "bigint".into(),
+            missing,
+            has_default,
+            by_then,
+        };
+        let facts = CatalogFacts {
+            relation: 1,
+            older: false,
+            columns: vec![
+                column("fixed", Some(Some("7".into())), true, true),
+                column("later", Some(None), false, false),
+                column("volatile", None, true, true),
+                column("plain", None, false, true),
+            ],
+            type_names: vec![],
+            indexes: None,
+            user_types: vec![],
+            enums: vec![],
+            copy_follows: false,
+        };
+        let add = |name: &str| ColumnChange::Add { name: name.into(), type_name: "bigint".into(), fill: None };
+        let mut changes = vec![add("fixed"), add("plain")];
+        assert_eq!(facts.fill_adds(&mut changes), Ok(vec![]));
+        assert_eq!(
+            changes[0],
+            ColumnChange::Add { name: "fixed".into(), type_name: "bigint".into(), fill: Some("7".into()) }
+        );
+        assert_eq!(changes[1], add("plain"));
+        assert!(facts.fill_adds(&mut [add("later")]).unwrap_err().contains("changed again since"));
+        assert!(facts.fill_adds(&mut [add("volatile")]).unwrap_err().contains("volatile default"));
+        assert!(facts.fill_adds(&mut [add("gone")]).unwrap_err().contains("changed again since"));
     }
 }

@@ -47,10 +47,10 @@ use super::store;
 use super::{AppliedTransaction, Change, ChangeOp, Status};
 
 mod batch;
-mod columns;
+pub(super) mod columns;
 pub(crate) mod facts;
 mod prepared;
-mod relation;
+pub(super) mod relation;
 #[cfg(test)]
 mod tests;
 
@@ -407,6 +407,9 @@ impl Applier {
     pub(crate) async fn add_tables(&mut self, added: Vec<(u32, KnownTable)>) -> Result<(), ReplicationError> {
         for (oid, table) in added {
             self.tables.insert(oid, table);
+            // A table copied again (a stream-fed cache may get a copy it did
+            // not need) is read from the local catalog at its next message.
+            self.relations.remove(&oid);
             if let Some(rel) = self.unknown.remove(&oid) {
                 self.relation(rel).await?;
             }

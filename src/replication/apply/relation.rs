@@ -76,24 +76,8 @@ impl Applier {
         let Some(facts) = self.facts_for(&rel, xid).await? else {
             return self.follow_unchanged(rel, &known).await;
         };
-        let remote = &facts.columns;
-        let find = |c: &pgoutput::RelationColumn| {
-            remote.iter().find(|r| r.name == c.name && r.type_oid == c.type_oid && r.typmod == c.type_modifier)
-        };
-        // The catalog is read after the message was sent, not at its
-        // position. Its attribute numbers and missing values hold for the
-        // message if every column row is older than the transaction the
-        // message came in (a DDL committed after it took its lock after that
-        // transaction's commit, so got a later xid), and it matches.
-        let current = facts.older && rel.columns.iter().all(|c| find(c).is_some());
-        let mut new_columns = Vec::with_capacity(rel.columns.len());
-        for (c, type_name) in rel.columns.iter().zip(&facts.type_names) {
-            let (type_name, attnum) = match find(c) {
-                Some(r) if current => (r.type_name.clone(), Some(r.attnum)),
-                _ => (type_name.clone(), None),
-            };
-            new_columns.push(NewColumn { name: c.name.clone(), type_name, attnum });
-        }
+        let new_columns = facts.new_columns(&rel);
+        let current = new_columns.iter().all(|c| c.attnum.is_some());
 
         // The local catalog does not show DDL queued but not run yet: it is
         // read under the name the table had before this message.
@@ -111,45 +95,19 @@ impl Applier {
             Ok(plan) => plan,
             Err(reason) => return self.recopy(rel, &reason),
         };
-        let mut user_types = Vec::new();
-        for change in &mut changes {
-            match change {
-                ColumnChange::Add { name, type_name, fill } => {
-                    // Added by this transaction or before: its missing value
-                    // is the one (unless added, dropped and added again in
-                    // one transaction).
-                    let Some(r) = remote.iter().find(|r| &r.name == name && &r.type_name == type_name && r.by_then)
-                    else {
-                        let reason = format!("column {name} was added upstream and changed again since");
-                        return self.recopy(rel, &reason);
-                    };
-                    match (&r.missing, r.has_default) {
-                        (Some(value), _) => *fill = value.clone(),
-                        (None, true) => {
-                            // A volatile default rewrote the table upstream: existing
-                            // rows hold values that never went through replication.
-                            let reason = format!("column {name} was added upstream with a volatile default");
-                            return self.recopy(rel, &reason);
-                        }
-                        (None, false) => {}
-                    }
-                    if r.type_oid >= 16384 {
-                        user_types.push(r.type_oid);
-                    }
-                }
-                ColumnChange::Retype { name, from_type, type_name } => {
-                    let from = from_type.clone();
-                    if !self.converts_in_place(&from, type_name).await? {
-                        let reason = format!("column {name} changed type upstream from {from} to {type_name}");
-                        return self.recopy(rel, &reason);
-                    }
-                    if let Some(c) = rel.columns.iter().find(|c| &c.name == name)
-                        && c.type_oid >= 16384
-                    {
-                        user_types.push(c.type_oid);
-                    }
-                }
-                _ => {}
+        let mut user_types = match facts.fill_adds(&mut changes) {
+            Ok(types) => types,
+            Err(reason) => return self.recopy(rel, &reason),
+        };
+        for change in &changes {
+            let ColumnChange::Retype { name, from_type, type_name } = change else { continue };
+            if !self.converts_in_place(from_type, type_name).await? {
+                return self.recopy(rel, &retype_reason(name, from_type, type_name));
+            }
+            if let Some(c) = rel.columns.iter().find(|c| &c.name == name)
+                && c.type_oid >= 16384
+            {
+                user_types.push(c.type_oid);
             }
         }
         if !changes.is_empty() {
@@ -307,13 +265,22 @@ impl Applier {
     /// changes are skipped until then (the new copy contains them); the
     /// mark is committed with the changes before it, so a restart in
     /// between copies it too.
+    ///
+    /// A stream-fed cache has no remote to copy from: it does so only when
+    /// the publisher marked the message (it made the same decision and
+    /// puts the table's copy in the stream after it, see
+    /// `stream::catalog`); otherwise it halts rather than diverge.
     fn recopy(&mut self, rel: Relation, reason: &str) -> Result<(), ReplicationError> {
         let id = rel.id;
-        if !self.remote_catalog {
-            // A stream-fed cache has no remote to copy from.
+        let copy_follows = self.stream_facts.get(&id).is_some_and(|f| f.copy_follows);
+        if !self.remote_catalog && !copy_follows {
             let table = self.tables.get(&id).map(|t| qualified(&t.schema, &t.name)).unwrap_or_default();
             return Err(ReplicationError::needs_operator(
-                format!("{table}: {reason}; a cache fed by a fan-out stream cannot copy a table again"),
+                format!(
+                    "{table}: {reason}; the publisher did not put a new copy of the table in the stream \
+                     (it decides so for a change it saw in its current session), and a cache fed by a fan-out \
+                     stream cannot copy a table itself"
+                ),
                 "start the fan-out again on a new stream (a publisher with a new --data directory and --stream); \
                  its caches start from its first snapshot",
             ));
@@ -396,16 +363,11 @@ impl Applier {
     }
 
     /// Whether PostgreSQL converts `from` to `to` without a `USING`
-    /// expression (the same types, an assignment or implicit cast, or a
-    /// string target): then the remote did the same, unless it was given
-    /// an expression of its own (see docs/schema-changes.md).
+    /// expression ([`super::facts::CONVERTS_IN_PLACE_SQL`]).
     /// A stream-fed cache asks its own engine (the built-in casts are the
     /// same; a user type is known by name once created here).
     async fn converts_in_place(&mut self, from: &str, to: &str) -> Result<bool, ReplicationError> {
-        const SQL: &str = "SELECT s = t OR EXISTS (SELECT 1 FROM pg_cast c WHERE c.castsource = s AND c.casttarget = t \
-                        AND c.castcontext IN ('a', 'i')) \
-                        OR (SELECT typcategory = 'S' FROM pg_type WHERE oid = t) \
-                 FROM (SELECT to_regtype($1)::oid AS s, to_regtype($2)::oid AS t) x";
+        const SQL: &str = super::facts::CONVERTS_IN_PLACE_SQL;
         if !self.remote_catalog {
             let params = vec![Param::Untyped(from.to_owned()), Param::Untyped(to.to_owned())];
             let result = self.local_query(SQL, params).await?;
@@ -525,4 +487,9 @@ impl Applier {
             None => self.instance.query_params(sql, params).await?,
         })
     }
+}
+
+/// Why a column whose type changed upstream makes the table be copied again.
+pub(crate) fn retype_reason(name: &str, from: &str, to: &str) -> String {
+    format!("column {name} changed type upstream from {from} to {to}")
 }

@@ -5,6 +5,13 @@
 //! this message" check against the message's transaction) and the
 //! [`super::record::Chunker`] puts them next to every copy of the message.
 //!
+//! A change a cache cannot follow in place (see `apply::relation::recopy`)
+//! is decided here too, with the same code, from the previous Relation
+//! message of the table in this session: the facts then say that a copy
+//! of the table follows, and the publisher puts one in the stream
+//! (`table_copy`). The first message of a table in a session is compared
+//! with nothing: a cache that finds it needs a copy halts.
+//!
 //! `ALTER TYPE ... ADD VALUE` sends no message: the publisher looks at the
 //! enum values of the changes of tables with enum columns, and when one
 //! has a label the facts do not list, reads the labels again and sends the
@@ -14,11 +21,14 @@ use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
 
-use crate::replication::apply::facts::{self, CatalogFacts};
+use crate::replication::apply::columns::{self, ColumnChange, NewColumn};
+use crate::replication::apply::facts::{self, CONVERTS_IN_PLACE_SQL, CatalogFacts};
+use crate::replication::apply::relation::retype_reason;
 use crate::replication::config::SourceConfig;
 use crate::replication::error::ReplicationError;
 use crate::replication::pgoutput::{self, LogicalMessage, Value};
 use crate::replication::remote_client;
+use crate::replication::statements::LocalColumn;
 
 /// A table's facts frames: (table, full, lean) for [`super::record::Chunker::set_facts`].
 pub(super) type Frames = (u32, Bytes, Bytes);
@@ -33,6 +43,9 @@ pub(super) struct CatalogReader {
     facts: HashMap<u32, CatalogFacts>,
     /// The type OID of each column of each table's latest Relation message.
     types: HashMap<u32, Vec<u32>>,
+    /// Each table's columns as a cache's apply sees them after the table's
+    /// latest Relation message of this session.
+    views: HashMap<u32, Vec<LocalColumn>>,
     /// Labels already looked up (a label renamed since is not found, and
     /// is not looked up for every change).
     looked_up: HashSet<(u32, Bytes)>,
@@ -46,6 +59,7 @@ impl CatalogReader {
             xid: 0,
             facts: HashMap::new(),
             types: HashMap::new(),
+            views: HashMap::new(),
             looked_up: HashSet::new(),
         }
     }
@@ -64,13 +78,31 @@ impl CatalogReader {
         }
     }
 
-    /// The facts frame about a Relation message just received.
-    pub(super) async fn relation(&mut self, data: &Bytes) -> Result<Frames, ReplicationError> {
+    /// The facts frames about a Relation message just received, and why
+    /// the caches need a new copy of the table, if they do and `may_copy`,
+    /// or if its copy is `pending` anyway (then the facts say that one
+    /// follows, and the caller sees to it).
+    pub(super) async fn relation(
+        &mut self,
+        data: &Bytes,
+        may_copy: bool,
+        pending: bool,
+    ) -> Result<(Frames, Option<String>), ReplicationError> {
         let LogicalMessage::Relation(rel) = decode(data)? else {
             return Err(ReplicationError::fatal("not a Relation message"));
         };
         let xid = self.xid;
-        let facts = CatalogFacts::read(self.client().await?, &rel, xid).await?;
+        let mut facts = CatalogFacts::read(self.client().await?, &rel, xid).await?;
+        let (view, copy) = self.decide(rel.id, &facts.new_columns(&rel), &facts).await?;
+        self.views.insert(rel.id, view);
+        let copy = match copy {
+            Some(reason) if may_copy => Some(reason),
+            // E.g. a transaction cut off by a restart of the publisher, sent
+            // again: its message is the first of the session, and was marked.
+            _ if pending => Some("the table's copy is pending".to_owned()),
+            _ => None,
+        };
+        facts.copy_follows = copy.is_some();
         let (full, lean) = (facts.encode(), facts.lean().encode());
         tracing::debug!(
             relation = rel.id,
@@ -78,11 +110,45 @@ impl CatalogReader {
             bytes = full.len(),
             lean = lean.len(),
             older = facts.older,
+            copy_follows = facts.copy_follows,
             "catalog facts read"
         );
         self.facts.insert(rel.id, facts);
         self.types.insert(rel.id, rel.columns.iter().map(|c| c.type_oid).collect());
-        Ok((rel.id, full, lean))
+        Ok(((rel.id, full, lean), copy))
+    }
+
+    /// The table's view after a message with columns `new`, and why a cache
+    /// cannot follow it in place, if so: the checks of
+    /// `apply::relation::follow`, from the view after the previous message.
+    async fn decide(
+        &mut self,
+        id: u32,
+        new: &[NewColumn],
+        facts: &CatalogFacts,
+    ) -> Result<(Vec<LocalColumn>, Option<String>), ReplicationError> {
+        // After a copy, a cache reads its table's columns (attribute numbers unknown).
+        let copied = || -> Vec<LocalColumn> {
+            new.iter()
+                .map(|c| LocalColumn { name: c.name.clone(), type_name: c.type_name.clone(), attnum: None })
+                .collect()
+        };
+        let Some(old) = self.views.get(&id) else { return Ok((copied(), None)) };
+        let (mut changes, view) = match columns::plan(old, new) {
+            Ok(plan) => plan,
+            Err(reason) => return Ok((copied(), Some(reason))),
+        };
+        if let Err(reason) = facts.fill_adds(&mut changes) {
+            return Ok((copied(), Some(reason)));
+        }
+        for change in &changes {
+            let ColumnChange::Retype { name, from_type, type_name } = change else { continue };
+            let row = self.client().await?.query_one(CONVERTS_IN_PLACE_SQL, &[from_type, type_name]).await?;
+            if !row.get::<_, Option<bool>>(0).unwrap_or(false) {
+                return Ok((copied(), Some(retype_reason(name, from_type, type_name))));
+            }
+        }
+        Ok((view, None))
     }
 
     /// For a change (Insert or Update) whose new row has an enum label the

@@ -10,6 +10,8 @@
 //!              JetStream ack of a transaction's last chunk ─► confirm its end LSN to the remote
 //! a table added to the publication (a Relation message of a table not copied, or the periodic check):
 //!              copied at a temporary slot's point X (`table_copy`) ─► published before the first record at or past X
+//! a schema change caches cannot follow in place (`catalog`): its Relation message says "copy follows",
+//!              the table is copied again the same way
 //! ```
 //!
 //! Guarantees, and why:
@@ -124,6 +126,8 @@ impl Publisher {
             data_lock,
             bootstrapped: false,
             known: HashSet::new(),
+            recopy: HashSet::new(),
+            again: HashSet::new(),
         };
         Ok(PublisherHandle { status, shutdown, task: Mutex::new(Some(tokio::spawn(task.run()))) })
     }
@@ -186,7 +190,18 @@ struct Task {
     /// a copy published since its last refresh is made again then (the
     /// caches replace the table, nothing is lost or repeated).
     known: HashSet<u32>,
+    /// Tables whose Relation message said "copy follows", their copy not
+    /// published yet: every record lists them (header [`RECOPY_HEADER`]),
+    /// so that after a restart the publisher finds them in the stream's
+    /// last record and copies them (its cache may not have seen the mark).
+    recopy: HashSet<u32>,
+    /// Of those, the ones marked while a copy of theirs taken before the
+    /// mark was in progress: that copy does not count.
+    again: HashSet<u32>,
 }
+
+/// The header of every record listing [`Task::recopy`] (table OIDs, comma-separated).
+const RECOPY_HEADER: &str = "Pglite-Cache-Recopy";
 
 impl Task {
     async fn run(mut self) -> Result<(), ReplicationError> {
@@ -263,8 +278,14 @@ impl Task {
                 .get_last_raw_message_by_subject(&self.config.stream.subject())
                 .await
                 .map_err(|e| transient("reading the stream's last record", e))?;
+            let pending = message.headers.get(RECOPY_HEADER).map(|v| v.as_str().to_owned()).unwrap_or_default();
+            for oid in pending.split(',').filter_map(|o| o.parse::<u32>().ok()) {
+                self.known.remove(&oid);
+                self.recopy.insert(oid);
+            }
             Some(Record::decode(message.payload).map_err(|e| ReplicationError::fatal(e.to_string()))?)
         };
+        self.again.clear();
         let resume = Resume::from_tail(tail.as_ref(), last_seq);
         let r = &self.config.replication;
         conn.start_replication(&r.slot_name, Lsn::ZERO, r.publication.name()).await?;
@@ -355,7 +376,7 @@ impl Task {
                             // (and keep its tables' descriptions for later transactions).
                             if data.first() == Some(&b'R') {
                                 chunker.push(data.clone()).map_err(|e| ReplicationError::fatal(e.to_string()))?;
-                                let (id, full, lean) = catalog.relation(&data).await?;
+                                let ((id, full, lean), _) = catalog.relation(&data, false, false).await?;
                                 chunker.set_facts(id, full, lean).map_err(|e| ReplicationError::fatal(e.to_string()))?;
                             } else if data.first() == Some(&b'C') {
                                 skipping = None;
@@ -380,8 +401,20 @@ impl Task {
                         let record = chunker.push(data).map_err(|e| ReplicationError::fatal(e.to_string()))?;
                         if let Some(relation) = relation {
                             // The catalog facts go next to the Relation message.
-                            let (id, full, lean) = catalog.relation(&relation).await?;
+                            let id = relation.get(1..5).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes).ok_or_else(|| ReplicationError::fatal("short Relation"))?;
+                            let pending = self.recopy.contains(&id);
+                            let may_copy = self.known.contains(&id) || copying.contains(&id);
+                            let ((id, full, lean), copy) = catalog.relation(&relation, may_copy, pending).await?;
                             chunker.set_facts(id, full, lean).map_err(|e| ReplicationError::fatal(e.to_string()))?;
+                            if let Some(reason) = copy {
+                                tracing::warn!(relation = id, %reason, "schema change upstream that caches cannot follow in place; copying the table again into the stream");
+                                if copying.contains(&id) {
+                                    self.again.insert(id);
+                                }
+                                self.known.remove(&id);
+                                self.recopy.insert(id);
+                                look_for_tables = true;
+                            }
                         }
                         if let Some(record) = record {
                             // A table copy goes before the first transaction committed at or after its point.
@@ -407,7 +440,8 @@ impl Task {
                             if let Some(end) = lsn {
                                 published_end = published_end.max(end);
                             }
-                            last_seq = publish(js, &subject, &record, generation, last_seq, lsn, None, &mut in_flight).await?;
+                            let recopy = self.recopy_header();
+                            last_seq = publish(js, &subject, &record, generation, last_seq, lsn, None, recopy, &mut in_flight).await?;
                         }
                     }
                     Some(StreamMessage::Keepalive { wal_end, reply_requested, .. }) => {
@@ -429,7 +463,8 @@ impl Task {
                         if !chunker.in_transaction() && skipping.is_none() && wal_end > published_end && before_copy {
                             published_end = wal_end;
                             let record = Record::progress(wal_end);
-                            last_seq = publish(js, &subject, &record, 0, last_seq, Some(wal_end), None, &mut in_flight).await?;
+                            let recopy = self.recopy_header();
+                            last_seq = publish(js, &subject, &record, 0, last_seq, Some(wal_end), None, recopy, &mut in_flight).await?;
                         }
                         if reply_requested {
                             conn.send_status(confirmed, false).await?;
@@ -461,7 +496,10 @@ impl Task {
         }
         if let Some(oid) = copied {
             copying.remove(&oid);
-            self.known.insert(oid);
+            // Marked for a copy again since this one was taken: not known.
+            if !self.recopy.contains(&oid) {
+                self.known.insert(oid);
+            }
         }
         Ok(())
     }
@@ -495,13 +533,26 @@ impl Task {
             };
             let Some(record) = next else { break };
             let copied = if record.last { oid } else { None };
-            last_seq = publish(js, subject, &record, 0, last_seq, None, copied, in_flight).await?;
+            if let Some(oid) = copied
+                && !self.again.remove(&oid)
+            {
+                self.recopy.remove(&oid);
+            }
+            let recopy = self.recopy_header();
+            last_seq = publish(js, subject, &record, 0, last_seq, None, copied, recopy, in_flight).await?;
             while in_flight.len() >= self.config.max_in_flight {
                 let acked = in_flight.next().await.expect("not empty");
                 self.acked(acked, confirmed, copying)?;
             }
         }
         Ok(last_seq)
+    }
+
+    /// The value of [`RECOPY_HEADER`], if any table is marked.
+    fn recopy_header(&self) -> Option<String> {
+        let mut oids: Vec<u32> = self.recopy.iter().copied().collect();
+        oids.sort_unstable();
+        (!oids.is_empty()).then(|| oids.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
     }
 
     fn note_wal_end(&self, wal_end: Lsn) {

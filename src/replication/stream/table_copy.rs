@@ -238,7 +238,7 @@ async fn copy_one(
         return Ok(()); // removed from the publication meanwhile
     };
     let x = slot.consistent_point;
-    tracing::info!(table = %table.qualified(), at = %x, "copying a table added to the publication into the stream");
+    tracing::info!(table = %table.qualified(), at = %x, "copying a table into the stream (added to the publication, or copied again)");
     let prepare = schema::create_script(&types, std::slice::from_ref(&table));
     let header = Header::new(&table, prepare, config.read_only).encode();
     let mut out = Out { tx, oid: table.remote_oid, held: Record::copy(x, 0, vec![header]) };

@@ -54,9 +54,13 @@ pub(super) async fn publish(
     last_seq: u64,
     confirms: Option<Lsn>,
     copied: Option<u32>,
+    recopy: Option<String>,
     in_flight: &mut FuturesOrdered<AckFuture>,
 ) -> Result<u64, ReplicationError> {
     let mut message = PublishMessage::build().payload(record.encode()).message_id(record.msg_id(generation));
+    if let Some(oids) = recopy {
+        message = message.header(super::RECOPY_HEADER, oids.as_str());
+    }
     if last_seq > 0 {
         message = message.expected_last_sequence(last_seq);
     }

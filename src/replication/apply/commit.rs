@@ -1,0 +1,207 @@
+//! The commit side of the apply: a big transaction's pieces sent while it
+//! arrives, merged commits of small ones (group commit), and what follows a
+//! local commit (status, lag, subscribers, index changes).
+
+use super::*;
+
+impl Applier {
+    /// Sends the buffered statements into the open local transaction,
+    /// opening it first if needed.
+    pub(super) async fn send_buffered(&mut self) -> Result<(), ReplicationError> {
+        let instance = self.instance.clone();
+        let pending = self.pending()?;
+        if pending.local.is_none() {
+            let tx = instance.begin().await?;
+            tx.query(APPLY_SETTINGS, &[]).await?;
+            pending.local = Some(Arc::new(tx));
+        }
+        let steps = pending.batch.take_steps();
+        if steps.is_empty() {
+            return Ok(());
+        }
+        // Wait for the previous piece, then let this one run while the next
+        // is received and decoded.
+        let reordered = pending.batch.reordered > 0;
+        pending.settle().await.map_err(|e| retry_in_order(e, reordered))?;
+        let tx = pending.local.clone().expect("opened above");
+        pending.in_flight = Some(tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            run_steps(&tx, steps).await?;
+            Ok(started.elapsed())
+        }));
+        Ok(())
+    }
+
+    /// A remote transaction was received whole. It is committed locally
+    /// right away, unless more of the stream is already waiting: then the
+    /// next transactions join the same local transaction (group commit,
+    /// each remote transaction still all-or-nothing for readers), up to
+    /// [`MAX_MERGED`] transactions, [`MAX_MERGE_DELAY`] or the buffer limit.
+    pub(super) async fn commit(&mut self, end_lsn: Lsn, commit_time: i64) -> Result<(), ReplicationError> {
+        let max_buffered = self.max_buffered;
+        let pending = self.pending()?;
+        if !pending.open {
+            return Err(ReplicationError::fatal("Commit without Begin"));
+        }
+        pending.open = false;
+        if !pending.skip {
+            pending.last_end = Some((end_lsn, commit_time));
+            pending.done.push(AppliedTransaction {
+                commit_lsn: pending.final_lsn,
+                end_lsn,
+                commit_time: pg_time(commit_time),
+                change_count: pending.change_count,
+                truncated: pending.change_count > pending.changes.len() as u64,
+                changes: std::mem::take(&mut pending.changes),
+            });
+        }
+        let flush_now = pending.local.is_some()
+            || pending.done.len() >= MAX_MERGED
+            || pending.batch.buffered >= max_buffered
+            || pending.batch.step_count() >= MAX_MERGED_STEPS
+            || pending.batch.buffered >= MAX_MERGED_BYTES
+            || pending.started.elapsed() >= MAX_MERGE_DELAY;
+        if flush_now {
+            self.flush_deferred().await?;
+        }
+        Ok(())
+    }
+
+    /// Remote transactions are received whole and wait for a merged commit.
+    pub(crate) fn has_deferred(&self) -> bool {
+        self.pending.as_ref().is_some_and(|p| !p.open)
+    }
+
+    /// Not inside a remote transaction (merged commits may be waiting).
+    pub(crate) fn between_transactions(&self) -> bool {
+        self.pending.as_ref().is_none_or(|p| !p.open)
+    }
+
+    /// Commits the waiting remote transactions in one local transaction
+    /// that also stores the last one's end LSN.
+    pub(crate) async fn flush_deferred(&mut self) -> Result<(), ReplicationError> {
+        if !self.has_deferred() {
+            return Ok(());
+        }
+        let pending = self.pending.take().expect("checked above");
+        let reordered = pending.batch.reordered > 0;
+        self.commit_pending(pending).await.map_err(|e| retry_in_order(e, reordered))
+    }
+
+    async fn commit_pending(&mut self, mut pending: Pending) -> Result<(), ReplicationError> {
+        let Some((end_lsn, commit_time)) = pending.last_end else {
+            return Ok(()); // only transactions applied before a restart
+        };
+        let mut steps = pending.batch.take_steps();
+        let (lsn_sql, lsn_params) = store::applied_statement(end_lsn, Some(commit_time));
+        let started = std::time::Instant::now();
+        pending.settle().await?;
+        let needs_lease = steps.iter().any(|s| matches!(s, Step::Copy { .. }));
+        let local = match pending.local.take() {
+            Some(tx) => Some(tx),
+            None if needs_lease => {
+                let tx = self.instance.begin().await?;
+                tx.query(APPLY_SETTINGS, &[]).await?;
+                Some(Arc::new(tx))
+            }
+            None => None,
+        };
+        match local {
+            Some(tx) => {
+                let tx =
+                    Arc::into_inner(tx).ok_or_else(|| ReplicationError::fatal("local transaction still shared"))?;
+                steps.push(Step::Sql(lsn_sql, lsn_params));
+                run_steps(&tx, steps).await?;
+                tx.commit().await?;
+            }
+            None => {
+                // Small transactions: one round trip, prepared statements.
+                // The stored LSN goes first (one transaction: the order
+                // does not matter to readers) and carries the settings.
+                let mut statements = vec![(format!("{lsn_sql} WHERE {PREPARED_SETTINGS}"), lsn_params)];
+                statements.extend(steps.into_iter().filter_map(|s| match s {
+                    Step::Sql(sql, params) => Some((sql, params)),
+                    Step::Copy { .. } => None,
+                }));
+                match self.prepared.transaction(&statements).await {
+                    Err(e) if e.code() == Some(&crate::SqlState::READ_ONLY_SQL_TRANSACTION) => {
+                        // A read-only trigger function older than the
+                        // `pglite_cache.applying` setting (e.g. an instance
+                        // restored from an older cache's snapshot): bring
+                        // the bookkeeping up to date and try again; the
+                        // failed round trip committed nothing.
+                        tracing::info!("updating pglite_cache.refuse_write() for the apply");
+                        store::init(&self.instance).await?;
+                        self.prepared.transaction(&statements).await?;
+                    }
+                    other => other?,
+                }
+            }
+        }
+        pending.busy += started.elapsed();
+        tracing::debug!(
+            lsn = %end_lsn,
+            transactions = pending.done.len(),
+            changes = pending.done.iter().map(|t| t.change_count).sum::<u64>(),
+            elapsed = ?pending.started.elapsed(),
+            local = ?pending.busy,
+            "transaction applied"
+        );
+        self.committed = end_lsn;
+        self.follow_indexes_now().await?;
+        if end_lsn > self.server_wal_end {
+            self.server_wal_end = end_lsn;
+        }
+        let applied_at = SystemTime::now();
+        let commit_at = pg_time(commit_time);
+        let delay = applied_at.duration_since(commit_at).unwrap_or(Duration::ZERO);
+        let wal_end = self.server_wal_end;
+        let tables = &self.tables;
+        self.status.send_modify(|s| {
+            s.applied_lsn = end_lsn;
+            s.applied_commit_time = Some(commit_at);
+            s.lag = delay;
+            s.server_wal_end = wal_end;
+            s.lag_bytes = end_lsn.distance_to(wal_end);
+            s.unchanged_toast_values += pending.batch.unchanged_toast;
+            s.applied_transactions += pending.done.len() as u64;
+            s.applied_changes += pending.done.iter().map(|t| t.change_count).sum::<u64>();
+            let now = crate::replication::lag::clock();
+            for t in &pending.done {
+                s.commit_lag.observe(applied_at.duration_since(t.commit_time).unwrap_or(Duration::ZERO), 1, now);
+            }
+            for (relation, [i, u, d]) in &pending.counts {
+                let Some(KnownTable { schema, name, .. }) = tables.get(relation) else {
+                    continue;
+                };
+                if let Some(t) = s.tables.iter_mut().find(|t| &t.schema == schema && &t.name == name) {
+                    t.inserted += i;
+                    t.updated += u;
+                    t.deleted += d;
+                }
+            }
+        });
+        if self.changes.receiver_count() > 0 {
+            for tx in std::mem::take(&mut pending.done) {
+                let _ = self.changes.send(Arc::new(tx));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A unique or exclusion violation from a batch whose inserts and updates
+/// were grouped apart ([`batch`]) may be a transient duplicate of that
+/// order (a unique index created locally since the table's Relation
+/// message): reconnect, and the new session reads the table's indexes
+/// again. Nothing of the failed batch was committed.
+pub(super) fn retry_in_order(e: ReplicationError, reordered: bool) -> ReplicationError {
+    let transient_duplicate = reordered
+        && (e.code() == Some(&crate::SqlState::UNIQUE_VIOLATION)
+            || e.code() == Some(&crate::SqlState::EXCLUSION_VIOLATION));
+    if transient_duplicate {
+        ReplicationError::transient(format!("{}; applying again with the changes in stream order", e.message()))
+    } else {
+        e
+    }
+}

@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
 use pglite_cache::replication::stream::{
@@ -15,7 +14,7 @@ use pglite_cache::replication::{PublicationSpec, ReplicationConfig, ReplicationH
 use pglite_cache::{Instance, InstanceOptions};
 use support::nats::NatsServer;
 use support::pg::PgCluster;
-use support::replication::{WAIT, assert_same, catch_up, remote_lsn};
+use support::replication::{WAIT, assert_same, catch_up, remote_lsn, stream_cache_at as cache_at};
 
 const SCHEMA: &str = r#"
 CREATE TABLE items (id int PRIMARY KEY, v text, n numeric, updated timestamptz DEFAULT now());
@@ -69,15 +68,6 @@ impl Fixture {
         let dir = self.dirs.path().join(name);
         cache_at(&self.stream, &dir).await
     }
-}
-
-async fn cache_at(config: &StreamConfig, dir: &Path) -> (Instance, ReplicationHandle) {
-    let restored = tokio::time::timeout(WAIT, stream::bootstrap(config, dir)).await.unwrap().unwrap();
-    assert!(restored.is_some(), "a new directory starts from a snapshot");
-    let instance = Instance::start(InstanceOptions::persistent(dir)).await.unwrap();
-    let handle = StreamReplication::start(instance.clone(), config.clone()).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.expect("cache streaming in time").unwrap();
-    (instance, handle)
 }
 
 /// Inserts, updates and deletes in small transactions until stopped.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use support::daemon::{Proc, free_port};
 use support::nats::NatsServer;
 use support::pg::PgCluster;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -70,18 +70,7 @@ impl Setup {
     async fn cache_client(&self, cache: &mut Proc) -> Client {
         let conninfo =
             format!("host={} port={} user=postgres dbname=postgres", self.dir.path().display(), self.cache_port);
-        let start = Instant::now();
-        loop {
-            cache.assert_running();
-            if let Ok((client, connection)) = tokio_postgres::connect(&conninfo, NoTls).await {
-                tokio::spawn(connection);
-                if client.simple_query("SELECT 1 FROM events LIMIT 1").await.is_ok() {
-                    return client;
-                }
-            }
-            assert!(start.elapsed() < WAIT, "cache not serving in time:\n{}", cache.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        cache.client(&conninfo, "SELECT 1 FROM events LIMIT 1").await
     }
 }
 

@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use pglite_cache::replication::stream::{self, Publisher, PublisherConfig, StreamConfig, StreamReplication};
+use pglite_cache::Instance;
+use pglite_cache::replication::stream::{Publisher, PublisherConfig, StreamConfig, StreamReplication};
 use pglite_cache::replication::{Phase, PublicationSpec, ReplicationConfig, ReplicationHandle};
-use pglite_cache::{Instance, InstanceOptions};
 use support::nats::NatsServer;
 use support::pg::PgCluster;
-use support::replication::{WAIT, assert_same, catch_up, remote_lsn};
+use support::replication::{WAIT, assert_same, catch_up, remote_lsn, stream_cache_at as cache_at};
 
 const SCHEMA: &str = r#"
 CREATE TYPE mood AS ENUM ('sad', 'happy');
@@ -73,15 +73,6 @@ fn publisher_config(pg: &PgCluster, db: &str, stream: &StreamConfig, dir: &std::
         .slot_name("fanout")
         .status_interval(Duration::from_millis(200));
     PublisherConfig::new(replication, stream.clone(), dir.join("publisher"))
-}
-
-async fn cache_at(config: &StreamConfig, dir: &std::path::Path) -> (Instance, ReplicationHandle) {
-    let restored = tokio::time::timeout(WAIT, stream::bootstrap(config, dir)).await.unwrap().unwrap();
-    assert!(restored.is_some(), "a new directory starts from a snapshot");
-    let instance = Instance::start(InstanceOptions::persistent(dir)).await.unwrap();
-    let handle = StreamReplication::start(instance.clone(), config.clone()).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.expect("cache streaming in time").unwrap();
-    (instance, handle)
 }
 
 async fn remote_columns(remote: &tokio_postgres::Client, table: &str) -> Vec<String> {

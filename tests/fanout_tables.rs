@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use pglite_cache::replication::stream::{self, Publisher, PublisherConfig, StreamConfig, StreamReplication};
+use pglite_cache::Instance;
+use pglite_cache::replication::stream::{self, Publisher, PublisherConfig, StreamConfig};
 use pglite_cache::replication::{PublicationSpec, ReplicationConfig, ReplicationHandle};
-use pglite_cache::{Instance, InstanceOptions};
 use support::daemon::Proc;
 use support::nats::NatsServer;
 use support::pg::PgCluster;
-use support::replication::{WAIT, assert_same, catch_up, remote_lsn};
-use tokio_postgres::{Client, NoTls};
+use support::replication::{WAIT, assert_same, catch_up, remote_lsn, stream_cache_at as cache_at};
+use tokio_postgres::Client;
 
 const SCHEMA: &str = r#"
 CREATE TABLE items (id int PRIMARY KEY, v text);
@@ -34,15 +34,6 @@ INSERT INTO quiet SELECT i, 'quiet ' || i FROM generate_series(1, 100) i;
 "#;
 
 const TABLES: [&str; 4] = ["items", "added", "added_keyed", "quiet"];
-
-async fn cache_at(config: &StreamConfig, dir: &std::path::Path) -> (Instance, ReplicationHandle) {
-    let restored = tokio::time::timeout(WAIT, stream::bootstrap(config, dir)).await.unwrap().unwrap();
-    assert!(restored.is_some(), "a new directory starts from a snapshot");
-    let instance = Instance::start(InstanceOptions::persistent(dir)).await.unwrap();
-    let handle = StreamReplication::start(instance.clone(), config.clone()).unwrap();
-    tokio::time::timeout(WAIT, handle.wait_streaming()).await.expect("cache streaming in time").unwrap();
-    (instance, handle)
-}
 
 /// Small transactions on the added tables and an old one, until stopped;
 /// counts them in `done`.
@@ -243,20 +234,8 @@ async fn kill_9_while_a_table_copy_travels_loses_and_repeats_nothing() {
     let mut publisher = Proc::spawn(&publisher_args, publisher_log.clone());
     let mut cache = Proc::spawn(&cache_args, cache_log.clone());
     let conninfo = format!("host={} port={port} user=postgres dbname=postgres", dir.path().display());
-    let cache_client = async |cache: &mut Proc| -> Client {
-        let start = Instant::now();
-        loop {
-            cache.assert_running();
-            if let Ok((client, connection)) = tokio_postgres::connect(&conninfo, NoTls).await {
-                tokio::spawn(connection);
-                if client.simple_query("SELECT 1 FROM events LIMIT 1").await.is_ok() {
-                    return client;
-                }
-            }
-            assert!(start.elapsed() < WAIT, "cache not serving in time:\n{}", cache.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let cache_client =
+        async |cache: &mut Proc| -> Client { cache.client(&conninfo, "SELECT 1 FROM events LIMIT 1").await };
     let _ = cache_client(&mut cache).await;
 
     // Every record, as JetStream stores it.

@@ -164,6 +164,23 @@ impl Proc {
         }
     }
 
+    /// A client of the cache this process serves at `conninfo`, once
+    /// `probe` answers there (polled every 50 ms, failing with the log).
+    pub async fn client(&mut self, conninfo: &str, probe: &str) -> tokio_postgres::Client {
+        let start = Instant::now();
+        loop {
+            self.assert_running();
+            if let Ok((client, connection)) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await {
+                tokio::spawn(connection);
+                if client.simple_query(probe).await.is_ok() {
+                    return client;
+                }
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "not serving in time:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill(); // SIGKILL
         let _ = self.child.wait();

@@ -95,3 +95,18 @@ pub async fn drop_slot_behind_our_back(remote: &tokio_postgres::Client, slot: &s
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A new stream-fed cache in `dir`, bootstrapped from the newest snapshot
+/// and streaming.
+pub async fn stream_cache_at(
+    config: &pglite_cache::replication::stream::StreamConfig,
+    dir: &std::path::Path,
+) -> (Instance, ReplicationHandle) {
+    use pglite_cache::replication::stream::{self, StreamReplication};
+    let restored = tokio::time::timeout(WAIT, stream::bootstrap(config, dir)).await.unwrap().unwrap();
+    assert!(restored.is_some(), "a new directory starts from a snapshot");
+    let instance = Instance::start(InstanceOptions::persistent(dir)).await.unwrap();
+    let handle = StreamReplication::start(instance.clone(), config.clone()).unwrap();
+    tokio::time::timeout(WAIT, handle.wait_streaming()).await.expect("cache streaming in time").unwrap();
+    (instance, handle)
+}

@@ -6,6 +6,7 @@
 //! ```sh
 //! cargo run --release --locked --example replication_bench_engine   # TXNS=3000 by default
 //! TRIGGERS=1 cargo run --release --locked --example replication_bench_engine   # read-only trigger, sync commit
+//! LSN_SHAPES=1 cargo run --release --locked --example replication_bench_engine # the stored-LSN update
 //! ```
 
 use std::time::Instant;
@@ -88,6 +89,12 @@ async fn main() {
         ("flag settings + unnest INSERT + unnest UPDATE + LSN", vec![SETTINGS_FLAG, INSERT_UNNEST, UPDATE_UNNEST, LSN]),
         ("flag settings + one-row INSERT + one-row UPDATE + LSN", vec![SETTINGS_FLAG, INSERT_ONE, UPDATE_ONE, LSN]),
     ];
+    if std::env::var_os("LSN_SHAPES").is_some() {
+        lsn_shapes(&instance, txns, row).await;
+        instance.stop().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     if std::env::var_os("TRIGGERS").is_some() {
         triggers(&instance, txns, row).await;
         instance.stop().await.unwrap();
@@ -202,6 +209,52 @@ async fn triggers(instance: &Instance, txns: usize, row: impl Fn(usize) -> Vec<S
         let wall = t0.elapsed().as_secs_f64() * 1e6 / txns as f64;
         let cpu = (cpu_seconds() - cpu0) * 1e6 / txns as f64;
         println!("{label:<40} | {wall:7.1} µs wall | {cpu:7.1} µs CPU per txn");
+    }
+}
+
+/// `LSN_SHAPES=1`: what the stored-LSN update costs a small transaction
+/// (prepared, one-row INSERT and UPDATE), by how many settings its `WHERE`
+/// clause sets, against the statements alone.
+async fn lsn_shapes(instance: &Instance, txns: usize, row: impl Fn(usize) -> Vec<String>) {
+    let four = "set_config('pglite_cache.applying', 'on', true) IS NOT NULL \
+         AND set_config('enable_hashjoin', 'off', true) IS NOT NULL \
+         AND set_config('enable_mergejoin', 'off', true) IS NOT NULL \
+         AND set_config('plan_cache_mode', 'force_generic_plan', true) IS NOT NULL";
+    let one = "set_config('pglite_cache.applying', 'on', true) IS NOT NULL";
+    let shapes: [(&str, Option<String>); 4] = [
+        ("INSERT + UPDATE, nothing else", None),
+        ("+ LSN update, no WHERE, 4 settings (before)", Some(format!("{LSN} WHERE {four}"))),
+        ("+ LSN update WHERE singleton AND 4 settings", Some(format!("{LSN} WHERE singleton AND {four}"))),
+        ("+ LSN update WHERE singleton AND the flag", Some(format!("{LSN} WHERE singleton AND {one}"))),
+    ];
+    let mut session = instance.raw_session();
+    let mut next_id = 400_000;
+    for round in 0..2 {
+        for (k, (label, lsn)) in shapes.iter().enumerate() {
+            let mut statements: Vec<&str> = lsn.iter().map(String::as_str).collect();
+            statements.extend([INSERT_ONE, UPDATE_ONE]);
+            let cpu0 = cpu_seconds();
+            let t0 = Instant::now();
+            for i in 0..txns {
+                let mut buf = BytesMut::new();
+                for (j, sql) in statements.iter().enumerate() {
+                    let params: Vec<String> = match *sql {
+                        s if s == INSERT_ONE => row(next_id),
+                        s if s == UPDATE_ONE => row(1 + i % 100_000),
+                        _ => vec![format!("0/{:X}", 1000 + i), (i as i64).to_string()],
+                    };
+                    let name = format!("lsn_{round}_{k}_{j}");
+                    statement(Some(&name), i == 0, sql, &params, &mut buf);
+                }
+                next_id += 1;
+                frontend::sync(&mut buf);
+                let out = session.round_trip(buf).await.unwrap();
+                check(&out, label);
+            }
+            let wall = t0.elapsed().as_secs_f64() * 1e6 / txns as f64;
+            let cpu = (cpu_seconds() - cpu0) * 1e6 / txns as f64;
+            println!("{label:<45} | {wall:7.1} µs wall | {cpu:7.1} µs CPU per txn");
+        }
     }
 }
 

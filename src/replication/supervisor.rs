@@ -163,7 +163,11 @@ impl Supervisor {
             self.changes.clone(),
             self.config.source.clone(),
         );
-        self.stream(conn, &mut applier).await
+        let ended = self.stream(conn, &mut applier).await;
+        if ended.is_err() {
+            applier.abandon().await;
+        }
+        ended
     }
 
     /// The apply loop. Arms in priority order: shutdown (finish the current
@@ -285,9 +289,14 @@ impl Supervisor {
                     self.durable = self.durable.max(lsn);
                     self.confirm(&mut conn, applier.committed(), false).await?;
                 }
-                // Nothing more is waiting on the socket: commit the remote
-                // transactions received so far (merged while we were behind).
-                () = std::future::ready(()), if applier.has_deferred() => applier.flush_deferred().await?,
+                // The local commit in flight ended: what follows it.
+                () = applier.commit_done(), if applier.is_committing() => applier.settle_commit().await?,
+                // Nothing more is waiting on the socket and the engine is
+                // free: commit the remote transactions received so far
+                // (merged while we were behind or the engine was busy).
+                () = std::future::ready(()), if applier.has_deferred() && !applier.is_committing() => {
+                    applier.start_flush().await?
+                }
             }
         }
         applier.advance_idle().await?;

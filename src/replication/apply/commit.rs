@@ -8,6 +8,8 @@ impl Applier {
     /// Sends the buffered statements into the open local transaction,
     /// opening it first if needed.
     pub(super) async fn send_buffered(&mut self) -> Result<(), ReplicationError> {
+        // The local transaction opened below follows the commit in flight.
+        self.settle_commit().await?;
         let instance = self.instance.clone();
         let pending = self.pending()?;
         if pending.local.is_none() {
@@ -33,10 +35,11 @@ impl Applier {
     }
 
     /// A remote transaction was received whole. It is committed locally
-    /// right away, unless more of the stream is already waiting: then the
-    /// next transactions join the same local transaction (group commit,
-    /// each remote transaction still all-or-nothing for readers), up to
-    /// [`MAX_MERGED`] transactions, [`MAX_MERGE_DELAY`] or the buffer limit.
+    /// right away, unless more of the stream is already waiting or a local
+    /// commit is in flight: then the next transactions join the same local
+    /// transaction (group commit, each remote transaction still
+    /// all-or-nothing for readers), up to [`MAX_MERGED`] transactions,
+    /// [`MAX_MERGE_DELAY`] or the buffer limit.
     pub(super) async fn commit(&mut self, end_lsn: Lsn, commit_time: i64) -> Result<(), ReplicationError> {
         let max_buffered = self.max_buffered;
         let pending = self.pending()?;
@@ -62,7 +65,7 @@ impl Applier {
             || pending.batch.buffered >= MAX_MERGED_BYTES
             || pending.started.elapsed() >= MAX_MERGE_DELAY;
         if flush_now {
-            self.flush_deferred().await?;
+            self.start_flush().await?;
         }
         Ok(())
     }
@@ -78,14 +81,72 @@ impl Applier {
     }
 
     /// Commits the waiting remote transactions in one local transaction
-    /// that also stores the last one's end LSN.
+    /// that also stores the last one's end LSN, and waits for it (and for
+    /// the commit in flight).
     pub(crate) async fn flush_deferred(&mut self) -> Result<(), ReplicationError> {
+        self.start_flush().await?;
+        self.settle_commit().await
+    }
+
+    /// Starts committing the waiting remote transactions, after the commit
+    /// in flight ended: small ones commit in the background
+    /// ([`Self::commit_done`], [`Self::settle_commit`]).
+    pub(crate) async fn start_flush(&mut self) -> Result<(), ReplicationError> {
         if !self.has_deferred() {
             return Ok(());
         }
+        self.settle_commit().await?;
         let pending = self.pending.take().expect("checked above");
         let reordered = pending.batch.reordered > 0;
         self.commit_pending(pending).await.map_err(|e| retry_in_order(e, reordered))
+    }
+
+    /// A local commit is in flight.
+    pub(crate) fn is_committing(&self) -> bool {
+        self.committing.is_some()
+    }
+
+    /// Resolves when the local commit in flight has ended (at once if none
+    /// is, or it already did). Cancel-safe: its outcome is kept for
+    /// [`Self::settle_commit`].
+    pub(crate) async fn commit_done(&mut self) {
+        if let Some(c) = self.committing.as_mut()
+            && c.outcome.is_none()
+        {
+            c.outcome = Some((&mut c.task).await);
+        }
+    }
+
+    /// Before the applier is dropped after an error: waits for the commit
+    /// in flight to end, whatever its outcome, so that the next session
+    /// reads a stored position that no longer changes behind its back.
+    pub(crate) async fn abandon(&mut self) {
+        if let Some(c) = self.committing.take()
+            && c.outcome.is_none()
+        {
+            let _ = c.task.await;
+        }
+    }
+
+    /// Waits for the local commit in flight and does what follows it
+    /// (stored position, status, subscribers, index changes). Its error is
+    /// the session's: nothing after it was committed, and the stream is
+    /// received again from the last committed position.
+    pub(crate) async fn settle_commit(&mut self) -> Result<(), ReplicationError> {
+        let Some(mut c) = self.committing.take() else {
+            return Ok(());
+        };
+        let outcome = match c.outcome.take() {
+            Some(outcome) => outcome,
+            None => (&mut c.task).await,
+        };
+        let (prepared, result) =
+            outcome.map_err(|e| ReplicationError::fatal(format!("apply commit task failed: {e}")))?;
+        self.prepared = Some(prepared);
+        let reordered = c.pending.batch.reordered > 0;
+        result.map_err(|e| retry_in_order(e, reordered))?;
+        c.pending.busy += c.started.elapsed();
+        self.finish_commit(c.pending, c.end_lsn, c.commit_time).await
     }
 
     async fn commit_pending(&mut self, mut pending: Pending) -> Result<(), ReplicationError> {
@@ -113,32 +174,35 @@ impl Applier {
                 steps.push(Step::Sql(lsn_sql, lsn_params));
                 run_steps(&tx, steps).await?;
                 tx.commit().await?;
+                pending.busy += started.elapsed();
+                self.finish_commit(pending, end_lsn, commit_time).await
             }
             None => {
                 // Small transactions: one round trip, prepared statements.
                 // The stored LSN goes first (one transaction: the order
                 // does not matter to readers) and carries the settings.
-                let mut statements = vec![(format!("{lsn_sql} WHERE {PREPARED_SETTINGS}"), lsn_params)];
+                let mut statements = vec![(format!("{lsn_sql} AND {PREPARED_SETTINGS}"), lsn_params)];
                 statements.extend(steps.into_iter().filter_map(|s| match s {
                     Step::Sql(sql, params) => Some((sql, params)),
                     Step::Copy { .. } => None,
                 }));
-                match self.prepared.transaction(&statements).await {
-                    Err(e) if e.code() == Some(&crate::SqlState::READ_ONLY_SQL_TRANSACTION) => {
-                        // A read-only trigger function older than the
-                        // `pglite_cache.applying` setting (e.g. an instance
-                        // restored from an older cache's snapshot): bring
-                        // the bookkeeping up to date and try again; the
-                        // failed round trip committed nothing.
-                        tracing::info!("updating pglite_cache.refuse_write() for the apply");
-                        store::init(&self.instance).await?;
-                        self.prepared.transaction(&statements).await?;
-                    }
-                    other => other?,
+                let mut prepared = self.prepared.take().unwrap_or_else(|| Prepared::new(&self.instance));
+                let instance = self.instance.clone();
+                let task = tokio::spawn(async move {
+                    let result = run_prepared(&mut prepared, &instance, &statements).await;
+                    (prepared, result)
+                });
+                self.committing = Some(Committing { task, outcome: None, pending, end_lsn, commit_time, started });
+                if !self.pipelined {
+                    self.settle_commit().await?;
                 }
+                Ok(())
             }
         }
-        pending.busy += started.elapsed();
+    }
+
+    /// What follows a local commit.
+    async fn finish_commit(&mut self, mut pending: Pending, end_lsn: Lsn, commit_time: i64) -> Result<(), ReplicationError> {
         tracing::debug!(
             lsn = %end_lsn,
             transactions = pending.done.len(),
@@ -187,6 +251,26 @@ impl Applier {
             }
         }
         Ok(())
+    }
+}
+
+/// Runs a small local transaction through prepared statements.
+async fn run_prepared(
+    prepared: &mut Prepared,
+    instance: &Instance,
+    statements: &[(String, Vec<crate::params::Param>)],
+) -> Result<(), ReplicationError> {
+    match prepared.transaction(statements).await {
+        Err(e) if e.code() == Some(&crate::SqlState::READ_ONLY_SQL_TRANSACTION) => {
+            // A read-only trigger function older than the
+            // `pglite_cache.applying` setting (e.g. an instance restored
+            // from an older cache's snapshot): bring the bookkeeping up to
+            // date and try again; the failed round trip committed nothing.
+            tracing::info!("updating pglite_cache.refuse_write() for the apply");
+            store::init(instance).await?;
+            Ok(prepared.transaction(statements).await?)
+        }
+        other => Ok(other?),
     }
 }
 

@@ -179,6 +179,13 @@ pub enum SlotLostPolicy {
     Resync,
 }
 
+/// The default [`ReplicationConfig::commit_delay`] (measured in
+/// BENCHMARKS.md, "Lag and CPU under sustained load").
+pub const DEFAULT_COMMIT_DELAY: Duration = Duration::from_millis(1);
+
+/// The longest [`ReplicationConfig::commit_delay`], as PostgreSQL's.
+pub const MAX_COMMIT_DELAY: Duration = Duration::from_millis(100);
+
 /// Everything [`crate::replication::Replication::start`] needs.
 #[derive(Debug, Clone)]
 pub struct ReplicationConfig {
@@ -215,6 +222,15 @@ pub struct ReplicationConfig {
     /// loss or kernel crash can lose transactions the remote will never
     /// send again.
     pub sync_before_confirm: bool,
+    /// How long a received remote transaction may wait for others to join
+    /// its local commit while the stream is busy, like PostgreSQL's
+    /// `commit_delay` (default 1 ms). Busy: it arrived within one delay of
+    /// the end of the previous local commit; a transaction arriving alone
+    /// commits as soon as the stream has nothing more waiting. Under a
+    /// steady stream of small transactions this merges several into one
+    /// local commit, which costs less CPU per transaction, for at most
+    /// this much more lag. Zero turns it off.
+    pub commit_delay: Duration,
 }
 
 impl ReplicationConfig {
@@ -232,6 +248,7 @@ impl ReplicationConfig {
             receive_timeout: Duration::from_secs(60),
             publication_check_interval: Duration::from_secs(300),
             sync_before_confirm: true,
+            commit_delay: DEFAULT_COMMIT_DELAY,
         }
     }
 
@@ -284,8 +301,20 @@ impl ReplicationConfig {
         self
     }
 
+    /// Sets the commit delay (the `commit_delay` field).
+    pub fn commit_delay(mut self, delay: Duration) -> Self {
+        self.commit_delay = delay;
+        self
+    }
+
     pub(crate) fn validate(&self) -> Result<(), ReplicationError> {
         self.source.validate()?;
+        if self.commit_delay > MAX_COMMIT_DELAY {
+            return Err(ReplicationError::needs_operator(
+                format!("commit delay {:?} is too long", self.commit_delay),
+                format!("use at most {MAX_COMMIT_DELAY:?} (PostgreSQL's commit_delay allows 100 ms)"),
+            ));
+        }
         if self.receive_timeout < Duration::from_secs(1) {
             return Err(ReplicationError::needs_operator(
                 format!("receive timeout {:?} is too short", self.receive_timeout),

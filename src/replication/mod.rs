@@ -203,6 +203,10 @@ pub struct Status {
     pub applied_transactions: u64,
     /// Row changes (and truncated tables) applied since start.
     pub applied_changes: u64,
+    /// Local transactions that applied them since start: fewer than
+    /// `applied_transactions` when remote transactions were merged into one
+    /// local commit (see [`ReplicationConfig::commit_delay`]).
+    pub local_commits: u64,
     /// Remote commit to local commit, per applied transaction: since start
     /// and over the last minute or two.
     pub commit_lag: lag::LagStats,
@@ -224,6 +228,7 @@ impl Default for Status {
             unchanged_toast_values: 0,
             applied_transactions: 0,
             applied_changes: 0,
+            local_commits: 0,
             commit_lag: lag::LagStats::default(),
             slot_retained_bytes: None,
         }

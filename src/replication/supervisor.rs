@@ -162,7 +162,8 @@ impl Supervisor {
             self.status.clone(),
             self.changes.clone(),
             self.config.source.clone(),
-        );
+        )
+        .with_commit_delay(self.config.commit_delay);
         let ended = self.stream(conn, &mut applier).await;
         if ended.is_err() {
             applier.abandon().await;
@@ -200,10 +201,24 @@ impl Supervisor {
         let mut bookkeeping_at = self.pacer.due();
         let bookkeeping = tokio::time::sleep_until(bookkeeping_at.unwrap_or_else(Instant::now));
         tokio::pin!(bookkeeping);
+        // The commit delay's timer, reset only when its time changes.
+        let mut flush_at = None;
+        let flush_timer = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(flush_timer);
         loop {
             if stopping && applier.between_transactions() {
                 applier.flush_deferred().await?;
                 break;
+            }
+            // Received transactions whose local commit may start: now, or
+            // once the commit delay has passed.
+            let flush_due = applier.flush_due().map(Instant::from_std);
+            let flush_now = flush_due.is_some_and(|at| at <= Instant::now());
+            if let Some(at) = flush_due.filter(|_| !flush_now)
+                && flush_at != Some(at)
+            {
+                flush_at = Some(at);
+                flush_timer.as_mut().reset(at);
             }
             if self.pacer.due() != bookkeeping_at {
                 bookkeeping_at = self.pacer.due();
@@ -294,9 +309,9 @@ impl Supervisor {
                 // Nothing more is waiting on the socket and the engine is
                 // free: commit the remote transactions received so far
                 // (merged while we were behind or the engine was busy).
-                () = std::future::ready(()), if applier.has_deferred() && !applier.is_committing() => {
-                    applier.start_flush().await?
-                }
+                () = std::future::ready(()), if flush_now => applier.start_flush().await?,
+                // ... or after the commit delay, when nothing else came.
+                () = &mut flush_timer, if flush_due.is_some() && !flush_now => applier.start_flush().await?,
             }
         }
         applier.advance_idle().await?;

@@ -42,6 +42,11 @@ pub fn declare() -> Metrics<Snapshot> {
         s.status.applied_transactions as f64
     })
     .counter("pglite_cache_applied_rows_total", "Row changes applied since start.", |s| s.status.applied_changes as f64)
+    .counter(
+        "pglite_cache_local_commits_total",
+        "Local transactions that applied the remote ones since start (fewer when merged).",
+        |s| s.status.local_commits as f64,
+    )
     .histogram_from(
         "pglite_cache_commit_lag_seconds",
         "Remote commit to local commit of applied transactions, since start.",

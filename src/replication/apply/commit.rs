@@ -39,9 +39,11 @@ impl Applier {
     /// commit is in flight: then the next transactions join the same local
     /// transaction (group commit, each remote transaction still
     /// all-or-nothing for readers), up to [`MAX_MERGED`] transactions,
-    /// [`MAX_MERGE_DELAY`] or the buffer limit.
+    /// [`MAX_MERGE_DELAY`] (or the commit delay if longer) or the buffer
+    /// limit.
     pub(super) async fn commit(&mut self, end_lsn: Lsn, commit_time: i64) -> Result<(), ReplicationError> {
         let max_buffered = self.max_buffered;
+        let max_delay = MAX_MERGE_DELAY.max(self.commit_delay);
         let pending = self.pending()?;
         if !pending.open {
             return Err(ReplicationError::fatal("Commit without Begin"));
@@ -63,7 +65,7 @@ impl Applier {
             || pending.batch.buffered >= max_buffered
             || pending.batch.step_count() >= MAX_MERGED_STEPS
             || pending.batch.buffered >= MAX_MERGED_BYTES
-            || pending.started.elapsed() >= MAX_MERGE_DELAY;
+            || pending.started.elapsed() >= max_delay;
         if flush_now {
             self.start_flush().await?;
         }
@@ -99,6 +101,21 @@ impl Applier {
         let pending = self.pending.take().expect("checked above");
         let reordered = pending.batch.reordered > 0;
         self.commit_pending(pending).await.map_err(|e| retry_in_order(e, reordered))
+    }
+
+    /// When the received transactions should start their local commit:
+    /// `None` while there are none, or a local commit is in flight (they
+    /// follow it); otherwise at once, or, while the stream is busy (the
+    /// first of them arrived within one commit delay of the end of the
+    /// previous local commit), once it has waited the commit delay. So a
+    /// transaction arriving alone is never held back.
+    pub(crate) fn flush_due(&self) -> Option<std::time::Instant> {
+        match &self.pending {
+            Some(p) if !p.open && self.committing.is_none() => {
+                Some(commit_at(p.started, self.last_commit_end, self.commit_delay))
+            }
+            _ => None,
+        }
     }
 
     /// A local commit is in flight.
@@ -203,6 +220,7 @@ impl Applier {
 
     /// What follows a local commit.
     async fn finish_commit(&mut self, mut pending: Pending, end_lsn: Lsn, commit_time: i64) -> Result<(), ReplicationError> {
+        self.last_commit_end = Some(std::time::Instant::now());
         tracing::debug!(
             lsn = %end_lsn,
             transactions = pending.done.len(),
@@ -229,6 +247,7 @@ impl Applier {
             s.lag_bytes = end_lsn.distance_to(wal_end);
             s.unchanged_toast_values += pending.batch.unchanged_toast;
             s.applied_transactions += pending.done.len() as u64;
+            s.local_commits += 1;
             s.applied_changes += pending.done.iter().map(|t| t.change_count).sum::<u64>();
             let now = crate::replication::lag::clock();
             for t in &pending.done {
@@ -252,6 +271,19 @@ impl Applier {
         }
         Ok(())
     }
+}
+
+/// When received transactions, the first of which arrived at `first`,
+/// start their local commit: at once, unless the stream is busy (`first`
+/// came within one `delay` of the end of the previous local commit), then
+/// `delay` after `first`.
+pub(super) fn commit_at(
+    first: std::time::Instant,
+    last_commit_end: Option<std::time::Instant>,
+    delay: Duration,
+) -> std::time::Instant {
+    let busy = last_commit_end.is_some_and(|end| first <= end + delay);
+    if busy { first + delay } else { first }
 }
 
 /// Runs a small local transaction through prepared statements.
@@ -287,5 +319,27 @@ pub(super) fn retry_in_order(e: ReplicationError, reordered: bool) -> Replicatio
         ReplicationError::transient(format!("{}; applying again with the changes in stream order", e.message()))
     } else {
         e
+    }
+}
+
+#[cfg(test)]
+mod commit_delay_tests {
+    use std::time::{Duration, Instant};
+
+    use super::commit_at;
+
+    #[test]
+    fn only_a_busy_stream_waits_the_commit_delay() {
+        let delay = Duration::from_millis(1);
+        let end = Instant::now();
+        // The first local commit, and a transaction long after the last one: at once.
+        assert_eq!(commit_at(end, None, delay), end);
+        let late = end + Duration::from_millis(5);
+        assert_eq!(commit_at(late, Some(end), delay), late);
+        // Within one delay of the previous commit's end: it waits the delay.
+        let soon = end + Duration::from_micros(300);
+        assert_eq!(commit_at(soon, Some(end), delay), soon + delay);
+        // No delay: never waits.
+        assert_eq!(commit_at(soon, Some(end), Duration::ZERO), soon);
     }
 }

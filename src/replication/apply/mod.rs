@@ -236,6 +236,12 @@ pub(crate) struct Applier {
     /// Small local commits run in the background ([`Committing`]); the
     /// session must then [`Applier::abandon`] it before dropping it.
     pipelined: bool,
+    /// How long received transactions wait for others to join their local
+    /// commit ([`super::ReplicationConfig::commit_delay`]).
+    commit_delay: Duration,
+    /// When the last local commit ended (the stream is busy while
+    /// transactions arrive within one commit delay of it).
+    last_commit_end: Option<std::time::Instant>,
     /// False for a stream-fed cache (fan-out), which has no remote to ask:
     /// its catalog facts come from the stream.
     remote_catalog: bool,
@@ -276,6 +282,8 @@ impl Applier {
             prepared,
             committing: None,
             pipelined: true,
+            commit_delay: Duration::ZERO,
+            last_commit_end: None,
             remote_catalog: true,
             stream_facts: HashMap::new(),
             stream_labels: HashMap::new(),
@@ -297,6 +305,13 @@ impl Applier {
     /// [`Applier::committed`] to start another).
     pub(crate) fn without_pipelined_commits(mut self) -> Applier {
         self.pipelined = false;
+        self
+    }
+
+    /// Received transactions wait up to `delay` for others to join their
+    /// local commit.
+    pub(crate) fn with_commit_delay(mut self, delay: Duration) -> Applier {
+        self.commit_delay = delay;
         self
     }
 

@@ -1,0 +1,58 @@
+//! The commit delay (`ReplicationConfig::commit_delay`, `sync
+//! --commit-delay`): while the stream is busy, received transactions wait
+//! for others to join their local commit, and commit once the delay has
+//! passed even when nothing more comes.
+
+mod support;
+
+use std::time::Duration;
+
+use pglite_cache::replication::{Phase, Replication};
+use support::pg::PgCluster;
+use support::replication::{assert_same, catch_up, config, instance, wait_streaming};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_stream_merges_into_fewer_local_commits_and_the_last_one_is_not_held() {
+    let pg = PgCluster::start();
+    let db = pg.create_database("delay").await;
+    let remote = pg.client(&db).await;
+    remote
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pub FOR TABLE t;")
+        .await
+        .unwrap();
+    let local = instance().await;
+    let delay = Duration::from_millis(100);
+    let handle = Replication::start(local.clone(), config(&pg, &db, "pub").commit_delay(delay)).unwrap();
+    wait_streaming(&handle).await;
+    remote.batch_execute("INSERT INTO t VALUES (0, 'first')").await.unwrap();
+    catch_up(&handle, &remote).await;
+
+    // 40 remote transactions, each its own commit upstream, 5 ms apart: a
+    // steady stream that the apply keeps up with, so without a delay each
+    // would be a local commit of its own. (The sleep paces the workload.)
+    const TRANSACTIONS: u64 = 40;
+    // Sent as they commit (the test cluster defaults to asynchronous commit,
+    // whose WAL reaches the stream in bursts).
+    remote.batch_execute("SET synchronous_commit = on").await.unwrap();
+    let before = handle.status();
+    for i in 1..=TRANSACTIONS {
+        remote.batch_execute(&format!("INSERT INTO t VALUES ({i}, 'x')")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Nothing more comes: the last ones still commit once their delay passed.
+    catch_up(&handle, &remote).await;
+    assert_same(&remote, &local, "t").await;
+    let after = handle.status();
+    let transactions = after.applied_transactions - before.applied_transactions;
+    let commits = after.local_commits - before.local_commits;
+    assert_eq!(transactions, TRANSACTIONS, "{after:?}");
+    assert!(commits <= TRANSACTIONS / 4, "{transactions} remote transactions in {commits} local commits");
+    assert_eq!(handle.status().phase, Phase::Streaming);
+    handle.stop().await.unwrap();
+
+    // Longer than PostgreSQL's own limit: refused with a hint.
+    let err = Replication::start(local.clone(), config(&pg, &db, "pub").commit_delay(Duration::from_secs(1)))
+        .err()
+        .expect("a 1 s commit delay is refused");
+    assert!(err.to_string().contains("commit delay"), "{err}");
+}

@@ -164,11 +164,7 @@ impl Supervisor {
             self.config.source.clone(),
         )
         .with_commit_delay(self.config.commit_delay);
-        let ended = self.stream(conn, &mut applier).await;
-        if ended.is_err() {
-            applier.abandon().await;
-        }
-        ended
+        self.stream(conn, &mut applier).await
     }
 
     /// The apply loop. Arms in priority order: shutdown (finish the current
@@ -210,8 +206,8 @@ impl Supervisor {
                 applier.flush_deferred().await?;
                 break;
             }
-            // Received transactions whose local commit may start: now, or
-            // once the commit delay has passed.
+            // Received transactions to commit: now, or once the commit
+            // delay has passed.
             let flush_due = applier.flush_due().map(Instant::from_std);
             let flush_now = flush_due.is_some_and(|at| at <= Instant::now());
             if let Some(at) = flush_due.filter(|_| !flush_now)
@@ -304,14 +300,11 @@ impl Supervisor {
                     self.durable = self.durable.max(lsn);
                     self.confirm(&mut conn, applier.committed(), false).await?;
                 }
-                // The local commit in flight ended: what follows it.
-                () = applier.commit_done(), if applier.is_committing() => applier.settle_commit().await?,
-                // Nothing more is waiting on the socket and the engine is
-                // free: commit the remote transactions received so far
-                // (merged while we were behind or the engine was busy).
-                () = std::future::ready(()), if flush_now => applier.start_flush().await?,
+                // Nothing more is waiting on the socket: commit the remote
+                // transactions received so far (merged while we were behind)...
+                () = std::future::ready(()), if flush_now => applier.flush_deferred().await?,
                 // ... or after the commit delay, when nothing else came.
-                () = &mut flush_timer, if flush_due.is_some() && !flush_now => applier.start_flush().await?,
+                () = &mut flush_timer, if flush_due.is_some() && !flush_now => applier.flush_deferred().await?,
             }
         }
         applier.advance_idle().await?;

@@ -8,8 +8,6 @@ impl Applier {
     /// Sends the buffered statements into the open local transaction,
     /// opening it first if needed.
     pub(super) async fn send_buffered(&mut self) -> Result<(), ReplicationError> {
-        // The local transaction opened below follows the commit in flight.
-        self.settle_commit().await?;
         let instance = self.instance.clone();
         let pending = self.pending()?;
         if pending.local.is_none() {
@@ -35,12 +33,11 @@ impl Applier {
     }
 
     /// A remote transaction was received whole. It is committed locally
-    /// right away, unless more of the stream is already waiting or a local
-    /// commit is in flight: then the next transactions join the same local
-    /// transaction (group commit, each remote transaction still
-    /// all-or-nothing for readers), up to [`MAX_MERGED`] transactions,
-    /// [`MAX_MERGE_DELAY`] (or the commit delay if longer) or the buffer
-    /// limit.
+    /// right away, unless more of the stream is already waiting: then the
+    /// next transactions join the same local transaction (group commit,
+    /// each remote transaction still all-or-nothing for readers), up to
+    /// [`MAX_MERGED`] transactions, [`MAX_MERGE_DELAY`] (or the commit delay
+    /// if longer) or the buffer limit.
     pub(super) async fn commit(&mut self, end_lsn: Lsn, commit_time: i64) -> Result<(), ReplicationError> {
         let max_buffered = self.max_buffered;
         let max_delay = MAX_MERGE_DELAY.max(self.commit_delay);
@@ -67,7 +64,7 @@ impl Applier {
             || pending.batch.buffered >= MAX_MERGED_BYTES
             || pending.started.elapsed() >= max_delay;
         if flush_now {
-            self.start_flush().await?;
+            self.flush_deferred().await?;
         }
         Ok(())
     }
@@ -77,93 +74,32 @@ impl Applier {
         self.pending.as_ref().is_some_and(|p| !p.open)
     }
 
+    /// When the received transactions should be committed: `None` while
+    /// there are none; otherwise at once, or, while the stream is busy (the
+    /// first of them arrived within one commit delay of the end of the
+    /// previous local commit), once it has waited the commit delay. So a
+    /// transaction arriving alone is never held back.
+    pub(crate) fn flush_due(&self) -> Option<std::time::Instant> {
+        match &self.pending {
+            Some(p) if !p.open => Some(commit_at(p.started, self.last_commit_end, self.commit_delay)),
+            _ => None,
+        }
+    }
+
     /// Not inside a remote transaction (merged commits may be waiting).
     pub(crate) fn between_transactions(&self) -> bool {
         self.pending.as_ref().is_none_or(|p| !p.open)
     }
 
     /// Commits the waiting remote transactions in one local transaction
-    /// that also stores the last one's end LSN, and waits for it (and for
-    /// the commit in flight).
+    /// that also stores the last one's end LSN.
     pub(crate) async fn flush_deferred(&mut self) -> Result<(), ReplicationError> {
-        self.start_flush().await?;
-        self.settle_commit().await
-    }
-
-    /// Starts committing the waiting remote transactions, after the commit
-    /// in flight ended: small ones commit in the background
-    /// ([`Self::commit_done`], [`Self::settle_commit`]).
-    pub(crate) async fn start_flush(&mut self) -> Result<(), ReplicationError> {
         if !self.has_deferred() {
             return Ok(());
         }
-        self.settle_commit().await?;
         let pending = self.pending.take().expect("checked above");
         let reordered = pending.batch.reordered > 0;
         self.commit_pending(pending).await.map_err(|e| retry_in_order(e, reordered))
-    }
-
-    /// When the received transactions should start their local commit:
-    /// `None` while there are none, or a local commit is in flight (they
-    /// follow it); otherwise at once, or, while the stream is busy (the
-    /// first of them arrived within one commit delay of the end of the
-    /// previous local commit), once it has waited the commit delay. So a
-    /// transaction arriving alone is never held back.
-    pub(crate) fn flush_due(&self) -> Option<std::time::Instant> {
-        match &self.pending {
-            Some(p) if !p.open && self.committing.is_none() => {
-                Some(commit_at(p.started, self.last_commit_end, self.commit_delay))
-            }
-            _ => None,
-        }
-    }
-
-    /// A local commit is in flight.
-    pub(crate) fn is_committing(&self) -> bool {
-        self.committing.is_some()
-    }
-
-    /// Resolves when the local commit in flight has ended (at once if none
-    /// is, or it already did). Cancel-safe: its outcome is kept for
-    /// [`Self::settle_commit`].
-    pub(crate) async fn commit_done(&mut self) {
-        if let Some(c) = self.committing.as_mut()
-            && c.outcome.is_none()
-        {
-            c.outcome = Some((&mut c.task).await);
-        }
-    }
-
-    /// Before the applier is dropped after an error: waits for the commit
-    /// in flight to end, whatever its outcome, so that the next session
-    /// reads a stored position that no longer changes behind its back.
-    pub(crate) async fn abandon(&mut self) {
-        if let Some(c) = self.committing.take()
-            && c.outcome.is_none()
-        {
-            let _ = c.task.await;
-        }
-    }
-
-    /// Waits for the local commit in flight and does what follows it
-    /// (stored position, status, subscribers, index changes). Its error is
-    /// the session's: nothing after it was committed, and the stream is
-    /// received again from the last committed position.
-    pub(crate) async fn settle_commit(&mut self) -> Result<(), ReplicationError> {
-        let Some(mut c) = self.committing.take() else {
-            return Ok(());
-        };
-        let outcome = match c.outcome.take() {
-            Some(outcome) => outcome,
-            None => (&mut c.task).await,
-        };
-        let (prepared, result) =
-            outcome.map_err(|e| ReplicationError::fatal(format!("apply commit task failed: {e}")))?;
-        self.prepared = Some(prepared);
-        let reordered = c.pending.batch.reordered > 0;
-        result.map_err(|e| retry_in_order(e, reordered))?;
-        c.pending.busy += c.started.elapsed();
-        self.finish_commit(c.pending, c.end_lsn, c.commit_time).await
     }
 
     async fn commit_pending(&mut self, mut pending: Pending) -> Result<(), ReplicationError> {
@@ -191,8 +127,6 @@ impl Applier {
                 steps.push(Step::Sql(lsn_sql, lsn_params));
                 run_steps(&tx, steps).await?;
                 tx.commit().await?;
-                pending.busy += started.elapsed();
-                self.finish_commit(pending, end_lsn, commit_time).await
             }
             None => {
                 // Small transactions: one round trip, prepared statements.
@@ -203,23 +137,22 @@ impl Applier {
                     Step::Sql(sql, params) => Some((sql, params)),
                     Step::Copy { .. } => None,
                 }));
-                let mut prepared = self.prepared.take().unwrap_or_else(|| Prepared::new(&self.instance));
-                let instance = self.instance.clone();
-                let task = tokio::spawn(async move {
-                    let result = run_prepared(&mut prepared, &instance, &statements).await;
-                    (prepared, result)
-                });
-                self.committing = Some(Committing { task, outcome: None, pending, end_lsn, commit_time, started });
-                if !self.pipelined {
-                    self.settle_commit().await?;
+                match self.prepared.transaction(&statements).await {
+                    Err(e) if e.code() == Some(&crate::SqlState::READ_ONLY_SQL_TRANSACTION) => {
+                        // A read-only trigger function older than the
+                        // `pglite_cache.applying` setting (e.g. an instance
+                        // restored from an older cache's snapshot): bring
+                        // the bookkeeping up to date and try again; the
+                        // failed round trip committed nothing.
+                        tracing::info!("updating pglite_cache.refuse_write() for the apply");
+                        store::init(&self.instance).await?;
+                        self.prepared.transaction(&statements).await?;
+                    }
+                    other => other?,
                 }
-                Ok(())
             }
         }
-    }
-
-    /// What follows a local commit.
-    async fn finish_commit(&mut self, mut pending: Pending, end_lsn: Lsn, commit_time: i64) -> Result<(), ReplicationError> {
+        pending.busy += started.elapsed();
         self.last_commit_end = Some(std::time::Instant::now());
         tracing::debug!(
             lsn = %end_lsn,
@@ -274,9 +207,9 @@ impl Applier {
 }
 
 /// When received transactions, the first of which arrived at `first`,
-/// start their local commit: at once, unless the stream is busy (`first`
-/// came within one `delay` of the end of the previous local commit), then
-/// `delay` after `first`.
+/// are committed: at once, unless the stream is busy (`first` came within
+/// one `delay` of the end of the previous local commit), then `delay`
+/// after `first`.
 pub(super) fn commit_at(
     first: std::time::Instant,
     last_commit_end: Option<std::time::Instant>,
@@ -284,26 +217,6 @@ pub(super) fn commit_at(
 ) -> std::time::Instant {
     let busy = last_commit_end.is_some_and(|end| first <= end + delay);
     if busy { first + delay } else { first }
-}
-
-/// Runs a small local transaction through prepared statements.
-async fn run_prepared(
-    prepared: &mut Prepared,
-    instance: &Instance,
-    statements: &[(String, Vec<crate::params::Param>)],
-) -> Result<(), ReplicationError> {
-    match prepared.transaction(statements).await {
-        Err(e) if e.code() == Some(&crate::SqlState::READ_ONLY_SQL_TRANSACTION) => {
-            // A read-only trigger function older than the
-            // `pglite_cache.applying` setting (e.g. an instance restored
-            // from an older cache's snapshot): bring the bookkeeping up to
-            // date and try again; the failed round trip committed nothing.
-            tracing::info!("updating pglite_cache.refuse_write() for the apply");
-            store::init(instance).await?;
-            Ok(prepared.transaction(statements).await?)
-        }
-        other => Ok(other?),
-    }
 }
 
 /// A unique or exclusion violation from a batch whose inserts and updates

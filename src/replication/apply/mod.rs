@@ -16,12 +16,7 @@
 //! (`Instance::transaction`). While more of the stream is already waiting on
 //! the socket, the following transactions join the same local commit (group
 //! commit: each remote transaction is still all-or-nothing for readers, and
-//! the stored LSN is the last one's end). That round trip runs in the
-//! background ([`Committing`]): the stream is read and decoded meanwhile,
-//! and what arrives joins the next local commit, which starts once this one
-//! ended. So the engine commits while the stream is decoded (two cores at
-//! work), and under load each local commit carries more remote ones without
-//! holding any back. A transaction that outgrows
+//! the stored LSN is the last one's end). A transaction that outgrows
 //! `max_buffered_bytes` opens an interactive local transaction
 //! ([`crate::Transaction`], exclusive use of the instance) and is applied
 //! piece by piece as it arrives (the next piece is decoded while the previous
@@ -187,18 +182,6 @@ impl Drop for Pending {
     }
 }
 
-/// A merged local commit running in the engine while the stream is read
-/// on ([`Applier::settle_commit`] waits for it and does the bookkeeping).
-struct Committing {
-    task: tokio::task::JoinHandle<(Prepared, Result<(), ReplicationError>)>,
-    /// The task's output, once [`Applier::commit_done`] saw it end.
-    outcome: Option<Result<(Prepared, Result<(), ReplicationError>), tokio::task::JoinError>>,
-    pending: Pending,
-    end_lsn: Lsn,
-    commit_time: i64,
-    started: std::time::Instant,
-}
-
 /// Applies one session's stream.
 pub(crate) struct Applier {
     instance: Instance,
@@ -228,19 +211,13 @@ pub(crate) struct Applier {
     /// For catalog lookups on the remote (added columns), opened when needed.
     source: SourceConfig,
     catalog: Option<tokio_postgres::Client>,
-    /// Small local transactions run through prepared statements (lent to
-    /// the commit in flight).
-    prepared: Option<Prepared>,
-    /// The local commit in flight, if any.
-    committing: Option<Committing>,
-    /// Small local commits run in the background ([`Committing`]); the
-    /// session must then [`Applier::abandon`] it before dropping it.
-    pipelined: bool,
+    /// Small local transactions run through prepared statements.
+    prepared: Prepared,
     /// How long received transactions wait for others to join their local
-    /// commit ([`super::ReplicationConfig::commit_delay`]).
+    /// commit while the stream is busy
+    /// ([`super::ReplicationConfig::commit_delay`]).
     commit_delay: Duration,
-    /// When the last local commit ended (the stream is busy while
-    /// transactions arrive within one commit delay of it).
+    /// When the last local commit ended.
     last_commit_end: Option<std::time::Instant>,
     /// False for a stream-fed cache (fan-out), which has no remote to ask:
     /// its catalog facts come from the stream.
@@ -261,7 +238,7 @@ impl Applier {
         changes: broadcast::Sender<Arc<AppliedTransaction>>,
         source: SourceConfig,
     ) -> Applier {
-        let prepared = Some(Prepared::new(&instance));
+        let prepared = Prepared::new(&instance);
         Applier {
             instance,
             relations: HashMap::new(),
@@ -280,8 +257,6 @@ impl Applier {
             source,
             catalog: None,
             prepared,
-            committing: None,
-            pipelined: true,
             commit_delay: Duration::ZERO,
             last_commit_end: None,
             remote_catalog: true,
@@ -300,30 +275,21 @@ impl Applier {
         self
     }
 
-    /// Every local commit ends before the call that started it returns (a
-    /// caller that may drop the applier at any error, and reads
-    /// [`Applier::committed`] to start another).
-    pub(crate) fn without_pipelined_commits(mut self) -> Applier {
-        self.pipelined = false;
-        self
-    }
-
     /// Received transactions wait up to `delay` for others to join their
-    /// local commit.
+    /// local commit while the stream is busy.
     pub(crate) fn with_commit_delay(mut self, delay: Duration) -> Applier {
         self.commit_delay = delay;
         self
     }
 
-    /// The LSN to confirm: what is committed locally (a commit in flight
-    /// counts once settled).
+    /// The LSN to confirm: what is committed locally.
     pub(crate) fn committed(&self) -> Lsn {
         self.committed
     }
 
-    /// No remote transaction is half received or being committed.
+    /// No remote transaction is half received.
     pub(crate) fn idle(&self) -> bool {
-        self.pending.is_none() && self.committing.is_none()
+        self.pending.is_none()
     }
 
     /// Notes the server's WAL end (for lag, and idle confirmation).
@@ -346,8 +312,6 @@ impl Applier {
     /// it was sent and nothing in it concerns us: record the position
     /// locally (so the confirmed LSN stays what is stored) and move on.
     pub(crate) async fn advance_idle(&mut self) -> Result<(), ReplicationError> {
-        // Never store a position past a commit that may still fail.
-        self.settle_commit().await?;
         if self.pending.is_some() || self.server_wal_end <= self.committed {
             return Ok(());
         }
@@ -460,7 +424,6 @@ impl Applier {
 
     /// Registers tables just backfilled; replays their Relation messages.
     pub(crate) async fn add_tables(&mut self, added: Vec<(u32, KnownTable)>) -> Result<(), ReplicationError> {
-        self.settle_commit().await?;
         for (oid, table) in added {
             self.tables.insert(oid, table);
             // A table copied again (a stream-fed cache may get a copy it did

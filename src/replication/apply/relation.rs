@@ -66,9 +66,8 @@ impl Applier {
     /// Brings the local table to the shape `rel` describes.
     async fn follow(&mut self, rel: Relation) -> Result<(), ReplicationError> {
         let Some(known) = self.tables.get(&rel.id).cloned() else { return Ok(()) };
-        // The local catalog is read below: the piece or commit in flight
-        // (maybe DDL of this table) must have run.
-        self.settle_commit().await?;
+        // The local catalog is read below: the piece in flight (maybe DDL
+        // of this table) must have run.
         if let Some(pending) = self.pending.as_mut() {
             let reordered = pending.batch.reordered > 0;
             pending.settle().await.map_err(|e| retry_in_order(e, reordered))?;
@@ -324,7 +323,6 @@ impl Applier {
     /// publisher put in the stream (it sends them again when it sees such a
     /// value).
     pub(super) async fn follow_labels(&mut self, type_name: &str, remote_oid: u32) -> Result<(), ReplicationError> {
-        self.settle_commit().await?;
         let remote = if self.remote_catalog {
             super::facts::read_labels(self.catalog().await?, remote_oid).await?
         } else {

@@ -99,7 +99,6 @@ impl Consumer {
             self.apply.source.clone(),
         )
         .without_remote_catalog()
-        .without_pipelined_commits()
     }
 
     async fn session(&mut self, attempt: &mut u32) -> Result<(), ReplicationError> {

@@ -187,29 +187,47 @@ async fn triggers(instance: &Instance, txns: usize, row: impl Fn(usize) -> Vec<S
     for (k, (label, setup, settings)) in setups.iter().enumerate() {
         instance.exec(setup).await.unwrap();
         let statements = [*settings, INSERT_ONE, UPDATE_ONE, LSN];
-        let cpu0 = cpu_seconds();
-        let t0 = Instant::now();
-        for i in 0..txns {
-            let mut buf = BytesMut::new();
-            for (j, sql) in statements.iter().enumerate() {
-                let params: Vec<String> = match j {
-                    1 => row(next_id),
-                    2 => row(1 + i % 100_000),
-                    3 => vec![format!("0/{:X}", 1000 + i), (i as i64).to_string()],
-                    _ => vec![],
-                };
-                let name = format!("trig_{k}_{j}");
-                statement(Some(&name), i == 0, sql, &params, &mut buf);
-            }
-            next_id += 1;
-            frontend::sync(&mut buf);
-            let out = session.round_trip(buf).await.unwrap();
-            check(&out, label);
-        }
-        let wall = t0.elapsed().as_secs_f64() * 1e6 / txns as f64;
-        let cpu = (cpu_seconds() - cpu0) * 1e6 / txns as f64;
+        let (wall, cpu) =
+            one_row_transactions(&mut session, &statements, txns, &row, &mut next_id, label, &format!("trig_{k}"))
+                .await;
         println!("{label:<40} | {wall:7.1} µs wall | {cpu:7.1} µs CPU per txn");
     }
+}
+
+/// Runs `txns` transactions of `statements` (prepared once, under names
+/// starting with `prefix`): [`INSERT_ONE`] inserts a new row, [`UPDATE_ONE`]
+/// updates an existing one, anything else gets an LSN and a commit time.
+/// Wall and CPU time per transaction, in µs.
+async fn one_row_transactions(
+    session: &mut pglite_cache::RawSession,
+    statements: &[&str],
+    txns: usize,
+    row: &impl Fn(usize) -> Vec<String>,
+    next_id: &mut usize,
+    label: &str,
+    prefix: &str,
+) -> (f64, f64) {
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    for i in 0..txns {
+        let mut buf = BytesMut::new();
+        for (j, sql) in statements.iter().enumerate() {
+            let params: Vec<String> = match *sql {
+                s if s == INSERT_ONE => row(*next_id),
+                s if s == UPDATE_ONE => row(1 + i % 100_000),
+                s if s.starts_with("SELECT") => vec![],
+                _ => vec![format!("0/{:X}", 1000 + i), (i as i64).to_string()],
+            };
+            statement(Some(&format!("{prefix}_{j}")), i == 0, sql, &params, &mut buf);
+        }
+        *next_id += 1;
+        frontend::sync(&mut buf);
+        let out = session.round_trip(buf).await.unwrap();
+        check(&out, label);
+    }
+    let wall = t0.elapsed().as_secs_f64() * 1e6 / txns as f64;
+    let cpu = (cpu_seconds() - cpu0) * 1e6 / txns as f64;
+    (wall, cpu)
 }
 
 /// `LSN_SHAPES=1`: what the stored-LSN update costs a small transaction
@@ -233,26 +251,9 @@ async fn lsn_shapes(instance: &Instance, txns: usize, row: impl Fn(usize) -> Vec
         for (k, (label, lsn)) in shapes.iter().enumerate() {
             let mut statements: Vec<&str> = lsn.iter().map(String::as_str).collect();
             statements.extend([INSERT_ONE, UPDATE_ONE]);
-            let cpu0 = cpu_seconds();
-            let t0 = Instant::now();
-            for i in 0..txns {
-                let mut buf = BytesMut::new();
-                for (j, sql) in statements.iter().enumerate() {
-                    let params: Vec<String> = match *sql {
-                        s if s == INSERT_ONE => row(next_id),
-                        s if s == UPDATE_ONE => row(1 + i % 100_000),
-                        _ => vec![format!("0/{:X}", 1000 + i), (i as i64).to_string()],
-                    };
-                    let name = format!("lsn_{round}_{k}_{j}");
-                    statement(Some(&name), i == 0, sql, &params, &mut buf);
-                }
-                next_id += 1;
-                frontend::sync(&mut buf);
-                let out = session.round_trip(buf).await.unwrap();
-                check(&out, label);
-            }
-            let wall = t0.elapsed().as_secs_f64() * 1e6 / txns as f64;
-            let cpu = (cpu_seconds() - cpu0) * 1e6 / txns as f64;
+            let prefix = format!("lsn_{round}_{k}");
+            let (wall, cpu) =
+                one_row_transactions(&mut session, &statements, txns, &row, &mut next_id, label, &prefix).await;
             println!("{label:<45} | {wall:7.1} µs wall | {cpu:7.1} µs CPU per txn");
         }
     }

@@ -81,7 +81,13 @@ pub struct SyncArgs {
     /// commit_delay (0 to 100000): under a steady stream of small
     /// transactions, less CPU per transaction for at most this much more
     /// lag. A transaction arriving alone is not held back.
-    #[arg(long, value_name = "MICROSECONDS", default_value_t = 1000, conflicts_with = "nats", env = "PGLITE_CACHE_COMMIT_DELAY")]
+    #[arg(
+        long,
+        value_name = "MICROSECONDS",
+        default_value_t = 1000,
+        conflicts_with = "nats",
+        env = "PGLITE_CACHE_COMMIT_DELAY"
+    )]
     commit_delay: u64,
     /// Seconds between status lines while streaming.
     #[arg(long, value_name = "SECONDS", default_value_t = 10, env = "PGLITE_CACHE_STATUS_INTERVAL")]

@@ -51,8 +51,9 @@ async fn a_busy_stream_merges_into_fewer_local_commits_and_the_last_one_is_not_h
     handle.stop().await.unwrap();
 
     // Longer than PostgreSQL's own limit: refused with a hint.
-    let err = Replication::start(local.clone(), config(&pg, &db, "pub").commit_delay(Duration::from_secs(1)))
-        .err()
-        .expect("a 1 s commit delay is refused");
+    let Err(err) = Replication::start(local.clone(), config(&pg, &db, "pub").commit_delay(Duration::from_secs(1)))
+    else {
+        panic!("a 1 s commit delay is refused");
+    };
     assert!(err.to_string().contains("commit delay"), "{err}");
 }

@@ -71,6 +71,7 @@ async fn from_data_dir(data: &std::path::Path) -> Result<StatusReport, String> {
         report.lag_bytes = last.lag_bytes;
         report.lag_seconds = last.lag_seconds;
         report.transactions_applied = last.transactions_applied;
+        report.local_commits = last.local_commits;
         report.lag_recent_p50_seconds = last.lag_recent_p50_seconds;
         report.lag_recent_p99_seconds = last.lag_recent_p99_seconds;
         report.slot_retained_wal_bytes = last.slot_retained_wal_bytes;
@@ -132,6 +133,7 @@ fn assemble(head: Head, tables: TableRows, running: bool) -> StatusReport {
         lag_bytes: 0,
         lag_seconds: 0.0,
         transactions_applied: 0,
+        local_commits: 0,
         lag_recent_p50_seconds: None,
         lag_recent_p99_seconds: None,
         slot_retained_wal_bytes: None,

@@ -36,6 +36,10 @@ pub struct StatusReport {
     pub lag_seconds: f64,
     /// Transactions applied since the daemon started.
     pub transactions_applied: u64,
+    /// Local commits that applied them (fewer when merged, see
+    /// `--commit-delay`).
+    #[serde(default)]
+    pub local_commits: u64,
     /// Commit-to-commit lag over the last minute or two: upper bounds of
     /// the median and the 99th percentile, in seconds (none without
     /// transactions; none for p99 past the last histogram bucket).
@@ -99,6 +103,7 @@ impl StatusReport {
             lag_bytes: s.lag_bytes,
             lag_seconds: s.lag.as_secs_f64(),
             transactions_applied: s.applied_transactions,
+            local_commits: s.local_commits,
             lag_recent_p50_seconds: s.commit_lag.recent().quantile(0.5).filter(|q| q.is_finite()),
             lag_recent_p99_seconds: s.commit_lag.recent().quantile(0.99).filter(|q| q.is_finite()),
             slot_retained_wal_bytes: s.slot_retained_bytes,

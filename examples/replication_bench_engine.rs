@@ -89,6 +89,12 @@ async fn main() {
         ("flag settings + unnest INSERT + unnest UPDATE + LSN", vec![SETTINGS_FLAG, INSERT_UNNEST, UPDATE_UNNEST, LSN]),
         ("flag settings + one-row INSERT + one-row UPDATE + LSN", vec![SETTINGS_FLAG, INSERT_ONE, UPDATE_ONE, LSN]),
     ];
+    if let Some(k) = std::env::var("BATCH_ROWS").ok().and_then(|v| v.parse().ok()) {
+        batch_shapes(&instance, txns, k, row).await;
+        instance.stop().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     if std::env::var_os("LSN_SHAPES").is_some() {
         lsn_shapes(&instance, txns, row).await;
         instance.stop().await.unwrap();
@@ -256,6 +262,54 @@ async fn lsn_shapes(instance: &Instance, txns: usize, row: impl Fn(usize) -> Vec
                 one_row_transactions(&mut session, &statements, txns, &row, &mut next_id, label, &prefix).await;
             println!("{label:<45} | {wall:7.1} µs wall | {cpu:7.1} µs CPU per txn");
         }
+    }
+}
+
+/// `BATCH_ROWS=K`: a merged transaction of K inserted and K updated rows,
+/// as one `unnest` statement per kind against K executions of the one-row
+/// statements (all prepared, one round trip either way).
+async fn batch_shapes(instance: &Instance, txns: usize, k: usize, row: impl Fn(usize) -> Vec<String>) {
+    let arrays = |rows: Vec<Vec<String>>| -> Vec<String> {
+        (0..rows[0].len())
+            .map(|c| format!("{{{}}}", rows.iter().map(|r| format!("\"{}\"", r[c])).collect::<Vec<_>>().join(",")))
+            .collect()
+    };
+    let mut session = instance.raw_session();
+    let mut next_id = 1_000_000;
+    let mut parsed = std::collections::HashSet::new();
+    for unnest in [true, false, true, false] {
+        let cpu0 = cpu_seconds();
+        let t0 = Instant::now();
+        for i in 0..txns {
+            let mut buf = BytesMut::new();
+            let mut add = |name: &str, sql: &str, params: Vec<String>, buf: &mut BytesMut| {
+                let parse = parsed.insert(name.to_string());
+                statement(Some(name), parse, sql, &params, buf);
+            };
+            add("b_settings", SETTINGS_FLAG, vec![], &mut buf);
+            let inserts: Vec<Vec<String>> = (0..k).map(|j| row(next_id + j)).collect();
+            let updates: Vec<Vec<String>> = (0..k).map(|j| row(1 + (i * k + j) % 100_000)).collect();
+            next_id += k;
+            if unnest {
+                add("b_insert_unnest", INSERT_UNNEST, arrays(inserts), &mut buf);
+                add("b_update_unnest", UPDATE_UNNEST, arrays(updates), &mut buf);
+            } else {
+                for r in inserts {
+                    add("b_insert_one", INSERT_ONE, r, &mut buf);
+                }
+                for r in updates {
+                    add("b_update_one", UPDATE_ONE, r, &mut buf);
+                }
+            }
+            add("b_lsn", LSN, vec![format!("0/{:X}", 1000 + i), (i as i64).to_string()], &mut buf);
+            frontend::sync(&mut buf);
+            let out = session.round_trip(buf).await.unwrap();
+            check(&out, "batch");
+        }
+        let per_row = t0.elapsed().as_secs_f64() * 1e6 / (txns * k) as f64;
+        let cpu = (cpu_seconds() - cpu0) * 1e6 / (txns * k) as f64;
+        let label = if unnest { "unnest statements" } else { "one-row statements, K executions" };
+        println!("K={k:<4} {label:<34} | {per_row:7.1} µs wall | {cpu:7.1} µs CPU per inserted + updated row");
     }
 }
 

@@ -16,7 +16,9 @@
 //! (`Instance::transaction`). While more of the stream is already waiting on
 //! the socket, the following transactions join the same local commit (group
 //! commit: each remote transaction is still all-or-nothing for readers, and
-//! the stored LSN is the last one's end). A transaction that outgrows
+//! the stored LSN is the last one's end). While the stream is busy, they
+//! also wait up to the commit delay for more (`ReplicationConfig::commit_delay`,
+//! like PostgreSQL's): fewer local commits, less CPU per transaction. A transaction that outgrows
 //! `max_buffered_bytes` opens an interactive local transaction
 //! ([`crate::Transaction`], exclusive use of the instance) and is applied
 //! piece by piece as it arrives (the next piece is decoded while the previous

@@ -7,6 +7,7 @@
 //! cargo run --release --locked --example replication_bench_engine   # TXNS=3000 by default
 //! TRIGGERS=1 cargo run --release --locked --example replication_bench_engine   # read-only trigger, sync commit
 //! LSN_SHAPES=1 cargo run --release --locked --example replication_bench_engine # the stored-LSN update
+//! BATCH_ROWS=400 cargo run --release --locked --example replication_bench_engine # unnest vs one-row statements
 //! ```
 
 use std::time::Instant;
@@ -89,20 +90,16 @@ async fn main() {
         ("flag settings + unnest INSERT + unnest UPDATE + LSN", vec![SETTINGS_FLAG, INSERT_UNNEST, UPDATE_UNNEST, LSN]),
         ("flag settings + one-row INSERT + one-row UPDATE + LSN", vec![SETTINGS_FLAG, INSERT_ONE, UPDATE_ONE, LSN]),
     ];
-    if let Some(k) = std::env::var("BATCH_ROWS").ok().and_then(|v| v.parse().ok()) {
-        batch_shapes(&instance, txns, k, row).await;
-        instance.stop().await.unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        return;
-    }
-    if std::env::var_os("LSN_SHAPES").is_some() {
-        lsn_shapes(&instance, txns, row).await;
-        instance.stop().await.unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        return;
-    }
-    if std::env::var_os("TRIGGERS").is_some() {
-        triggers(&instance, txns, row).await;
+    // The other modes, one per environment variable (see the top).
+    let batch_rows = std::env::var("BATCH_ROWS").ok().and_then(|v| v.parse().ok());
+    let other_mode =
+        batch_rows.is_some() || std::env::var_os("LSN_SHAPES").is_some() || std::env::var_os("TRIGGERS").is_some();
+    if other_mode {
+        match batch_rows {
+            Some(k) => batch_shapes(&instance, txns, k, row).await,
+            None if std::env::var_os("LSN_SHAPES").is_some() => lsn_shapes(&instance, txns, row).await,
+            None => triggers(&instance, txns, row).await,
+        }
         instance.stop().await.unwrap();
         let _ = std::fs::remove_dir_all(&dir);
         return;

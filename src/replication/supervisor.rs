@@ -42,6 +42,38 @@ pub(super) struct Supervisor {
     pub(super) pacer: Pacer,
 }
 
+/// A timer re-armed only when its time changes (re-arming one at every
+/// turn of the apply loop cost CPU).
+struct Alarm {
+    at: Option<Instant>,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Alarm {
+    fn new() -> Alarm {
+        Alarm { at: None, sleep: Box::pin(tokio::time::sleep_until(Instant::now())) }
+    }
+
+    /// Rings at `at`, or never.
+    fn set(&mut self, at: Option<Instant>) {
+        if at != self.at {
+            self.at = at;
+            if let Some(at) = at {
+                self.sleep.as_mut().reset(at);
+            }
+        }
+    }
+
+    fn armed(&self) -> bool {
+        self.at.is_some()
+    }
+
+    /// Resolves when the time set has come (poll only while armed).
+    async fn rings(&mut self) {
+        self.sleep.as_mut().await
+    }
+}
+
 /// How a session ended without error.
 enum Ended {
     Stopped,
@@ -193,14 +225,9 @@ impl Supervisor {
         // meanwhile): setting a new one for every message cost CPU.
         let receive_timer = tokio::time::sleep_until(deadline.next());
         tokio::pin!(receive_timer);
-        // The bookkeeping's timer ([`Pacer`]), reset only when its time changes.
-        let mut bookkeeping_at = self.pacer.due();
-        let bookkeeping = tokio::time::sleep_until(bookkeeping_at.unwrap_or_else(Instant::now));
-        tokio::pin!(bookkeeping);
-        // The commit delay's timer, reset only when its time changes.
-        let mut flush_at = None;
-        let flush_timer = tokio::time::sleep_until(Instant::now());
-        tokio::pin!(flush_timer);
+        // The bookkeeping's timer ([`Pacer`]) and the commit delay's.
+        let mut bookkeeping = Alarm::new();
+        let mut commit_delay = Alarm::new();
         loop {
             if stopping && applier.between_transactions() {
                 applier.flush_deferred().await?;
@@ -210,18 +237,8 @@ impl Supervisor {
             // delay has passed.
             let flush_due = applier.flush_due().map(Instant::from_std);
             let flush_now = flush_due.is_some_and(|at| at <= Instant::now());
-            if let Some(at) = flush_due.filter(|_| !flush_now)
-                && flush_at != Some(at)
-            {
-                flush_at = Some(at);
-                flush_timer.as_mut().reset(at);
-            }
-            if self.pacer.due() != bookkeeping_at {
-                bookkeeping_at = self.pacer.due();
-                if let Some(at) = bookkeeping_at {
-                    bookkeeping.as_mut().reset(at);
-                }
-            }
+            commit_delay.set(flush_due.filter(|_| !flush_now));
+            bookkeeping.set(self.pacer.due());
             tokio::select! {
                 biased;
                 changed = self.shutdown.changed(), if !stopping => {
@@ -286,7 +303,7 @@ impl Supervisor {
                     receive_timer.as_mut().reset(deadline.next());
                 },
                 // Recording an idle position, confirming (see [`Pacer`]).
-                () = &mut bookkeeping, if bookkeeping_at.is_some() => {
+                () = bookkeeping.rings(), if bookkeeping.armed() => {
                     self.pacer.fired();
                     applier.advance_idle().await?;
                     self.confirm(&mut conn, applier.committed(), false).await?;
@@ -304,7 +321,7 @@ impl Supervisor {
                 // transactions received so far (merged while we were behind)...
                 () = std::future::ready(()), if flush_now => applier.flush_deferred().await?,
                 // ... or after the commit delay, when nothing else came.
-                () = &mut flush_timer, if flush_due.is_some() && !flush_now => applier.flush_deferred().await?,
+                () = commit_delay.rings(), if commit_delay.armed() => applier.flush_deferred().await?,
             }
         }
         applier.advance_idle().await?;

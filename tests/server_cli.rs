@@ -131,6 +131,24 @@ async fn unsafe_trust_tcp_is_the_explicit_opt_out() {
     assert_eq!(n, 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_settings_are_given_like_postgres_dash_c() {
+    let serve = Serve::start(&["--unsafe-trust-tcp", "--set", "work_mem=7MB", "--set", "shared_buffers=16MB"]);
+    let client = connect(&serve.config()).await.unwrap();
+    for (name, value) in [("work_mem", "7MB"), ("shared_buffers", "16MB")] {
+        let shown: String = client.query_one(&format!("SHOW {name}"), &[]).await.unwrap().get(0);
+        assert_eq!(shown, value, "{name}");
+    }
+    // A value the engine refuses stops the start with its own words.
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--unsafe-trust-tcp", "--set", "shared_buffers=lots"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("invalid value for parameter \"shared_buffers\""), "{err}");
+}
+
 /// A client's error inside a PL/pgSQL exception block (which this engine
 /// cannot catch: see `an_error_inside_a_plpgsql_exception_block_restarts_the_engine`
 /// in tests/instance_lifecycle.rs) used to leave the one backend unable to

@@ -201,6 +201,9 @@ async fn syncs_serves_survives_kill9_and_stops_cleanly() {
     assert_eq!(total, 1_000_000, "a consistent snapshot: transfers never half-applied");
     let err = cache.batch_execute("UPDATE accounts SET balance = 0").await.unwrap_err();
     assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION));
+    // The daemon's engine has PostgreSQL's default buffer pool, not the library's 8MB.
+    let buffers: String = cache.query_one("SHOW shared_buffers", &[]).await.unwrap().get(0);
+    assert_eq!(buffers, "128MB");
 
     // psql reads the served cache too.
     let out = Command::new("psql")
@@ -406,6 +409,14 @@ async fn bad_configurations_get_one_clear_message() {
         Duration::from_secs(30),
     );
     assert_eq!(code, Some(2), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // An engine setting the engine refuses: its own message, and no panic.
+    let (code, err) = run_sync(
+        &["--source", &remote.url("postgres"), "--data", &data, "--tables", "t", "--set", "shared_buffers=lots"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("opening the cache") && err.contains("invalid value for parameter"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 
     // An unreachable remote is retried, not fatal (and logs can be JSON).

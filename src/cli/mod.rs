@@ -2,6 +2,7 @@
 
 mod decommission;
 mod demo;
+mod engine;
 mod generate;
 mod listen;
 pub mod logs;

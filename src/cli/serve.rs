@@ -17,6 +17,8 @@ pub struct ServeArgs {
     data: Option<PathBuf>,
     #[command(flatten)]
     listen: ListenArgs,
+    #[command(flatten)]
+    engine: super::engine::EngineArgs,
 }
 
 pub async fn run(args: ServeArgs) -> ExitCode {
@@ -32,6 +34,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
         .data
         .map_or_else(InstanceOptions::in_memory, InstanceOptions::persistent)
         .restart_policy(RestartPolicy::default());
+    let options = args.engine.apply(&[], options);
     let db = match Instance::start(options).await {
         Ok(db) => db,
         Err(e) => {

@@ -41,6 +41,7 @@ pub(super) async fn run(args: SyncArgs) -> ExitCode {
         listen,
         metrics: args.metrics,
         status_interval: Duration::from_secs(args.status_interval),
+        engine: args.engine,
     };
     // NATS away or no snapshot yet: wait for them, as `sync --source` waits for the remote.
     let mut attempt = 0;
@@ -63,7 +64,7 @@ pub(super) async fn run(args: SyncArgs) -> ExitCode {
             Err(e) => return config_error(e),
         }
     }
-    let instance = match Instance::start(super::cache_options(&plan.data)).await {
+    let instance = match Instance::start(super::cache_options(&plan.data, &plan.engine)).await {
         Ok(instance) => instance,
         Err(e @ Error::DataDirInUse(_)) => {
             return config_error(format!("{e}; is another `pglite-cache sync` running?"));

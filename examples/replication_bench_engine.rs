@@ -35,6 +35,11 @@ const INSERT_UNNEST: &str = "INSERT INTO items (id, n, label, at, payload) SELEC
 const UPDATE_UNNEST: &str = "UPDATE items AS t SET n = u.c1::integer, label = u.c2::text, at = u.c3::timestamptz, \
      payload = u.c4::text FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS u(c0, c1, c2, c3, c4) \
      WHERE t.id = u.c0::integer";
+const INSERT_TYPED: &str = "INSERT INTO items (id, n, label, at, payload) SELECT u.c0, u.c1, u.c2, u.c3, u.c4 \
+     FROM unnest($1::integer[], $2::integer[], $3::text[], $4::timestamptz[], $5::text[]) AS u(c0, c1, c2, c3, c4)";
+const UPDATE_TYPED: &str = "UPDATE items AS t SET n = u.c1, label = u.c2, at = u.c3, payload = u.c4 \
+     FROM unnest($1::integer[], $2::integer[], $3::text[], $4::timestamptz[], $5::text[]) AS u(c0, c1, c2, c3, c4) \
+     WHERE t.id = u.c0";
 const INSERT_ONE: &str = "INSERT INTO items (id, n, label, at, payload) VALUES ($1::integer, $2::integer, $3::text, $4::timestamptz, $5::text)";
 const UPDATE_ONE: &str = "UPDATE items SET n = $2::integer, label = $3::text, at = $4::timestamptz, payload = $5::text WHERE id = $1::integer";
 
@@ -274,7 +279,8 @@ async fn batch_shapes(instance: &Instance, txns: usize, k: usize, row: impl Fn(u
     let mut session = instance.raw_session();
     let mut next_id = 1_000_000;
     let mut parsed = std::collections::HashSet::new();
-    for unnest in [true, false, true, false] {
+    for shape in [0, 1, 2, 0, 1, 2] {
+        let unnest = shape != 2;
         let cpu0 = cpu_seconds();
         let t0 = Instant::now();
         for i in 0..txns {
@@ -287,7 +293,10 @@ async fn batch_shapes(instance: &Instance, txns: usize, k: usize, row: impl Fn(u
             let inserts: Vec<Vec<String>> = (0..k).map(|j| row(next_id + j)).collect();
             let updates: Vec<Vec<String>> = (0..k).map(|j| row(1 + (i * k + j) % 100_000)).collect();
             next_id += k;
-            if unnest {
+            if shape == 1 {
+                add("b_insert_typed", INSERT_TYPED, arrays(inserts), &mut buf);
+                add("b_update_typed", UPDATE_TYPED, arrays(updates), &mut buf);
+            } else if unnest {
                 add("b_insert_unnest", INSERT_UNNEST, arrays(inserts), &mut buf);
                 add("b_update_unnest", UPDATE_UNNEST, arrays(updates), &mut buf);
             } else {
@@ -305,7 +314,7 @@ async fn batch_shapes(instance: &Instance, txns: usize, k: usize, row: impl Fn(u
         }
         let per_row = t0.elapsed().as_secs_f64() * 1e6 / (txns * k) as f64;
         let cpu = (cpu_seconds() - cpu0) * 1e6 / (txns * k) as f64;
-        let label = if unnest { "unnest statements" } else { "one-row statements, K executions" };
+        let label = ["unnest of text arrays, cast", "unnest of typed arrays", "one-row statements, K executions"][shape];
         println!("K={k:<4} {label:<34} | {per_row:7.1} µs wall | {cpu:7.1} µs CPU per inserted + updated row");
     }
 }

@@ -41,6 +41,7 @@ mod error;
 mod instance;
 #[cfg(feature = "local-postgres")]
 pub mod local_postgres;
+pub mod maintenance;
 pub mod oid;
 mod params;
 pub(crate) mod protocol;

@@ -131,6 +131,39 @@ async fn unsafe_trust_tcp_is_the_explicit_opt_out() {
     assert_eq!(n, 1);
 }
 
+/// The engine has no autovacuum; `serve` does its job: a table written by
+/// clients is vacuumed and analyzed without anyone asking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn written_tables_are_vacuumed_and_analyzed() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let serve =
+        Serve::start(&["--unsafe-trust-tcp", "--data", data_dir.path().to_str().unwrap(), "--maintenance-interval", "1"]);
+    let client = connect(&serve.config()).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v int); INSERT INTO t SELECT g, g FROM generate_series(1, 10000) g; \
+             UPDATE t SET v = v + 1; DELETE FROM t WHERE id % 2 = 0",
+        )
+        .await
+        .unwrap();
+    let written = std::time::SystemTime::now();
+    let started = Instant::now();
+    loop {
+        let row = client
+            .query_one("SELECT last_vacuum, last_analyze, n_dead_tup FROM pg_stat_user_tables WHERE relname = 't'", &[])
+            .await
+            .unwrap();
+        let (vacuumed, analyzed): (Option<std::time::SystemTime>, Option<std::time::SystemTime>) = (row.get(0), row.get(1));
+        if vacuumed.is_some_and(|t| t > written) && analyzed.is_some_and(|t| t > written) {
+            let dead: i64 = row.get(2);
+            assert!(dead < 500, "{dead} dead rows left after the vacuum");
+            break;
+        }
+        assert!(started.elapsed() < PATIENCE * 2, "not vacuumed and analyzed: {vacuumed:?} {analyzed:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_settings_are_given_like_postgres_dash_c() {
     let serve = Serve::start(&["--unsafe-trust-tcp", "--set", "work_mem=7MB", "--set", "shared_buffers=16MB"]);

@@ -6,7 +6,7 @@
 mod support;
 
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use pglite_cache::local_postgres::LocalPostgres;
 use support::daemon::{BIN, Daemon};
@@ -263,4 +263,63 @@ async fn an_engine_restart_interrupts_the_replication_only() {
     assert_in_sync(&admin, &cache, &["a"]).await;
     assert!(daemon.alive(), "{}", daemon.stderr());
     assert!(daemon.stderr().contains("instance restarted after a crash"), "{}", daemon.stderr());
+}
+
+/// Waits until `table` in `cache` was vacuumed and analyzed after `since`
+/// (the engine has no autovacuum: the daemon's maintenance runs them);
+/// returns the dead rows the vacuum left.
+async fn wait_vacuumed_and_analyzed(cache: &Client, table: &str, since: SystemTime, limit: Duration) -> i64 {
+    let start = std::time::Instant::now();
+    loop {
+        let row = cache
+            .query_one(
+                "SELECT last_vacuum, last_analyze, n_dead_tup FROM pg_stat_user_tables WHERE relname = $1",
+                &[&table],
+            )
+            .await
+            .unwrap();
+        let (vacuumed, analyzed, dead): (Option<SystemTime>, Option<SystemTime>, i64) =
+            (row.get(0), row.get(1), row.get(2));
+        if vacuumed.is_some_and(|t| t > since) && analyzed.is_some_and(|t| t > since) {
+            return dead;
+        }
+        assert!(start.elapsed() < limit, "{table}: last vacuum {vacuumed:?}, last analyze {analyzed:?}, since {since:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A cache that only ever receives changes is vacuumed and analyzed: the
+/// copied table gets column statistics for the planner, and the dead rows
+/// of the remote's updates and deletes are cleaned up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicated_tables_are_vacuumed_and_analyzed() {
+    let remote = LocalPostgres::start(&[]).expect("start PostgreSQL");
+    let admin = connect(&remote.conninfo("postgres")).await;
+    admin
+        .batch_execute(
+            "CREATE TABLE t (id int PRIMARY KEY, v int, s text); \
+             INSERT INTO t SELECT g, g, 's' || g FROM generate_series(1, 20000) g;",
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cache");
+    let mut daemon =
+        Daemon::spawn(&[], &remote.url("postgres"), &data, &["--tables", "t", "--maintenance-interval", "1"]);
+    let cache = daemon.client().await;
+    assert_in_sync(&admin, &cache, &["t"]).await;
+    admin.batch_execute("UPDATE t SET v = v + 1; DELETE FROM t WHERE id % 4 = 0").await.unwrap();
+    assert_in_sync(&admin, &cache, &["t"]).await;
+    // 20,000 updated and 5,000 deleted rows left dead versions behind.
+    let changed = SystemTime::now();
+    let dead = wait_vacuumed_and_analyzed(&cache, "t", changed, Duration::from_secs(60)).await;
+    assert!(dead < 1000, "{dead} dead rows left after the vacuum");
+    let stats: i64 = cache
+        .query_one("SELECT count(*) FROM pg_stats WHERE tablename = 't' AND attname IN ('id', 'v', 's')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stats, 3, "the planner has column statistics for the replicated table");
+    assert!(daemon.stderr().contains("maintenance"), "{}", daemon.stderr());
+    assert!(daemon.alive(), "{}", daemon.stderr());
 }

@@ -1,7 +1,13 @@
-//! `--set NAME=VALUE`: PostgreSQL settings for the embedded engine, as
-//! `postgres -c NAME=VALUE` gives them to a server.
+//! The embedded engine's flags, shared by the commands that run a
+//! long-lived instance: `--set NAME=VALUE` (PostgreSQL settings, as
+//! `postgres -c NAME=VALUE` gives them to a server) and
+//! `--maintenance-interval` (autovacuum's job, which the engine cannot do
+//! itself: see [`pglite_cache::maintenance`]).
 
-use pglite_cache::InstanceOptions;
+use std::time::Duration;
+
+use pglite_cache::maintenance::Maintenance;
+use pglite_cache::{Instance, InstanceOptions};
 
 /// Engine settings flags, shared by the commands that run a long-lived instance.
 #[derive(Debug, Clone, clap::Args)]
@@ -11,6 +17,11 @@ pub struct EngineArgs {
     /// The environment variable holds one (values may contain commas).
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_setting, env = "PGLITE_CACHE_SET")]
     settings: Vec<(String, String)>,
+    /// Seconds between checks for tables to VACUUM and ANALYZE (the
+    /// engine has no autovacuum of its own), with autovacuum's default
+    /// thresholds; 0 turns it off.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, env = "PGLITE_CACHE_MAINTENANCE_INTERVAL")]
+    maintenance_interval: u64,
 }
 
 impl EngineArgs {
@@ -24,6 +35,13 @@ impl EngineArgs {
             options = options.setting(name, value);
         }
         options
+    }
+
+    /// Starts the instance's maintenance, unless turned off; it stops when
+    /// the returned value is dropped.
+    pub fn maintain(&self, instance: &Instance) -> Option<Maintenance> {
+        (self.maintenance_interval > 0)
+            .then(|| Maintenance::start(instance.clone(), Duration::from_secs(self.maintenance_interval)))
     }
 }
 

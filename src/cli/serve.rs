@@ -42,6 +42,7 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_DB_ERROR);
         }
     };
+    let _maintenance = args.engine.maintain(&db);
     let listeners = match plan.bind().await {
         Ok(listeners) => listeners,
         Err(e) => {

@@ -222,6 +222,7 @@ async fn serve_and_sync(
         Err(e) => return config_error(e),
     };
     let status = replication.watch_status();
+    let _maintenance = plan.engine.maintain(instance);
 
     let listeners = match plan.listen.bind().await {
         Ok(listeners) => listeners,

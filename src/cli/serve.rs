@@ -42,7 +42,6 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_DB_ERROR);
         }
     };
-    let _maintenance = args.engine.maintain(&db);
     let listeners = match plan.bind().await {
         Ok(listeners) => listeners,
         Err(e) => {
@@ -51,7 +50,9 @@ pub async fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_DB_ERROR);
         }
     };
+    let maintenance = args.engine.maintain(&db);
     let served = server::serve(db.clone(), listeners, plan.config, stop_signal()).await;
+    drop(maintenance);
     let stopped = db.stop().await;
     match (served, stopped) {
         (Ok(()), Ok(())) => ExitCode::SUCCESS,

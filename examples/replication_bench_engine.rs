@@ -314,7 +314,8 @@ async fn batch_shapes(instance: &Instance, txns: usize, k: usize, row: impl Fn(u
         }
         let per_row = t0.elapsed().as_secs_f64() * 1e6 / (txns * k) as f64;
         let cpu = (cpu_seconds() - cpu0) * 1e6 / (txns * k) as f64;
-        let label = ["unnest of text arrays, cast", "unnest of typed arrays", "one-row statements, K executions"][shape];
+        let label =
+            ["unnest of text arrays, cast", "unnest of typed arrays", "one-row statements, K executions"][shape];
         println!("K={k:<4} {label:<34} | {per_row:7.1} µs wall | {cpu:7.1} µs CPU per inserted + updated row");
     }
 }

@@ -23,6 +23,8 @@
 //! warns about them all the same, and keeps the transaction status files
 //! they would let it truncate.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::{Error, Instance};
@@ -100,10 +102,39 @@ pub fn decide(t: &TableActivity) -> Option<Action> {
     }
 }
 
+/// Running totals of the maintenance commands, for metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    commands: AtomicU64,
+    busy_micros: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Stats {
+    /// Commands run (`VACUUM`, `ANALYZE`...).
+    pub fn commands(&self) -> u64 {
+        self.commands.load(Ordering::Relaxed)
+    }
+
+    /// Time they held the engine.
+    pub fn busy(&self) -> Duration {
+        Duration::from_micros(self.busy_micros.load(Ordering::Relaxed))
+    }
+
+    /// Commands the engine refused and passes that failed.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
 /// Runs one maintenance pass on `instance`: the tables that need it, then
 /// the whole database if its transaction IDs are getting old. Returns the
 /// commands run. A table dropped meanwhile is skipped.
 pub async fn run_once(instance: &Instance) -> Result<Vec<String>, Error> {
+    run_pass(instance, &Stats::default()).await
+}
+
+async fn run_pass(instance: &Instance, stats: &Stats) -> Result<Vec<String>, Error> {
     // Counters reach the shared statistics at most once a second; make this
     // transaction's end publish what is pending, so the next one reads it.
     instance.query("SELECT pg_stat_force_next_flush()", &[]).await?;
@@ -128,7 +159,7 @@ pub async fn run_once(instance: &Instance) -> Result<Vec<String>, Error> {
         };
         let Some(action) = decide(&table) else { continue };
         let sql = format!("{} {}.{}", action.command(), quote_ident(&table.schema), quote_ident(&table.name));
-        if run(instance, &sql).await? {
+        if run(instance, &sql, stats).await? {
             done.push(sql);
         }
     }
@@ -138,7 +169,7 @@ pub async fn run_once(instance: &Instance) -> Result<Vec<String>, Error> {
         .rows
         .first()
         .map_or(0, |r| r.get(0));
-    if needs_freeze(i64::from(age)) && run(instance, "VACUUM (FREEZE)").await? {
+    if needs_freeze(i64::from(age)) && run(instance, "VACUUM (FREEZE)", stats).await? {
         done.push("VACUUM (FREEZE)".into());
     }
     Ok(done)
@@ -146,15 +177,20 @@ pub async fn run_once(instance: &Instance) -> Result<Vec<String>, Error> {
 
 /// Runs one maintenance command; `false` if the engine refused it (a table
 /// dropped since the counters were read, say), which is logged.
-async fn run(instance: &Instance, sql: &str) -> Result<bool, Error> {
+async fn run(instance: &Instance, sql: &str, stats: &Stats) -> Result<bool, Error> {
     let started = Instant::now();
-    match instance.exec(sql).await {
+    let result = instance.exec(sql).await;
+    let elapsed = started.elapsed();
+    stats.busy_micros.fetch_add(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    match result {
         Ok(_) => {
-            tracing::info!(%sql, elapsed = ?started.elapsed(), "maintenance");
+            tracing::info!(%sql, ?elapsed, "maintenance");
+            stats.commands.fetch_add(1, Ordering::Relaxed);
             Ok(true)
         }
         Err(e) if e.code().is_some() => {
             tracing::warn!(%sql, error = %e, "maintenance command failed; skipped");
+            stats.failed.fetch_add(1, Ordering::Relaxed);
             Ok(false)
         }
         Err(e) => Err(e),
@@ -170,23 +206,32 @@ fn quote_ident(name: &str) -> String {
 #[derive(Debug)]
 pub struct Maintenance {
     task: tokio::task::JoinHandle<()>,
+    stats: Arc<Stats>,
 }
 
 impl Maintenance {
     /// Starts checking `instance` every `interval`, the first time one
     /// interval from now. Errors are logged and the next pass tries again.
     pub fn start(instance: Instance, interval: Duration) -> Maintenance {
+        let stats = Arc::new(Stats::default());
+        let totals = stats.clone();
         let task = tokio::spawn(async move {
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                if let Err(e) = run_once(&instance).await {
+                if let Err(e) = run_pass(&instance, &totals).await {
                     tracing::warn!(error = %e, "maintenance pass failed; trying again later");
+                    totals.failed.fetch_add(1, Ordering::Relaxed);
                 }
             }
         });
-        Maintenance { task }
+        Maintenance { task, stats }
+    }
+
+    /// Its running totals.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
     }
 }
 

@@ -136,8 +136,13 @@ async fn unsafe_trust_tcp_is_the_explicit_opt_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn written_tables_are_vacuumed_and_analyzed() {
     let data_dir = tempfile::tempdir().unwrap();
-    let serve =
-        Serve::start(&["--unsafe-trust-tcp", "--data", data_dir.path().to_str().unwrap(), "--maintenance-interval", "1"]);
+    let serve = Serve::start(&[
+        "--unsafe-trust-tcp",
+        "--data",
+        data_dir.path().to_str().unwrap(),
+        "--maintenance-interval",
+        "1",
+    ]);
     let client = connect(&serve.config()).await.unwrap();
     client
         .batch_execute(
@@ -153,7 +158,8 @@ async fn written_tables_are_vacuumed_and_analyzed() {
             .query_one("SELECT last_vacuum, last_analyze, n_dead_tup FROM pg_stat_user_tables WHERE relname = 't'", &[])
             .await
             .unwrap();
-        let (vacuumed, analyzed): (Option<std::time::SystemTime>, Option<std::time::SystemTime>) = (row.get(0), row.get(1));
+        let (vacuumed, analyzed): (Option<std::time::SystemTime>, Option<std::time::SystemTime>) =
+            (row.get(0), row.get(1));
         if vacuumed.is_some_and(|t| t > written) && analyzed.is_some_and(|t| t > written) {
             let dead: i64 = row.get(2);
             assert!(dead < 500, "{dead} dead rows left after the vacuum");

@@ -1,11 +1,14 @@
 //! `pglite-cache sync`, `status` and `decommission` through the real binary
 //! against a real PostgreSQL.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use pglite_cache::local_postgres::LocalPostgres;
+use support::daemon::{http_get, metric};
 use tokio_postgres::{Client, NoTls};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pglite-cache");
@@ -306,19 +309,11 @@ fn status(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn metric(body: &str, name: &str) -> f64 {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("{name} missing in:\n{body}"))
-        .parse()
-        .unwrap()
-}
-
 /// Polls the metrics page until `name` reaches `value`; returns the page.
 async fn wait_metric_at_least(daemon: &Daemon, name: &str, value: f64) -> String {
     let start = Instant::now();
     loop {
-        if let Ok(body) = try_http_get(daemon.metrics, "/metrics").await
+        if let Ok(body) = http_get(daemon.metrics, "/metrics").await
             && body.lines().any(|l| l.starts_with(&format!("{name} ")))
             && metric(&body, name) >= value
         {
@@ -327,16 +322,6 @@ async fn wait_metric_at_least(daemon: &Daemon, name: &str, value: f64) -> String
         assert!(start.elapsed() < Duration::from_secs(60), "{name} never reached {value}:\n{}", daemon.stderr());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-async fn try_http_get(port: u16, path: &str) -> std::io::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    Ok(out.split("\r\n\r\n").nth(1).unwrap().to_owned())
 }
 
 fn run_sync(args: &[&str], wait: Duration) -> (Option<i32>, String) {

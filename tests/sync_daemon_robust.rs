@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use pglite_cache::local_postgres::LocalPostgres;
-use support::daemon::{BIN, Daemon};
+use support::daemon::{BIN, Daemon, free_port, http_get, metric};
 use tokio_postgres::{Client, NoTls};
 
 async fn connect(conninfo: &str) -> Client {
@@ -283,7 +283,10 @@ async fn wait_vacuumed_and_analyzed(cache: &Client, table: &str, since: SystemTi
         if vacuumed.is_some_and(|t| t > since) && analyzed.is_some_and(|t| t > since) {
             return dead;
         }
-        assert!(start.elapsed() < limit, "{table}: last vacuum {vacuumed:?}, last analyze {analyzed:?}, since {since:?}");
+        assert!(
+            start.elapsed() < limit,
+            "{table}: last vacuum {vacuumed:?}, last analyze {analyzed:?}, since {since:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -304,8 +307,10 @@ async fn replicated_tables_are_vacuumed_and_analyzed() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("cache");
-    let mut daemon =
-        Daemon::spawn(&[], &remote.url("postgres"), &data, &["--tables", "t", "--maintenance-interval", "1"]);
+    let metrics = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics}");
+    let args = ["--tables", "t", "--maintenance-interval", "1", "--metrics", &metrics_addr];
+    let mut daemon = Daemon::spawn(&[], &remote.url("postgres"), &data, &args);
     let cache = daemon.client().await;
     assert_in_sync(&admin, &cache, &["t"]).await;
     admin.batch_execute("UPDATE t SET v = v + 1; DELETE FROM t WHERE id % 4 = 0").await.unwrap();
@@ -320,6 +325,11 @@ async fn replicated_tables_are_vacuumed_and_analyzed() {
         .unwrap()
         .get(0);
     assert_eq!(stats, 3, "the planner has column statistics for the replicated table");
+    // The operator sees it: commands run and the time they held the engine.
+    let body = http_get(metrics, "/metrics").await.unwrap();
+    assert!(metric(&body, "pglite_cache_maintenance_commands_total") >= 1.0, "{body}");
+    assert!(metric(&body, "pglite_cache_maintenance_seconds_total") > 0.0, "{body}");
+    assert_eq!(metric(&body, "pglite_cache_maintenance_failures_total"), 0.0, "{body}");
     assert!(daemon.stderr().contains("maintenance"), "{}", daemon.stderr());
     assert!(daemon.alive(), "{}", daemon.stderr());
 }

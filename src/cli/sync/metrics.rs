@@ -99,6 +99,21 @@ pub fn declare() -> Metrics<Snapshot> {
             (vec!["transient".into()], load(&s.counters.reconnects)),
             (vec!["halting".into()], load(&s.counters.halts)),
         ]
-    });
+    })
+    .counter(
+        "pglite_cache_maintenance_commands_total",
+        "VACUUM and ANALYZE commands the daemon ran on the cache (the engine has no autovacuum).",
+        |s| s.counters.maintenance.as_ref().map_or(0.0, |m| m.commands() as f64),
+    )
+    .counter(
+        "pglite_cache_maintenance_seconds_total",
+        "Time those commands held the engine (applying and clients waited).",
+        |s| s.counters.maintenance.as_ref().map_or(0.0, |m| m.busy().as_secs_f64()),
+    )
+    .counter(
+        "pglite_cache_maintenance_failures_total",
+        "Maintenance commands the engine refused, and passes that failed.",
+        |s| s.counters.maintenance.as_ref().map_or(0.0, |m| m.failed() as f64),
+    );
     m
 }

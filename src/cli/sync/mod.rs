@@ -222,7 +222,7 @@ async fn serve_and_sync(
         Err(e) => return config_error(e),
     };
     let status = replication.watch_status();
-    let _maintenance = plan.engine.maintain(instance);
+    let maintenance = plan.engine.maintain(instance);
 
     let listeners = match plan.listen.bind().await {
         Ok(listeners) => listeners,
@@ -238,7 +238,7 @@ async fn serve_and_sync(
         let _ = stopped.wait_for(|s| *s).await;
     }));
 
-    let counters = report::Counters::start();
+    let counters = report::Counters::start(maintenance.as_ref().map(|m| m.stats()));
     let reporter = report::Reporter::new(&plan, &remote, counters.clone());
     let (stop_reports, reports_stopped) = watch::channel(false);
     let reports = tokio::spawn(reporter.run(status.clone(), reports_stopped));

@@ -29,12 +29,14 @@ pub struct Counters {
     /// Halts since start, by kind of error (needs operator or fatal: the
     /// status does not say which, so one counter).
     pub halts: AtomicU64,
+    /// The engine's maintenance (VACUUM, ANALYZE), when it runs.
+    pub maintenance: Option<Arc<pglite_cache::maintenance::Stats>>,
 }
 
 impl Counters {
     /// Fresh counters.
-    pub fn start() -> Arc<Counters> {
-        Arc::new(Counters::default())
+    pub fn start(maintenance: Option<Arc<pglite_cache::maintenance::Stats>>) -> Arc<Counters> {
+        Arc::new(Counters { maintenance, ..Counters::default() })
     }
 }
 

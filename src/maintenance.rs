@@ -4,9 +4,9 @@
 //! autovacuum launcher, so nothing vacuums or analyzes a long-lived
 //! instance by itself. Without it, tables that see updates and deletes keep
 //! their dead rows and grow, the planner never gets column statistics (a
-//! table loaded by COPY is never analyzed), and after about two billion
-//! transactions the engine refuses writes to prevent transaction ID
-//! wraparound.
+//! table loaded by COPY is never analyzed), and old rows are never frozen,
+//! which PostgreSQL needs within about two billion transactions to keep
+//! them visible (transaction ID wraparound).
 //!
 //! [`Maintenance::start`] checks every `interval` (autovacuum's
 //! `autovacuum_naptime` is one minute): it reads the tables' activity

@@ -7,7 +7,7 @@
 //! cargo run --release --locked --example replication_bench_engine   # TXNS=3000 by default
 //! TRIGGERS=1 cargo run --release --locked --example replication_bench_engine   # read-only trigger, sync commit
 //! LSN_SHAPES=1 cargo run --release --locked --example replication_bench_engine # the stored-LSN update
-//! BATCH_ROWS=400 cargo run --release --locked --example replication_bench_engine # unnest vs one-row statements
+//! BATCH_ROWS=400 cargo run --release --locked --example replication_bench_engine # unnest (text or typed arrays) vs one-row statements
 //! ```
 
 use std::time::Instant;
@@ -280,7 +280,6 @@ async fn batch_shapes(instance: &Instance, txns: usize, k: usize, row: impl Fn(u
     let mut next_id = 1_000_000;
     let mut parsed = std::collections::HashSet::new();
     for shape in [0, 1, 2, 0, 1, 2] {
-        let unnest = shape != 2;
         let cpu0 = cpu_seconds();
         let t0 = Instant::now();
         for i in 0..txns {
@@ -293,18 +292,22 @@ async fn batch_shapes(instance: &Instance, txns: usize, k: usize, row: impl Fn(u
             let inserts: Vec<Vec<String>> = (0..k).map(|j| row(next_id + j)).collect();
             let updates: Vec<Vec<String>> = (0..k).map(|j| row(1 + (i * k + j) % 100_000)).collect();
             next_id += k;
-            if shape == 1 {
-                add("b_insert_typed", INSERT_TYPED, arrays(inserts), &mut buf);
-                add("b_update_typed", UPDATE_TYPED, arrays(updates), &mut buf);
-            } else if unnest {
-                add("b_insert_unnest", INSERT_UNNEST, arrays(inserts), &mut buf);
-                add("b_update_unnest", UPDATE_UNNEST, arrays(updates), &mut buf);
-            } else {
-                for r in inserts {
-                    add("b_insert_one", INSERT_ONE, r, &mut buf);
+            match shape {
+                0 => {
+                    add("b_insert_unnest", INSERT_UNNEST, arrays(inserts), &mut buf);
+                    add("b_update_unnest", UPDATE_UNNEST, arrays(updates), &mut buf);
                 }
-                for r in updates {
-                    add("b_update_one", UPDATE_ONE, r, &mut buf);
+                1 => {
+                    add("b_insert_typed", INSERT_TYPED, arrays(inserts), &mut buf);
+                    add("b_update_typed", UPDATE_TYPED, arrays(updates), &mut buf);
+                }
+                _ => {
+                    for r in inserts {
+                        add("b_insert_one", INSERT_ONE, r, &mut buf);
+                    }
+                    for r in updates {
+                        add("b_update_one", UPDATE_ONE, r, &mut buf);
+                    }
                 }
             }
             add("b_lsn", LSN, vec![format!("0/{:X}", 1000 + i), (i as i64).to_string()], &mut buf);

@@ -1,11 +1,14 @@
 //! `pglite-cache serve` as a user runs it: TCP needs a password by default,
 //! and SIGTERM does not wait for a client idle in a transaction.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pglite-cache");
+use support::daemon::{BIN, wait_vacuumed_and_analyzed};
+
 const PATIENCE: Duration = Duration::from_secs(30);
 
 struct Serve {
@@ -152,22 +155,8 @@ async fn written_tables_are_vacuumed_and_analyzed() {
         .await
         .unwrap();
     let written = std::time::SystemTime::now();
-    let started = Instant::now();
-    loop {
-        let row = client
-            .query_one("SELECT last_vacuum, last_analyze, n_dead_tup FROM pg_stat_user_tables WHERE relname = 't'", &[])
-            .await
-            .unwrap();
-        let (vacuumed, analyzed): (Option<std::time::SystemTime>, Option<std::time::SystemTime>) =
-            (row.get(0), row.get(1));
-        if vacuumed.is_some_and(|t| t > written) && analyzed.is_some_and(|t| t > written) {
-            let dead: i64 = row.get(2);
-            assert!(dead < 500, "{dead} dead rows left after the vacuum");
-            break;
-        }
-        assert!(started.elapsed() < PATIENCE * 2, "not vacuumed and analyzed: {vacuumed:?} {analyzed:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let dead = wait_vacuumed_and_analyzed(&client, "t", written, PATIENCE * 2).await;
+    assert!(dead < 500, "{dead} dead rows left after the vacuum");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

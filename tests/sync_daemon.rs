@@ -8,20 +8,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use pglite_cache::local_postgres::LocalPostgres;
-use support::daemon::{http_get, metric};
-use tokio_postgres::{Client, NoTls};
-
-const BIN: &str = env!("CARGO_BIN_EXE_pglite-cache");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-async fn connect(conninfo: &str) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await?;
-    tokio::spawn(connection);
-    Ok(client)
-}
+use support::daemon::{BIN, connect, free_port, http_get, metric};
+use tokio_postgres::Client;
 
 /// A `pglite-cache sync` child process.
 struct Daemon {

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use pglite_cache::local_postgres::LocalPostgres;
-use support::daemon::{BIN, Daemon, free_port, http_get, metric};
+use support::daemon::{BIN, Daemon, free_port, http_get, metric, wait_vacuumed_and_analyzed};
 use tokio_postgres::{Client, NoTls};
 
 async fn connect(conninfo: &str) -> Client {
@@ -263,32 +263,6 @@ async fn an_engine_restart_interrupts_the_replication_only() {
     assert_in_sync(&admin, &cache, &["a"]).await;
     assert!(daemon.alive(), "{}", daemon.stderr());
     assert!(daemon.stderr().contains("instance restarted after a crash"), "{}", daemon.stderr());
-}
-
-/// Waits until `table` in `cache` was vacuumed and analyzed after `since`
-/// (the engine has no autovacuum: the daemon's maintenance runs them);
-/// returns the dead rows the vacuum left.
-async fn wait_vacuumed_and_analyzed(cache: &Client, table: &str, since: SystemTime, limit: Duration) -> i64 {
-    let start = std::time::Instant::now();
-    loop {
-        let row = cache
-            .query_one(
-                "SELECT last_vacuum, last_analyze, n_dead_tup FROM pg_stat_user_tables WHERE relname = $1",
-                &[&table],
-            )
-            .await
-            .unwrap();
-        let (vacuumed, analyzed, dead): (Option<SystemTime>, Option<SystemTime>, i64) =
-            (row.get(0), row.get(1), row.get(2));
-        if vacuumed.is_some_and(|t| t > since) && analyzed.is_some_and(|t| t > since) {
-            return dead;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "{table}: last vacuum {vacuumed:?}, last analyze {analyzed:?}, since {since:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// A cache that only ever receives changes is vacuumed and analyzed: the

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_pglite-cache");
 
@@ -34,6 +34,37 @@ pub fn metric(body: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} missing in:\n{body}"))
         .parse()
         .unwrap()
+}
+
+/// Waits until `table` in `cache` was vacuumed and analyzed after `since`
+/// (the engine has no autovacuum: the daemon's maintenance runs them);
+/// returns the dead rows the vacuum left.
+pub async fn wait_vacuumed_and_analyzed(
+    cache: &tokio_postgres::Client,
+    table: &str,
+    since: SystemTime,
+    limit: Duration,
+) -> i64 {
+    let start = Instant::now();
+    loop {
+        let row = cache
+            .query_one(
+                "SELECT last_vacuum, last_analyze, n_dead_tup FROM pg_stat_user_tables WHERE relname = $1",
+                &[&table],
+            )
+            .await
+            .unwrap();
+        let (vacuumed, analyzed, dead): (Option<SystemTime>, Option<SystemTime>, i64) =
+            (row.get(0), row.get(1), row.get(2));
+        if vacuumed.is_some_and(|t| t > since) && analyzed.is_some_and(|t| t > since) {
+            return dead;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{table}: last vacuum {vacuumed:?}, last analyze {analyzed:?}, since {since:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 pub fn free_port() -> u16 {

@@ -86,6 +86,7 @@
 //! ```
 
 pub(crate) mod apply;
+mod commit_wait;
 pub mod config;
 pub mod conninfo;
 mod deadline;

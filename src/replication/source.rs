@@ -32,6 +32,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_postgres::error::SqlState;
 
+use super::commit_wait;
 use super::config::{SourceAddress, SourceConfig};
 use super::error::ReplicationError;
 use super::lsn::Lsn;
@@ -43,8 +44,23 @@ use crate::protocol::backend;
 /// backslash becomes `E'...'`, right whatever `standard_conforming_strings` is).
 pub(crate) use postgres_protocol::escape::{escape_identifier as quote_ident, escape_literal as quote_literal};
 
-trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
+trait Socket: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The TCP socket underneath, for socket options.
+    fn tcp(&self) -> Option<&tokio::net::TcpStream> {
+        None
+    }
+}
+impl Socket for tokio::net::TcpStream {
+    fn tcp(&self) -> Option<&tokio::net::TcpStream> {
+        Some(self)
+    }
+}
+impl Socket for tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    fn tcp(&self) -> Option<&tokio::net::TcpStream> {
+        Some(self.get_ref().0)
+    }
+}
+impl Socket for tokio::net::UnixStream {}
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -161,6 +177,9 @@ pub struct SourceConnection {
     write: BytesMut,
     /// Inside the CopyBoth of `START_REPLICATION`.
     streaming: bool,
+    /// Wake-ups held back ([`Self::hold_wakeups`]): `None` once that
+    /// failed (it is only an economy).
+    holding: Option<bool>,
 }
 
 impl std::fmt::Debug for SourceConnection {
@@ -193,6 +212,7 @@ impl SourceConnection {
                 read: BytesMut::with_capacity(64 << 10),
                 write: BytesMut::new(),
                 streaming: false,
+                holding: Some(false),
             };
             // A remote that accepts the connection but never answers (stopped,
             // overloaded) must not hang the startup.
@@ -423,6 +443,29 @@ impl SourceConnection {
         match split_frame(&mut self.read)? {
             Some(frame) => StreamMessage::decode(frame.slice(5..)).map(Some),
             None => Ok(None),
+        }
+    }
+
+    /// Whether messages arriving wake the reader one by one (`false`) or
+    /// only once [`commit_wait::HOLD_BYTES`] wait (`true`), while the
+    /// caller waits out its commit delay. Lowering it again makes whatever
+    /// waits readable at once. TCP only: over a Unix socket every message
+    /// still wakes the reader.
+    pub fn hold_wakeups(&mut self, hold: bool) {
+        if self.holding.is_none_or(|now| now == hold) {
+            return;
+        }
+        let Some(tcp) = self.socket.tcp() else {
+            self.holding = None;
+            return;
+        };
+        let bytes = if hold { commit_wait::HOLD_BYTES } else { 1 };
+        match commit_wait::set_receive_low_water(std::os::fd::AsFd::as_fd(tcp), bytes) {
+            Ok(()) => self.holding = Some(hold),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot set the replication socket's receive low-water mark");
+                self.holding = None;
+            }
         }
     }
 

@@ -12,6 +12,7 @@ use super::retry::{self, AfterFailure};
 use crate::Instance;
 
 use super::apply;
+use super::commit_wait::CommitTimer;
 use super::config::{PublicationSpec, ReplicationConfig, SlotLostPolicy};
 use super::deadline::{DeadlineAction, ReceiveDeadline};
 use super::error::{ReplicationError, classify_start_replication};
@@ -227,7 +228,7 @@ impl Supervisor {
         tokio::pin!(receive_timer);
         // The bookkeeping's timer ([`Pacer`]) and the commit delay's.
         let mut bookkeeping = Alarm::new();
-        let mut commit_delay = Alarm::new();
+        let mut commit_delay = CommitTimer::new()?;
         loop {
             if stopping && applier.between_transactions() {
                 applier.flush_deferred().await?;
@@ -237,7 +238,8 @@ impl Supervisor {
             // delay has passed.
             let flush_due = applier.flush_due().map(Instant::from_std);
             let flush_now = flush_due.is_some_and(|at| at <= Instant::now());
-            commit_delay.set(flush_due.filter(|_| !flush_now));
+            commit_delay.set(flush_due.filter(|_| !flush_now))?;
+            conn.hold_wakeups(commit_delay.armed());
             bookkeeping.set(self.pacer.due());
             tokio::select! {
                 biased;
@@ -320,8 +322,15 @@ impl Supervisor {
                 // Nothing more is waiting on the socket: commit the remote
                 // transactions received so far (merged while we were behind)...
                 () = std::future::ready(()), if flush_now => applier.flush_deferred().await?,
-                // ... or after the commit delay, when nothing else came.
-                () = commit_delay.rings(), if commit_delay.armed() => applier.flush_deferred().await?,
+                // ... or after the commit delay: first read what came
+                // meanwhile (held back, see [`commit_wait`]). Lowering the
+                // mark signals it; one yield lets the runtime see that
+                // before the next turn, whose `flush_now` then commits.
+                rang = commit_delay.rings(), if commit_delay.armed() => {
+                    rang?;
+                    conn.hold_wakeups(false);
+                    tokio::task::yield_now().await;
+                }
             }
         }
         applier.advance_idle().await?;

@@ -353,6 +353,9 @@ async fn bad_configurations_get_one_clear_message() {
     );
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("wal_level = logical"), "{err}");
+    // The cache opens while the remote is checked; a refused start leaves
+    // no data directory behind.
+    assert!(!std::path::Path::new(&data).exists(), "a refused start left {data}");
     drop(replica_only);
 
     let remote = LocalPostgres::start(&[]).unwrap();

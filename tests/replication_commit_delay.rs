@@ -57,3 +57,44 @@ async fn a_busy_stream_merges_into_fewer_local_commits_and_the_last_one_is_not_h
     };
     assert!(err.to_string().contains("commit delay"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_while_transactions_wait_for_the_delay_is_prompt() {
+    let pg = PgCluster::start();
+    let db = pg.create_database("delay_stop").await;
+    let remote = pg.client(&db).await;
+    remote
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pub FOR TABLE t;")
+        .await
+        .unwrap();
+    let local = instance().await;
+    let handle =
+        Replication::start(local.clone(), config(&pg, &db, "pub").commit_delay(Duration::from_millis(100))).unwrap();
+    wait_streaming(&handle).await;
+    // A steady stream (each its own commit upstream), so that the apply is
+    // always waiting out the delay, with the socket held quiet, when the
+    // stop comes.
+    let writer = pg.client(&db).await;
+    let (stop_writing, mut stopped) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(async move {
+        writer.batch_execute("SET synchronous_commit = on").await.unwrap();
+        let mut i = 0;
+        while !*stopped.borrow_and_update() {
+            i += 1;
+            writer.batch_execute(&format!("INSERT INTO t VALUES ({i}, 'x')")).await.unwrap();
+            // Paces the workload.
+            let _ = tokio::time::timeout(Duration::from_millis(3), stopped.changed()).await;
+        }
+        i
+    });
+    let mut status = handle.watch_status();
+    status.wait_for(|s| s.applied_transactions >= 20).await.unwrap();
+    // The end of the stream (CopyDone, then the server's answer) must be
+    // read at once, not after the 5 s that `finish` allows a silent server.
+    let started = std::time::Instant::now();
+    handle.stop().await.unwrap();
+    let took = started.elapsed();
+    let _ = stop_writing.send(true);
+    let written = load.await.unwrap();
+    assert!(took < Duration::from_secs(2), "stopping took {took:?} ({written} transactions written)");
+}

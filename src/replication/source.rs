@@ -481,6 +481,8 @@ impl SourceConnection {
     /// Ends the stream gracefully: CopyDone, then waits for the server to
     /// finish (its CopyDone, CommandComplete, ReadyForQuery), then Terminate.
     pub async fn finish(mut self) -> Result<(), ReplicationError> {
+        // The server's short answer must not wait behind a raised mark.
+        self.hold_wakeups(false);
         if self.streaming {
             frontend::copy_done(&mut self.write);
             self.flush().await?;

@@ -219,12 +219,27 @@ async fn tls_require_and_verify_full() {
         let local = instance().await;
         let cfg = ReplicationConfig::new(source.parse().unwrap(), PublicationSpec::Existing("pub".into()))
             .slot_name(format!("tls_{n}"))
-            .status_interval(Duration::from_secs(1));
+            .status_interval(Duration::from_secs(1))
+            .commit_delay(Duration::from_millis(20));
         let handle = Replication::start(local.clone(), cfg).unwrap();
         wait_streaming(&handle).await;
         remote.batch_execute(&format!("INSERT INTO t VALUES ({}, 'tls')", n + 10)).await.unwrap();
         catch_up(&handle, &remote).await;
         assert_same(&remote, &local, "t").await;
+        // A busy stream, each transaction its own commit upstream: they wait
+        // out the delay with the TLS socket held quiet, then are read at once.
+        let before = handle.status();
+        remote.batch_execute("SET synchronous_commit = on").await.unwrap();
+        for i in 0..40 {
+            remote.batch_execute(&format!("INSERT INTO t VALUES ({}, 'busy')", 1000 * (n + 1) + i)).await.unwrap();
+        }
+        catch_up(&handle, &remote).await;
+        assert_same(&remote, &local, "t").await;
+        let after = handle.status();
+        let (transactions, commits) =
+            (after.applied_transactions - before.applied_transactions, after.local_commits - before.local_commits);
+        assert_eq!(transactions, 40, "{after:?}");
+        assert!(commits <= 20, "{transactions} transactions in {commits} local commits");
         let encrypted: i64 = remote
             .query_one(
                 "SELECT count(*) FROM pg_stat_replication r JOIN pg_stat_ssl s ON s.pid = r.pid WHERE s.ssl",

@@ -1,4 +1,4 @@
-//! Autovacuum's job, done from outside the engine.
+//! Autovacuum's and the checkpointer's jobs, done from outside the engine.
 //!
 //! PGlite runs PostgreSQL as one backend in single-user mode: there is no
 //! autovacuum launcher, so nothing vacuums or analyzes a long-lived
@@ -16,6 +16,16 @@
 //! `vacuum_freeze_table_age` ([`needs_freeze`]; pages already frozen are
 //! skipped). Each command holds the engine while it runs, as any statement
 //! does: other callers wait for it.
+//!
+//! It does the checkpointer's job too: single-user PostgreSQL requests a
+//! checkpoint only under a postmaster, so the engine's WAL grew for as long
+//! as it ran (all of it kept, and replayed after a crash). Each pass runs
+//! `CHECKPOINT` when [`needs_checkpoint`] says the checkpointer would
+//! (about half of `max_wal_size` written since the last one, or
+//! `checkpoint_timeout` passed), then syncs a persistent instance's files
+//! to disk: the engine runs with `fsync = off`, and until that sync a
+//! power loss (not a killed process) could leave the checkpoint recorded
+//! without the pages it wrote.
 //!
 //! Only the database the engine runs in can be reached. The cluster's
 //! other databases were frozen when it was made and nothing writes to
@@ -86,6 +96,19 @@ pub const FREEZE_AGE: i64 = 150_000_000;
 /// `datfrozenxid`) is old enough to freeze everything.
 pub fn needs_freeze(age: i64) -> bool {
     age > FREEZE_AGE
+}
+
+/// WAL written since the last checkpoint (its redo point) that asks for
+/// one without waiting for `checkpoint_timeout`.
+const CHECKPOINT_IDLE_WAL: i64 = 64 << 10;
+
+/// Whether the engine should checkpoint, as PostgreSQL's checkpointer
+/// decides: `wal_since_redo` bytes of WAL since the last checkpoint's redo
+/// point reached about half of `max_wal_size` (the checkpointer's target
+/// with `checkpoint_completion_target = 0.9` is 1/1.9 of it), or
+/// `checkpoint_timeout` has passed and something was written meanwhile.
+pub fn needs_checkpoint(wal_since_redo: i64, max_wal_size: i64, since_checkpoint: Duration, timeout: Duration) -> bool {
+    wal_since_redo >= max_wal_size / 2 || (since_checkpoint >= timeout && wal_since_redo > CHECKPOINT_IDLE_WAL)
 }
 
 /// What `t` needs, with autovacuum's default formulas: vacuum when dead
@@ -173,6 +196,31 @@ async fn run_pass(instance: &Instance, stats: &Stats) -> Result<Vec<String>, Err
         .map_or(0, |r| r.get(0));
     if needs_freeze(i64::from(age)) && run(instance, "VACUUM (FREEZE)", stats).await? {
         done.push("VACUUM (FREEZE)".into());
+    }
+    let wal = instance
+        .query(
+            "SELECT (pg_current_wal_insert_lsn() - redo_lsn)::int8, \
+             extract(epoch FROM clock_timestamp() - checkpoint_time)::float8, \
+             pg_size_bytes(current_setting('max_wal_size')), \
+             (SELECT setting::float8 FROM pg_settings WHERE name = 'checkpoint_timeout') \
+             FROM pg_control_checkpoint()",
+            &[],
+        )
+        .await?;
+    if let Some(row) = wal.rows.first() {
+        let (since_redo, age, max_wal_size, timeout): (i64, f64, i64, f64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let seconds = |s: f64| Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX);
+        if needs_checkpoint(since_redo, max_wal_size, seconds(age), seconds(timeout))
+            && run(instance, "CHECKPOINT", stats).await?
+        {
+            done.push("CHECKPOINT".into());
+            // The engine never fsyncs: what the checkpoint wrote reaches the
+            // disk now, rather than at the next confirmation's sync.
+            if let Err(e) = instance.sync_to_disk().await {
+                tracing::warn!(error = %e, "sync to disk after a checkpoint failed");
+            }
+        }
     }
     Ok(done)
 }
@@ -272,5 +320,18 @@ mod tests {
         // The database: frozen past vacuum_freeze_table_age.
         assert!(!needs_freeze(FREEZE_AGE));
         assert!(needs_freeze(FREEZE_AGE + 1));
+    }
+
+    #[test]
+    fn checkpointer_triggers() {
+        let gb = 1 << 30;
+        let (minute, timeout) = (Duration::from_secs(60), Duration::from_secs(300));
+        // Half of max_wal_size since the last checkpoint: now.
+        assert!(needs_checkpoint(gb / 2, gb, minute, timeout));
+        assert!(!needs_checkpoint(gb / 2 - 1, gb, minute, timeout));
+        // checkpoint_timeout passed: only if something was written since.
+        assert!(needs_checkpoint(1 << 20, gb, timeout, timeout));
+        assert!(!needs_checkpoint(1 << 20, gb, timeout - Duration::from_secs(1), timeout));
+        assert!(!needs_checkpoint(CHECKPOINT_IDLE_WAL, gb, timeout * 10, timeout));
     }
 }

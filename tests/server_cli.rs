@@ -159,6 +159,56 @@ async fn written_tables_are_vacuumed_and_analyzed() {
     assert!(dead < 500, "{dead} dead rows left after the vacuum");
 }
 
+/// The engine is single-user PostgreSQL: it never checkpoints by itself
+/// (a checkpoint is requested only under a postmaster), so its WAL grew
+/// for as long as it ran (measured: 130 MB since the last checkpoint with
+/// `max_wal_size = 32MB`), and a crash replayed all of it. Maintenance
+/// checkpoints once the WAL since the last one passes half of
+/// `max_wal_size`, as PostgreSQL's checkpointer would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_checkpoints_so_its_wal_stays_bounded() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(&[
+        "--unsafe-trust-tcp",
+        "--data",
+        data_dir.path().to_str().unwrap(),
+        "--set",
+        "max_wal_size=32MB",
+        "--maintenance-interval",
+        "1",
+    ]);
+    let client = connect(&serve.config()).await.unwrap();
+    let since_checkpoint = || async {
+        let row = client
+            .query_one("SELECT (pg_current_wal_insert_lsn() - redo_lsn)::int8 FROM pg_control_checkpoint()", &[])
+            .await
+            .unwrap();
+        row.get::<_, i64>(0)
+    };
+    client.batch_execute("CREATE TABLE w (id int PRIMARY KEY, v text)").await.unwrap();
+    for part in 0..4 {
+        client
+            .batch_execute(&format!(
+                "INSERT INTO w SELECT g, repeat('x', 100) FROM generate_series({} + 1, {} + 100000) g",
+                part * 100_000,
+                part * 100_000
+            ))
+            .await
+            .unwrap();
+    }
+    let written = since_checkpoint().await;
+    assert!(written > 32 << 20, "the load wrote only {written} bytes of WAL");
+    let start = Instant::now();
+    loop {
+        let now = since_checkpoint().await;
+        if now < 16 << 20 {
+            break;
+        }
+        assert!(start.elapsed() < PATIENCE, "still {now} bytes of WAL since the last checkpoint");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_settings_are_given_like_postgres_dash_c() {
     let serve = Serve::start(&["--unsafe-trust-tcp", "--set", "work_mem=7MB", "--set", "shared_buffers=16MB"]);

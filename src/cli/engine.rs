@@ -1,8 +1,8 @@
 //! The embedded engine's flags, shared by the commands that run a
 //! long-lived instance: `--set NAME=VALUE` (PostgreSQL settings, as
 //! `postgres -c NAME=VALUE` gives them to a server) and
-//! `--maintenance-interval` (autovacuum's job, which the engine cannot do
-//! itself: see [`pglite_cache::maintenance`]).
+//! `--maintenance-interval` (autovacuum's and the checkpointer's jobs,
+//! which the engine cannot do itself: see [`pglite_cache::maintenance`]).
 
 use std::time::Duration;
 
@@ -17,9 +17,9 @@ pub struct EngineArgs {
     /// The environment variable holds one (values may contain commas).
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_setting, env = "PGLITE_CACHE_SET")]
     settings: Vec<(String, String)>,
-    /// Seconds between checks for tables to VACUUM and ANALYZE (the
-    /// engine has no autovacuum of its own), with autovacuum's default
-    /// thresholds; 0 turns it off.
+    /// Seconds between checks for tables to VACUUM and ANALYZE, with
+    /// autovacuum's default thresholds, and for a CHECKPOINT (the engine
+    /// has no autovacuum or checkpointer of its own); 0 turns it off.
     #[arg(long, value_name = "SECONDS", default_value_t = 60, env = "PGLITE_CACHE_MAINTENANCE_INTERVAL")]
     maintenance_interval: u64,
 }

@@ -152,9 +152,9 @@ impl Stats {
     }
 }
 
-/// Runs one maintenance pass on `instance`: the tables that need it, then
-/// the whole database if its transaction IDs are getting old. Returns the
-/// commands run. A table dropped meanwhile is skipped.
+/// Runs one maintenance pass on `instance`: the tables that need it, the
+/// whole database if its transaction IDs are getting old, then a
+/// checkpoint if one is due. Returns the commands run. A table dropped meanwhile is skipped.
 pub async fn run_once(instance: &Instance) -> Result<Vec<String>, Error> {
     run_pass(instance, &Stats::default()).await
 }

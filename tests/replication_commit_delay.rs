@@ -11,10 +11,13 @@ use pglite_cache::replication::{Phase, Replication};
 use support::pg::PgCluster;
 use support::replication::{assert_same, catch_up, config, instance, wait_streaming};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_busy_stream_merges_into_fewer_local_commits_and_the_last_one_is_not_held() {
+/// A remote table `t` in publication `pub` of a new database `name`, and a
+/// cache streaming it with a 100 ms commit delay.
+async fn streaming_with_delay(
+    name: &str,
+) -> (PgCluster, String, tokio_postgres::Client, pglite_cache::Instance, pglite_cache::replication::ReplicationHandle) {
     let pg = PgCluster::start();
-    let db = pg.create_database("delay").await;
+    let db = pg.create_database(name).await;
     let remote = pg.client(&db).await;
     remote
         .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pub FOR TABLE t;")
@@ -24,6 +27,12 @@ async fn a_busy_stream_merges_into_fewer_local_commits_and_the_last_one_is_not_h
     let delay = Duration::from_millis(100);
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub").commit_delay(delay)).unwrap();
     wait_streaming(&handle).await;
+    (pg, db, remote, local, handle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_stream_merges_into_fewer_local_commits_and_the_last_one_is_not_held() {
+    let (pg, db, remote, local, handle) = streaming_with_delay("delay").await;
     remote.batch_execute("INSERT INTO t VALUES (0, 'first')").await.unwrap();
     catch_up(&handle, &remote).await;
 
@@ -60,17 +69,7 @@ async fn a_busy_stream_merges_into_fewer_local_commits_and_the_last_one_is_not_h
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_while_transactions_wait_for_the_delay_is_prompt() {
-    let pg = PgCluster::start();
-    let db = pg.create_database("delay_stop").await;
-    let remote = pg.client(&db).await;
-    remote
-        .batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION pub FOR TABLE t;")
-        .await
-        .unwrap();
-    let local = instance().await;
-    let handle =
-        Replication::start(local.clone(), config(&pg, &db, "pub").commit_delay(Duration::from_millis(100))).unwrap();
-    wait_streaming(&handle).await;
+    let (pg, db, _remote, _local, handle) = streaming_with_delay("delay_stop").await;
     // A steady stream (each its own commit upstream), so that the apply is
     // always waiting out the delay, with the socket held quiet, when the
     // stop comes.

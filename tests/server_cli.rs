@@ -20,6 +20,14 @@ struct Serve {
 }
 
 impl Serve {
+    /// A persistent instance in `dir` whose maintenance checks every second.
+    fn maintained(dir: &std::path::Path, extra: &[&str]) -> Serve {
+        let dir = dir.to_str().unwrap();
+        let mut args = vec!["--unsafe-trust-tcp", "--data", dir, "--maintenance-interval", "1"];
+        args.extend_from_slice(extra);
+        Serve::start(&args)
+    }
+
     fn start(args: &[&str]) -> Serve {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let mut child = Command::new(BIN)
@@ -139,13 +147,7 @@ async fn unsafe_trust_tcp_is_the_explicit_opt_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn written_tables_are_vacuumed_and_analyzed() {
     let data_dir = tempfile::tempdir().unwrap();
-    let serve = Serve::start(&[
-        "--unsafe-trust-tcp",
-        "--data",
-        data_dir.path().to_str().unwrap(),
-        "--maintenance-interval",
-        "1",
-    ]);
+    let serve = Serve::maintained(data_dir.path(), &[]);
     let client = connect(&serve.config()).await.unwrap();
     client
         .batch_execute(
@@ -168,15 +170,7 @@ async fn written_tables_are_vacuumed_and_analyzed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_engine_checkpoints_so_its_wal_stays_bounded() {
     let data_dir = tempfile::tempdir().unwrap();
-    let serve = Serve::start(&[
-        "--unsafe-trust-tcp",
-        "--data",
-        data_dir.path().to_str().unwrap(),
-        "--set",
-        "max_wal_size=32MB",
-        "--maintenance-interval",
-        "1",
-    ]);
+    let serve = Serve::maintained(data_dir.path(), &["--set", "max_wal_size=32MB"]);
     let client = connect(&serve.config()).await.unwrap();
     let since_checkpoint = || async {
         let row = client

@@ -23,10 +23,9 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 /// While the wait lasts, this many bytes waiting on the socket wake the
-/// thread anyway: a merged commit is cut at about this size
-/// (`MAX_MERGED_BYTES` in the apply). The kernel caps it at half the
-/// receive buffer.
-pub(crate) const HOLD_BYTES: i32 = 64 << 10;
+/// thread anyway: a merged commit is cut at about this size. The kernel
+/// caps it at half the receive buffer.
+pub(crate) const HOLD_BYTES: i32 = super::apply::MAX_MERGED_BYTES as i32;
 
 /// A one-shot timer with microsecond precision, pollable by tokio.
 #[derive(Debug)]

@@ -105,7 +105,7 @@ const MAX_MERGED_STEPS: usize = 64;
 /// inserts and updates of a table group apart ([`batch`]), so merged
 /// transactions make few statements, and the rows decide how long readers
 /// wait.
-const MAX_MERGED_BYTES: usize = 64 << 10;
+pub(crate) const MAX_MERGED_BYTES: usize = 64 << 10;
 
 /// A remote transaction that grows past this many buffered bytes (or
 /// `max_buffered_bytes` if smaller) is applied in pieces of about this size

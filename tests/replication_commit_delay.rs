@@ -97,3 +97,34 @@ async fn stopping_while_transactions_wait_for_the_delay_is_prompt() {
     let written = load.await.unwrap();
     assert!(took < Duration::from_secs(2), "stopping took {took:?} ({written} transactions written)");
 }
+
+/// A backlog of small transactions (a cache catching up after a restart, or
+/// a publisher with asynchronous commit, whose WAL comes in bursts) is
+/// merged into local commits of at most 128 row changes. Readers wait
+/// behind one local commit at a time, and its engine time grows with its
+/// rows: merged up to the 64 KiB cap alone, ~750 changes a commit held
+/// readers 10-20 ms each (BENCHMARKS.md, round 8).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_applied_in_local_commits_small_enough_for_readers() {
+    let (pg, db, remote, local, handle) = streaming_with_delay("backlog").await;
+    handle.stop().await.unwrap();
+    const TRANSACTIONS: u64 = 2000;
+    remote
+        .batch_execute(&format!(
+            "DO $$ BEGIN FOR i IN 1..{TRANSACTIONS} LOOP INSERT INTO t VALUES (i, 'x'); COMMIT; END LOOP; END $$"
+        ))
+        .await
+        .unwrap();
+    let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
+    catch_up(&handle, &remote).await;
+    assert_same(&remote, &local, "t").await;
+    let status = handle.status();
+    assert_eq!(status.applied_transactions, TRANSACTIONS, "{status:?}");
+    assert!(
+        status.local_commits >= TRANSACTIONS / 128,
+        "{} changes in {} local commits",
+        status.applied_changes,
+        status.local_commits
+    );
+    handle.stop().await.unwrap();
+}

@@ -34,6 +34,8 @@ pub(crate) struct Batch {
     steps: Vec<Step>,
     /// Approximate size of what is held (groups and steps), in bytes.
     pub(crate) buffered: usize,
+    /// Row changes added since the batch began.
+    pub(crate) changes: usize,
     /// Unchanged TOAST values of UPDATEs, kept from the local rows.
     pub(crate) unchanged_toast: u64,
     /// Groups opened beside another group of their table (a statistic).
@@ -59,6 +61,7 @@ impl Batch {
         old: Option<OldTuple>,
         new: Option<Tuple>,
     ) -> Result<(), ReplicationError> {
+        self.changes += 1;
         if rel.full_identity && op != ChangeOp::Insert {
             let old = old
                 .ok_or_else(|| ReplicationError::fatal("UPDATE/DELETE of a FULL identity table without the old row"))?;

@@ -36,8 +36,9 @@ impl Applier {
     /// right away, unless more of the stream is already waiting: then the
     /// next transactions join the same local transaction (group commit,
     /// each remote transaction still all-or-nothing for readers), up to
-    /// [`MAX_MERGED`] transactions, [`MAX_MERGE_DELAY`] (or the commit delay
-    /// if longer) or the buffer limit.
+    /// [`MAX_MERGED`] transactions, [`MAX_MERGED_CHANGES`] row changes,
+    /// [`MAX_MERGE_DELAY`] (or the commit delay if longer) or the buffer
+    /// limit.
     pub(super) async fn commit(&mut self, end_lsn: Lsn, commit_time: i64) -> Result<(), ReplicationError> {
         let max_buffered = self.max_buffered;
         let max_delay = MAX_MERGE_DELAY.max(self.commit_delay);
@@ -61,6 +62,7 @@ impl Applier {
             || pending.done.len() >= MAX_MERGED
             || pending.batch.buffered >= max_buffered
             || pending.batch.step_count() >= MAX_MERGED_STEPS
+            || pending.batch.changes >= MAX_MERGED_CHANGES
             || pending.batch.buffered >= MAX_MERGED_BYTES
             || pending.started.elapsed() >= max_delay;
         if flush_now {
@@ -108,6 +110,11 @@ impl Applier {
         };
         let mut steps = pending.batch.take_steps();
         let (lsn_sql, lsn_params) = store::applied_statement(end_lsn, Some(commit_time));
+        // Clients whose queries arrived while this batch was decoded go
+        // first: `yield_now` lets the runtime poll their sockets before
+        // the commit is queued, so they wait for no more than the engine's
+        // current job (in a burst, the previous commit).
+        tokio::task::yield_now().await;
         let started = std::time::Instant::now();
         pending.settle().await?;
         let needs_lease = steps.iter().any(|s| matches!(s, Step::Copy { .. }));

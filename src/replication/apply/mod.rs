@@ -101,6 +101,16 @@ const MAX_MERGE_DELAY: Duration = Duration::from_millis(20);
 /// 790 statements, held readers for 268 ms).
 const MAX_MERGED_STEPS: usize = 64;
 
+/// A merged commit is also cut once it holds this many row changes.
+/// Readers wait behind a local commit, and its engine time grows with its
+/// rows (~20 µs a change for a 4-column table with one index, so ~2.5 ms
+/// at this cap). Cut by the byte cap alone, a burst from a publisher with
+/// `synchronous_commit = off` merged ~750 changes a commit, 10-20 ms each,
+/// and a reader polling the cache waited p99 73 ms, where it waited 4 ms
+/// on a native subscriber (BENCHMARKS.md, round 8). Smaller commits cost
+/// little more: the per-change cost dominates from ~100 changes on.
+const MAX_MERGED_CHANGES: usize = 128;
+
 /// A merged commit is also cut once it holds this many bytes of changes:
 /// inserts and updates of a table group apart ([`batch`]), so merged
 /// transactions make few statements, and the rows decide how long readers

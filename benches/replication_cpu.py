@@ -13,14 +13,26 @@ prints the CPU seconds of:
 and, when the wrapped command prints the harness's JSON, the transactions
 pgbench committed in that window, so CPU per applied transaction follows.
 
+With --reader-probe, a reader of the target also runs in each window: one
+client querying the newest heartbeat row 100 times a second (`pgbench -R 100
+-l`, 1 s after the window opens, for 8 s), over the target's own socket
+(the native subscriber's TCP port, the cache's Unix socket). Its latency
+percentiles say how long a reader waits while the apply runs: the issue's
+"a reader must not wait long behind the apply". (With -R, pgbench counts a
+query's latency from its scheduled start.) The probe's queries add to the
+target's CPU, the same for both.
+
 Usage (as root, from the project root):
-  python3 benches/replication_cpu.py -- ../shared/bench/native-logical/run.sh --target native,external ...
+  python3 benches/replication_cpu.py [--reader-probe] -- ../shared/bench/native-logical/run.sh --target native,external ...
 """
 
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -67,11 +79,63 @@ def harness_child(ppid):
         return False
 
 
+PROBE_SQL = "SELECT id FROM heartbeat ORDER BY id DESC LIMIT 1;\n"
+
+
+def target_address():
+    """pgbench connection flags of the replicator running now: our daemon's
+    socket (from its command line), else the harness's subscriber cluster
+    (its port from the postgresql.conf the harness appended to)."""
+    subscriber = None
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any("pglite-cache" in a for a in argv) and "sync" in argv and "--socket-dir" in argv:
+            return ["-h", argv[argv.index("--socket-dir") + 1], "-p", argv[argv.index("--port") + 1]]
+        if "-D" in argv and argv[argv.index("-D") + 1].endswith("/sub") and "native-logical-" in " ".join(argv):
+            subscriber = argv[argv.index("-D") + 1]
+    if subscriber:
+        ports = re.findall(r"^port = (\d+)", open(os.path.join(subscriber, "postgresql.conf")).read(), re.M)
+        return ["-h", "127.0.0.1", "-p", ports[-1]]
+    return None
+
+
+def probe(window):
+    """Runs the reader probe against the current target; stores latencies (ms) in the window."""
+    time.sleep(1)
+    address = target_address()
+    if address is None:
+        window["probe_error"] = "no target found"
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        script = os.path.join(tmp, "probe.sql")
+        with open(script, "w") as f:
+            f.write(PROBE_SQL)
+        r = subprocess.run(["pgbench", "-n", *address, "-U", "postgres", "-f", script, "-c1", "-R", "100",
+                            "-T", "8", "-l", "--log-prefix", os.path.join(tmp, "probe"), "postgres"],
+                           capture_output=True, text=True)
+        lat = []
+        for name in glob.glob(os.path.join(tmp, "probe*")):
+            if name != script:
+                lat += [int(line.split()[2]) / 1000 for line in open(name) if line.strip()]
+        if r.returncode != 0 or not lat:
+            window["probe_error"] = r.stderr[-300:]
+        window["probe"] = sorted(lat)
+
+
+def pct(xs, p):
+    return xs[min(len(xs) - 1, int(len(xs) * p / 100))]
+
+
 def main():
     if "--" not in sys.argv:
         raise SystemExit(__doc__)
+    reader_probe = "--reader-probe" in sys.argv[:sys.argv.index("--")]
     cmd = sys.argv[sys.argv.index("--") + 1:]
-    windows, current, stop = [], None, threading.Event()
+    windows, current, stop, probes = [], None, threading.Event(), []
 
     def sample():
         nonlocal current
@@ -80,6 +144,9 @@ def main():
             now = time.time()
             if load and current is None:
                 current = {"start": now, "first": procs, "last": procs}
+                if reader_probe:
+                    probes.append(threading.Thread(target=probe, args=(current,), daemon=True))
+                    probes[-1].start()
             elif load:
                 for pid, v in procs.items():
                     current["first"].setdefault(pid, (v[0], 0.0) if now - current["start"] > 0.3 else v)
@@ -95,6 +162,8 @@ def main():
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     stop.set()
     th.join(2)
+    for t in probes:
+        t.join(15)
     sys.stdout.write(proc.stdout)
     runs = []
     for line in proc.stdout.splitlines():
@@ -117,6 +186,17 @@ def main():
         per = f"{rep * 1e6 / txns:.0f}" if txns else "?"
         print(f"| {i + 1} ({w['end'] - w['start']:.1f} s) | {run.get('target', '?')} | {c.get('tps', '?')} | "
               f"{txns or '?'} | {cpu['apply']:.2f} | {cpu['ours']:.2f} | {cpu['walsender']:.2f} | {per} |")
+    if reader_probe:
+        print("\n| load window | target | reader queries | latency ms: p50 | p90 | p99 | max |")
+        print("|---|---|---|---|---|---|---|")
+        for i, w in enumerate(windows):
+            run = runs[i] if i < len(runs) else {}
+            lat = w.get("probe") or []
+            if not lat:
+                print(f"| {i + 1} | {run.get('target', '?')} | 0 ({w.get('probe_error', 'no samples')!r}) | | | | |")
+                continue
+            print(f"| {i + 1} | {run.get('target', '?')} | {len(lat)} | {pct(lat, 50):.2f} | {pct(lat, 90):.2f} | "
+                  f"{pct(lat, 99):.2f} | {lat[-1]:.2f} |")
     sys.exit(proc.returncode)
 
 

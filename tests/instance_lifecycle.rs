@@ -329,3 +329,53 @@ async fn an_error_inside_a_plpgsql_exception_block_restarts_the_engine() {
     let err = crashing.query("SELECT 1", &[]).await.unwrap_err();
     assert!(matches!(&err, Error::Crashed { reason, .. } if reason.contains("PL/pgSQL")), "{err}");
 }
+
+/// A file named `name` somewhere under `dir`.
+fn find_file(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.file_name().is_some_and(|n| n == name) {
+            return Some(path);
+        }
+        if path.is_dir()
+            && let Some(found) = find_file(&path, name)
+        {
+            return Some(found);
+        }
+    }
+    None
+}
+
+/// New WAL segments are not zero-filled (`wal_init_zero = off`): with the
+/// engine's `fsync = off` the fill guarantees nothing, and writing 16 MiB
+/// of zeros held every client of the instance ~9 ms per segment
+/// (BENCHMARKS.md, issue 10, round 8). So a segment takes the disk (or, for
+/// an in-memory instance, the temporary directory's RAM) only as it fills.
+#[tokio::test]
+async fn new_wal_segments_take_only_what_is_written() {
+    use std::os::unix::fs::MetadataExt;
+    const SEGMENT: i64 = 16 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let db = Instance::start(InstanceOptions::persistent(dir.path())).await.unwrap();
+    db.exec("CREATE TABLE w (x text)").await.unwrap();
+    let position = "SELECT ((pg_current_wal_lsn() - '0/0') % 16777216)::bigint, pg_walfile_name(pg_current_wal_lsn())";
+    let first: String = db.query(position, &[]).await.unwrap().rows[0].get(1);
+    // Half a MiB of WAL at a time, until 1-8 MiB into a segment the engine created.
+    let (offset, segment) = loop {
+        let row = db.query(position, &[]).await.unwrap().rows.remove(0);
+        let (offset, segment): (i64, String) = (row.get(0), row.get(1));
+        if segment != first && (1 << 20..8 << 20).contains(&offset) {
+            break (offset, segment);
+        }
+        db.exec("INSERT INTO w SELECT repeat(md5(g::text), 30) FROM generate_series(1, 500) g").await.unwrap();
+    };
+    let file = find_file(dir.path(), &segment).expect("the current WAL segment's file");
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!(meta.len() as i64, SEGMENT, "{}", file.display());
+    let allocated = meta.blocks() as i64 * 512;
+    assert!(
+        allocated < offset + (4 << 20),
+        "segment {segment}: {allocated} bytes allocated with {offset} written (zero-filled?)"
+    );
+    db.stop().await.unwrap();
+}

@@ -30,10 +30,15 @@ impl Default for RestartPolicy {
     }
 }
 
-/// PostgreSQL settings applied unless the caller sets them: small buffers so
-/// an idle instance stays well under 64 MiB of RSS (PGlite's default
-/// `shared_buffers` of 128MB costs ~180 MB per instance).
-pub const DEFAULT_SETTINGS: &[(&str, &str)] = &[("shared_buffers", "8MB")];
+/// PostgreSQL settings applied unless the caller sets them:
+/// - small buffers, so an idle instance stays well under 64 MiB of RSS
+///   (PGlite's default `shared_buffers` of 128MB costs ~180 MB per instance);
+/// - new WAL segments not zero-filled: the fill only matters where WAL is
+///   `fsync`ed, which the engine never does (see [`InstanceOptions::persistent`]);
+///   writing a segment's 16 MiB of zeros held every client ~9 ms, and took
+///   16 MiB of disk (or of an in-memory instance's temporary directory)
+///   before any WAL was in it.
+pub const DEFAULT_SETTINGS: &[(&str, &str)] = &[("shared_buffers", "8MB"), ("wal_init_zero", "off")];
 
 /// Options for [`Instance::start`](crate::Instance::start).
 #[derive(Debug, Clone)]

@@ -106,9 +106,10 @@ const MAX_MERGED_STEPS: usize = 64;
 /// rows (~20 µs a change for a 4-column table with one index, so ~2.5 ms
 /// at this cap). Cut by the byte cap alone, a burst from a publisher with
 /// `synchronous_commit = off` merged ~750 changes a commit, 10-20 ms each,
-/// and a reader polling the cache waited p99 73 ms, where it waited 4 ms
-/// on a native subscriber (BENCHMARKS.md, round 8). Smaller commits cost
-/// little more: the per-change cost dominates from ~100 changes on.
+/// and a reader polling the cache waited p99 129-203 ms, where it waited
+/// 4-5 ms on a native subscriber (BENCHMARKS.md, round 8). Such a burst
+/// costs ~10% more CPU in commits of this size; smaller ones cost more
+/// (+20-40% at 32-64 changes).
 const MAX_MERGED_CHANGES: usize = 128;
 
 /// A merged commit is also cut once it holds this many bytes of changes:

@@ -23,8 +23,10 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 /// While the wait lasts, this many bytes waiting on the socket wake the
-/// thread anyway: a merged commit is cut at about this size. The kernel
-/// caps it at half the receive buffer.
+/// thread anyway: a merged commit is cut at about this size. (It is also
+/// cut at 128 row changes, which may come in fewer bytes: such a batch is
+/// read and committed when the delay ends, at most one delay late.) The
+/// kernel caps the mark at half the receive buffer.
 pub(crate) const HOLD_BYTES: i32 = super::apply::MAX_MERGED_BYTES as i32;
 
 /// A one-shot timer with microsecond precision, pollable by tokio.

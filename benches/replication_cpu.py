@@ -98,7 +98,8 @@ def target_address():
         if "-D" in argv and argv[argv.index("-D") + 1].endswith("/sub") and "native-logical-" in " ".join(argv):
             subscriber = argv[argv.index("-D") + 1]
     if subscriber:
-        ports = re.findall(r"^port = (\d+)", open(os.path.join(subscriber, "postgresql.conf")).read(), re.M)
+        with open(os.path.join(subscriber, "postgresql.conf")) as f:
+            ports = re.findall(r"^port = (\d+)", f.read(), re.M)
         return ["-h", "127.0.0.1", "-p", ports[-1]]
     return None
 
@@ -120,7 +121,8 @@ def probe(window):
         lat = []
         for name in glob.glob(os.path.join(tmp, "probe*")):
             if name != script:
-                lat += [int(line.split()[2]) / 1000 for line in open(name) if line.strip()]
+                with open(name) as f:
+                    lat += [int(line.split()[2]) / 1000 for line in f if line.strip()]
         if r.returncode != 0 or not lat:
             window["probe_error"] = r.stderr[-300:]
         window["probe"] = sorted(lat)

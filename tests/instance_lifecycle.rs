@@ -358,7 +358,9 @@ async fn new_wal_segments_take_only_what_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let db = Instance::start(InstanceOptions::persistent(dir.path())).await.unwrap();
     db.exec("CREATE TABLE w (x text)").await.unwrap();
-    let position = "SELECT ((pg_current_wal_lsn() - '0/0') % 16777216)::bigint, pg_walfile_name(pg_current_wal_lsn())";
+    let position =
+        format!("SELECT ((pg_current_wal_lsn() - '0/0') % {SEGMENT})::bigint, pg_walfile_name(pg_current_wal_lsn())");
+    let position = position.as_str();
     let first: String = db.query(position, &[]).await.unwrap().rows[0].get(1);
     // Half a MiB of WAL at a time, until 1-8 MiB into a segment the engine created.
     let (offset, segment) = loop {

@@ -381,3 +381,43 @@ async fn new_wal_segments_take_only_what_is_written() {
     );
     db.stop().await.unwrap();
 }
+
+/// A persistent directory holds every file of its cluster from the start.
+/// The engine's file system otherwise copies a template file into it the
+/// first time the file is written, and a `kill -9` during that copy left a
+/// truncated catalog behind that failed every later start ("could not read
+/// blocks 0..0 in file \"base/1/6113\"").
+#[tokio::test]
+async fn a_persistent_directory_holds_its_whole_cluster_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Instance::start(InstanceOptions::persistent(dir.path())).await.unwrap();
+    let relations = db
+        .query(
+            "SELECT pg_relation_filepath(oid), pg_relation_size(oid) FROM pg_class
+             WHERE pg_relation_filepath(oid) IS NOT NULL ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .rows;
+    db.stop().await.unwrap();
+    let cluster = find_file(dir.path(), "pg_control").expect("the cluster's pg_control");
+    let cluster = cluster.parent().and_then(|global| global.parent()).unwrap();
+    assert!(relations.len() > 200, "{} relations", relations.len());
+    let mut missing = Vec::new();
+    for row in &relations {
+        let (path, size): (String, i64) = (row.get(0), row.get(1));
+        match std::fs::metadata(cluster.join(&path)) {
+            Ok(meta) if meta.len() as i64 == size => {}
+            Ok(meta) => missing.push(format!("{path}: {} bytes of {size}", meta.len())),
+            Err(e) => missing.push(format!("{path}: {e}")),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {} relation files not in the directory: {:?}",
+        missing.len(),
+        relations.len(),
+        &missing[..missing.len().min(5)]
+    );
+}

@@ -22,7 +22,10 @@ pub(super) fn open(options: &InstanceOptions, memory: Option<&MemoryDir>) -> Res
     let started = Instant::now();
     let mut builder = Pglite::builder();
     builder = match (&options.storage, memory) {
-        (Storage::Directory(dir), _) => builder.path(dir),
+        (Storage::Directory(dir), _) => {
+            super::data_dir::make_standalone(dir)?;
+            builder.path(dir)
+        }
         (Storage::Memory, Some(dir)) => builder.path(dir.path()),
         (Storage::Memory, None) => builder.temporary(),
     };

@@ -15,6 +15,7 @@
 //! handles and the worker, `shared` the state they share, and `engine` the
 //! calls into the engine (opening, each kind of job, crash recovery).
 
+mod data_dir;
 mod engine;
 mod job;
 mod memory_dir;

@@ -1,0 +1,219 @@
+//! A persistent instance's directory holds its whole cluster.
+//!
+//! pglite-oxide lays a new directory over a shared, read-only template of
+//! the cluster (in the user's cache) and copies a template file into the
+//! directory the first time the engine opens it for writing. That copy is
+//! not atomic: a `kill -9` during it left a truncated catalog that shadowed
+//! the template's and failed every later start ("could not read blocks 0..0
+//! in file \"base/1/6113\""). The directory also depended on a cache that
+//! another user, a clean-up or an upgrade of pglite-oxide can take away.
+//!
+//! So before the engine opens a directory, this module makes it standalone:
+//! a new directory gets the whole template at once (unpacked beside it,
+//! then renamed into place), and a directory laid over the template by an
+//! earlier version gets the template files it lacks, each by an atomic
+//! rename, before the overlay's manifest is removed. pglite-oxide then opens
+//! it as a plain cluster. A crash at any step leaves either the overlay or
+//! the complete cluster, and the next start finishes the job. (pglite-oxide
+//! offers no option for a full copy; its own clone, used when the overlay
+//! is off, is the same unpack without the atomic promotion.)
+//!
+//! What this cannot mend: a directory that an earlier version already left
+//! with a truncated copy. Such a file is not told apart from one the engine
+//! has since written.
+
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::time::Instant;
+
+use pglite_oxide::{PgDataTemplateManifest, PglitePaths};
+
+use crate::error::{Error, Result};
+
+/// pglite-oxide's marker of a directory laid over the shared template.
+const OVERLAY_MANIFEST: &str = ".pglite-oxide-pgdata-overlay.json";
+/// The overlay's mark of a template file the engine has deleted.
+const WHITEOUT_PREFIX: &str = ".wh.";
+/// Files of a running server that a template must not carry.
+const RUNTIME_STATE: &[&str] = &["postmaster.pid", "postmaster.opts"];
+
+/// Makes the cluster under `root` (an instance's directory) standalone; see
+/// the module's documentation. Cheap when it already is: two `stat`s.
+pub(super) fn make_standalone(root: &Path) -> Result<()> {
+    let pgdata = PglitePaths::with_root(root).pgdata;
+    let overlay = pgdata.join(OVERLAY_MANIFEST);
+    if !overlay.exists() && is_complete(&pgdata) {
+        return Ok(());
+    }
+    let started = Instant::now();
+    fs::create_dir_all(root).map_err(|e| startup(format!("create {}", root.display()), e))?;
+    // The lock pglite-oxide takes when it opens the directory: nothing may
+    // run on the files while they are moved.
+    let lock = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(root.join(".pglite-oxide.lock"))
+        .map_err(|e| startup(format!("open the lock in {}", root.display()), e))?;
+    if lock.try_lock().is_err() {
+        return Err(Error::DataDirInUse(root.to_path_buf()));
+    }
+    let parent = pgdata.parent().expect("PGDATA has a parent");
+    fs::create_dir_all(parent).map_err(|e| startup(format!("create {}", parent.display()), e))?;
+    let staging = parent.join(".pglite-cache-template");
+    let template = unpack_template(&staging)?;
+    let outcome = if overlay.exists() {
+        if overlay_template(&overlay)? != template.archive_sha256 {
+            // Another template: pglite-oxide refuses it with its own message.
+            return remove_all(&staging).map_err(|e| startup(format!("remove {}", staging.display()), e));
+        }
+        merge(&staging.join("base"), &pgdata)
+            .and_then(|()| sync(&pgdata))
+            .and_then(|()| fs::remove_file(&overlay))
+            .and_then(|()| remove_whiteouts(&pgdata))
+            .map(|()| "the template's missing files moved into an overlaid directory")
+    } else {
+        remove_all(&pgdata)
+            .and_then(|()| sync(&staging))
+            .and_then(|()| fs::rename(staging.join("base"), &pgdata))
+            .map(|()| "a new directory got the whole template")
+    };
+    let outcome = outcome.map_err(|e| startup(format!("make {} standalone", pgdata.display()), e))?;
+    sync(&pgdata).and_then(|()| remove_all(&staging)).map_err(|e| startup("finish".into(), e))?;
+    tracing::info!(dir = %root.display(), elapsed = ?started.elapsed(), "{outcome}");
+    Ok(())
+}
+
+fn startup(what: String, e: io::Error) -> Error {
+    Error::Startup(format!("{what}: {e}"))
+}
+
+/// pglite-oxide's own test of a complete cluster.
+fn is_complete(pgdata: &Path) -> bool {
+    pgdata.join("PG_VERSION").is_file() && pgdata.join("global/pg_control").is_file()
+}
+
+/// Unpacks the engine's cluster template into `staging/base`; returns its
+/// manifest.
+fn unpack_template(staging: &Path) -> Result<PgDataTemplateManifest> {
+    let failed = |what: &str, e: &dyn std::fmt::Display| Error::Startup(format!("{what} the cluster template: {e}"));
+    remove_all(staging).map_err(|e| failed("clear a stale copy of", &e))?;
+    let exported = pglite_oxide::build_pgdata_template(staging).map_err(|e| failed("export", &format!("{e:#}")))?;
+    let manifest = fs::read(&exported.manifest_path).map_err(|e| failed("read", &e))?;
+    let manifest: PgDataTemplateManifest = serde_json::from_slice(&manifest).map_err(|e| failed("parse", &e))?;
+    let archive = fs::File::open(&exported.archive_path).map_err(|e| failed("open", &e))?;
+    let decoder = zstd::Decoder::new(archive).map_err(|e| failed("decompress", &e))?;
+    let base = staging.join("base");
+    tar::Archive::new(decoder).unpack(&base).map_err(|e| failed("unpack", &e))?;
+    fs::remove_file(&exported.archive_path).map_err(|e| failed("remove", &e))?;
+    for name in RUNTIME_STATE {
+        remove_all(&base.join(name)).map_err(|e| failed("clean", &e))?;
+    }
+    if !is_complete(&base) {
+        return Err(failed("check", &"no PG_VERSION or global/pg_control in it"));
+    }
+    Ok(manifest)
+}
+
+/// The template an overlaid directory was laid over.
+fn overlay_template(manifest: &Path) -> Result<String> {
+    let text = fs::read(manifest).map_err(|e| startup(format!("read {}", manifest.display()), e))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| Error::Startup(format!("parse {}: {e}", manifest.display())))?;
+    Ok(value["templateArchiveSha256"].as_str().unwrap_or_default().to_owned())
+}
+
+/// Moves into `upper` each entry of `lower` that the overlay would have
+/// shown: not in `upper` and not deleted there (a whiteout). Each move is a
+/// rename, so a crash leaves every file whole, in one tree or the other.
+fn merge(lower: &Path, upper: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(lower)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let mut whiteout = std::ffi::OsString::from(WHITEOUT_PREFIX);
+        whiteout.push(&name);
+        if upper.join(whiteout).exists() {
+            continue;
+        }
+        let (from, to) = (entry.path(), upper.join(&name));
+        match fs::symlink_metadata(&to) {
+            Ok(meta) if meta.is_dir() && entry.file_type()?.is_dir() => merge(&from, &to)?,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => fs::rename(&from, &to)?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Removes the overlay's whiteouts, which mean nothing once it is gone.
+fn remove_whiteouts(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().as_encoded_bytes().starts_with(WHITEOUT_PREFIX.as_bytes()) {
+            remove_all(&entry.path())?;
+        } else if entry.file_type()?.is_dir() {
+            remove_whiteouts(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_all(path: &Path) -> io::Result<()> {
+    let result = match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// `syncfs(2)` on the file system holding `path`: the moved files are on
+/// disk before the step that makes them the only copy.
+fn sync(path: &Path) -> io::Result<()> {
+    let dir = fs::File::open(path)?;
+    rustix::fs::syncfs(&dir).map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, text: &str) {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, text).unwrap();
+    }
+
+    fn read(path: &Path) -> Option<String> {
+        fs::read_to_string(path).ok()
+    }
+
+    #[test]
+    fn merge_keeps_the_upper_files_and_honours_whiteouts() {
+        let dir = std::env::temp_dir().join(format!("pglite-cache-merge-{}", std::process::id()));
+        let (lower, upper) = (dir.join("lower"), dir.join("upper"));
+        remove_all(&dir).unwrap();
+        write(&lower.join("global/pg_control"), "template control");
+        write(&lower.join("base/1/1249"), "template attribute");
+        write(&lower.join("base/1/2600"), "template deleted");
+        write(&lower.join("base/5/1"), "template database");
+        write(&lower.join("pg_stat/gone/x"), "template tree");
+        write(&upper.join("global/pg_control"), "written control");
+        write(&upper.join("base/1/.wh.2600"), "");
+        write(&upper.join("pg_stat/.wh.gone"), "");
+        merge(&lower, &upper).unwrap();
+        remove_whiteouts(&upper).unwrap();
+        assert_eq!(read(&upper.join("global/pg_control")).as_deref(), Some("written control"));
+        assert_eq!(read(&upper.join("base/1/1249")).as_deref(), Some("template attribute"));
+        assert_eq!(read(&upper.join("base/5/1")).as_deref(), Some("template database"));
+        assert!(!upper.join("base/1/2600").exists(), "a deleted file stays deleted");
+        assert!(!upper.join("pg_stat/gone").exists(), "a deleted tree stays deleted");
+        assert!(!upper.join("base/1/.wh.2600").exists() && !upper.join("pg_stat/.wh.gone").exists());
+        remove_all(&dir).unwrap();
+    }
+}

@@ -382,15 +382,8 @@ async fn new_wal_segments_take_only_what_is_written() {
     db.stop().await.unwrap();
 }
 
-/// A persistent directory holds every file of its cluster from the start.
-/// The engine's file system otherwise copies a template file into it the
-/// first time the file is written, and a `kill -9` during that copy left a
-/// truncated catalog behind that failed every later start ("could not read
-/// blocks 0..0 in file \"base/1/6113\"").
-#[tokio::test]
-async fn a_persistent_directory_holds_its_whole_cluster_from_the_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = Instance::start(InstanceOptions::persistent(dir.path())).await.unwrap();
+/// Relation files the engine knows of that `dir` does not hold whole.
+async fn files_not_in(db: &Instance, dir: &std::path::Path) -> Vec<String> {
     let relations = db
         .query(
             "SELECT pg_relation_filepath(oid), pg_relation_size(oid) FROM pg_class
@@ -400,10 +393,10 @@ async fn a_persistent_directory_holds_its_whole_cluster_from_the_start() {
         .await
         .unwrap()
         .rows;
-    db.stop().await.unwrap();
-    let cluster = find_file(dir.path(), "pg_control").expect("the cluster's pg_control");
-    let cluster = cluster.parent().and_then(|global| global.parent()).unwrap();
     assert!(relations.len() > 200, "{} relations", relations.len());
+    db.exec("CHECKPOINT").await.unwrap();
+    let cluster = find_file(dir, "pg_control").expect("the cluster's pg_control");
+    let cluster = cluster.parent().and_then(|global| global.parent()).unwrap();
     let mut missing = Vec::new();
     for row in &relations {
         let (path, size): (String, i64) = (row.get(0), row.get(1));
@@ -413,11 +406,50 @@ async fn a_persistent_directory_holds_its_whole_cluster_from_the_start() {
             Err(e) => missing.push(format!("{path}: {e}")),
         }
     }
+    missing
+}
+
+/// A persistent directory holds every file of its cluster from the start.
+/// The engine's file system otherwise copies a template file into it the
+/// first time the file is written, and a `kill -9` during that copy left a
+/// truncated catalog behind that failed every later start ("could not read
+/// blocks 0..0 in file \"base/1/6113\"").
+#[tokio::test]
+async fn a_persistent_directory_holds_its_whole_cluster_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Instance::start(InstanceOptions::persistent(dir.path())).await.unwrap();
+    let missing = files_not_in(&db, dir.path()).await;
+    db.stop().await.unwrap();
     assert!(
         missing.is_empty(),
-        "{} of {} relation files not in the directory: {:?}",
+        "{} relation files not in the directory: {:?}",
         missing.len(),
-        relations.len(),
         &missing[..missing.len().min(5)]
     );
+}
+
+/// A directory that an earlier version left laid over the shared template
+/// (pglite-oxide's default) gets the files it lacks, and keeps its data.
+#[tokio::test]
+async fn a_directory_laid_over_the_template_is_completed_and_keeps_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = pglite_oxide::Pglite::builder().path(dir.path()).open().unwrap();
+    engine
+        .exec("CREATE TABLE kept (id int PRIMARY KEY); INSERT INTO kept SELECT generate_series(1, 1000)", None)
+        .unwrap();
+    engine.close().unwrap();
+    drop(engine);
+    let overlay = find_file(dir.path(), ".pglite-oxide-pgdata-overlay.json");
+    assert!(overlay.is_some(), "pglite-oxide laid the directory over its template");
+    let db = Instance::start(InstanceOptions::persistent(dir.path())).await.unwrap();
+    assert_eq!(count(&db, "kept").await, 1000);
+    let missing = files_not_in(&db, dir.path()).await;
+    db.stop().await.unwrap();
+    assert!(
+        missing.is_empty(),
+        "{} relation files not in the directory: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert!(find_file(dir.path(), ".pglite-oxide-pgdata-overlay.json").is_none(), "no longer an overlay");
 }

@@ -39,15 +39,18 @@ const WHITEOUT_PREFIX: &str = ".wh.";
 const RUNTIME_STATE: &[&str] = &["postmaster.pid", "postmaster.opts"];
 
 /// Makes the cluster under `root` (an instance's directory) standalone; see
-/// the module's documentation. Cheap when it already is: two `stat`s.
+/// the module's documentation. Cheap when it already is: a few `stat`s.
 pub(super) fn make_standalone(root: &Path) -> Result<()> {
     let pgdata = PglitePaths::with_root(root).pgdata;
     let overlay = pgdata.join(OVERLAY_MANIFEST);
-    if !overlay.exists() && is_complete(&pgdata) {
+    let parent = pgdata.parent().expect("PGDATA has a parent");
+    let staging = parent.join(".pglite-cache-template");
+    let standalone = || !overlay.exists() && is_complete(&pgdata);
+    if standalone() && !staging.exists() {
         return Ok(());
     }
     let started = Instant::now();
-    fs::create_dir_all(root).map_err(|e| startup(format!("create {}", root.display()), e))?;
+    fs::create_dir_all(parent).map_err(|e| startup(format!("create {}", parent.display()), e))?;
     // The lock pglite-oxide takes when it opens the directory: nothing may
     // run on the files while they are moved.
     let lock = fs::OpenOptions::new()
@@ -60,14 +63,15 @@ pub(super) fn make_standalone(root: &Path) -> Result<()> {
     if lock.try_lock().is_err() {
         return Err(Error::DataDirInUse(root.to_path_buf()));
     }
-    let parent = pgdata.parent().expect("PGDATA has a parent");
-    fs::create_dir_all(parent).map_err(|e| startup(format!("create {}", parent.display()), e))?;
-    let staging = parent.join(".pglite-cache-template");
+    let remove_staging = || remove_all(&staging).map_err(|e| startup(format!("remove {}", staging.display()), e));
+    if standalone() {
+        return remove_staging(); // what a crash after the last step left
+    }
     let template = unpack_template(&staging)?;
     let outcome = if overlay.exists() {
         if overlay_template(&overlay)? != template.archive_sha256 {
             // Another template: pglite-oxide refuses it with its own message.
-            return remove_all(&staging).map_err(|e| startup(format!("remove {}", staging.display()), e));
+            return remove_staging();
         }
         merge(&staging.join("base"), &pgdata)
             .and_then(|()| sync(&pgdata))
@@ -80,10 +84,14 @@ pub(super) fn make_standalone(root: &Path) -> Result<()> {
             .and_then(|()| fs::rename(staging.join("base"), &pgdata))
             .map(|()| "a new directory got the whole template")
     };
-    let outcome = outcome.map_err(|e| startup(format!("make {} standalone", pgdata.display()), e))?;
-    sync(&pgdata).and_then(|()| remove_all(&staging)).map_err(|e| startup("finish".into(), e))?;
-    tracing::info!(dir = %root.display(), elapsed = ?started.elapsed(), "{outcome}");
-    Ok(())
+    outcome
+        .and_then(|outcome| sync(&pgdata).map(|()| outcome))
+        .map_err(|e| startup(format!("make {} standalone", pgdata.display()), e))
+        .and_then(|outcome| {
+            remove_staging()?;
+            tracing::info!(dir = %root.display(), elapsed = ?started.elapsed(), "{outcome}");
+            Ok(())
+        })
 }
 
 fn startup(what: String, e: io::Error) -> Error {

@@ -453,3 +453,21 @@ async fn a_directory_laid_over_the_template_is_completed_and_keeps_its_data() {
     );
     assert!(find_file(dir.path(), ".pglite-oxide-pgdata-overlay.json").is_none(), "no longer an overlay");
 }
+
+/// pglite-oxide rewrites a small manifest of its runtime files at every
+/// start (truncate, then write); a `kill -9` in between left it empty, and
+/// every later start failed with "parse runtime layout manifest ... EOF".
+/// The crash's leftover is reproduced directly: the window is too small to
+/// hit with a real kill.
+#[tokio::test]
+async fn a_start_interrupted_while_the_runtime_manifest_was_rewritten_does_not_block_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Instance::start(InstanceOptions::persistent(dir.path())).await.unwrap();
+    db.exec("CREATE TABLE kept (id int)").await.unwrap();
+    db.stop().await.unwrap();
+    let manifest = find_file(dir.path(), ".pglite-oxide-runtime-layout.json").expect("the runtime manifest");
+    std::fs::write(&manifest, b"").unwrap();
+    let db = Instance::start(InstanceOptions::persistent(dir.path())).await.expect("starts again");
+    assert_eq!(count(&db, "kept").await, 0);
+    db.stop().await.unwrap();
+}

@@ -18,6 +18,11 @@
 //! offers no option for a full copy; its own clone, used when the overlay
 //! is off, is the same unpack without the atomic promotion.)
 //!
+//! pglite-oxide also rewrites a small manifest of its runtime files at
+//! every start (truncate, then write). One left empty by a crash failed
+//! every later start ("parse runtime layout manifest"); it is removed, and
+//! pglite-oxide writes it again.
+//!
 //! What this cannot mend: a directory that an earlier version already left
 //! with a truncated copy. Such a file is not told apart from one the engine
 //! has since written.
@@ -37,16 +42,21 @@ const OVERLAY_MANIFEST: &str = ".pglite-oxide-pgdata-overlay.json";
 const WHITEOUT_PREFIX: &str = ".wh.";
 /// Files of a running server that a template must not carry.
 const RUNTIME_STATE: &[&str] = &["postmaster.pid", "postmaster.opts"];
+/// pglite-oxide's manifest of the runtime files, rewritten at each start.
+/// Without one it tells the layout from a marker file.
+const RUNTIME_MANIFEST: &str = ".pglite-oxide-runtime-layout.json";
 
-/// Makes the cluster under `root` (an instance's directory) standalone; see
-/// the module's documentation. Cheap when it already is: a few `stat`s.
-pub(super) fn make_standalone(root: &Path) -> Result<()> {
+/// Readies the directory `root` of a persistent instance for the engine:
+/// standalone, and without a torn runtime manifest; see the module's
+/// documentation. Cheap when it is ready: a few `stat`s and one small read.
+pub(super) fn prepare(root: &Path) -> Result<()> {
     let pgdata = PglitePaths::with_root(root).pgdata;
     let overlay = pgdata.join(OVERLAY_MANIFEST);
     let parent = pgdata.parent().expect("PGDATA has a parent");
     let staging = parent.join(".pglite-cache-template");
+    let runtime_manifest = parent.join(RUNTIME_MANIFEST);
     let standalone = || !overlay.exists() && is_complete(&pgdata);
-    if standalone() && !staging.exists() {
+    if standalone() && !staging.exists() && !is_torn(&runtime_manifest) {
         return Ok(());
     }
     let started = Instant::now();
@@ -62,6 +72,10 @@ pub(super) fn make_standalone(root: &Path) -> Result<()> {
         .map_err(|e| startup(format!("open the lock in {}", root.display()), e))?;
     if lock.try_lock().is_err() {
         return Err(Error::DataDirInUse(root.to_path_buf()));
+    }
+    if is_torn(&runtime_manifest) {
+        tracing::warn!(file = %runtime_manifest.display(), "removing a runtime manifest torn by a crash");
+        remove_all(&runtime_manifest).map_err(|e| startup(format!("remove {}", runtime_manifest.display()), e))?;
     }
     let remove_staging = || remove_all(&staging).map_err(|e| startup(format!("remove {}", staging.display()), e));
     if standalone() {
@@ -96,6 +110,11 @@ pub(super) fn make_standalone(root: &Path) -> Result<()> {
 
 fn startup(what: String, e: io::Error) -> Error {
     Error::Startup(format!("{what}: {e}"))
+}
+
+/// A file that is there but is not JSON: cut short.
+fn is_torn(manifest: &Path) -> bool {
+    fs::read(manifest).is_ok_and(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).is_err())
 }
 
 /// pglite-oxide's own test of a complete cluster.

@@ -23,7 +23,7 @@ pub(super) fn open(options: &InstanceOptions, memory: Option<&MemoryDir>) -> Res
     let mut builder = Pglite::builder();
     builder = match (&options.storage, memory) {
         (Storage::Directory(dir), _) => {
-            super::data_dir::make_standalone(dir)?;
+            super::data_dir::prepare(dir)?;
             builder.path(dir)
         }
         (Storage::Memory, Some(dir)) => builder.path(dir.path()),

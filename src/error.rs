@@ -203,6 +203,36 @@ impl Error {
     }
 }
 
+impl Error {
+    /// What a wire session from before an engine restart gets: PostgreSQL's
+    /// error for the sessions it ends when a backend crashes.
+    pub(crate) fn engine_restarted() -> Error {
+        Error::Db(Box::new(DbError {
+            severity: "FATAL".into(),
+            code: SqlState::CRASH_SHUTDOWN,
+            message: "terminating connection because the engine restarted after a crash".into(),
+            detail: Some(
+                "The session's prepared statements, cursors, temporary tables and listens were lost; \
+                 committed data was kept."
+                    .into(),
+            ),
+            hint: Some("In a moment you should be able to reconnect to the database and repeat your command.".into()),
+            position: None,
+            internal_position: None,
+            internal_query: None,
+            where_: None,
+            schema: None,
+            table: None,
+            column: None,
+            datatype: None,
+            constraint: None,
+            file: None,
+            line: None,
+            routine: None,
+        }))
+    }
+}
+
 impl From<DbError> for Error {
     fn from(e: DbError) -> Self {
         Error::Db(Box::new(e))

@@ -223,6 +223,7 @@ mod tests {
             in_flight: Default::default(),
             data_dir: None,
             lease_route: std::sync::Mutex::new(None),
+            restarts: tokio::sync::watch::channel(0).0,
         }
     }
 

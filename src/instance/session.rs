@@ -42,6 +42,11 @@ pub struct RawSession {
     /// A transaction begun lazily (see [`begin_lazily`](Self::begin_lazily)):
     /// runs in front of the next round trip.
     prefix: Option<Prefix>,
+    /// The engine's restarts (see [`engine_restarted`](Self::engine_restarted)).
+    restarts: tokio::sync::watch::Receiver<u64>,
+    /// Their count when the session's first job ran: its jobs carry it. A
+    /// session that has run nothing yet has nothing to lose to a restart.
+    generation: Option<u64>,
 }
 
 /// Messages run on the engine in front of a session's next round trip; the
@@ -80,6 +85,8 @@ impl Prefix {
 impl RawSession {
     pub(super) fn new(instance: Instance) -> RawSession {
         RawSession {
+            restarts: instance.shared.restarts.subscribe(),
+            generation: None,
             instance,
             lease: None,
             held: false,
@@ -143,7 +150,7 @@ impl RawSession {
             None => Route::Shared(self.instance.tx.clone()),
         };
         let (bytes, cuts, prefix) = self.prefixed(bytes);
-        let job = Job::Raw(RawJob { bytes, claim: None, shareable: self.shareable, cuts });
+        let job = Job::Raw(self.raw_job(bytes, None, self.shareable, cuts));
         match route.call(&self.instance.shared, job).await {
             Ok(mut output) => {
                 if let Some(prefix) = prefix {
@@ -172,7 +179,7 @@ impl RawSession {
         }
         let claim = Arc::new(Claim::default());
         let (bytes, cuts, prefix) = self.prefixed(bytes);
-        let job = Job::Raw(RawJob { bytes, claim: Some(claim.clone()), shareable: self.shareable, cuts });
+        let job = Job::Raw(self.raw_job(bytes, Some(claim.clone()), self.shareable, cuts));
         let (reply, rx) = oneshot::channel();
         self.instance.tx.send(Command::Run(Request { job, reply })).map_err(|_| self.instance.shared.closed_error())?;
         self.await_or_withdraw(rx, claim, withdraw, prefix).await
@@ -201,7 +208,7 @@ impl RawSession {
         let shared = &self.instance.shared;
         let claim = Arc::new(Claim::default());
         let (reply, rx) = oneshot::channel();
-        let job = Job::Side(RawJob { bytes, claim: Some(claim.clone()), shareable: false, cuts: Vec::new() });
+        let job = Job::Side(self.raw_job(bytes, Some(claim.clone()), false, Vec::new()));
         let mut request = Some(Request { job, reply });
         {
             // Under the lock the worker takes to start and end leases.
@@ -266,6 +273,7 @@ impl RawSession {
 
     /// Takes note of a reply: the engine's state and the lease.
     fn note(&mut self, output: Output) -> Vec<u8> {
+        self.generation.get_or_insert(output.generation);
         self.consumed = output.consumed;
         let status = super::worker::ready_status(&output.bytes);
         self.idle = status == Some(TxStatus::Idle);
@@ -349,6 +357,25 @@ impl RawSession {
         self.consumed
     }
 
+    /// Completes when the engine restarts after a crash, which ends what this
+    /// session held on it (its round trips then fail with SQLSTATE 57P02).
+    pub async fn engine_restarted(&mut self) {
+        loop {
+            if let Some(generation) = self.generation
+                && *self.restarts.borrow_and_update() != generation
+            {
+                return;
+            }
+            if self.restarts.changed().await.is_err() {
+                std::future::pending::<()>().await; // the instance is gone: no restart
+            }
+        }
+    }
+
+    fn raw_job(&self, bytes: BytesMut, claim: Option<Arc<Claim>>, shareable: bool, cuts: Vec<usize>) -> RawJob {
+        RawJob { bytes, claim, shareable, cuts, generation: self.generation }
+    }
+
     /// Whether this session currently holds the engine exclusively.
     pub fn holds_engine(&self) -> bool {
         self.lease.is_some()
@@ -362,7 +389,7 @@ impl Drop for RawSession {
             // (the engine is idle when it runs); its reply is discarded.
             if let Some(bytes) = self.on_drop.take() {
                 let (reply, _) = oneshot::channel();
-                let job = Job::Raw(RawJob { bytes, claim: None, shareable: false, cuts: Vec::new() });
+                let job = Job::Raw(self.raw_job(bytes, None, false, Vec::new()));
                 let _ = self.instance.tx.send(Command::Run(Request { job, reply }));
             }
             return;
@@ -381,7 +408,7 @@ impl Drop for RawSession {
             // Queued on the lease before it closes, so it runs before the
             // worker's rollback and before anybody else.
             let (reply, _) = oneshot::channel();
-            let job = Job::Raw(RawJob { bytes, claim: None, shareable: false, cuts: Vec::new() });
+            let job = Job::Raw(self.raw_job(bytes, None, false, Vec::new()));
             let _ = lease.send(Request { job, reply });
         }
     }

@@ -81,7 +81,8 @@ impl Worker {
             Job::Raw(RawJob { bytes, shareable, cuts, .. }) => {
                 let (out, consumed) = self.run_cut(&bytes, &cuts)?;
                 let status = ready_status(&out);
-                let mut output = Output { bytes: out, rolled_back_open_transaction: false, lease: None, consumed };
+                let mut output =
+                    Output { bytes: out, rolled_back_open_transaction: false, lease: None, consumed, generation: 0 };
                 let after = Holder { status, shareable };
                 if !leased && status != Some(TxStatus::Idle) {
                     let (tx, rx) = mpsc::unbounded_channel();
@@ -93,7 +94,11 @@ impl Worker {
             Job::Side(RawJob { bytes, .. }) => {
                 let in_transaction = holder.is_some_and(|h| h.status == Some(TxStatus::InTransaction));
                 let out = self.run_side(&bytes, in_transaction)?;
-                Ok((Output { bytes: out, rolled_back_open_transaction: false, lease: None, consumed: 0 }, None, None))
+                Ok((
+                    Output { bytes: out, rolled_back_open_transaction: false, lease: None, consumed: 0, generation: 0 },
+                    None,
+                    None,
+                ))
             }
             Job::CopyIn { sql, data } => {
                 let out = self.copy_in(&sql, data)?;
@@ -103,7 +108,11 @@ impl Worker {
                     rolled_back_open_transaction = true;
                 }
                 let after = holder.map(|h| Holder { status: ready_status(&out), ..h });
-                Ok((Output { bytes: out, rolled_back_open_transaction, lease: None, consumed: 0 }, after, None))
+                Ok((
+                    Output { bytes: out, rolled_back_open_transaction, lease: None, consumed: 0, generation: 0 },
+                    after,
+                    None,
+                ))
             }
             Job::Protocol(bytes) => {
                 // `protocol` ends every API batch with a CopyFail guard, so a
@@ -115,7 +124,11 @@ impl Worker {
                     rolled_back_open_transaction = true;
                 }
                 let after = holder.map(|h| Holder { status: ready_status(&out), ..h });
-                Ok((Output { bytes: out, rolled_back_open_transaction, lease: None, consumed: 0 }, after, None))
+                Ok((
+                    Output { bytes: out, rolled_back_open_transaction, lease: None, consumed: 0, generation: 0 },
+                    after,
+                    None,
+                ))
             }
         }
     }
@@ -270,6 +283,7 @@ impl Worker {
             Ok(engine) => {
                 tracing::warn!(instance = %self.shared.label, "instance restarted after a crash");
                 self.engine = Some(engine);
+                self.shared.restarts.send_modify(|n| *n += 1);
                 self.shared.set_state(State::Running);
                 true
             }

@@ -62,6 +62,10 @@ pub(crate) struct RawJob {
     /// part whose reply ends in `PortalSuspended` (the caller fetches the
     /// rest of that portal, then sends what was not run).
     pub cuts: Vec<usize>,
+    /// The engine's restart count when the session's first job ran (`None`
+    /// before): a job of a session from before a restart is refused (see
+    /// `Shared::restarts`), as what it refers to died with the engine.
+    pub generation: Option<u64>,
 }
 
 /// Lets the caller withdraw a queued job: whoever moves it out of "queued"
@@ -106,4 +110,6 @@ pub(crate) struct Output {
     pub lease: Option<mpsc::UnboundedSender<Request>>,
     /// For a [`RawJob`] with cuts: how many of its bytes ran.
     pub consumed: usize,
+    /// The engine's restart count when it ran.
+    pub generation: u64,
 }

@@ -51,6 +51,7 @@ pub(crate) async fn spawn(options: InstanceOptions) -> Result<(mpsc::UnboundedSe
             crate::instance::options::Storage::Memory => None,
         },
         lease_route: Mutex::new(None),
+        restarts: tokio::sync::watch::channel(0).0,
     });
     let (tx, rx) = mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -248,10 +249,19 @@ impl Worker {
         {
             return Ok(None); // withdrawn while queued: it never runs
         }
+        let generation = *self.shared.restarts.borrow();
+        if let Job::Raw(RawJob { generation: Some(session), .. }) | Job::Side(RawJob { generation: Some(session), .. }) =
+            &job
+            && *session != generation
+        {
+            let _ = reply.send(Err(Error::engine_restarted()));
+            return Ok(None);
+        }
         let result = catch_unwind(AssertUnwindSafe(|| self.run_job(job, holder)))
             .unwrap_or_else(|panic| Err(Failure::Crash(panic_message(&panic))));
         match result {
-            Ok((output, after, hold)) => {
+            Ok((mut output, after, hold)) => {
+                output.generation = generation;
                 let _ = reply.send(Ok(output));
                 if let Some(reason) = self.broken.take() {
                     return Err(Failure::Crash(reason));

@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::job::Request;
 use crate::error::Error;
@@ -30,6 +30,11 @@ pub(crate) struct Shared {
     /// job is either queued before the lease starts (and found there) or
     /// sent to the lease.
     pub lease_route: Mutex<Option<mpsc::WeakUnboundedSender<Request>>>,
+    /// How many times the engine was reopened after a crash. A wire
+    /// session's prepared statements, cursors, temporary tables and
+    /// listens die with the engine, so sessions from before a restart are
+    /// ended, as PostgreSQL ends every session when a backend crashes.
+    pub restarts: watch::Sender<u64>,
 }
 
 impl Shared {

@@ -96,6 +96,7 @@ struct Batch {
 /// What woke an idle connection.
 enum Event {
     Shutdown,
+    EngineRestarted,
     IdleInTransaction,
     Notification(Bytes),
     Read(usize),
@@ -258,12 +259,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let event = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|stop| *stop), if closable => Event::Shutdown,
+                () = self.session.engine_restarted() => Event::EngineRestarted,
                 () = idle_timer => Event::IdleInTransaction,
                 Some(message) = self.notify_rx.recv(), if deliver => Event::Notification(message),
                 read = self.reader.fill(&mut self.stream) => Event::Read(read?),
             };
             match event {
                 Event::Shutdown => return self.say_goodbye().await,
+                // Told at once, as PostgreSQL tells every session when a
+                // backend crashes: a pool drops the connection before using it.
+                Event::EngineRestarted => return Err(crate::Error::engine_restarted().into()),
                 Event::IdleInTransaction => {
                     tracing::info!(id = self.id, "closing a connection idle in a transaction");
                     let mut out = BytesMut::new();

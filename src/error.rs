@@ -57,12 +57,12 @@ pub struct DbError {
 }
 
 impl DbError {
-    /// Decodes the fields of an `ErrorResponse` (or `NoticeResponse`).
-    pub(crate) fn from_fields(mut fields: ErrorFields<'_>) -> std::io::Result<DbError> {
-        let mut err = DbError {
-            severity: String::new(),
-            code: SqlState::INTERNAL_ERROR,
-            message: String::new(),
+    /// An error with these three fields and no others.
+    fn new(severity: &str, code: SqlState, message: &str) -> DbError {
+        DbError {
+            severity: severity.into(),
+            code,
+            message: message.into(),
             detail: None,
             hint: None,
             position: None,
@@ -77,7 +77,12 @@ impl DbError {
             file: None,
             line: None,
             routine: None,
-        };
+        }
+    }
+
+    /// Decodes the fields of an `ErrorResponse` (or `NoticeResponse`).
+    pub(crate) fn from_fields(mut fields: ErrorFields<'_>) -> std::io::Result<DbError> {
+        let mut err = DbError::new("", SqlState::INTERNAL_ERROR, "");
         let mut localized_severity = None;
         while let Some(field) = fields.next()? {
             let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
@@ -201,35 +206,22 @@ impl Error {
     pub fn is_closed(&self) -> bool {
         matches!(self, Error::Stopped(_) | Error::Crashed { .. })
     }
-}
 
-impl Error {
     /// What a wire session from before an engine restart gets: PostgreSQL's
     /// error for the sessions it ends when a backend crashes.
     pub(crate) fn engine_restarted() -> Error {
-        Error::Db(Box::new(DbError {
-            severity: "FATAL".into(),
-            code: SqlState::CRASH_SHUTDOWN,
-            message: "terminating connection because the engine restarted after a crash".into(),
-            detail: Some(
-                "The session's prepared statements, cursors, temporary tables and listens were lost; \
-                 committed data was kept."
-                    .into(),
-            ),
-            hint: Some("In a moment you should be able to reconnect to the database and repeat your command.".into()),
-            position: None,
-            internal_position: None,
-            internal_query: None,
-            where_: None,
-            schema: None,
-            table: None,
-            column: None,
-            datatype: None,
-            constraint: None,
-            file: None,
-            line: None,
-            routine: None,
-        }))
+        let mut e = DbError::new(
+            "FATAL",
+            SqlState::CRASH_SHUTDOWN,
+            "terminating connection because the engine restarted after a crash",
+        );
+        e.detail = Some(
+            "The session's prepared statements, cursors, temporary tables and listens were lost; \
+             committed data was kept."
+                .into(),
+        );
+        e.hint = Some("In a moment you should be able to reconnect to the database and repeat your command.".into());
+        Error::Db(Box::new(e))
     }
 }
 

@@ -227,15 +227,11 @@ async fn engine_settings_are_given_like_postgres_dash_c() {
     assert!(err.contains("invalid value for parameter \"shared_buffers\""), "{err}");
 }
 
-/// When the engine restarts after a crash, every client connected before
-/// loses what its session held on the engine (prepared statements, cursors,
-/// temporary tables, listens). It used to stay connected and find its
-/// prepared statements gone ("prepared statement ... does not exist"), for
-/// as long as the driver cached them. Now each is ended as PostgreSQL ends
-/// every session when a backend crashes (FATAL 57P02), so a pool connects
-/// again; idle ones at once, without sending anything.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_connected_before_an_engine_restart_are_ended_like_postgres_does() {
+/// `serve --data` with a table `t` of one row and `safe_div`, a function
+/// whose PL/pgSQL exception block this engine cannot run (see
+/// `an_error_inside_a_plpgsql_exception_block_restarts_the_engine` in
+/// tests/instance_lifecycle.rs).
+async fn serve_with_safe_div() -> (Serve, tempfile::TempDir) {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().join("db");
     let serve = Serve::start(&["--unsafe-trust-tcp", "--data", data_dir.to_str().unwrap()]);
@@ -249,6 +245,19 @@ async fn clients_connected_before_an_engine_restart_are_ended_like_postgres_does
         .await
         .unwrap();
     drop(setup);
+    (serve, data)
+}
+
+/// When the engine restarts after a crash, every client connected before
+/// loses what its session held on the engine (prepared statements, cursors,
+/// temporary tables, listens). It used to stay connected and find its
+/// prepared statements gone ("prepared statement ... does not exist"), for
+/// as long as the driver cached them. Now each is ended as PostgreSQL ends
+/// every session when a backend crashes (FATAL 57P02), so a pool connects
+/// again; idle ones at once, without sending anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_connected_before_an_engine_restart_are_ended_like_postgres_does() {
+    let (serve, _data) = serve_with_safe_div().await;
     // A client with a prepared statement, and its connection's outcome.
     let (prepared, connection) = serve.config().connect(tokio_postgres::NoTls).await.unwrap();
     let ended = tokio::spawn(connection);
@@ -285,19 +294,7 @@ async fn clients_connected_before_an_engine_restart_are_ended_like_postgres_does
 /// clients go on with the committed data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_uncatchable_plpgsql_error_costs_one_engine_restart_not_the_server() {
-    let data = tempfile::tempdir().unwrap();
-    let data_dir = data.path().join("db");
-    let serve = Serve::start(&["--unsafe-trust-tcp", "--data", data_dir.to_str().unwrap()]);
-    let setup = connect(&serve.config()).await.unwrap();
-    setup
-        .batch_execute(
-            "CREATE TABLE t (id int); INSERT INTO t VALUES (1); \
-             CREATE FUNCTION safe_div(a int, b int) RETURNS int LANGUAGE plpgsql AS \
-             $$ BEGIN RETURN a / b; EXCEPTION WHEN division_by_zero THEN RETURN NULL; END $$",
-        )
-        .await
-        .unwrap();
-    drop(setup);
+    let (serve, _data) = serve_with_safe_div().await;
     let sqlstate = |e: tokio_postgres::Error| e.code().map(|c| c.code().to_owned());
 
     // The client ends its transaction itself.

@@ -87,25 +87,29 @@ pub(super) fn prepare(root: &Path) -> Result<()> {
             // Another template: pglite-oxide refuses it with its own message.
             return remove_staging();
         }
+        // The template's copies in the user's cache stop counting when the
+        // manifest goes: what moved must be on disk first.
         merge(&staging.join("base"), &pgdata)
             .and_then(|()| sync(&pgdata))
             .and_then(|()| fs::remove_file(&overlay))
             .and_then(|()| remove_whiteouts(&pgdata))
+            .and_then(|()| sync(&pgdata))
             .map(|()| "the template's missing files moved into an overlaid directory")
     } else {
+        // No `syncfs` here: a new directory's files are as durable as the
+        // engine's own first writes, which only the next sync makes durable
+        // (`Instance::sync_to_disk`, a confirmed position); and a `syncfs`
+        // waits for every dirty page of the file system (measured: 0.74 s
+        // next to a publisher that had just loaded 300k rows).
         remove_all(&pgdata)
-            .and_then(|()| sync(&staging))
             .and_then(|()| fs::rename(staging.join("base"), &pgdata))
             .map(|()| "a new directory got the whole template")
     };
-    outcome
-        .and_then(|outcome| sync(&pgdata).map(|()| outcome))
-        .map_err(|e| startup(format!("make {} standalone", pgdata.display()), e))
-        .and_then(|outcome| {
-            remove_staging()?;
-            tracing::info!(dir = %root.display(), elapsed = ?started.elapsed(), "{outcome}");
-            Ok(())
-        })
+    outcome.map_err(|e| startup(format!("make {} standalone", pgdata.display()), e)).and_then(|outcome| {
+        remove_staging()?;
+        tracing::info!(dir = %root.display(), elapsed = ?started.elapsed(), "{outcome}");
+        Ok(())
+    })
 }
 
 fn startup(what: String, e: io::Error) -> Error {

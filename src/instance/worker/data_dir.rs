@@ -137,7 +137,7 @@ fn unpack_template(staging: &Path) -> Result<PgDataTemplateManifest> {
     let archive = fs::File::open(&exported.archive_path).map_err(|e| failed("open", &e))?;
     let decoder = zstd::Decoder::new(archive).map_err(|e| failed("decompress", &e))?;
     let base = staging.join("base");
-    tar::Archive::new(decoder).unpack(&base).map_err(|e| failed("unpack", &e))?;
+    unpack(decoder, &base).map_err(|e| failed("unpack", &e))?;
     fs::remove_file(&exported.archive_path).map_err(|e| failed("remove", &e))?;
     for name in RUNTIME_STATE {
         remove_all(&base.join(name)).map_err(|e| failed("clean", &e))?;
@@ -146,6 +146,53 @@ fn unpack_template(staging: &Path) -> Result<PgDataTemplateManifest> {
         return Err(failed("check", &"no PG_VERSION or global/pg_control in it"));
     }
     Ok(manifest)
+}
+
+/// Unpacks a tar archive of directories and regular files into `dest`.
+/// `tar`'s own `unpack` creates the files one after another, and next to a
+/// database flushing its writes a creation can wait ~1 ms on the file
+/// system's journal. So the files are written by a few threads. Measured
+/// (ext4, right after 300 MB were written): one writer 86-941 ms for the
+/// template's 970 files (2 runs of 5 over 600 ms), four 93-576 ms (1 over
+/// 200 ms); on a quiet disk both ~65 ms.
+fn unpack(archive: impl io::Read, dest: &Path) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut files = Vec::new();
+    for entry in tar::Archive::new(archive).entries()? {
+        let mut entry = entry?;
+        let relative = entry.path()?.into_owned();
+        if !relative.components().all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir)) {
+            return Err(io::Error::other(format!("unsafe path {} in the template", relative.display())));
+        }
+        let path = dest.join(&relative);
+        match entry.header().entry_type() {
+            tar::EntryType::Directory => fs::create_dir_all(&path)?,
+            tar::EntryType::Regular => {
+                if let Some(parent) = path.parent() {
+                    fs::create_dir_all(parent)?;
+                }
+                let mode = entry.header().mode()?;
+                let mut bytes = Vec::with_capacity(entry.size() as usize);
+                io::Read::read_to_end(&mut entry, &mut bytes)?;
+                files.push((path, mode, bytes));
+            }
+            other => return Err(io::Error::other(format!("{other:?} entry {} in the template", relative.display()))),
+        }
+    }
+    let write = |(path, mode, bytes): &(std::path::PathBuf, u32, Vec<u8>)| {
+        let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(*mode).open(path)?;
+        io::Write::write_all(&mut file, bytes)
+    };
+    const WRITERS: usize = 4;
+    std::thread::scope(|scope| {
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|i| {
+                let files = &files;
+                scope.spawn(move || files.iter().skip(i).step_by(WRITERS).try_for_each(write))
+            })
+            .collect();
+        writers.into_iter().try_for_each(|w| w.join().unwrap_or_else(|_| Err(io::Error::other("a writer panicked"))))
+    })
 }
 
 /// The template an overlaid directory was laid over.
@@ -222,6 +269,37 @@ mod tests {
 
     fn read(path: &Path) -> Option<String> {
         fs::read_to_string(path).ok()
+    }
+
+    fn archive(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (path, bytes) in entries {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o600);
+            // `append_data` refuses `..`; a hostile archive would not.
+            header.as_gnu_mut().unwrap().name[..path.len()].copy_from_slice(path.as_bytes());
+            header.set_cksum();
+            builder.append(&header, *bytes).unwrap();
+        }
+        builder.into_inner().unwrap()
+    }
+
+    #[test]
+    fn unpack_writes_every_file_and_refuses_paths_out_of_the_directory() {
+        let dir = std::env::temp_dir().join(format!("pglite-cache-unpack-{}", std::process::id()));
+        remove_all(&dir).unwrap();
+        let files: Vec<(String, Vec<u8>)> =
+            (0..50).map(|i| (format!("base/{}/{i}", i % 3), vec![i as u8; i * 100])).collect();
+        let entries: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (p.as_str(), b.as_slice())).collect();
+        unpack(&archive(&entries)[..], &dir).unwrap();
+        for (path, bytes) in &files {
+            assert_eq!(&fs::read(dir.join(path)).unwrap(), bytes, "{path}");
+        }
+        let err = unpack(&archive(&[("../escaped", b"x")])[..], &dir.join("other")).unwrap_err();
+        assert!(err.to_string().contains("unsafe path"), "{err}");
+        assert!(!dir.join("escaped").exists());
+        remove_all(&dir).unwrap();
     }
 
     #[test]

@@ -81,8 +81,7 @@ impl Worker {
             Job::Raw(RawJob { bytes, shareable, cuts, .. }) => {
                 let (out, consumed) = self.run_cut(&bytes, &cuts)?;
                 let status = ready_status(&out);
-                let mut output =
-                    Output { bytes: out, rolled_back_open_transaction: false, lease: None, consumed, generation: 0 };
+                let mut output = output(out, false, consumed);
                 let after = Holder { status, shareable };
                 if !leased && status != Some(TxStatus::Idle) {
                     let (tx, rx) = mpsc::unbounded_channel();
@@ -94,11 +93,7 @@ impl Worker {
             Job::Side(RawJob { bytes, .. }) => {
                 let in_transaction = holder.is_some_and(|h| h.status == Some(TxStatus::InTransaction));
                 let out = self.run_side(&bytes, in_transaction)?;
-                Ok((
-                    Output { bytes: out, rolled_back_open_transaction: false, lease: None, consumed: 0, generation: 0 },
-                    None,
-                    None,
-                ))
+                Ok((output(out, false, 0), None, None))
             }
             Job::CopyIn { sql, data } => {
                 let out = self.copy_in(&sql, data)?;
@@ -108,11 +103,7 @@ impl Worker {
                     rolled_back_open_transaction = true;
                 }
                 let after = holder.map(|h| Holder { status: ready_status(&out), ..h });
-                Ok((
-                    Output { bytes: out, rolled_back_open_transaction, lease: None, consumed: 0, generation: 0 },
-                    after,
-                    None,
-                ))
+                Ok((output(out, rolled_back_open_transaction, 0), after, None))
             }
             Job::Protocol(bytes) => {
                 // `protocol` ends every API batch with a CopyFail guard, so a
@@ -124,11 +115,7 @@ impl Worker {
                     rolled_back_open_transaction = true;
                 }
                 let after = holder.map(|h| Holder { status: ready_status(&out), ..h });
-                Ok((
-                    Output { bytes: out, rolled_back_open_transaction, lease: None, consumed: 0, generation: 0 },
-                    after,
-                    None,
-                ))
+                Ok((output(out, rolled_back_open_transaction, 0), after, None))
             }
         }
     }
@@ -293,6 +280,11 @@ impl Worker {
             }
         }
     }
+}
+
+/// A job's reply, without a lease; the worker stamps the restart count.
+fn output(bytes: Vec<u8>, rolled_back_open_transaction: bool, consumed: usize) -> Output {
+    Output { bytes, rolled_back_open_transaction, lease: None, consumed, generation: 0 }
 }
 
 /// An `ErrorResponse` carrying the fields of an engine error.

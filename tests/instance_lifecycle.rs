@@ -460,3 +460,32 @@ async fn a_start_interrupted_while_the_runtime_manifest_was_rewritten_does_not_b
     assert_eq!(count(&db, "kept").await, 0);
     db.stop().await.unwrap();
 }
+
+/// A new directory's lock is released explicitly, not by closing its file:
+/// a process spawned by another thread at that moment shares the open file
+/// until it execs, and kept the lock from pglite-oxide's open right after
+/// ("already in use by another instance", seen in CI beside tests that
+/// start servers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_directories_open_while_other_threads_spawn_processes() {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spawner = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::process::Command::new("true").status().unwrap();
+            }
+        })
+    };
+    let dirs = tempfile::tempdir().unwrap();
+    let mut refused = Vec::new();
+    for i in 0..8 {
+        match Instance::start(InstanceOptions::persistent(dirs.path().join(i.to_string()))).await {
+            Ok(db) => db.stop().await.unwrap(),
+            Err(e) => refused.push(e.to_string()),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    spawner.join().unwrap();
+    assert!(refused.is_empty(), "{} of 8 new directories refused: {refused:?}", refused.len());
+}

@@ -61,18 +61,7 @@ pub(super) fn prepare(root: &Path) -> Result<()> {
     }
     let started = Instant::now();
     fs::create_dir_all(parent).map_err(|e| startup(format!("create {}", parent.display()), e))?;
-    // The lock pglite-oxide takes when it opens the directory: nothing may
-    // run on the files while they are moved.
-    let lock = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(root.join(".pglite-oxide.lock"))
-        .map_err(|e| startup(format!("open the lock in {}", root.display()), e))?;
-    if lock.try_lock().is_err() {
-        return Err(Error::DataDirInUse(root.to_path_buf()));
-    }
+    let _lock = DirLock::take(root)?;
     if is_torn(&runtime_manifest) {
         tracing::warn!(file = %runtime_manifest.display(), "removing a runtime manifest torn by a crash");
         remove_all(&runtime_manifest).map_err(|e| startup(format!("remove {}", runtime_manifest.display()), e))?;
@@ -110,6 +99,37 @@ pub(super) fn prepare(root: &Path) -> Result<()> {
         tracing::info!(dir = %root.display(), elapsed = ?started.elapsed(), "{outcome}");
         Ok(())
     })
+}
+
+/// The lock pglite-oxide takes when it opens the directory: nothing may run
+/// on the files while they are moved.
+struct DirLock(fs::File);
+
+impl DirLock {
+    fn take(root: &Path) -> Result<DirLock> {
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(root.join(".pglite-oxide.lock"))
+            .map_err(|e| startup(format!("open the lock in {}", root.display()), e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(DirLock(file)),
+            Err(fs::TryLockError::WouldBlock) => Err(Error::DataDirInUse(root.to_path_buf())),
+            Err(fs::TryLockError::Error(e)) => Err(startup(format!("lock {}", root.display()), e)),
+        }
+    }
+}
+
+impl Drop for DirLock {
+    /// Unlocked explicitly, not by closing the file: a child process forked
+    /// meanwhile (by another thread) shares the open file until it execs,
+    /// and would keep the lock from pglite-oxide's open right after
+    /// (seen in CI: "already in use by another instance").
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
 }
 
 fn startup(what: String, e: io::Error) -> Error {

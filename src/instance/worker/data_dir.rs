@@ -40,8 +40,6 @@ use crate::error::{Error, Result};
 const OVERLAY_MANIFEST: &str = ".pglite-oxide-pgdata-overlay.json";
 /// The overlay's mark of a template file the engine has deleted.
 const WHITEOUT_PREFIX: &str = ".wh.";
-/// Files of a running server that a template must not carry.
-const RUNTIME_STATE: &[&str] = &["postmaster.pid", "postmaster.opts"];
 /// pglite-oxide's manifest of the runtime files, rewritten at each start.
 /// Without one it tells the layout from a marker file.
 const RUNTIME_MANIFEST: &str = ".pglite-oxide-runtime-layout.json";
@@ -159,9 +157,8 @@ fn unpack_template(staging: &Path) -> Result<PgDataTemplateManifest> {
     let base = staging.join("base");
     unpack(decoder, &base).map_err(|e| failed("unpack", &e))?;
     fs::remove_file(&exported.archive_path).map_err(|e| failed("remove", &e))?;
-    for name in RUNTIME_STATE {
-        remove_all(&base.join(name)).map_err(|e| failed("clean", &e))?;
-    }
+    // A template's `postmaster.pid`, if it had one, pglite-oxide removes
+    // when it opens the directory.
     if !is_complete(&base) {
         return Err(failed("check", &"no PG_VERSION or global/pg_control in it"));
     }

@@ -275,3 +275,30 @@ async fn tls_require_and_verify_full() {
     let err = handle.stop().await.unwrap_err();
     assert_eq!(err.kind(), pglite_cache::replication::ErrorKind::NeedsOperator);
 }
+
+/// The apply runs on the instance's own thread: an instance stopped under
+/// a running replication ends it there, and the status and `stop` say why
+/// instead of a phase still "streaming".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_stopped_under_replication_halts_it_with_the_reason() {
+    let pg = PgCluster::start();
+    let db = pg.create_database("gone").await;
+    let remote = pg.client(&db).await;
+    remote.batch_execute("CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION pub FOR TABLE t;").await.unwrap();
+    let local = instance().await;
+    let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
+    wait_streaming(&handle).await;
+    local.stop().await.unwrap();
+    let mut status = handle.watch_status();
+    let halted = tokio::time::timeout(WAIT, status.wait_for(|s| matches!(s.phase, Phase::Halted { .. })))
+        .await
+        .expect("replication should halt once its instance is gone")
+        .unwrap()
+        .clone();
+    match &halted.phase {
+        Phase::Halted { error } => assert!(error.contains("stopped"), "{error}"),
+        other => panic!("expected Halted, got {other:?}"),
+    }
+    let err = handle.stop().await.unwrap_err();
+    assert!(err.to_string().contains("stopped"), "{err}");
+}

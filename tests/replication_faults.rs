@@ -277,9 +277,8 @@ async fn tls_require_and_verify_full() {
 }
 
 /// An instance stopped under a running replication halts it: the status
-/// and `stop` say why, instead of a phase still "streaming". (Kept from a
-/// trial that ran the apply on the instance's own thread, where the stop
-/// dropped the task: see BENCHMARKS.md, issue 10, round 10.)
+/// and `stop` say why, instead of a phase still "streaming". The apply runs
+/// on the instance's own thread, so the stop drops it there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_stopped_under_replication_halts_it_with_the_reason() {
     let pg = PgCluster::start();

@@ -82,7 +82,8 @@ impl StreamReplication {
             changes: changes.clone(),
             shutdown: shutdown_rx,
         };
-        let task = tokio::spawn(consumer.run());
+        // Beside the engine, as the remote's apply (see `Replication::start`).
+        let task = instance.spawn_beside(crate::replication::guarded(consumer.run(), status_tx.clone()));
         Ok(ReplicationHandle {
             status,
             status_tx,

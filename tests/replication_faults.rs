@@ -80,16 +80,8 @@ async fn slot_dropped_behind_our_back_halts_with_a_hint() {
     wait_streaming(&handle).await;
     // Terminate the walsender and drop the slot before we reconnect.
     drop_slot_behind_our_back(&remote, &cfg.slot_name).await;
-    let mut status = handle.watch_status();
-    let halted = tokio::time::timeout(WAIT, status.wait_for(|s| matches!(s.phase, Phase::Halted { .. })))
-        .await
-        .expect("replication should halt")
-        .unwrap()
-        .clone();
-    match &halted.phase {
-        Phase::Halted { error } => assert!(error.contains("decommission"), "{error}"),
-        other => panic!("expected Halted, got {other:?}"),
-    }
+    let error = halted_with(&handle).await;
+    assert!(error.contains("decommission"), "{error}");
     let err = handle.stop().await.unwrap_err();
     assert_eq!(err.kind(), pglite_cache::replication::ErrorKind::NeedsOperator);
     assert!(err.is_slot_lost(), "{err}");
@@ -277,8 +269,7 @@ async fn tls_require_and_verify_full() {
 }
 
 /// An instance stopped under a running replication halts it: the status
-/// and `stop` say why, instead of a phase still "streaming". The apply runs
-/// on the instance's own thread, so the stop drops it there.
+/// and `stop` say why, instead of a phase still "streaming".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_stopped_under_replication_halts_it_with_the_reason() {
     let pg = PgCluster::start();
@@ -289,16 +280,22 @@ async fn an_instance_stopped_under_replication_halts_it_with_the_reason() {
     let handle = Replication::start(local.clone(), config(&pg, &db, "pub")).unwrap();
     wait_streaming(&handle).await;
     local.stop().await.unwrap();
+    let error = halted_with(&handle).await;
+    assert!(error.contains("stopped"), "{error}");
+    let err = handle.stop().await.unwrap_err();
+    assert!(err.to_string().contains("stopped"), "{err}");
+}
+
+/// Waits until replication halts; its error.
+async fn halted_with(handle: &pglite_cache::replication::ReplicationHandle) -> String {
     let mut status = handle.watch_status();
     let halted = tokio::time::timeout(WAIT, status.wait_for(|s| matches!(s.phase, Phase::Halted { .. })))
         .await
-        .expect("replication should halt once its instance is gone")
+        .expect("replication should halt")
         .unwrap()
         .clone();
-    match &halted.phase {
-        Phase::Halted { error } => assert!(error.contains("stopped"), "{error}"),
+    match halted.phase {
+        Phase::Halted { error } => error,
         other => panic!("expected Halted, got {other:?}"),
     }
-    let err = handle.stop().await.unwrap_err();
-    assert!(err.to_string().contains("stopped"), "{err}");
 }

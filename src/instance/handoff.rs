@@ -14,10 +14,6 @@
 //! ~100 µs transaction every millisecond) parks at once, probing again now
 //! and then. Measured on `pglite-cache sync`: two missed 50 µs spins per
 //! applied transaction were ~100 µs of CPU each, more than the transaction.
-//!
-//! A caller running on the engine's own thread (a task spawned beside the
-//! engine, `Instance::spawn_beside`) needs none of this: the worker takes its
-//! job as soon as the caller awaits, so it awaits the reply without polling.
 
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
@@ -71,8 +67,6 @@ thread_local! {
     static WORKER_GAUGE: Cell<Gauge> = Cell::new(Gauge::default());
     /// Spins for replies, per runtime thread.
     static REPLY_GAUGE: Cell<Gauge> = Cell::new(Gauge::default());
-    /// This thread runs an engine (see [`on_engine_thread`]).
-    static ENGINE_THREAD: Cell<bool> = const { Cell::new(false) };
 }
 
 fn should_spin(gauge: &'static std::thread::LocalKey<Cell<Gauge>>) -> bool {
@@ -92,24 +86,13 @@ fn record(gauge: &'static std::thread::LocalKey<Cell<Gauge>>, hit: bool) {
     });
 }
 
-/// Receives the next message on the worker's thread. The tasks beside the
-/// engine (see `Instance::spawn_beside`) run first, as they may be the ones
-/// sending; then, for senders on other threads, it spins before parking
-/// (while spinning pays off, see [`Gauge`]). The spin does not run those
-/// tasks: they would turn it into a busy poll of their sockets.
-pub(crate) async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>, shared: &Shared) -> Option<T> {
+/// Receives the next message on a worker thread, spinning before parking
+/// (while spinning pays off, see [`Gauge`]).
+pub(crate) fn recv_blocking<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> Option<T> {
     match rx.try_recv() {
         Ok(message) => return Some(message),
         Err(mpsc::error::TryRecvError::Disconnected) => return None,
         Err(mpsc::error::TryRecvError::Empty) => {}
-    }
-    if shared.beside.load(Ordering::Acquire) > 0 {
-        tokio::task::yield_now().await;
-        match rx.try_recv() {
-            Ok(message) => return Some(message),
-            Err(mpsc::error::TryRecvError::Disconnected) => return None,
-            Err(mpsc::error::TryRecvError::Empty) => {}
-        }
     }
     if should_spin(&WORKER_GAUGE) {
         let start = Instant::now();
@@ -125,18 +108,7 @@ pub(crate) async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>, shared: &Shared
         }
         record(&WORKER_GAUGE, false);
     }
-    rx.recv().await
-}
-
-/// Marks the current thread as an engine's: a call made from it is served
-/// by the same thread as soon as the caller awaits, so polling for the
-/// reply would only delay it.
-pub(crate) fn on_engine_thread() {
-    ENGINE_THREAD.with(|e| e.set(true));
-}
-
-fn is_engine_thread() -> bool {
-    ENGINE_THREAD.with(Cell::get)
+    rx.blocking_recv()
 }
 
 /// Awaits a reply, first polling for it briefly when it is next: the only
@@ -159,11 +131,6 @@ pub(crate) async fn reply<T>(
 ) -> Result<T, oneshot::error::RecvError> {
     let alone = shared.in_flight.fetch_add(1, Ordering::AcqRel) == 0 || on_lease;
     let _in_flight = InFlight(shared);
-    if is_engine_thread() {
-        // A task beside an engine (this one or another's): the worker, or
-        // its own thread, answers without a wake-up worth polling for.
-        return rx.await;
-    }
     if alone {
         if let Some(value) = spin(&mut rx).await {
             return value;
@@ -257,8 +224,6 @@ mod tests {
             data_dir: None,
             lease_route: std::sync::Mutex::new(None),
             restarts: tokio::sync::watch::channel(0).0,
-            runtime: tokio::runtime::Handle::current(),
-            beside: Default::default(),
         }
     }
 

@@ -188,31 +188,6 @@ impl Instance {
         .map_err(std::io::Error::other)?
     }
 
-    /// Runs `task` on the engine's own thread, between its jobs: a task that
-    /// mostly waits for the engine (the replication apply) then hands each
-    /// job over and gets its reply without waking another thread. It must
-    /// not block that thread. If the instance stops first, the task is
-    /// dropped there (its handle reports it cancelled).
-    pub(crate) fn spawn_beside<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
-    where
-        F: std::future::Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        /// Counts the task in `Shared::beside` while it lives.
-        struct Beside(Arc<Shared>);
-        impl Drop for Beside {
-            fn drop(&mut self) {
-                self.0.beside.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-            }
-        }
-        self.shared.beside.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let beside = Beside(self.shared.clone());
-        self.shared.runtime.spawn(async move {
-            let _beside = beside;
-            task.await
-        })
-    }
-
     /// True once the instance is stopped or crashed for good.
     pub fn is_closed(&self) -> bool {
         matches!(self.shared.state(), State::Stopped | State::Crashed(_))

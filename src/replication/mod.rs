@@ -318,7 +318,7 @@ impl Replication {
             syncing: None,
             pacer: pacer::Pacer::new(tokio::time::Instant::now()),
         };
-        let task = instance.spawn_beside(guarded(supervisor.run(), status_tx.clone()));
+        let task = tokio::spawn(guarded(supervisor.run(), status_tx.clone()));
         Ok(ReplicationHandle { status, status_tx, changes, shutdown, task: Mutex::new(Some(task)), instance, config })
     }
 
@@ -422,13 +422,7 @@ impl ReplicationHandle {
         self.shutdown.send_replace(true);
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
         match task {
-            Some(task) => task.await.map_err(|e| {
-                if e.is_cancelled() {
-                    stopped_under_the_task()
-                } else {
-                    ReplicationError::fatal(format!("replication task failed: {e}"))
-                }
-            })?,
+            Some(task) => task.await.map_err(|e| ReplicationError::fatal(format!("replication task failed: {e}")))?,
             None => Ok(()),
         }
     }
@@ -471,7 +465,7 @@ impl ReplicationHandle {
         };
         self.status_tx.send_modify(|s| s.phase = Phase::Starting);
         *self.task.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(self.instance.spawn_beside(guarded(supervisor.run(), self.status_tx.clone())));
+            Some(tokio::spawn(guarded(supervisor.run(), self.status_tx.clone())));
     }
 
     /// Stops, then decommissions (see [`Replication::decommission`]).
@@ -489,18 +483,13 @@ impl Drop for ReplicationHandle {
 
 /// Runs the replication task so that a panic in it (a bug) becomes a halt
 /// with its cause, in the status like any other halting error, instead of a
-/// phase that says "streaming" while nothing is applied. The task runs on
-/// the instance's thread ([`Instance::spawn_beside`]): if the instance stops
-/// under it, it is dropped there, and the status says so too.
-pub(crate) async fn guarded(
+/// phase that says "streaming" while nothing is applied.
+async fn guarded(
     task: impl std::future::Future<Output = Result<(), ReplicationError>>,
     status: Arc<watch::Sender<Status>>,
 ) -> Result<(), ReplicationError> {
     use futures_util::FutureExt;
-    let mut dropped = HaltIfDropped(Some(status.clone()));
-    let outcome = std::panic::AssertUnwindSafe(task).catch_unwind().await;
-    dropped.0 = None;
-    match outcome {
+    match std::panic::AssertUnwindSafe(task).catch_unwind().await {
         Ok(result) => result,
         Err(panic) => {
             let cause = panic
@@ -515,23 +504,6 @@ pub(crate) async fn guarded(
             Err(e)
         }
     }
-}
-
-/// Marks the status halted if the replication task is dropped unfinished.
-struct HaltIfDropped(Option<Arc<watch::Sender<Status>>>);
-
-impl Drop for HaltIfDropped {
-    fn drop(&mut self) {
-        if let Some(status) = self.0.take() {
-            let e = stopped_under_the_task();
-            status.send_modify(|s| s.phase = Phase::Halted { error: e.to_string() });
-        }
-    }
-}
-
-fn stopped_under_the_task() -> ReplicationError {
-    ReplicationError::fatal("local instance: it stopped while replicating")
-        .with_hint("the local instance is gone; start it again and restart replication (it resumes)")
 }
 
 pub(crate) async fn remote_client(source: &SourceConfig) -> Result<tokio_postgres::Client, ReplicationError> {

@@ -11,11 +11,6 @@
 //! interactive transaction (or, later, a wire-protocol session). When the lease
 //! is dropped with a transaction still open, the worker rolls it back.
 //!
-//! The worker thread drives a single-threaded runtime of its own: the worker
-//! loop is its main future, and tasks spawned beside the engine
-//! (`Instance::spawn_beside`, e.g. the replication apply) run between jobs,
-//! so their jobs and replies cross no thread.
-//!
 //! This module schedules jobs and leases; `job` holds the messages between
 //! handles and the worker, `shared` the state they share, and `engine` the
 //! calls into the engine (opening, each kind of job, crash recovery).
@@ -47,16 +42,7 @@ pub(crate) use shared::{Shared, State};
 /// Starts a worker thread and waits until its engine answers queries.
 pub(crate) async fn spawn(options: InstanceOptions) -> Result<(mpsc::UnboundedSender<Command>, Arc<Shared>)> {
     let label = options.label();
-    // The worker thread drives its own single-threaded runtime: tasks that
-    // mostly wait for the engine run there (`Instance::spawn_beside`), so a
-    // job and its reply need no thread wake-up.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Startup(format!("cannot start the worker's runtime: {e}")))?;
     let shared = Arc::new(Shared {
-        runtime: runtime.handle().clone(),
-        beside: Default::default(),
         label: label.clone(),
         state: Mutex::new(State::Running),
         in_flight: Default::default(),
@@ -92,7 +78,7 @@ pub(crate) async fn spawn(options: InstanceOptions) -> Result<(mpsc::UnboundedSe
                 }
             };
             let _ = ready_tx.send(Ok(()));
-            let worker = Worker {
+            Worker {
                 engine: Some(engine),
                 options,
                 shared: worker_shared,
@@ -102,13 +88,8 @@ pub(crate) async fn spawn(options: InstanceOptions) -> Result<(mpsc::UnboundedSe
                 side_found: Vec::new(),
                 broken: None,
                 memory,
-            };
-            handoff::on_engine_thread();
-            runtime.block_on(worker.run());
-            // Tasks still running beside the engine end here (they are
-            // dropped, see `Instance::spawn_beside`); a blocking call they
-            // started (a `syncfs`) gets a moment to finish.
-            runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+            }
+            .run();
         })
         .map_err(|e| Error::Startup(format!("cannot spawn worker thread: {e}")))?;
     match ready_rx.await {
@@ -144,14 +125,6 @@ struct Worker {
     broken: Option<String>,
 }
 
-/// What serving a job left: the lease holder's state after it, or a lease
-/// it opened (served next, by the caller of [`Worker::serve`]).
-#[derive(Default)]
-struct Served {
-    after: Option<Holder>,
-    lease: Option<(mpsc::UnboundedSender<Request>, mpsc::UnboundedReceiver<Request>, Holder)>,
-}
-
 /// What the worker knows of the lease holder's session.
 #[derive(Debug, Clone, Copy)]
 struct Holder {
@@ -161,25 +134,18 @@ struct Holder {
 }
 
 impl Worker {
-    async fn next_command(&mut self) -> Option<Command> {
+    fn next_command(&mut self) -> Option<Command> {
         match self.backlog.pop_front() {
             Some(command) => Some(command),
-            None => handoff::recv(&mut self.queue, &self.shared).await,
+            None => handoff::recv_blocking(&mut self.queue),
         }
     }
 
-    async fn run(mut self) {
-        while let Some(command) = self.next_command().await {
+    fn run(mut self) {
+        while let Some(command) = self.next_command() {
             let outcome = match command {
-                Command::Run(request) => match self.serve(request, None) {
-                    Ok(Served { lease: Some((tx, rx, holder)), .. }) => {
-                        self.publish_lease(&tx);
-                        drop(tx); // the caller has its clone (or gave up: then the lease ends at once)
-                        self.lease_loop(rx, holder).await
-                    }
-                    other => other.map(drop),
-                },
-                Command::Lease(reply) => self.serve_lease(reply).await,
+                Command::Run(request) => self.serve(request, None).map(drop),
+                Command::Lease(reply) => self.serve_lease(reply),
                 Command::Stop(reply) => {
                     let result = self.close();
                     self.memory = None; // removed before `stop()` returns
@@ -201,7 +167,7 @@ impl Worker {
         self.shared.set_state(State::Stopped);
     }
 
-    async fn serve_lease(&mut self, reply: oneshot::Sender<mpsc::UnboundedSender<Request>>) -> Result<(), Failure> {
+    fn serve_lease(&mut self, reply: oneshot::Sender<mpsc::UnboundedSender<Request>>) -> Result<(), Failure> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.publish_lease(&tx);
         if reply.send(tx).is_err() {
@@ -209,7 +175,7 @@ impl Worker {
             return Ok(()); // the caller gave up waiting
         }
         // A Rust API transaction: its settings are unknown, so it is not shared.
-        self.lease_loop(rx, Holder { status: Some(TxStatus::Idle), shareable: false }).await
+        self.lease_loop(rx, Holder { status: Some(TxStatus::Idle), shareable: false })
     }
 
     /// Makes the lease the target of side jobs, and takes the side jobs
@@ -226,9 +192,9 @@ impl Worker {
     }
 
     /// Serves only the lease holder (and side jobs) until it drops its sender.
-    async fn lease_loop(&mut self, rx: mpsc::UnboundedReceiver<Request>, holder: Holder) -> Result<(), Failure> {
+    fn lease_loop(&mut self, rx: mpsc::UnboundedReceiver<Request>, holder: Holder) -> Result<(), Failure> {
         let mut deferred = Vec::new();
-        let result = self.lease_turns(rx, holder, &mut deferred).await;
+        let result = self.lease_turns(rx, holder, &mut deferred);
         *self.shared.lease_route.lock().unwrap_or_else(|e| e.into_inner()) = None;
         // Side jobs that had to wait go first, before anything queued (also
         // after a crash: they run on the restarted engine).
@@ -238,7 +204,7 @@ impl Worker {
         result
     }
 
-    async fn lease_turns(
+    fn lease_turns(
         &mut self,
         mut rx: mpsc::UnboundedReceiver<Request>,
         mut holder: Holder,
@@ -247,10 +213,10 @@ impl Worker {
         for request in std::mem::take(&mut self.side_found) {
             self.side_or_defer(request, holder, deferred)?;
         }
-        while let Some(request) = handoff::recv(&mut rx, &self.shared).await {
+        while let Some(request) = handoff::recv_blocking(&mut rx) {
             if let Job::Side(_) = request.job {
                 self.side_or_defer(request, holder, deferred)?;
-            } else if let Some(after) = self.serve(request, Some(holder))?.after {
+            } else if let Some(after) = self.serve(request, Some(holder))? {
                 holder = after;
             }
         }
@@ -275,14 +241,13 @@ impl Worker {
 
     /// Runs one job; the reply is sent here, also when the engine fails.
     /// `holder`: the lease this job runs under, if any; returns the holder's
-    /// state after it (for jobs of the holder), and the lease the job
-    /// opened (only a job outside a lease opens one).
-    fn serve(&mut self, request: Request, holder: Option<Holder>) -> Result<Served, Failure> {
+    /// state after it (for jobs of the holder).
+    fn serve(&mut self, request: Request, holder: Option<Holder>) -> Result<Option<Holder>, Failure> {
         let Request { job, reply } = request;
         if let Job::Raw(RawJob { claim: Some(claim), .. }) | Job::Side(RawJob { claim: Some(claim), .. }) = &job
             && !claim.start()
         {
-            return Ok(Served::default()); // withdrawn while queued: it never runs
+            return Ok(None); // withdrawn while queued: it never runs
         }
         let generation = *self.shared.restarts.borrow();
         if let Job::Raw(RawJob { generation: Some(session), .. }) | Job::Side(RawJob { generation: Some(session), .. }) =
@@ -290,7 +255,7 @@ impl Worker {
             && *session != generation
         {
             let _ = reply.send(Err(Error::engine_restarted()));
-            return Ok(Served::default());
+            return Ok(None);
         }
         let result = catch_unwind(AssertUnwindSafe(|| self.run_job(job, holder)))
             .unwrap_or_else(|panic| Err(Failure::Crash(panic_message(&panic))));
@@ -303,10 +268,12 @@ impl Worker {
                 }
                 match hold {
                     Some((tx, rx)) => {
-                        let holder = after.expect("a job that opens a lease reports its state");
-                        Ok(Served { after: None, lease: Some((tx, rx, holder)) })
+                        self.publish_lease(&tx);
+                        drop(tx); // the caller has its clone (or gave up: then the lease ends at once)
+                        self.lease_loop(rx, after.expect("a job that opens a lease reports its state"))?;
+                        Ok(None)
                     }
-                    None => Ok(Served { after, lease: None }),
+                    None => Ok(after),
                 }
             }
             Err(Failure::Crash(reason)) => {

@@ -35,12 +35,6 @@ pub(crate) struct Shared {
     /// listens die with the engine, so sessions from before a restart are
     /// ended, as PostgreSQL ends every session when a backend crashes.
     pub restarts: watch::Sender<u64>,
-    /// The worker thread's runtime: tasks spawned here run on the engine's
-    /// thread, between its jobs (see `Instance::spawn_beside`).
-    pub runtime: tokio::runtime::Handle,
-    /// Tasks running on that runtime now: while there are none, the worker
-    /// waits for jobs without yielding to them.
-    pub beside: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {

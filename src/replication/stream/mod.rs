@@ -82,8 +82,7 @@ impl StreamReplication {
             changes: changes.clone(),
             shutdown: shutdown_rx,
         };
-        // Beside the engine, as the remote's apply (see `Replication::start`).
-        let task = instance.spawn_beside(crate::replication::guarded(consumer.run(), status_tx.clone()));
+        let task = tokio::spawn(consumer.run());
         Ok(ReplicationHandle {
             status,
             status_tx,

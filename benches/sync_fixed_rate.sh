@@ -15,7 +15,7 @@
 # Run each binary twice or more, alternating: the machine drifts.
 #
 # Usage (as root: the publisher runs as the `postgres` user):
-#   benches/sync_fixed_rate.sh [-r RATE] [-s SECONDS] [-- SYNC_ARGS...] BIN...
+#   benches/sync_fixed_rate.sh [-r RATE] [-s SECONDS] BIN... [-- SYNC_ARGS...]
 # e.g. benches/sync_fixed_rate.sh /tmp/old/pglite-cache target/release/pglite-cache target/release/pglite-cache
 set -euo pipefail
 RATE=2000; SECS=10; EXTRA=()

@@ -89,6 +89,7 @@ pub(crate) mod apply;
 mod commit_wait;
 pub mod config;
 pub mod conninfo;
+mod copy_binary;
 mod deadline;
 pub mod error;
 pub mod lag;

@@ -11,6 +11,7 @@ use crate::Transaction;
 use crate::params::Param;
 
 use super::ChangeOp;
+use super::copy_binary;
 use super::pgoutput::{Tuple, Value};
 use super::source::quote_ident;
 
@@ -199,14 +200,21 @@ pub(super) fn copy_data(rows: &[&[Value]]) -> Vec<u8> {
 pub(super) fn group_steps(rel: &RelationState, group: &Group) -> Vec<Step> {
     let nkey = rel.key.len();
     let big = group.rows.len() >= COPY_MIN_ROWS;
-    let copy_sql = || {
+    let copy = |rows: &[&[Value]]| {
         let names: Vec<String> = rel.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        format!("COPY {} ({}) FROM '/dev/blob'", rel.qualified, names.join(", "))
+        let sql = format!("COPY {} ({}) FROM '/dev/blob'", rel.qualified, names.join(", "));
+        // Binary when every column and value allows it: the engine loads
+        // it up to twice as fast (see `copy_binary`).
+        let kinds = copy_binary::Kind::of_all(rel.columns.iter().map(|c| c.type_name.as_str()));
+        match kinds.and_then(|kinds| copy_binary::copy_data(rows, &kinds)) {
+            Some(data) => Step::Copy { sql: format!("{sql} WITH (FORMAT binary)"), data },
+            None => Step::Copy { sql, data: copy_data(rows) },
+        }
     };
     match &group.kind {
         GroupKind::Insert if big => {
             let rows: Vec<&[Value]> = group.rows.iter().map(Vec::as_slice).collect();
-            vec![Step::Copy { sql: copy_sql(), data: copy_data(&rows) }]
+            vec![copy(&rows)]
         }
         GroupKind::Update(mask) if big && nkey > 0 && mask.iter().all(|&m| m) => {
             let keys = Group {
@@ -217,7 +225,7 @@ pub(super) fn group_steps(rel: &RelationState, group: &Group) -> Vec<Step> {
             };
             let (sql, params) = group_statement(rel, &keys);
             let rows: Vec<&[Value]> = group.rows.iter().map(|r| &r[nkey..]).collect();
-            vec![Step::Sql(sql, params), Step::Copy { sql: copy_sql(), data: copy_data(&rows) }]
+            vec![Step::Sql(sql, params), copy(&rows)]
         }
         _ => {
             let (sql, params) = group_statement(rel, group);
@@ -453,6 +461,28 @@ mod tests {
         };
         let (sql, _) = group_statement(&r2, &g);
         assert_eq!(sql, r#"DELETE FROM "public"."t" WHERE "id" = $1::integer AND "v" = $2::text"#);
+    }
+
+    #[test]
+    fn big_groups_are_copied_in_binary_when_every_value_allows() {
+        let copy_sql = |steps: Vec<Step>| match steps.into_iter().last() {
+            Some(Step::Copy { sql, .. }) => sql,
+            other => panic!("expected a COPY, got {other:?}"),
+        };
+        let rows = |odd: &str| -> Vec<Vec<Value>> {
+            (0..COPY_MIN_ROWS).map(|i| vec![text(if i == 7 { odd } else { "1" }), text("x")]).collect()
+        };
+        let group = |rows| Group { relation: 1, kind: GroupKind::Insert, rows, keys: HashSet::new() };
+        let sql = copy_sql(group_steps(&rel(), &group(rows("7"))));
+        assert!(sql.ends_with("FROM '/dev/blob' WITH (FORMAT binary)"), "{sql}");
+        // A value the conversion does not read: the whole step in text.
+        let sql = copy_sql(group_steps(&rel(), &group(rows("1e3"))));
+        assert!(sql.ends_with("FROM '/dev/blob'"), "{sql}");
+        // A column type it does not cover: text.
+        let mut numeric = rel();
+        numeric.columns[0].type_name = "numeric".into();
+        let sql = copy_sql(group_steps(&numeric, &group(rows("7"))));
+        assert!(sql.ends_with("FROM '/dev/blob'"), "{sql}");
     }
 
     #[test]

@@ -343,7 +343,7 @@ async fn large_transactions_apply_in_pieces_and_atomically() {
 /// values, from a remote whose time zone is east of UTC and was once offset
 /// by seconds (local mean time before 1920), must arrive unchanged; so must
 /// a transaction with a value the conversion does not read (a BC date: that
-/// step goes in text) and a table with a type it does not cover (numeric).
+/// step goes in text) and a table with a type it does not cover (interval).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_changes_of_every_binary_copy_type_arrive_unchanged() {
     let pg = PgCluster::start();
@@ -354,8 +354,8 @@ async fn bulk_changes_of_every_binary_copy_type_arrive_unchanged() {
             "ALTER DATABASE {db} SET timezone TO 'Asia/Kathmandu'; \
              CREATE TABLE typed (id bigint PRIMARY KEY, b boolean, s smallint, i integer, r real, \
                  f double precision, txt text, vc varchar(12), c char(3), j json, jb jsonb, by bytea, u uuid, \
-                 d date, ts timestamp, tz timestamptz, tz3 timestamptz(3)); \
-             CREATE TABLE priced (id int PRIMARY KEY, price numeric(12,3), at timestamptz); \
+                 d date, ts timestamp, tz timestamptz, tz3 timestamptz(3), n numeric, m numeric(12,3)); \
+             CREATE TABLE priced (id int PRIMARY KEY, price numeric(12,3), at timestamptz, span interval); \
              CREATE PUBLICATION pub FOR TABLE typed, priced;"
         ))
         .await
@@ -388,15 +388,18 @@ async fn bulk_changes_of_every_binary_copy_type_arrive_unchanged() {
                      ELSE timestamp '1890-01-01' + g * interval '12345 minutes 6.789012 seconds' END,
                  CASE g WHEN 1 THEN '-infinity'::timestamptz
                      ELSE timestamptz '1890-01-01 00:00:00+00' + g * interval '1 day 0.000001 seconds' END,
-                 now() + g * interval '1.2345 seconds'
+                 now() + g * interval '1.2345 seconds',
+                 CASE g WHEN 1 THEN 'NaN'::numeric WHEN 2 THEN 'Infinity' WHEN 3 THEN '-Infinity' WHEN 4 THEN 0
+                     WHEN 5 THEN 1e20 + 0.000001 ELSE (g - 1000) * 1.125 / 10 ^ (g % 9) END,
+                 CASE WHEN g % 13 = 0 THEN NULL ELSE (g - 1000) * 1.0005 END
                FROM generate_series({from}, {to}) g"#
         )
     };
     remote.batch_execute(&rows(1, 2000)).await.unwrap();
     remote
         .batch_execute(
-            "INSERT INTO priced SELECT g, g * 1.125, timestamptz '2024-03-10 12:00:00+00' + g * interval '1 hour' \
-             FROM generate_series(1, 1000) g",
+            "INSERT INTO priced SELECT g, g * 1.125, timestamptz '2024-03-10 12:00:00+00' + g * interval '1 hour', \
+             g * interval '1 minute' FROM generate_series(1, 1000) g",
         )
         .await
         .unwrap();
@@ -409,7 +412,7 @@ async fn bulk_changes_of_every_binary_copy_type_arrive_unchanged() {
     remote
         .batch_execute(
             "UPDATE typed SET b = NOT b, i = i / 2, txt = txt || 'x', tz = tz + interval '1 year 0.5 seconds', \
-             d = CASE WHEN d = 'infinity' THEN d ELSE d - 1 END; \
+             d = CASE WHEN d = 'infinity' THEN d ELSE d - 1 END, n = -n; \
              UPDATE priced SET price = -price",
         )
         .await

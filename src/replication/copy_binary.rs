@@ -34,6 +34,7 @@ pub(super) enum Kind {
     Jsonb,
     Bytea,
     Uuid,
+    Numeric,
     Date,
     Timestamp,
     Timestamptz,
@@ -62,6 +63,7 @@ impl Kind {
             "jsonb" => Kind::Jsonb,
             "bytea" => Kind::Bytea,
             "uuid" => Kind::Uuid,
+            "numeric" => Kind::Numeric,
             "date" => Kind::Date,
             "timestamp without time zone" => Kind::Timestamp,
             "timestamp with time zone" => Kind::Timestamptz,
@@ -139,6 +141,7 @@ fn encode(kind: Kind, text: &[u8], out: &mut BytesMut) -> Option<()> {
             }
             out.extend_from_slice(&hex(&digits)?);
         }
+        Kind::Numeric => numeric(s, out)?,
         Kind::Date => types::date_to_sql(date(s)?, out),
         Kind::Timestamp => types::timestamp_to_sql(timestamp(s, false)?, out),
         Kind::Timestamptz => types::timestamp_to_sql(timestamp(s, true)?, out),
@@ -152,6 +155,71 @@ fn float<T: std::str::FromStr>(s: &str) -> Option<T> {
     let special = matches!(s, "NaN" | "Infinity" | "-Infinity");
     let plain = s.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e'));
     if special || plain { s.parse().ok() } else { None }
+}
+
+/// `numeric`'s binary form: digit count, weight (of the first digit, in
+/// powers of 10,000), sign, display scale, then base-10,000 digits without
+/// leading or trailing zeros. The text is `[-]digits[.digits]` (PostgreSQL
+/// prints exactly the display scale's digits after the point) or a special
+/// value.
+fn numeric(s: &str, out: &mut BytesMut) -> Option<()> {
+    const POSITIVE: u16 = 0x0000;
+    const NEGATIVE: u16 = 0x4000;
+    let special = match s {
+        "NaN" => Some(0xC000u16),
+        "Infinity" => Some(0xD000),
+        "-Infinity" => Some(0xF000),
+        _ => None,
+    };
+    if let Some(sign) = special {
+        out.put_i16(0);
+        out.put_i16(0);
+        out.put_u16(sign);
+        out.put_u16(0);
+        return Some(());
+    }
+    let (sign, unsigned) = match s.strip_prefix('-') {
+        Some(rest) => (NEGATIVE, rest),
+        None => (POSITIVE, s),
+    };
+    let (int, frac) = unsigned.split_once('.').unwrap_or((unsigned, ""));
+    let all_digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
+    if int.is_empty() || !all_digits(int) || !all_digits(frac) || (unsigned.contains('.') && frac.is_empty()) {
+        return None;
+    }
+    let dscale = u16::try_from(frac.len()).ok().filter(|&d| d <= 0x3FFF)?;
+    // Integer digits padded on the left, fraction digits on the right, to
+    // groups of four.
+    let int_pad = (4 - int.len() % 4) % 4;
+    let frac_pad = (4 - frac.len() % 4) % 4;
+    let padded: Vec<u8> = std::iter::repeat_n(b'0', int_pad)
+        .chain(int.bytes())
+        .chain(frac.bytes())
+        .chain(std::iter::repeat_n(b'0', frac_pad))
+        .collect();
+    let groups: Vec<i16> =
+        padded.chunks(4).map(|g| g.iter().fold(0i16, |n, &d| n * 10 + i16::from(d - b'0'))).collect();
+    let mut weight = i32::try_from((int.len() + int_pad) / 4).ok()? - 1;
+    let first = groups.iter().position(|&g| g != 0);
+    let last = groups.iter().rposition(|&g| g != 0);
+    let digits = match (first, last) {
+        (Some(first), Some(last)) => {
+            weight -= i32::try_from(first).ok()?;
+            &groups[first..=last]
+        }
+        _ => {
+            weight = 0; // zero: no digits
+            &groups[..0]
+        }
+    };
+    out.put_i16(i16::try_from(digits.len()).ok()?);
+    out.put_i16(i16::try_from(weight).ok()?);
+    out.put_u16(if digits.is_empty() { POSITIVE } else { sign });
+    out.put_u16(dscale);
+    for &d in digits {
+        out.put_i16(d);
+    }
+    Some(())
 }
 
 fn hex(s: &str) -> Option<Vec<u8>> {
@@ -284,11 +352,11 @@ mod tests {
         assert_eq!(Kind::of("character varying(20)"), Some(Kind::Text));
         assert_eq!(Kind::of("timestamp(3) with time zone"), Some(Kind::Timestamptz));
         assert_eq!(Kind::of("timestamp without time zone"), Some(Kind::Timestamp));
-        assert_eq!(Kind::of("numeric(12,3)"), None);
+        assert_eq!(Kind::of("numeric(12,3)"), Some(Kind::Numeric));
         assert_eq!(Kind::of("integer[]"), None);
         assert_eq!(Kind::of("mood"), None);
         assert_eq!(Kind::of_all(["integer", "text"]), Some(vec![Kind::Int4, Kind::Text]));
-        assert_eq!(Kind::of_all(["integer", "numeric"]), None);
+        assert_eq!(Kind::of_all(["integer", "money"]), None);
     }
 
     #[test]
@@ -342,6 +410,27 @@ mod tests {
         let uuid = one(Kind::Uuid, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11").unwrap();
         assert_eq!(uuid[..4], [0xa0, 0xee, 0xbc, 0x99]);
         assert_eq!(uuid.len(), 16);
+    }
+
+    #[test]
+    fn numerics_become_base_10000_digits() {
+        // (digit count, weight, sign, display scale, digits)
+        let parts = |text: &str| {
+            let b = one(Kind::Numeric, text)?;
+            let word = |i: usize| i16::from_be_bytes([b[2 * i], b[2 * i + 1]]);
+            let n = word(0) as usize;
+            Some((word(0), word(1), word(2) as u16, word(3), (0..n).map(|i| word(4 + i)).collect::<Vec<_>>()))
+        };
+        assert_eq!(parts("12345.678"), Some((3, 1, 0, 3, vec![1, 2345, 6780])));
+        assert_eq!(parts("-0.00001"), Some((1, -2, 0x4000, 5, vec![1000])));
+        assert_eq!(parts("10000"), Some((1, 1, 0, 0, vec![1])));
+        assert_eq!(parts("0.000"), Some((0, 0, 0, 3, vec![])));
+        assert_eq!(parts("-0"), Some((0, 0, 0, 0, vec![])));
+        assert_eq!(parts("NaN"), Some((0, 0, 0xC000, 0, vec![])));
+        assert_eq!(parts("-Infinity"), Some((0, 0, 0xF000, 0, vec![])));
+        assert_eq!(parts("1e5"), None);
+        assert_eq!(parts(".5"), None);
+        assert_eq!(parts("5."), None);
     }
 
     #[test]

@@ -9,6 +9,12 @@
 //! LSN_SHAPES=1 cargo run --release --locked --example replication_bench_engine # the stored-LSN update
 //! BATCH_ROWS=400 cargo run --release --locked --example replication_bench_engine # unnest (text or typed arrays) vs one-row statements
 //! ```
+//!
+//! With `BATCH_ROWS`, the shapes also include `COPY ... FROM STDIN` (text or
+//! binary) inside the same round trip, its data right after the `Execute`,
+//! for the inserts and for the updates (as a delete and a COPY), and binary
+//! COPY for the inserts only: a shape the apply does not use yet (see
+//! BENCHMARKS.md, round 11).
 
 use std::time::Instant;
 
@@ -42,6 +48,40 @@ const UPDATE_TYPED: &str = "UPDATE items AS t SET n = u.c1, label = u.c2, at = u
      WHERE t.id = u.c0";
 const INSERT_ONE: &str = "INSERT INTO items (id, n, label, at, payload) VALUES ($1::integer, $2::integer, $3::text, $4::timestamptz, $5::text)";
 const UPDATE_ONE: &str = "UPDATE items SET n = $2::integer, label = $3::text, at = $4::timestamptz, payload = $5::text WHERE id = $1::integer";
+
+const DELETE_ANY: &str = "DELETE FROM items WHERE id = ANY($1::integer[])";
+
+/// `COPY items FROM STDIN` with `rows` as its data, in the same round trip
+/// (extended protocol: the data follows the Execute).
+fn copy_from_stdin(rows: &[Vec<String>], binary: bool, buf: &mut BytesMut) {
+    let format = if binary { " (FORMAT binary)" } else { "" };
+    let sql = format!("COPY items (id, n, label, at, payload) FROM STDIN{format}");
+    statement(None, true, &sql, &[], buf);
+    let mut data = Vec::new();
+    if binary {
+        data.extend_from_slice(b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0");
+        for r in rows {
+            data.extend_from_slice(&5i16.to_be_bytes());
+            for (j, v) in r.iter().enumerate() {
+                let bytes = match j {
+                    0 | 1 => v.parse::<i32>().unwrap().to_be_bytes().to_vec(),
+                    3 => 943_963_200_000_000i64.to_be_bytes().to_vec(), // 2029-11-30 12:00:00+00
+                    _ => v.as_bytes().to_vec(),
+                };
+                data.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
+                data.extend_from_slice(&bytes);
+            }
+        }
+        data.extend_from_slice(&(-1i16).to_be_bytes());
+    } else {
+        for r in rows {
+            data.extend_from_slice(r.join("\t").as_bytes());
+            data.push(b'\n');
+        }
+    }
+    frontend::CopyData::new(&data[..]).unwrap().write(buf);
+    frontend::copy_done(buf);
+}
 
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
@@ -279,7 +319,7 @@ async fn batch_shapes(instance: &Instance, txns: usize, k: usize, row: impl Fn(u
     let mut session = instance.raw_session();
     let mut next_id = 1_000_000;
     let mut parsed = std::collections::HashSet::new();
-    for shape in [0, 1, 2, 0, 1, 2] {
+    for shape in [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5] {
         let cpu0 = cpu_seconds();
         let t0 = Instant::now();
         for i in 0..txns {
@@ -301,13 +341,28 @@ async fn batch_shapes(instance: &Instance, txns: usize, k: usize, row: impl Fn(u
                     add("b_insert_typed", INSERT_TYPED, arrays(inserts), &mut buf);
                     add("b_update_typed", UPDATE_TYPED, arrays(updates), &mut buf);
                 }
-                _ => {
+                2 => {
                     for r in inserts {
                         add("b_insert_one", INSERT_ONE, r, &mut buf);
                     }
                     for r in updates {
                         add("b_update_one", UPDATE_ONE, r, &mut buf);
                     }
+                }
+                5 => {
+                    // Inserts by COPY (binary), updates by `unnest`.
+                    copy_from_stdin(&inserts, true, &mut buf);
+                    add("b_update_unnest", UPDATE_UNNEST, arrays(updates), &mut buf);
+                }
+                _ => {
+                    // COPY ... FROM STDIN in the same round trip, text or
+                    // binary; updates as a delete and a COPY.
+                    let binary = shape == 4;
+                    let ids: Vec<String> = updates.iter().map(|r| r[0].clone()).collect();
+                    add("b_delete_any", DELETE_ANY, vec![format!("{{{}}}", ids.join(","))], &mut buf);
+                    let mut rows = inserts;
+                    rows.extend(updates);
+                    copy_from_stdin(&rows, binary, &mut buf);
                 }
             }
             add("b_lsn", LSN, vec![format!("0/{:X}", 1000 + i), (i as i64).to_string()], &mut buf);
@@ -317,8 +372,14 @@ async fn batch_shapes(instance: &Instance, txns: usize, k: usize, row: impl Fn(u
         }
         let per_row = t0.elapsed().as_secs_f64() * 1e6 / (txns * k) as f64;
         let cpu = (cpu_seconds() - cpu0) * 1e6 / (txns * k) as f64;
-        let label =
-            ["unnest of text arrays, cast", "unnest of typed arrays", "one-row statements, K executions"][shape];
+        let label = [
+            "unnest of text arrays, cast",
+            "unnest of typed arrays",
+            "one-row statements, K executions",
+            "COPY FROM STDIN, text",
+            "COPY FROM STDIN, binary",
+            "COPY binary inserts, unnest updates",
+        ][shape];
         println!("K={k:<4} {label:<34} | {per_row:7.1} µs wall | {cpu:7.1} µs CPU per inserted + updated row");
     }
 }

@@ -1,6 +1,7 @@
 //! How grouped changes become local statements: `unnest` over text arrays
 //! (one per column, values in the remote's text format, cast with the local
-//! column type), `COPY` for big groups, `= ANY` deletes, and row-by-row
+//! column type), `COPY` for big groups (binary when [`super::copy_binary`]
+//! can convert every value), `= ANY` deletes, and row-by-row
 //! matching for REPLICA IDENTITY FULL tables. Plain functions, no I/O
 //! except [`run_steps`].
 

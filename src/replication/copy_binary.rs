@@ -2,9 +2,9 @@
 //! text values pgoutput sends.
 //!
 //! The engine spends most of a text `COPY` in the types' input functions:
-//! a 200,000-row load of `(bigint, int, text, timestamptz)` took 0.49-0.60 s
-//! in text and 0.30 s in binary (measured on the engine alone), most of the
-//! difference in parsing the timestamps. So the apply turns the remote's
+//! a 200,000-row load of `(bigint, int, text, timestamptz)` took 0.47-0.79 s
+//! in text and 0.30-0.45 s in binary (the engine alone, BENCHMARKS.md round
+//! 11), most of the difference in parsing the timestamps. So the apply turns the remote's
 //! text output into the binary form of the types whose text is one fixed,
 //! simple format (the replication connection pins `DateStyle=ISO` and
 //! `extra_float_digits`, see [`super::config::PINNED_OPTIONS`]). Anything
@@ -275,7 +275,8 @@ fn timestamp(s: &str, zoned: bool) -> Option<i64> {
     if secs >= 86_400 {
         return None;
     }
-    let micros = ((days * 86_400 + secs - offset_secs) * 1_000_000).checked_add(fraction)?;
+    let micros =
+        days.checked_mul(86_400)?.checked_add(secs - offset_secs)?.checked_mul(1_000_000)?.checked_add(fraction)?;
     // Never one of the infinities' own values.
     (micros != i64::MAX && micros != i64::MIN).then_some(micros)
 }
@@ -376,6 +377,8 @@ mod tests {
         assert_eq!(timestamp("1999-12-31 20:00:00-04", true), Some(0));
         assert_eq!(timestamp("1900-01-01 05:41:16+05:41:16", true), timestamp("1900-01-01 00:00:00+00", true));
         assert_eq!(timestamp("-infinity", true), Some(i64::MIN));
+        // Past i64's microseconds (PostgreSQL never prints such a year): refused.
+        assert_eq!(timestamp("999999999999-01-01 00:00:00+00", true), None);
     }
 
     #[test]

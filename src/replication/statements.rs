@@ -480,9 +480,9 @@ mod tests {
         let sql = copy_sql(group_steps(&rel(), &group(rows("1e3"))));
         assert!(sql.ends_with("FROM '/dev/blob'"), "{sql}");
         // A column type it does not cover: text.
-        let mut numeric = rel();
-        numeric.columns[0].type_name = "numeric".into();
-        let sql = copy_sql(group_steps(&numeric, &group(rows("7"))));
+        let mut interval = rel();
+        interval.columns[0].type_name = "interval".into();
+        let sql = copy_sql(group_steps(&interval, &group(rows("7"))));
         assert!(sql.ends_with("FROM '/dev/blob'"), "{sql}");
     }
 

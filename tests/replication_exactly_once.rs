@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use pglite_cache::local_postgres::LocalPostgres;
 use support::daemon::{Daemon, connect};
 
-const HASH: &str = "SELECT count(*)::text, md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM log t";
+const HASH: &str =
+    "SELECT count(*)::text, md5(coalesce(string_agg(ROW(t.*)::text, E'\\n' ORDER BY ROW(t.*)::text), '')) FROM log t";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_while_streaming_neither_duplicates_nor_loses_a_transaction() {

@@ -102,7 +102,8 @@ impl Drop for Daemon {
     }
 }
 
-const HASH: &str = "SELECT count(*)::text, md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM ";
+const HASH: &str =
+    "SELECT count(*)::text, md5(coalesce(string_agg(ROW(t.*)::text, E'\\n' ORDER BY ROW(t.*)::text), '')) FROM ";
 
 async fn table_hash(client: &Client, table: &str) -> (String, String) {
     client.batch_execute("SET TimeZone = 'UTC'; SET extra_float_digits = 1").await.unwrap();

@@ -18,7 +18,8 @@ async fn connect(conninfo: &str) -> Client {
     client
 }
 
-const HASH: &str = "SELECT count(*)::text, md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM ";
+const HASH: &str =
+    "SELECT count(*)::text, md5(coalesce(string_agg(ROW(t.*)::text, E'\\n' ORDER BY ROW(t.*)::text), '')) FROM ";
 
 /// Waits until the cache holds exactly the remote's rows.
 async fn assert_in_sync(remote: &Client, cache: &Client, tables: &[&str]) {

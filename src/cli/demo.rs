@@ -251,7 +251,8 @@ async fn read_your_writes(client: &Client, replication: &ReplicationHandle, cach
     Ok(())
 }
 
-const HASH: &str = "SELECT count(*)::text, md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM ";
+const HASH: &str =
+    "SELECT count(*)::text, md5(coalesce(string_agg(ROW(t.*)::text, E'\\n' ORDER BY ROW(t.*)::text), '')) FROM ";
 
 async fn table_hash_remote(client: &Client, table: &str) -> Result<(i64, String), String> {
     client.batch_execute("SET TimeZone = 'UTC'").await.map_err(|e| e.to_string())?;

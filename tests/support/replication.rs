@@ -41,7 +41,10 @@ pub async fn catch_up(handle: &ReplicationHandle, client: &tokio_postgres::Clien
         .unwrap();
 }
 
-pub const HASH: &str = "SELECT count(*)::text, md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM ";
+/// Every row's text form, hashed in order. `ROW(t.*)`, not `t`: in a
+/// table with a column named `t`, `t` would be that column.
+pub const HASH: &str =
+    "SELECT count(*)::text, md5(coalesce(string_agg(ROW(t.*)::text, E'\\n' ORDER BY ROW(t.*)::text), '')) FROM ";
 
 /// Compares a table's full contents on both sides (row count and an ordered
 /// hash of every row's text form).
@@ -55,13 +58,13 @@ pub async fn assert_same(client: &tokio_postgres::Client, local: &Instance, tabl
     let local_pair: (String, String) = (row.get(0), row.get(1));
     if remote != local_pair {
         let r: Vec<String> = client
-            .query(&format!("SELECT t::text FROM {table} t ORDER BY 1 LIMIT 20"), &[])
+            .query(&format!("SELECT ROW(t.*)::text FROM {table} t ORDER BY 1 LIMIT 20"), &[])
             .await
             .unwrap()
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let l = local.query(&format!("SELECT t::text FROM {table} t ORDER BY 1 LIMIT 20"), &[]).await.unwrap();
+        let l = local.query(&format!("SELECT ROW(t.*)::text FROM {table} t ORDER BY 1 LIMIT 20"), &[]).await.unwrap();
         let l: Vec<String> = l.rows.iter().map(|r| r.get(0)).collect();
         panic!("{table} differs: remote {remote:?} local {local_pair:?}\nremote rows: {r:#?}\nlocal rows: {l:#?}");
     }

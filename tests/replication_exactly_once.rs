@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 
 use pglite_cache::local_postgres::LocalPostgres;
 use support::daemon::{Daemon, connect};
-
-const HASH: &str =
-    "SELECT count(*)::text, md5(coalesce(string_agg(ROW(t.*)::text, E'\\n' ORDER BY ROW(t.*)::text), '')) FROM log t";
+use support::replication::HASH;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_while_streaming_neither_duplicates_nor_loses_a_transaction() {
@@ -70,12 +68,12 @@ async fn kill9_while_streaming_neither_duplicates_nor_loses_a_transaction() {
 
     let cache = daemon.client().await;
     let want: (String, String) = {
-        let r = admin.query_one(HASH, &[]).await.unwrap();
+        let r = admin.query_one(&format!("{HASH}log t"), &[]).await.unwrap();
         (r.get(0), r.get(1))
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let r = cache.query_one(HASH, &[]).await.unwrap();
+        let r = cache.query_one(&format!("{HASH}log t"), &[]).await.unwrap();
         let got: (String, String) = (r.get(0), r.get(1));
         if got == want {
             break;

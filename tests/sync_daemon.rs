@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use pglite_cache::local_postgres::LocalPostgres;
 use support::daemon::{BIN, connect, free_port, http_get, metric};
+use support::replication::HASH;
 use tokio_postgres::Client;
 
 /// A `pglite-cache sync` child process.
@@ -101,9 +102,6 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
-
-const HASH: &str =
-    "SELECT count(*)::text, md5(coalesce(string_agg(ROW(t.*)::text, E'\\n' ORDER BY ROW(t.*)::text), '')) FROM ";
 
 async fn table_hash(client: &Client, table: &str) -> (String, String) {
     client.batch_execute("SET TimeZone = 'UTC'; SET extra_float_digits = 1").await.unwrap();

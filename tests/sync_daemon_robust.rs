@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use pglite_cache::local_postgres::LocalPostgres;
 use support::daemon::{BIN, Daemon, free_port, http_get, metric, wait_vacuumed_and_analyzed};
+use support::replication::HASH;
 use tokio_postgres::{Client, NoTls};
 
 async fn connect(conninfo: &str) -> Client {
@@ -17,9 +18,6 @@ async fn connect(conninfo: &str) -> Client {
     tokio::spawn(connection);
     client
 }
-
-const HASH: &str =
-    "SELECT count(*)::text, md5(coalesce(string_agg(ROW(t.*)::text, E'\\n' ORDER BY ROW(t.*)::text), '')) FROM ";
 
 /// Waits until the cache holds exactly the remote's rows.
 async fn assert_in_sync(remote: &Client, cache: &Client, tables: &[&str]) {

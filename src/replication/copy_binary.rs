@@ -294,7 +294,7 @@ fn offset(s: &str) -> Option<i64> {
 /// `HH:MM:SS` in seconds; with `all` false, `HH` and `HH:MM` too.
 fn hh_mm_ss(s: &str, all: bool) -> Option<i64> {
     let parts: Vec<&str> = s.split(':').collect();
-    if parts.iter().any(|p| p.len() != 2) || parts.is_empty() || parts.len() > 3 || (all && parts.len() != 3) {
+    if parts.iter().any(|p| p.len() != 2) || parts.len() > 3 || (all && parts.len() != 3) {
         return None;
     }
     let mut secs = 0;
